@@ -1,0 +1,58 @@
+# token-broker: `make run` serves on the embedded SQLite default, `make test` runs every check.
+# Both install what they need into .venv first; nothing else is required on the machine
+# but Python 3.11+.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(wildcard protos/tokenbroker/v1/*.proto)
+GEN_DIR := clients
+
+.PHONY: install run test lint typecheck buflint protos check-protos pytest bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: install
+	$(BIN)/token-broker serve $(ARGS)
+
+test: install check-protos lint typecheck buflint pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+buflint: install
+	$(BIN)/buf lint
+
+pytest: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Stubs are committed so that an editable install needs no code generation; `make protos`
+# regenerates them and `check-protos` (part of `make test`) proves they match the .proto files.
+protos: install
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
+	  --mypy_out=$(GEN_DIR) --mypy_grpc_out=$(GEN_DIR) $(PROTO_FILES)
+
+check-protos: install
+	@tmp=$$(mktemp -d) && \
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
+	  $(PROTO_FILES) && \
+	for f in $$(cd $$tmp && find . -type f); do \
+	  cmp -s $$tmp/$$f $(GEN_DIR)/$$f || { echo "stale generated stub: $(GEN_DIR)/$$f (run 'make protos')"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "generated stubs are current"
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
