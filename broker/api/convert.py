@@ -1,0 +1,156 @@
+"""Protobuf ⇄ domain. Pure functions; validation of values happens in the domain types."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+
+from broker import audit, runs
+from broker.audit import AuditEvent
+from broker.errors import InvalidArgument
+from broker.identity import Person, VerificationMethod
+from broker.lifecycle import DEFAULT_DEADLINE, RunSpec
+from broker.permissions import PermissionSet
+from broker.runs import PipelineRef, Run, RunState
+from tokenbroker.v1 import broker_pb2, types_pb2
+
+RUN_STATE_TO_PB = {
+    RunState.ACTIVE: types_pb2.RUN_STATE_ACTIVE,
+    RunState.ENDED: types_pb2.RUN_STATE_ENDED,
+    RunState.EXPIRED: types_pb2.RUN_STATE_EXPIRED,
+}
+RUN_STATE_FROM_PB = {v: k for k, v in RUN_STATE_TO_PB.items()}
+METHOD_TO_PB = {
+    VerificationMethod.IDP_VERIFIED: types_pb2.VERIFICATION_METHOD_IDP_VERIFIED,
+    VerificationMethod.ASSERTED_BY_CALLER: types_pb2.VERIFICATION_METHOD_ASSERTED_BY_CALLER,
+}
+OUTCOME_TO_PB = {
+    audit.Outcome.SUCCESS: types_pb2.AUDIT_OUTCOME_SUCCESS,
+    audit.Outcome.DENIED: types_pb2.AUDIT_OUTCOME_DENIED,
+    audit.Outcome.FAILURE: types_pb2.AUDIT_OUTCOME_FAILURE,
+}
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(round(seconds * 1_000_000))
+    return ts
+
+
+def duration_seconds(message: Any, has: bool, field: str, default: float | None) -> float | None:
+    """Seconds of an optional Duration field; `default` when unset. Rejects negative or NaN."""
+    if not has:
+        return default
+    value = message.seconds + message.nanos / 1e9
+    if value <= 0 or math.isnan(value):
+        raise InvalidArgument.field(field, "must be a positive duration")
+    return float(value)
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromMicroseconds(round(seconds * 1_000_000))
+    return d
+
+
+def pipeline_ref(message: types_pb2.PipelineRef, field: str = "pipeline") -> PipelineRef:
+    return PipelineRef.parse(message.org, message.project, message.pipeline, field)
+
+
+def permissions(items: Any, field: str) -> PermissionSet:
+    return PermissionSet.parse(((p.resource, p.level) for p in items), field)
+
+
+def permissions_pb(permission_set: PermissionSet) -> list[types_pb2.Permission]:
+    return [types_pb2.Permission(resource=r, level=lvl) for r, lvl in permission_set.items()]
+
+
+def run_spec(request: broker_pb2.StartRunRequest | broker_pb2.ExecuteOnBehalfOfRequest) -> RunSpec:
+    deadline = duration_seconds(
+        request.deadline, request.HasField("deadline"), "deadline", DEFAULT_DEADLINE
+    )
+    assert deadline is not None
+    return RunSpec(
+        pipeline=pipeline_ref(request.pipeline),
+        ceiling=permissions(request.permission_ceiling, "permission_ceiling"),
+        deadline_seconds=deadline,
+        lease_seconds=duration_seconds(request.lease, request.HasField("lease"), "lease", None),
+        inputs=runs.validate_inputs(dict(request.inputs)),
+        idempotency_key=request.idempotency_key,
+    )
+
+
+def person_pb(person: Person | None) -> types_pb2.Person | None:
+    if person is None:
+        return None
+    return types_pb2.Person(
+        subject=person.subject,
+        issuer=person.issuer,
+        email=person.email,
+        display_name=person.display_name,
+        verification_method=METHOD_TO_PB[person.method],
+        evidence_sha256=person.evidence_sha256,
+    )
+
+
+def pipeline_pb(ref: PipelineRef) -> types_pb2.PipelineRef:
+    return types_pb2.PipelineRef(org=ref.org, project=ref.project, pipeline=ref.pipeline)
+
+
+def run_pb(run: Run) -> types_pb2.Run:
+    executed_by, triggered_via, summary = runs.attribution(run)
+    message = types_pb2.Run(
+        run_id=run.run_id,
+        pipeline=pipeline_pb(run.pipeline),
+        state=RUN_STATE_TO_PB[run.state],
+        create_time=timestamp(run.create_time),
+        deadline=timestamp(run.deadline),
+        end_reason=run.end_reason,
+        triggered_via=run.triggered_via,
+        on_behalf_of=person_pb(run.on_behalf_of),
+        permission_ceiling=permissions_pb(run.permission_ceiling),
+        parent_run_id=run.parent_run_id,
+        attribution=types_pb2.Attribution(
+            executed_by=executed_by, triggered_via=triggered_via, summary=summary
+        ),
+        inputs=dict(run.inputs),
+        ended_by=run.ended_by,
+        actor_chain=list(run.actor_chain),
+    )
+    if run.end_time is not None:
+        message.end_time.CopyFrom(timestamp(run.end_time))
+    if run.lease_seconds is not None:
+        message.lease.CopyFrom(duration(run.lease_seconds))
+    if run.lease_expire_time is not None:
+        message.lease_expire_time.CopyFrom(timestamp(run.lease_expire_time))
+    return message
+
+
+def struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(dict(data))
+    return message
+
+
+def audit_event_pb(event: AuditEvent) -> types_pb2.AuditEvent:
+    d = event.draft
+    message = types_pb2.AuditEvent(
+        sequence=event.sequence,
+        time=timestamp(d.time),
+        action=d.action,
+        outcome=OUTCOME_TO_PB[d.outcome],
+        principal=d.principal,
+        on_behalf_of=person_pb(d.on_behalf_of),
+        run_id=d.run_id,
+        trace_id=d.trace_id,
+        request_id=d.request_id,
+        details=struct(d.details),
+        prev_hash=event.prev_hash,
+        hash=event.hash,
+    )
+    if d.pipeline is not None:
+        message.pipeline.CopyFrom(pipeline_pb(d.pipeline))
+    return message

@@ -1,0 +1,141 @@
+"""TokenBrokerService: proto in → one domain call → proto out. No logic lives here."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+
+import grpc
+
+from broker.api import calls, convert
+from broker.app import Broker
+from broker.auditfeed import AuditFilter, Heartbeat
+from broker.errors import InvalidArgument, Unimplemented
+from broker.lifecycle import DEFAULT_PAGE_SIZE
+from broker.store import RunQuery
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
+
+
+def _not_yet(rpc: str) -> Unimplemented:
+    return Unimplemented(
+        f"{rpc} is part of the tokenbroker.v1 contract but not served by this build yet"
+    )
+
+
+class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def StartRun(
+        self, request: broker_pb2.StartRunRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.StartRunResponse:
+        started = self._broker.runs.start(calls.current(), convert.run_spec(request))
+        return broker_pb2.StartRunResponse(run=convert.run_pb(started.run))
+
+    def ExecuteOnBehalfOf(
+        self, request: broker_pb2.ExecuteOnBehalfOfRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ExecuteOnBehalfOfResponse:
+        raise _not_yet("ExecuteOnBehalfOf")
+
+    def RenewRun(
+        self, request: broker_pb2.RenewRunRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.RenewRunResponse:
+        run = self._broker.runs.renew(calls.current(), request.run_id)
+        return broker_pb2.RenewRunResponse(run=convert.run_pb(run))
+
+    def IssueToken(
+        self, request: broker_pb2.IssueTokenRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.IssueTokenResponse:
+        raise _not_yet("IssueToken")
+
+    def VerifyToken(
+        self, request: broker_pb2.VerifyTokenRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.VerifyTokenResponse:
+        raise _not_yet("VerifyToken")
+
+    def RevokeRun(
+        self, request: broker_pb2.RevokeRunRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.RevokeRunResponse:
+        run, already = self._broker.runs.end(calls.current(), request.run_id, request.reason)
+        return broker_pb2.RevokeRunResponse(run=convert.run_pb(run), already_ended=already)
+
+    def GetRun(
+        self, request: broker_pb2.GetRunRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.GetRunResponse:
+        return broker_pb2.GetRunResponse(run=convert.run_pb(self._broker.runs.get(request.run_id)))
+
+    def ListRuns(
+        self, request: broker_pb2.ListRunsRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ListRunsResponse:
+        query = RunQuery(
+            org=request.org,
+            project=request.project,
+            pipeline=request.pipeline,
+            state=convert.RUN_STATE_FROM_PB.get(request.state),
+            limit=request.page_size or DEFAULT_PAGE_SIZE,
+            before=_decode_page_token(request.page_token),
+        )
+        runs = self._broker.runs.list(query)
+        next_token = ""
+        if len(runs) == query.limit:
+            next_token = _encode_page_token(runs[-1].create_time, runs[-1].run_id)
+        return broker_pb2.ListRunsResponse(
+            runs=[convert.run_pb(r) for r in runs], next_page_token=next_token
+        )
+
+    def GetSigningKeys(
+        self, request: broker_pb2.GetSigningKeysRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.GetSigningKeysResponse:
+        raise _not_yet("GetSigningKeys")
+
+    def RotateSigningKey(
+        self, request: broker_pb2.RotateSigningKeyRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.RotateSigningKeyResponse:
+        raise _not_yet("RotateSigningKey")
+
+    def StreamAudit(
+        self, request: broker_pb2.StreamAuditRequest, context: grpc.ServicerContext
+    ) -> Iterator[broker_pb2.StreamAuditResponse]:
+        f = request.filter
+        event_filter = AuditFilter(
+            run_id=f.run_id,
+            principal=f.principal,
+            person=f.person,
+            actions=frozenset(f.actions),
+            org=f.org,
+            project=f.project,
+        )
+        items = self._broker.feed.follow(
+            request.after_sequence,
+            event_filter,
+            stop_at_head=request.stop_at_head,
+            cancelled=lambda: not context.is_active(),
+        )
+        for item in items:
+            if isinstance(item, Heartbeat):
+                yield broker_pb2.StreamAuditResponse(
+                    heartbeat=broker_pb2.StreamAuditHeartbeat(
+                        scanned_through=item.scanned_through, time=convert.timestamp(item.time)
+                    )
+                )
+            else:
+                yield broker_pb2.StreamAuditResponse(event=convert.audit_event_pb(item))
+
+
+def _encode_page_token(create_time: float, run_id: str) -> str:
+    raw = json.dumps([create_time, run_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        create_time, run_id = json.loads(base64.urlsafe_b64decode(padded))
+        return float(create_time), str(run_id)
+    except (ValueError, TypeError):
+        raise InvalidArgument.field(
+            "page_token", "not a token returned by ListRuns; start again without one"
+        ) from None

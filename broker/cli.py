@@ -1,0 +1,57 @@
+"""The `token-broker` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from broker import __version__, logs, settings
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.api.server import serve
+
+    try:
+        config = settings.from_sources(args, os.environ)
+    except settings.SettingsError as exc:
+        print(f"token-broker serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(config.log_level, config.log_format)
+    try:
+        return serve(config)
+    except OSError as exc:
+        print(f"token-broker serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="token-broker",
+        description="Short-lived, run-scoped tokens for CI/CD pipelines.",
+    )
+    parser.add_argument("--version", action="version", version=f"token-broker {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the broker",
+        description="Run the broker. Every flag also reads TOKEN_BROKER_<NAME>.",
+        epilog="example: token-broker serve --data-dir ./var --listen 127.0.0.1:50051",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    settings.add_arguments(serve, os.environ)
+    serve.set_defaults(handler=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Who is acting: the authenticated principal that called, and the person it acts for."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class VerificationMethod(enum.Enum):
+    """How the broker established a person's identity. Values are stored; never renumber."""
+
+    IDP_VERIFIED = "idp_verified"
+    ASSERTED_BY_CALLER = "asserted_by_caller"
+
+
+class PrincipalKind(enum.Enum):
+    SERVICE_ACCOUNT = "service_account"
+    RUN = "run"
+    ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Person:
+    """A human on whose behalf a run executes. Identity is subject + issuer; the rest is display."""
+
+    subject: str
+    issuer: str
+    method: VerificationMethod
+    evidence_sha256: str
+    email: str = ""
+    display_name: str = ""
+
+    def label(self) -> str:
+        return self.email or self.subject
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of an RPC.
+
+    For service accounts `name` is the account name from the policy. For a run credential it
+    is "run:<run_id>", and `run_id` is set, so that the caller may act on that run only.
+    """
+
+    kind: PrincipalKind
+    name: str
+    roles: frozenset[str] = frozenset()
+    run_id: str = ""
+    auth_method: str = ""
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.kind is PrincipalKind.ANONYMOUS
+
+
+ANONYMOUS = Principal(PrincipalKind.ANONYMOUS, "")
+BROKER = Principal(PrincipalKind.SERVICE_ACCOUNT, "token-broker", auth_method="internal")

@@ -1,0 +1,177 @@
+"""Settings: read once from flags and TOKEN_BROKER_* environment variables into one frozen
+object, validated before anything starts. Flags win over the environment; both win over
+the defaults, which are safe: loopback only, durable SQLite store."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ENV_PREFIX = "TOKEN_BROKER_"
+
+
+class SettingsError(ValueError):
+    """A setting, or a combination of settings, is unsafe or invalid."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    http_listen: str = "127.0.0.1:50052"
+    data_dir: Path = Path("var")
+    store: str = "sqlite"
+    policy: Path | None = None
+    issuer: str = ""
+    signing_alg: str = "ES256"
+    signing_key: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    insecure: bool = False
+    executor_target: str = ""
+    log_level: str = "info"
+    log_format: str = "json"
+    max_workers: int = 64
+    shutdown_grace: float = 4.0
+    reap_interval: float = 1.0
+    otel_console: bool = False
+
+    def __post_init__(self) -> None:
+        if self.store not in ("sqlite", "memory"):
+            raise SettingsError(f"--store must be 'sqlite' or 'memory', not {self.store!r}")
+        if self.signing_alg not in ("ES256", "RS256"):
+            raise SettingsError(f"--signing-alg must be ES256 or RS256, not {self.signing_alg!r}")
+        if self.log_format not in ("json", "text"):
+            raise SettingsError(f"--log-format must be 'json' or 'text', not {self.log_format!r}")
+        if self.max_workers < 4:
+            raise SettingsError("--max-workers must be at least 4")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("--tls-cert and --tls-key go together: give both or neither")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise SettingsError("--client-ca (mTLS) needs --tls-cert and --tls-key")
+        for name, address in (("--listen", self.listen), ("--http-listen", self.http_listen)):
+            if address:
+                split_host_port(address, name)
+        if not self.tls_enabled and not self.insecure and not is_loopback(self.listen):
+            raise SettingsError(
+                f"refusing to serve on non-loopback address {self.listen} without TLS: "
+                "tokens and credentials would cross the network in clear text. "
+                "Give --tls-cert and --tls-key, or --insecure if something else encrypts "
+                "the traffic (e.g. a service mesh sidecar)."
+            )
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def effective_issuer(self) -> str:
+        """The `iss` of broker tokens: explicit, or the URL of the HTTP discovery endpoint."""
+        if self.issuer:
+            return self.issuer.rstrip("/")
+        host, port = split_host_port(self.http_listen or self.listen, "--http-listen")
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+
+def split_host_port(address: str, name: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{name} must be HOST:PORT (e.g. 127.0.0.1:50051), not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(address: str) -> bool:
+    host, _ = split_host_port(address, "--listen")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a DNS name other than localhost may resolve anywhere
+
+
+def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Declare one flag per setting; each defaults to its TOKEN_BROKER_* variable."""
+    defaults = Settings.__dataclass_fields__
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        default = defaults[f.name].default
+        help_text = f"{_HELP.get(f.name, '')} [env {env}; default {default!s:.40}]"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def from_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Build Settings from parsed flags, then environment, then defaults."""
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is None:
+            continue
+        values[f.name] = _convert(f.name, f.type, raw)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _convert(name: str, type_name: object, raw: object) -> object:
+    flag = "--" + name.replace("_", "-")
+    if type_name == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{flag} must be true or false, not {raw!r}")
+    text = str(raw)
+    try:
+        if type_name == "int":
+            return int(text)
+        if type_name == "float":
+            return float(text)
+    except ValueError:
+        raise SettingsError(f"{flag} must be a number, not {text!r}") from None
+    if type_name in ("Path", "Path | None"):
+        return Path(text) if text else None
+    return text
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from a `serve` command line (used by tests and the CLI alike)."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="token-broker serve")
+    add_arguments(parser, environ)
+    return from_sources(parser.parse_args(list(argv)), environ)
+
+
+_HELP = {
+    "listen": "gRPC address",
+    "http_listen": "HTTP address for /.well-known/jwks.json and OIDC discovery ('' = off)",
+    "data_dir": "directory for the SQLite database, keys and the development policy",
+    "store": "sqlite (durable) or memory (ephemeral, for tests)",
+    "policy": "policy file (TOML); without it a development policy is created in the data dir",
+    "issuer": "the `iss` of broker tokens (default: the HTTP endpoint's URL)",
+    "signing_alg": "ES256 or RS256",
+    "signing_key": "PEM private key to sign with (default: created in the data dir)",
+    "tls_cert": "server certificate (PEM)",
+    "tls_key": "server private key (PEM)",
+    "client_ca": "CA bundle for client certificates (enables mTLS)",
+    "insecure": "allow plaintext on a non-loopback address (warns loudly)",
+    "executor_target": "gRPC address of a PipelineExecutorService to hand delegated runs to",
+    "log_level": "debug, info, warning or error",
+    "log_format": "json or text",
+    "max_workers": "gRPC worker threads",
+    "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
+    "reap_interval": "seconds between checks for runs past their deadline or lease",
+    "otel_console": "print OpenTelemetry spans to stderr",
+}

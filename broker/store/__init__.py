@@ -1,0 +1,196 @@
+"""The store: one small interface, several backends.
+
+Every change is a `Write`: at most one mutation plus the audit drafts that record it,
+applied atomically — no change without its event, no event without its change. A mutation
+whose precondition no longer holds (the run already ended, the idempotency key is taken)
+raises `Conflict` and writes nothing.
+
+Backends: `memory` (ephemeral, for tests) and `sqlite` (embedded default). The interface is
+shaped for a shared SQL database too: preconditions are conditional updates, sequences are
+assigned inside the transaction, and readers page by sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from broker.audit import AuditDraft, AuditEvent
+from broker.runs import Run, RunState
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """Reserve (scope, key) for the run being created; `fingerprint` identifies its parameters."""
+
+    scope: str
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class CreateRun:
+    run: Run
+    idempotency: IdempotencyClaim | None = None
+
+
+@dataclass(frozen=True)
+class EndRun:
+    """End an active run (state ENDED or EXPIRED). Conflict if it is no longer active."""
+
+    run_id: str
+    state: RunState
+    end_time: float
+    reason: str
+    ended_by: str
+
+
+@dataclass(frozen=True)
+class RenewLease:
+    """Move an active run's lease expiry. Conflict if it is no longer active."""
+
+    run_id: str
+    lease_expire_time: float
+
+
+@dataclass(frozen=True)
+class PublishKey:
+    """Publish a signing key's public half (JWK), so every replica's JWKS includes it."""
+
+    kid: str
+    alg: str
+    public_jwk: str
+    create_time: float
+
+
+@dataclass(frozen=True)
+class RetireKey:
+    kid: str
+    retire_time: float
+
+
+Mutation = CreateRun | EndRun | RenewLease | PublishKey | RetireKey
+
+
+@dataclass(frozen=True)
+class Write:
+    events: Sequence[AuditDraft]
+    mutation: Mutation | None = None
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a write became: the run it created or changed (if any) and its sealed events."""
+
+    run: Run | None
+    events: Sequence[AuditEvent]
+
+
+class Conflict(Exception):
+    """A mutation's precondition failed inside the transaction; nothing was written."""
+
+
+class RunNotActive(Conflict):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} is not active")
+        self.run_id = run_id
+
+
+class UnknownRun(Conflict):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} does not exist")
+        self.run_id = run_id
+
+
+class IdempotencyKeyTaken(Conflict):
+    def __init__(self, run_id: str, fingerprint: str) -> None:
+        super().__init__(f"idempotency key already used for run {run_id}")
+        self.run_id = run_id
+        self.fingerprint = fingerprint
+
+
+class StoreUnavailable(Exception):
+    """The backend refused or failed the write (read-only file, disk full, I/O error)."""
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    org: str = ""
+    project: str = ""
+    pipeline: str = ""
+    state: RunState | None = None
+    limit: int = 50
+    # Keyset cursor: runs strictly older than (create_time, run_id).
+    before: tuple[float, str] | None = None
+
+
+@dataclass(frozen=True)
+class PublicKeyRecord:
+    kid: str
+    alg: str
+    public_jwk: str
+    create_time: float
+    retire_time: float | None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An audit row exactly as stored, for chain verification and export."""
+
+    sequence: int
+    record: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+CommitListener = Callable[[Committed, Mutation | None], None]
+
+
+class Store(Protocol):
+    """The durable truth. Thread-safe; every method may be called from any thread."""
+
+    def commit(self, write: Write) -> Committed:
+        """Apply the write atomically and durably; call listeners in commit order, then return.
+
+        Raises `Conflict` (nothing written) or `StoreUnavailable`.
+        """
+        ...
+
+    def add_listener(self, listener: CommitListener) -> None:
+        """Call `listener` after each commit, in commit order, before the writer returns."""
+        ...
+
+    def get_run(self, run_id: str) -> Run | None: ...
+
+    def find_idempotent_run(self, scope: str, key: str) -> tuple[str, str] | None:
+        """(run_id, fingerprint) reserved by an earlier CreateRun with this claim."""
+        ...
+
+    def list_runs(self, query: RunQuery) -> list[Run]:
+        """Runs matching the query, newest first."""
+        ...
+
+    def live_runs(self, ended_since: float) -> list[Run]:
+        """Active runs, and runs that ended at or after `ended_since` (their tokens may live)."""
+        ...
+
+    def read_events(self, after: int, limit: int) -> list[AuditEvent]:
+        """Events with sequence > after, in order, at most `limit`."""
+        ...
+
+    def stored_events(self, after: int, limit: int) -> list[StoredEvent]:
+        """Raw rows with sequence > after, for verification."""
+        ...
+
+    def head_sequence(self) -> int:
+        """Sequence of the newest event (0 when empty)."""
+        ...
+
+    def oldest_sequence(self) -> int:
+        """Sequence of the oldest retained event (head + 1 when empty)."""
+        ...
+
+    def public_keys(self) -> list[PublicKeyRecord]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,165 @@
+"""In-memory backend: the same contract as SQLite, nothing durable. For tests and
+throw-away brokers (`--store memory`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from bisect import bisect_right
+
+from broker import audit
+from broker.audit import AuditEvent
+from broker.runs import Run
+from broker.store import (
+    CommitListener,
+    Committed,
+    Conflict,
+    CreateRun,
+    EndRun,
+    IdempotencyKeyTaken,
+    Mutation,
+    PublicKeyRecord,
+    PublishKey,
+    RenewLease,
+    RetireKey,
+    RunNotActive,
+    RunQuery,
+    StoredEvent,
+    UnknownRun,
+    Write,
+)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._runs: dict[str, Run] = {}
+        self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
+        self._events: list[AuditEvent] = []
+        self._keys: dict[str, PublicKeyRecord] = {}
+        self._listeners: list[CommitListener] = []
+
+    def add_listener(self, listener: CommitListener) -> None:
+        self._listeners.append(listener)
+
+    def commit(self, write: Write) -> Committed:
+        with self._lock:
+            run = self._check_and_apply(write.mutation) if write.mutation else None
+            events = []
+            for draft in write.events:
+                prev = self._events[-1].hash if self._events else audit.GENESIS_HASH
+                sequence = self._events[-1].sequence + 1 if self._events else 1
+                event = audit.seal(draft, sequence, prev)
+                self._events.append(event)
+                events.append(event)
+            committed = Committed(run, events)
+            for listener in self._listeners:
+                listener(committed, write.mutation)
+            return committed
+
+    def _check_and_apply(self, mutation: Mutation) -> Run | None:
+        # Check every precondition before changing anything, so a Conflict writes nothing.
+        match mutation:
+            case CreateRun(run=run, idempotency=claim):
+                if run.run_id in self._runs:
+                    raise Conflict(f"run {run.run_id} exists")
+                if claim is not None:
+                    taken = self._idempotency.get((claim.scope, claim.key))
+                    if taken is not None:
+                        raise IdempotencyKeyTaken(*taken)
+                    self._idempotency[(claim.scope, claim.key)] = (run.run_id, claim.fingerprint)
+                self._runs[run.run_id] = run
+                return run
+            case EndRun():
+                current = self._active(mutation.run_id)
+                ended = current.ended(
+                    mutation.state, mutation.end_time, mutation.reason, mutation.ended_by
+                )
+                self._runs[mutation.run_id] = ended
+                return ended
+            case RenewLease():
+                current = self._active(mutation.run_id)
+                renewed = dataclasses.replace(current, lease_expire_time=mutation.lease_expire_time)
+                self._runs[mutation.run_id] = renewed
+                return renewed
+            case PublishKey():
+                self._keys[mutation.kid] = PublicKeyRecord(
+                    mutation.kid, mutation.alg, mutation.public_jwk, mutation.create_time, None
+                )
+                return None
+            case RetireKey():
+                key = self._keys.get(mutation.kid)
+                if key is not None and key.retire_time is None:
+                    self._keys[mutation.kid] = dataclasses.replace(
+                        key, retire_time=mutation.retire_time
+                    )
+                return None
+        raise TypeError(f"unknown mutation {mutation!r}")
+
+    def _active(self, run_id: str) -> Run:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise UnknownRun(run_id)
+        if not run.is_active:
+            raise RunNotActive(run_id)
+        return run
+
+    def get_run(self, run_id: str) -> Run | None:
+        with self._lock:
+            return self._runs.get(run_id)
+
+    def find_idempotent_run(self, scope: str, key: str) -> tuple[str, str] | None:
+        with self._lock:
+            return self._idempotency.get((scope, key))
+
+    def list_runs(self, query: RunQuery) -> list[Run]:
+        with self._lock:
+            runs = [r for r in self._runs.values() if _matches(r, query)]
+        runs.sort(key=lambda r: (r.create_time, r.run_id), reverse=True)
+        return runs[: query.limit]
+
+    def live_runs(self, ended_since: float) -> list[Run]:
+        with self._lock:
+            return [
+                r
+                for r in self._runs.values()
+                if r.is_active or (r.end_time is not None and r.end_time >= ended_since)
+            ]
+
+    def read_events(self, after: int, limit: int) -> list[AuditEvent]:
+        with self._lock:
+            start = bisect_right(self._events, after, key=lambda e: e.sequence)
+            return self._events[start : start + limit]
+
+    def stored_events(self, after: int, limit: int) -> list[StoredEvent]:
+        return [
+            StoredEvent(e.sequence, audit.to_record(e.sequence, e.draft), e.prev_hash, e.hash)
+            for e in self.read_events(after, limit)
+        ]
+
+    def head_sequence(self) -> int:
+        with self._lock:
+            return self._events[-1].sequence if self._events else 0
+
+    def oldest_sequence(self) -> int:
+        with self._lock:
+            return self._events[0].sequence if self._events else 1
+
+    def public_keys(self) -> list[PublicKeyRecord]:
+        with self._lock:
+            return sorted(self._keys.values(), key=lambda k: k.create_time, reverse=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _matches(run: Run, query: RunQuery) -> bool:
+    if query.org and run.pipeline.org != query.org:
+        return False
+    if query.project and run.pipeline.project != query.project:
+        return False
+    if query.pipeline and run.pipeline.pipeline != query.pipeline:
+        return False
+    if query.state is not None and run.state is not query.state:
+        return False
+    return query.before is None or (run.create_time, run.run_id) < query.before

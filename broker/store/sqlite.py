@@ -1,0 +1,400 @@
+"""SQLite backend: the embedded default.
+
+WAL mode with `synchronous=FULL`, so an acknowledged write survives `kill -9` and power loss.
+One writer thread applies writes in *group commits*: every write queued while the previous
+transaction was syncing shares the next transaction and its single fsync, each in its own
+savepoint so that one write's conflict does not undo another's. Readers use their own
+per-thread connections and never block the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from broker import audit
+from broker.audit import AuditEvent
+from broker.runs import Run
+from broker.store import (
+    CommitListener,
+    Committed,
+    Conflict,
+    CreateRun,
+    EndRun,
+    IdempotencyKeyTaken,
+    Mutation,
+    PublicKeyRecord,
+    PublishKey,
+    RenewLease,
+    RetireKey,
+    RunNotActive,
+    RunQuery,
+    StoredEvent,
+    StoreUnavailable,
+    UnknownRun,
+    Write,
+)
+from broker.store.codec import RUN_COLUMNS, event_from_row, run_from_row, run_to_row
+
+log = logging.getLogger(__name__)
+
+DB_FILENAME = "broker.db"
+MAX_BATCH = 256
+_STOP = object()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, sql) for every migration shipped in broker/store/migrations, in order."""
+    found = []
+    for entry in resources.files("broker.store").joinpath("migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    return sorted(found)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations, each in its own transaction; return the schema version."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+        "applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+    )
+    current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+    for version, sql in migrations():
+        if version <= current:
+            continue
+        log.info("applying schema migration", extra={"version": version})
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        current = version
+    return int(current)
+
+
+def _statements(sql: str) -> Iterator[str]:
+    # sqlite3.complete_statement understands BEGIN...END bodies of triggers.
+    buffer = ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    if buffer.strip() and not buffer.strip().startswith("--"):
+        raise ValueError("migration ends with an incomplete statement")
+
+
+class _Pending:
+    __slots__ = ("future", "write")
+
+    def __init__(self, write: Write) -> None:
+        self.write = write
+        self.future: Future[Committed] = Future()
+
+
+class SqliteStore:
+    """The `Store` on one SQLite file in `data_dir`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / DB_FILENAME
+        self._writer = _connect(self.path)
+        self.schema_version = migrate(self._writer)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._listeners: list[CommitListener] = []
+        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._head_seq, self._head_hash = self._read_head()
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
+        self._thread.start()
+
+    # -- writes --------------------------------------------------------------------------
+
+    def add_listener(self, listener: CommitListener) -> None:
+        self._listeners.append(listener)
+
+    def commit(self, write: Write) -> Committed:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        pending = _Pending(write)
+        self._queue.put(pending)
+        return pending.future.result()
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    self._queue.put(_STOP)  # finish this batch, then stop
+                    break
+                batch.append(item)
+            self._apply_batch([p for p in batch if isinstance(p, _Pending)])
+
+    def _apply_batch(self, batch: list[_Pending]) -> None:
+        conn = self._writer
+        head = (self._head_seq, self._head_hash)
+        outcomes: list[tuple[_Pending, Committed | BaseException]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for pending in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    outcomes.append((pending, self._apply(conn, pending.write)))
+                    conn.execute("RELEASE w")
+                except Conflict as conflict:
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    outcomes.append((pending, conflict))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._head_seq, self._head_hash = head
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("storage write failed", extra={"error": str(exc), "writes": len(batch)})
+            failure = StoreUnavailable(f"storage refused the write: {exc}")
+            for pending in batch:
+                pending.future.set_exception(failure)
+            return
+        for pending, outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+                continue
+            self._notify(outcome, pending.write.mutation)
+            pending.future.set_result(outcome)
+
+    def _notify(self, committed: Committed, mutation: Mutation | None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(committed, mutation)
+            except Exception:
+                log.exception("commit listener failed")
+
+    def _apply(self, conn: sqlite3.Connection, write: Write) -> Committed:
+        run = self._apply_mutation(conn, write.mutation) if write.mutation else None
+        events = []
+        for draft in write.events:
+            sequence = self._head_seq + 1
+            event = audit.seal(draft, sequence, self._head_hash)
+            record = audit.to_record(sequence, draft)
+            conn.execute(
+                "INSERT INTO audit_events (sequence, record, prev_hash, hash, action, run_id, "
+                "principal, time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sequence,
+                    audit.canonical_bytes(record).decode(),
+                    event.prev_hash,
+                    event.hash,
+                    draft.action,
+                    draft.run_id,
+                    draft.principal,
+                    record["time_us"],
+                ),
+            )
+            self._head_seq, self._head_hash = sequence, event.hash
+            events.append(event)
+        return Committed(run, events)
+
+    def _apply_mutation(self, conn: sqlite3.Connection, mutation: Mutation) -> Run | None:
+        match mutation:
+            case CreateRun(run=run, idempotency=claim):
+                if claim is not None:
+                    taken = conn.execute(
+                        "SELECT run_id, fingerprint FROM idempotency_keys WHERE scope=? AND key=?",
+                        (claim.scope, claim.key),
+                    ).fetchone()
+                    if taken is not None:
+                        raise IdempotencyKeyTaken(taken[0], taken[1])
+                placeholders = ", ".join("?" * len(RUN_COLUMNS.split(",")))
+                conn.execute(
+                    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({placeholders})",  # noqa: S608
+                    run_to_row(run),
+                )
+                if claim is not None:
+                    conn.execute(
+                        "INSERT INTO idempotency_keys (scope, key, run_id, fingerprint) "
+                        "VALUES (?, ?, ?, ?)",
+                        (claim.scope, claim.key, run.run_id, claim.fingerprint),
+                    )
+                return run
+            case EndRun():
+                cursor = conn.execute(
+                    "UPDATE runs SET state=?, end_time=?, end_reason=?, ended_by=? "
+                    "WHERE run_id=? AND state='active'",
+                    (
+                        mutation.state.value,
+                        mutation.end_time,
+                        mutation.reason,
+                        mutation.ended_by,
+                        mutation.run_id,
+                    ),
+                )
+                return self._changed_run(conn, cursor.rowcount, mutation.run_id)
+            case RenewLease():
+                cursor = conn.execute(
+                    "UPDATE runs SET lease_expire_time=? WHERE run_id=? AND state='active'",
+                    (mutation.lease_expire_time, mutation.run_id),
+                )
+                return self._changed_run(conn, cursor.rowcount, mutation.run_id)
+            case PublishKey():
+                conn.execute(
+                    "INSERT INTO signing_keys (kid, alg, public_jwk, create_time) "
+                    "VALUES (?, ?, ?, ?)",
+                    (mutation.kid, mutation.alg, mutation.public_jwk, mutation.create_time),
+                )
+                return None
+            case RetireKey():
+                conn.execute(
+                    "UPDATE signing_keys SET retire_time=? WHERE kid=? AND retire_time IS NULL",
+                    (mutation.retire_time, mutation.kid),
+                )
+                return None
+        raise TypeError(f"unknown mutation {mutation!r}")
+
+    def _changed_run(self, conn: sqlite3.Connection, rowcount: int, run_id: str) -> Run:
+        row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=?", (run_id,)).fetchone()  # noqa: S608
+        if row is None:
+            raise UnknownRun(run_id)
+        if rowcount == 0:
+            raise RunNotActive(run_id)
+        return run_from_row(row)
+
+    def _read_head(self) -> tuple[int, str]:
+        row = self._writer.execute(
+            "SELECT sequence, hash FROM audit_events ORDER BY sequence DESC LIMIT 1"
+        ).fetchone()
+        return (0, audit.GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"storage read failed: {exc}") from exc
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._reader() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def get_run(self, run_id: str) -> Run | None:
+        rows = self._query(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=?", (run_id,))  # noqa: S608
+        return run_from_row(rows[0]) if rows else None
+
+    def find_idempotent_run(self, scope: str, key: str) -> tuple[str, str] | None:
+        rows = self._query(
+            "SELECT run_id, fingerprint FROM idempotency_keys WHERE scope=? AND key=?", (scope, key)
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def list_runs(self, query: RunQuery) -> list[Run]:
+        clauses, params = _run_filter(query)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            f"SELECT {RUN_COLUMNS} FROM runs {where} "  # noqa: S608
+            "ORDER BY create_time DESC, run_id DESC LIMIT ?"
+        )
+        return [run_from_row(row) for row in self._query(sql, (*params, query.limit))]
+
+    def live_runs(self, ended_since: float) -> list[Run]:
+        rows = self._query(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE state='active' "  # noqa: S608
+            f"UNION ALL SELECT {RUN_COLUMNS} FROM runs WHERE state!='active' AND end_time>=?",
+            (ended_since,),
+        )
+        return [run_from_row(row) for row in rows]
+
+    def read_events(self, after: int, limit: int) -> list[AuditEvent]:
+        rows = self._query(
+            "SELECT record, prev_hash, hash FROM audit_events WHERE sequence>? "
+            "ORDER BY sequence LIMIT ?",
+            (after, limit),
+        )
+        return [event_from_row(*row) for row in rows]
+
+    def stored_events(self, after: int, limit: int) -> list[StoredEvent]:
+        rows = self._query(
+            "SELECT sequence, record, prev_hash, hash FROM audit_events WHERE sequence>? "
+            "ORDER BY sequence LIMIT ?",
+            (after, limit),
+        )
+        return [StoredEvent(row[0], json.loads(row[1]), row[2], row[3]) for row in rows]
+
+    def head_sequence(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(sequence), 0) FROM audit_events")[0][0])
+
+    def oldest_sequence(self) -> int:
+        row = self._query("SELECT MIN(sequence), MAX(sequence) FROM audit_events")[0]
+        return int(row[0]) if row[0] is not None else self.head_sequence() + 1
+
+    def public_keys(self) -> list[PublicKeyRecord]:
+        rows = self._query(
+            "SELECT kid, alg, public_jwk, create_time, retire_time FROM signing_keys "
+            "ORDER BY create_time DESC"
+        )
+        return [PublicKeyRecord(*row) for row in rows]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout=10)
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._writer.close()
+
+
+def _run_filter(query: RunQuery) -> tuple[list[str], list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column in ("org", "project", "pipeline"):
+        value = getattr(query, column)
+        if value:
+            clauses.append(f"{column}=?")
+            params.append(value)
+    if query.state is not None:
+        clauses.append("state=?")
+        params.append(query.state.value)
+    if query.before is not None:
+        clauses.append("(create_time < ? OR (create_time = ? AND run_id < ?))")
+        params.extend([query.before[0], query.before[0], query.before[1]])
+    return clauses, params

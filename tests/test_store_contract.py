@@ -1,0 +1,198 @@
+"""One contract, every backend: what the domain relies on from a store."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker import audit
+from broker.audit import AuditDraft, Outcome
+from broker.permissions import PermissionSet
+from broker.runs import PipelineRef, Run, RunState
+from broker.store import (
+    Committed,
+    CreateRun,
+    EndRun,
+    IdempotencyClaim,
+    IdempotencyKeyTaken,
+    Mutation,
+    RenewLease,
+    RunNotActive,
+    RunQuery,
+    Store,
+    UnknownRun,
+    Write,
+)
+from broker.store.memory import MemoryStore
+from broker.store.sqlite import SqliteStore
+
+
+@pytest.fixture
+def store(store_kind: str, tmp_path: Path) -> Iterator[Store]:
+    backend: Store = SqliteStore(tmp_path) if store_kind == "sqlite" else MemoryStore()
+    yield backend
+    backend.close()
+
+
+def make_run(run_id: str, created: float = 1000.0, org: str = "acme") -> Run:
+    return Run(
+        run_id=run_id,
+        pipeline=PipelineRef(org, "web", "ci"),
+        state=RunState.ACTIVE,
+        create_time=created,
+        deadline=created + 600,
+        triggered_via="orchestrator",
+        permission_ceiling=PermissionSet.of({"artifacts": "write"}),
+        lease_seconds=30.0,
+        lease_expire_time=created + 30,
+    )
+
+
+def event(action: str, run_id: str = "") -> AuditDraft:
+    return AuditDraft(time=1000.5, action=action, outcome=Outcome.SUCCESS, run_id=run_id)
+
+
+def test_created_run_reads_back_identically(store: Store) -> None:
+    run = make_run("r-1")
+    committed = store.commit(Write([event("run.started", "r-1")], CreateRun(run)))
+    assert committed.run == run
+    assert store.get_run("r-1") == run
+    assert store.get_run("r-unknown") is None
+
+
+def test_events_get_gapless_sequences_and_a_verifiable_chain(store: Store) -> None:
+    for i in range(5):
+        store.commit(Write([event("a"), event("b")], CreateRun(make_run(f"r-{i}"))))
+    events = store.read_events(0, 100)
+    assert [e.sequence for e in events] == list(range(1, 11))
+    assert events[0].prev_hash == audit.GENESIS_HASH
+    rows = [(s.sequence, s.record, s.prev_hash, s.hash) for s in store.stored_events(0, 100)]
+    assert audit.verify_chain(rows, start_prev_hash=audit.GENESIS_HASH) is None
+    assert store.head_sequence() == 10
+    assert store.oldest_sequence() == 1
+    assert [e.sequence for e in store.read_events(7, 2)] == [8, 9]
+
+
+def test_ending_an_ended_run_conflicts_and_writes_no_event(store: Store) -> None:
+    store.commit(Write([event("run.started")], CreateRun(make_run("r-1"))))
+    end = EndRun("r-1", RunState.ENDED, 1001.0, "done", "orchestrator")
+    ended = store.commit(Write([event("run.ended")], end)).run
+    assert ended is not None and ended.state is RunState.ENDED and ended.end_reason == "done"
+    with pytest.raises(RunNotActive):
+        store.commit(Write([event("run.ended")], end))
+    with pytest.raises(RunNotActive):
+        store.commit(Write([event("run.renewed")], RenewLease("r-1", 2000.0)))
+    assert store.head_sequence() == 2
+    with pytest.raises(UnknownRun):
+        store.commit(Write([event("run.ended")], EndRun("r-x", RunState.ENDED, 1.0, "", "")))
+
+
+def test_renewing_moves_the_lease_of_an_active_run(store: Store) -> None:
+    store.commit(Write([], CreateRun(make_run("r-1"))))
+    renewed = store.commit(Write([event("run.renewed")], RenewLease("r-1", 1050.0))).run
+    assert renewed is not None and renewed.lease_expire_time == 1050.0
+    assert store.get_run("r-1") == renewed
+
+
+def test_idempotency_key_is_claimed_once(store: Store) -> None:
+    claim = IdempotencyClaim("portal", "key-1", "fp-a")
+    store.commit(Write([event("run.started")], CreateRun(make_run("r-1"), claim)))
+    with pytest.raises(IdempotencyKeyTaken) as taken:
+        store.commit(Write([event("run.started")], CreateRun(make_run("r-2"), claim)))
+    assert (taken.value.run_id, taken.value.fingerprint) == ("r-1", "fp-a")
+    assert store.get_run("r-2") is None
+    assert store.head_sequence() == 1
+    assert store.find_idempotent_run("portal", "key-1") == ("r-1", "fp-a")
+    assert store.find_idempotent_run("other", "key-1") is None
+
+
+def test_concurrent_writers_each_get_their_own_result(store: Store) -> None:
+    store.commit(Write([], CreateRun(make_run("r-shared"))))
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def writer(i: int) -> None:
+        try:
+            store.commit(Write([event("x")], EndRun("r-shared", RunState.ENDED, 1.0, "", f"w{i}")))
+            outcome = "ended"
+        except RunNotActive:
+            outcome = "conflict"
+        store.commit(Write([event("run.started")], CreateRun(make_run(f"r-{i}"))))
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results).count("ended") == 1
+    assert store.head_sequence() == 17
+    assert [e.sequence for e in store.read_events(0, 100)] == list(range(1, 18))
+
+
+def test_listeners_see_commits_in_order_before_the_writer_returns(store: Store) -> None:
+    seen: list[int] = []
+
+    def listener(committed: Committed, mutation: Mutation | None) -> None:
+        seen.extend(e.sequence for e in committed.events)
+
+    store.add_listener(listener)
+    for i in range(5):
+        store.commit(Write([event("x")]))
+        assert seen[-1] == i + 1
+    assert seen == [1, 2, 3, 4, 5]
+
+
+def test_list_runs_pages_newest_first_with_filters(store: Store) -> None:
+    for i in range(7):
+        org = "acme" if i % 2 == 0 else "globex"
+        store.commit(Write([], CreateRun(make_run(f"r-{i}", created=1000.0 + i, org=org))))
+    first = store.list_runs(RunQuery(limit=3))
+    assert [r.run_id for r in first] == ["r-6", "r-5", "r-4"]
+    after = store.list_runs(RunQuery(limit=3, before=(first[-1].create_time, first[-1].run_id)))
+    assert [r.run_id for r in after] == ["r-3", "r-2", "r-1"]
+    acme = store.list_runs(RunQuery(org="acme", limit=10))
+    assert [r.run_id for r in acme] == ["r-6", "r-4", "r-2", "r-0"]
+
+
+def test_live_runs_are_active_ones_and_recently_ended_ones(store: Store) -> None:
+    for i in range(3):
+        store.commit(Write([], CreateRun(make_run(f"r-{i}"))))
+    store.commit(Write([], EndRun("r-0", RunState.ENDED, 500.0, "", "")))
+    store.commit(Write([], EndRun("r-1", RunState.EXPIRED, 1500.0, "", "")))
+    assert sorted(r.run_id for r in store.live_runs(ended_since=1000.0)) == ["r-1", "r-2"]
+
+
+def test_sqlite_audit_rows_cannot_be_updated_or_deleted(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    store.commit(Write([event("x")], CreateRun(make_run("r-1"))))
+    store.close()
+    conn = sqlite3.connect(tmp_path / "broker.db")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE audit_events SET action='y'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM audit_events")
+    with pytest.raises(sqlite3.IntegrityError, match="immutable"):
+        conn.execute("UPDATE runs SET triggered_via='someone-else'")
+    conn.execute("UPDATE runs SET state='ended'")
+    with pytest.raises(sqlite3.IntegrityError, match="cannot change state"):
+        conn.execute("UPDATE runs SET state='active'")
+    conn.close()
+
+
+def test_sqlite_reopens_with_its_history_and_continues_the_chain(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    store.commit(Write([event("x"), event("y")], CreateRun(make_run("r-1"))))
+    store.close()
+    reopened = SqliteStore(tmp_path)
+    reopened.commit(Write([event("z")]))
+    rows = [(s.sequence, s.record, s.prev_hash, s.hash) for s in reopened.stored_events(0, 10)]
+    assert [r[0] for r in rows] == [1, 2, 3]
+    assert audit.verify_chain(rows, start_prev_hash=audit.GENESIS_HASH) is None
+    assert reopened.get_run("r-1") == make_run("r-1")
+    reopened.close()
