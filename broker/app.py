@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from broker.auditfeed import AuditFeed
+from broker.authz import AllowAll
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
 from broker.identity import BROKER
@@ -68,11 +69,12 @@ def build_broker(
 ) -> Broker:
     store = store if store is not None else open_store(settings)
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TOKEN_TTL)
+    authorizer = AllowAll()
     return Broker(
         settings=settings,
         store=store,
         clock=clock,
         registry=registry,
-        runs=RunLifecycle(store, registry, clock),
-        feed=AuditFeed(store, clock),
+        runs=RunLifecycle(store, registry, clock, authorizer),
+        feed=AuditFeed(store, clock, authorizer, registry.get),
     )

@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from broker.audit import AuditEvent
+from broker.authz import Authorizer, Op
 from broker.clock import Clock
+from broker.context import CallContext
 from broker.errors import OutOfRange
+from broker.runs import Run
 from broker.store import Committed, Mutation, Store
 
 PAGE_SIZE = 500
@@ -63,9 +66,17 @@ class Heartbeat:
 
 
 class AuditFeed:
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        authorizer: Authorizer,
+        find_run: Callable[[str], Run | None],
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._authz = authorizer
+        self._find_run = find_run
         self._changed = threading.Condition()
         self._head = store.head_sequence()
         self._closed = False
@@ -94,6 +105,7 @@ class AuditFeed:
 
     def follow(
         self,
+        ctx: CallContext,
         after: int,
         event_filter: AuditFilter,
         *,
@@ -101,6 +113,8 @@ class AuditFeed:
         heartbeat_every: float = 5.0,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Iterator[AuditEvent | Heartbeat]:
+        run = self._find_run(event_filter.run_id) if event_filter.run_id else None
+        self._authz.require(ctx, Op.READ_AUDIT, run=run)
         oldest = self._store.oldest_sequence()
         if after < oldest - 1:
             raise OutOfRange(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from broker.audit import Action, Outcome, draft
+from broker.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
 from broker.errors import (
@@ -101,10 +102,13 @@ class Started:
 
 
 class RunLifecycle:
-    def __init__(self, store: Store, registry: RunRegistry, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, registry: RunRegistry, clock: Clock, authorizer: Authorizer
+    ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
+        self._authz = authorizer
 
     def start(
         self,
@@ -115,7 +119,9 @@ class RunLifecycle:
         parent_run_id: str = "",
         actor_chain: tuple[str, ...] = (),
         action: str = Action.RUN_STARTED,
+        op: Op = Op.START_RUN,
     ) -> Started:
+        self._authz.require(ctx, op, pipeline=spec.pipeline)
         now = self._clock()
         claim = None
         if spec.idempotency_key:
@@ -176,7 +182,14 @@ class RunLifecycle:
         assert run is not None, "idempotency key points at a missing run"
         return Started(run, replayed=True)
 
+    def read(self, ctx: CallContext, run_id: str) -> Run:
+        """The run, for a caller allowed to read it."""
+        run = self.get(run_id)
+        self._authz.require(ctx, Op.READ_RUN, run=run)
+        return run
+
     def get(self, run_id: str) -> Run:
+        """The run, without an authorization check (for the broker's own use)."""
         if not run_id:
             raise InvalidArgument.field("run_id", "required")
         run = self._registry.get(run_id)
@@ -189,6 +202,7 @@ class RunLifecycle:
         if len(reason) > MAX_REASON:
             raise InvalidArgument.field("reason", f"at most {MAX_REASON} characters")
         run = self.get(run_id)
+        self._authz.require(ctx, Op.REVOKE_RUN, run=run)
         if not run.is_active:
             return run, True
         now = self._clock()
@@ -211,6 +225,7 @@ class RunLifecycle:
 
     def renew(self, ctx: CallContext, run_id: str) -> Run:
         run = self.get(run_id)
+        self._authz.require(ctx, Op.RENEW_RUN, run=run)
         if run.lease_seconds is None:
             raise FailedPrecondition(f"run {run_id} was started without a lease; nothing to renew")
         now = self._clock()
@@ -259,7 +274,11 @@ class RunLifecycle:
         self._registry.prune(now)
         return expired
 
-    def list(self, query: RunQuery) -> list[Run]:
+    def list(self, ctx: CallContext, query: RunQuery) -> list[Run]:
+        pipeline = None
+        if query.org and query.project and query.pipeline:
+            pipeline = PipelineRef(query.org, query.project, query.pipeline)
+        self._authz.require(ctx, Op.LIST_RUNS, pipeline=pipeline)
         if not 1 <= query.limit <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
         return self._store.list_runs(query)

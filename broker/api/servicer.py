@@ -63,7 +63,9 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
     def GetRun(
         self, request: broker_pb2.GetRunRequest, context: grpc.ServicerContext
     ) -> broker_pb2.GetRunResponse:
-        return broker_pb2.GetRunResponse(run=convert.run_pb(self._broker.runs.get(request.run_id)))
+        return broker_pb2.GetRunResponse(
+            run=convert.run_pb(self._broker.runs.read(calls.current(), request.run_id))
+        )
 
     def ListRuns(
         self, request: broker_pb2.ListRunsRequest, context: grpc.ServicerContext
@@ -76,7 +78,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             limit=request.page_size or DEFAULT_PAGE_SIZE,
             before=_decode_page_token(request.page_token),
         )
-        runs = self._broker.runs.list(query)
+        runs = self._broker.runs.list(calls.current(), query)
         next_token = ""
         if len(runs) == query.limit:
             next_token = _encode_page_token(runs[-1].create_time, runs[-1].run_id)
@@ -107,6 +109,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             project=f.project,
         )
         items = self._broker.feed.follow(
+            calls.current(),
             request.after_sequence,
             event_filter,
             stop_at_head=request.stop_at_head,
