@@ -55,3 +55,8 @@ class Principal:
 
 ANONYMOUS = Principal(PrincipalKind.ANONYMOUS, "")
 BROKER = Principal(PrincipalKind.SERVICE_ACCOUNT, "token-broker", auth_method="internal")
+
+# JWT header `typ` values (RFC 8725 §3.11: explicit typing keeps one kind of token from being
+# accepted as another).
+RUN_CREDENTIAL_TYP = "tokenbroker-run+jwt"
+STEP_TOKEN_TYP = "at+jwt"

@@ -45,4 +45,11 @@ def channel(server: BrokerServer) -> Iterator[grpc.Channel]:
 
 @pytest.fixture
 def stub(channel: grpc.Channel) -> broker_pb2_grpc.TokenBrokerServiceStub:
+    """A stub calling as an orchestrator whose scope covers the org "acme"."""
+    return broker_pb2_grpc.TokenBrokerServiceStub(channel)
+
+
+@pytest.fixture
+def anonymous_stub(channel: grpc.Channel) -> broker_pb2_grpc.TokenBrokerServiceStub:
+    """A stub presenting no credential at all."""
     return broker_pb2_grpc.TokenBrokerServiceStub(channel)
