@@ -11,17 +11,18 @@ from broker.authz import AllowAll
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
 from broker.identity import BROKER
-from broker.lifecycle import RunLifecycle
+from broker.issuance import MAX_TTL, Issuance
+from broker.keys import KeyRing
+from broker.lifecycle import MAX_DEADLINE, RunLifecycle
+from broker.permissions import PermissionSet
 from broker.registry import RunRegistry
 from broker.settings import Settings
 from broker.store import Store
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
+from broker.tokens import TokenService
 
 log = logging.getLogger(__name__)
-
-# The longest a step token may live; an ended run stays in memory this long.
-MAX_TOKEN_TTL = 3600.0
 
 
 def open_store(settings: Settings) -> Store:
@@ -38,6 +39,9 @@ class Broker:
     registry: RunRegistry
     runs: RunLifecycle
     feed: AuditFeed
+    keys: KeyRing
+    tokens: TokenService
+    issuance: Issuance
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -52,6 +56,7 @@ class Broker:
             try:
                 for run in self.runs.expire_due(ctx):
                     log.info("run expired", extra={"run_id": run.run_id, "reason": run.end_reason})
+                self.keys.refresh()  # unpublish keys past retirement; see other replicas' keys
             except Exception:
                 # Keep reaping: a transient storage failure must not stop expiry for good.
                 log.exception("reaper pass failed")
@@ -64,12 +69,33 @@ class Broker:
         self.store.close()
 
 
+def _no_account_permissions(name: str) -> PermissionSet | None:
+    return None
+
+
 def build_broker(
-    settings: Settings, *, store: Store | None = None, clock: Clock = system_clock
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Clock = system_clock,
+    issuer: str | None = None,
 ) -> Broker:
+    """Everything the broker needs, loaded and ready; `issuer` defaults from settings."""
     store = store if store is not None else open_store(settings)
-    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TOKEN_TTL)
+    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
     authorizer = AllowAll()
+    keys = KeyRing(
+        store,
+        clock,
+        key_dir=settings.data_dir / "keys",
+        alg=settings.signing_alg,
+        # A rotated-out key stays published while anything it signed may be unexpired:
+        # run credentials live until their run's deadline.
+        retire_after=MAX_DEADLINE + MAX_TTL,
+        external_key=settings.signing_key,
+    )
+    keys.load(CallContext(principal=BROKER))
+    tokens = TokenService(keys, registry, issuer or settings.effective_issuer, clock)
     return Broker(
         settings=settings,
         store=store,
@@ -77,4 +103,7 @@ def build_broker(
         registry=registry,
         runs=RunLifecycle(store, registry, clock, authorizer),
         feed=AuditFeed(store, clock, authorizer, registry.get),
+        keys=keys,
+        tokens=tokens,
+        issuance=Issuance(store, registry, tokens, authorizer, clock, _no_account_permissions),
     )

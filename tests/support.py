@@ -10,10 +10,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
 
 from tokenbroker.v1 import broker_pb2, types_pb2
 
@@ -122,3 +124,8 @@ def rpc_error(call: object) -> grpc.RpcError:
 def details(error: grpc.RpcError) -> str:
     """The status message of a failed call."""
     return error.details() or ""
+
+
+def as_dict(struct: Struct) -> dict[str, Any]:
+    """A google.protobuf.Struct (claims, audit details) as plain Python values."""
+    return json_format.MessageToDict(struct)

@@ -70,7 +70,7 @@ def test_health_reports_not_serving_once_shutdown_begins(server: BrokerServer) -
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.mark.parametrize("rpc", ["ExecuteOnBehalfOf", "IssueToken", "VerifyToken"])
+@pytest.mark.parametrize("rpc", ["ExecuteOnBehalfOf"])
 def test_rpcs_not_built_yet_answer_unimplemented_with_a_clear_message(
     channel: grpc.Channel, rpc: str
 ) -> None:

@@ -12,10 +12,12 @@ from broker import audit, runs
 from broker.audit import AuditEvent
 from broker.errors import InvalidArgument
 from broker.identity import Person, VerificationMethod
+from broker.issuance import DEFAULT_TTL, TokenRequest
 from broker.lifecycle import DEFAULT_DEADLINE, RunSpec
 from broker.permissions import PermissionSet
 from broker.runs import PipelineRef, Run, RunState
 from tokenbroker.v1 import broker_pb2, types_pb2
+from tokenbroker.verification import CheckResult, TokenStatus
 
 RUN_STATE_TO_PB = {
     RunState.ACTIVE: types_pb2.RUN_STATE_ACTIVE,
@@ -31,6 +33,11 @@ OUTCOME_TO_PB = {
     audit.Outcome.SUCCESS: types_pb2.AUDIT_OUTCOME_SUCCESS,
     audit.Outcome.DENIED: types_pb2.AUDIT_OUTCOME_DENIED,
     audit.Outcome.FAILURE: types_pb2.AUDIT_OUTCOME_FAILURE,
+}
+
+
+TOKEN_STATUS_TO_PB = {
+    status: getattr(broker_pb2, f"TOKEN_STATUS_{status.name}") for status in TokenStatus
 }
 
 
@@ -154,3 +161,36 @@ def audit_event_pb(event: AuditEvent) -> types_pb2.AuditEvent:
     if d.pipeline is not None:
         message.pipeline.CopyFrom(pipeline_pb(d.pipeline))
     return message
+
+
+def token_request(request: broker_pb2.IssueTokenRequest) -> TokenRequest:
+    ttl = duration_seconds(request.ttl, request.HasField("ttl"), "ttl", DEFAULT_TTL)
+    assert ttl is not None
+    return TokenRequest(
+        run_id=request.run_id,
+        audience=request.audience,
+        permissions=permissions(request.permissions, "permissions"),
+        inherit_from=request.inherit_from_service_account,
+        ttl=ttl,
+        step=request.step,
+    )
+
+
+def verification_pb(result: CheckResult) -> broker_pb2.VerifyTokenResponse:
+    response = broker_pb2.VerifyTokenResponse(
+        active=result.active,
+        status=TOKEN_STATUS_TO_PB[result.status],
+        reason=result.reason,
+        run_id=str(result.claims.get("run_id", "")),
+    )
+    if result.active:
+        response.claims.CopyFrom(struct(result.claims))
+    exp = result.claims.get("exp")
+    if isinstance(exp, int | float):
+        response.expire_time.CopyFrom(timestamp(float(exp)))
+    return response
+
+
+def jwk_pb(jwk: Mapping[str, Any]) -> broker_pb2.JsonWebKey:
+    fields = ("kty", "kid", "use", "alg", "crv", "x", "y", "n", "e")
+    return broker_pb2.JsonWebKey(**{f: str(jwk[f]) for f in fields if f in jwk})

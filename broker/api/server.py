@@ -20,7 +20,8 @@ from grpc_reflection.v1alpha import reflection
 from broker.api.calls import CallInterceptor
 from broker.api.servicer import TokenBrokerServicer
 from broker.app import Broker, build_broker
-from broker.settings import Settings, is_loopback
+from broker.settings import Settings, is_loopback, split_host_port
+from broker.wellknown import WellKnownServer
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,15 @@ class BrokerServer:
     port: int
     broker: Broker
     health: health.HealthServicer
+    http: WellKnownServer | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        if self.http is not None:
+            self.http.start()
         self.grpc_server.start()
         self.broker.start_background()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -51,6 +55,8 @@ class BrokerServer:
         self.health.enter_graceful_shutdown()
         self.broker.feed.close()  # followers return: their streams end cleanly
         self.grpc_server.stop(grace).wait()
+        if self.http is not None:
+            self.http.stop()
         self.broker.close()
 
 
@@ -70,8 +76,23 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _bind_http(settings: Settings) -> tuple[WellKnownServer | None, str]:
+    """Bind the discovery endpoint first: with port 0 the issuer URL depends on it."""
+    if not settings.http_listen:
+        return None, settings.effective_issuer
+    host, port = split_host_port(settings.http_listen, "--http-listen")
+    http = WellKnownServer(host, port, jwks=lambda: {"keys": []})
+    shown = f"[{host}]" if ":" in host else host
+    issuer = settings.issuer.rstrip("/") or f"http://{shown}:{http.port}"
+    http.issuer = issuer
+    return http, issuer
+
+
 def create_server(settings: Settings, *, broker: Broker | None = None) -> BrokerServer:
-    broker = broker if broker is not None else build_broker(settings)
+    http, issuer = _bind_http(settings)
+    broker = broker if broker is not None else build_broker(settings, issuer=issuer)
+    if http is not None:
+        http.set_jwks_source(broker.keys.jwks)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         interceptors=[CallInterceptor()],
@@ -91,8 +112,10 @@ def create_server(settings: Settings, *, broker: Broker | None = None) -> Broker
             port = server.add_secure_port(settings.listen, credentials)
     except RuntimeError as exc:
         broker.close()
+        if http is not None:
+            http.stop()
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from exc
-    return BrokerServer(server, port, broker, health_servicer)
+    return BrokerServer(server, port, broker, health_servicer, http)
 
 
 def serve(settings: Settings) -> int:
@@ -121,6 +144,8 @@ def serve(settings: Settings) -> int:
             "store": settings.store,
             "data_dir": str(settings.data_dir),
             "tls": settings.tls_enabled,
+            "http_port": server.http.port if server.http else None,
+            "issuer": server.broker.tokens.issuer,
         },
     )
     stopping.wait()

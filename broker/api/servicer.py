@@ -31,7 +31,12 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
         self, request: broker_pb2.StartRunRequest, context: grpc.ServicerContext
     ) -> broker_pb2.StartRunResponse:
         started = self._broker.runs.start(calls.current(), convert.run_spec(request))
-        return broker_pb2.StartRunResponse(run=convert.run_pb(started.run))
+        credential = self._broker.tokens.mint_run_credential(started.run)
+        return broker_pb2.StartRunResponse(
+            run=convert.run_pb(started.run),
+            run_credential=credential.token,
+            run_credential_expire_time=convert.timestamp(credential.expire_time),
+        )
 
     def ExecuteOnBehalfOf(
         self, request: broker_pb2.ExecuteOnBehalfOfRequest, context: grpc.ServicerContext
@@ -47,12 +52,20 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
     def IssueToken(
         self, request: broker_pb2.IssueTokenRequest, context: grpc.ServicerContext
     ) -> broker_pb2.IssueTokenResponse:
-        raise _not_yet("IssueToken")
+        minted = self._broker.issuance.issue(calls.current(), convert.token_request(request))
+        return broker_pb2.IssueTokenResponse(
+            token=minted.token,
+            token_id=minted.token_id,
+            expire_time=convert.timestamp(minted.expire_time),
+            permissions=convert.permissions_pb(minted.permissions),
+            key_id=minted.key_id,
+        )
 
     def VerifyToken(
         self, request: broker_pb2.VerifyTokenRequest, context: grpc.ServicerContext
     ) -> broker_pb2.VerifyTokenResponse:
-        raise _not_yet("VerifyToken")
+        result = self._broker.issuance.verify(calls.current(), request.token, request.audience)
+        return convert.verification_pb(result)
 
     def RevokeRun(
         self, request: broker_pb2.RevokeRunRequest, context: grpc.ServicerContext
@@ -89,12 +102,18 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
     def GetSigningKeys(
         self, request: broker_pb2.GetSigningKeysRequest, context: grpc.ServicerContext
     ) -> broker_pb2.GetSigningKeysResponse:
-        raise _not_yet("GetSigningKeys")
+        jwks = self._broker.keys.jwks()
+        return broker_pb2.GetSigningKeysResponse(
+            keys=[convert.jwk_pb(k) for k in jwks["keys"]],
+            jwks_json=json.dumps(jwks),
+            issuer=self._broker.tokens.issuer,
+        )
 
     def RotateSigningKey(
         self, request: broker_pb2.RotateSigningKeyRequest, context: grpc.ServicerContext
     ) -> broker_pb2.RotateSigningKeyResponse:
-        raise _not_yet("RotateSigningKey")
+        new_kid, retiring = self._broker.keys.rotate(calls.current())
+        return broker_pb2.RotateSigningKeyResponse(key_id=new_kid, retiring_key_ids=retiring)
 
     def StreamAudit(
         self, request: broker_pb2.StreamAuditRequest, context: grpc.ServicerContext

@@ -168,12 +168,16 @@ class SqliteStore:
             conn.execute("BEGIN IMMEDIATE")
             for pending in batch:
                 conn.execute("SAVEPOINT w")
+                write_head = (self._head_seq, self._head_hash)
                 try:
                     outcomes.append((pending, self._apply(conn, pending.write)))
                     conn.execute("RELEASE w")
-                except Conflict as conflict:
+                except (Conflict, sqlite3.IntegrityError) as refused:
+                    # Only this write is undone; its neighbours in the batch still commit.
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
+                    self._head_seq, self._head_hash = write_head
+                    conflict = refused if isinstance(refused, Conflict) else Conflict(str(refused))
                     outcomes.append((pending, conflict))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
