@@ -1,0 +1,248 @@
+"""Offline verification of broker tokens, for the APIs that pipeline steps call.
+
+`TokenVerifier` checks signatures locally against cached published keys (refetched, at a
+limited rate, when a token names an unknown key) and — with a `RevocationFollower` —
+rejects tokens of ended runs within moments, by following the broker's audit stream
+instead of calling the broker per check.
+
+    verifier = TokenVerifier(
+        issuer=issuer,
+        audience="api.example.com",
+        keys=JwksCache(jwks_from_url(issuer + "/.well-known/jwks.json")),
+        revocations=RevocationFollower(channel).start(),
+    )
+    claims = verifier.verify(token)          # raises TokenRejected with a precise status
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+import jwt
+
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
+from tokenbroker.verification import (
+    DEFAULT_LEEWAY,
+    CheckResult,
+    PublicKey,
+    TokenStatus,
+    check_token,
+)
+
+log = logging.getLogger(__name__)
+
+STEP_TOKEN_TYP = "at+jwt"
+RUN_ENDING_ACTIONS = ("run.ended", "run.expired")
+# A step token lives at most an hour: an ended run need not be remembered longer than that.
+REMEMBER_ENDED_RUNS = 3600.0 + 2 * DEFAULT_LEEWAY
+
+JwksFetcher = Callable[[], Mapping[str, Any]]
+
+
+class TokenRejected(Exception):
+    """The token is not valid now; `status` says precisely why."""
+
+    def __init__(self, result: CheckResult) -> None:
+        super().__init__(result.reason)
+        self.status = result.status
+        self.reason = result.reason
+        self.claims = result.claims
+
+
+def jwks_from_url(url: str, timeout: float = 5.0) -> JwksFetcher:
+    """Fetch a JWKS document over HTTP(S), e.g. the broker's /.well-known/jwks.json."""
+
+    def fetch() -> Mapping[str, Any]:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            document: Mapping[str, Any] = json.load(response)
+            return document
+
+    return fetch
+
+
+def jwks_from_broker(channel: grpc.Channel, timeout: float = 5.0) -> JwksFetcher:
+    """Fetch the JWKS with the GetSigningKeys RPC (open to every caller)."""
+    stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+
+    def fetch() -> Mapping[str, Any]:
+        response = stub.GetSigningKeys(broker_pb2.GetSigningKeysRequest(), timeout=timeout)
+        document: Mapping[str, Any] = json.loads(response.jwks_json)
+        return document
+
+    return fetch
+
+
+class JwksCache:
+    """Published keys, cached; refetched on an unknown `kid` at most every `min_refresh` s."""
+
+    def __init__(self, fetch: JwksFetcher, *, min_refresh: float = 10.0, max_age: float = 300.0):
+        self._fetch = fetch
+        self._min_refresh = min_refresh
+        self._max_age = max_age
+        self._keys: dict[str, PublicKey] = {}
+        self._fetched_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def find(self, kid: str) -> PublicKey | None:
+        key = self._keys.get(kid)
+        age = time.monotonic() - self._fetched_at
+        if (key is None and age >= self._min_refresh) or age >= self._max_age:
+            self._refresh()
+            key = self._keys.get(kid)
+        return key
+
+    def _refresh(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._fetched_at < self._min_refresh:
+                return  # another thread just did
+            try:
+                document = self._fetch()
+            except Exception as exc:  # keep serving the cached keys
+                log.warning("could not fetch signing keys: %s", exc)
+                self._fetched_at = time.monotonic()
+                return
+            keys = {}
+            for jwk in document.get("keys", []):
+                if jwk.get("use", "sig") == "sig" and isinstance(jwk.get("kid"), str):
+                    keys[jwk["kid"]] = PublicKey(
+                        jwk["kid"], jwk["alg"], jwt.PyJWK.from_dict(dict(jwk)).key
+                    )
+            self._keys = keys
+            self._fetched_at = time.monotonic()
+
+
+class RevocationFollower:
+    """Knows which runs have ended, by following `run.ended`/`run.expired` audit events.
+
+    It first replays the log to the head (`ready` is set then), then follows it live; on a
+    disconnect it resumes after the last sequence it saw, so no revocation is missed.
+    The channel must carry a credential allowed to read the audit stream.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        retry_delay: float = 0.5,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self._stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+        self._retry_delay = retry_delay
+        self._metadata = metadata
+        self._ended: dict[str, tuple[TokenStatus, float]] = {}
+        self._cursor = 0
+        self.ready = threading.Event()
+        self._stopped = threading.Event()
+        self._call: Any = None
+        self._call_lock = threading.Lock()  # so stop() cancels the call actually running
+        self._thread = threading.Thread(target=self._run, name="revocations", daemon=True)
+
+    def start(self, wait: float | None = 10.0) -> RevocationFollower:
+        """Start following; by default wait until the replay reached the head."""
+        self._thread.start()
+        if wait is not None and not self.ready.wait(wait):
+            raise TimeoutError("could not catch up with the broker's revocations in time")
+        return self
+
+    def status_of(self, run_id: str) -> TokenStatus | None:
+        """RUN_ENDED or RUN_EXPIRED for runs known to have ended; None otherwise."""
+        found = self._ended.get(run_id)
+        return None if found is None else found[0]
+
+    @property
+    def cursor(self) -> int:
+        return self._cursor
+
+    def stop(self) -> None:
+        with self._call_lock:
+            self._stopped.set()
+            if self._call is not None:
+                self._call.cancel()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._stream(stop_at_head=not self.ready.is_set())
+                self.ready.set()
+            except grpc.RpcError as error:
+                if self._stopped.is_set():
+                    return
+                log.warning("revocation stream interrupted (%s); resuming", error.code())
+                self._stopped.wait(self._retry_delay)
+
+    def _stream(self, *, stop_at_head: bool) -> None:
+        request = broker_pb2.StreamAuditRequest(
+            after_sequence=self._cursor,
+            filter=broker_pb2.AuditFilter(actions=list(RUN_ENDING_ACTIONS)),
+            stop_at_head=stop_at_head,
+        )
+        with self._call_lock:
+            if self._stopped.is_set():
+                return
+            self._call = call = self._stub.StreamAudit(request, metadata=self._metadata)
+        for item in call:
+            if item.HasField("heartbeat"):
+                self._cursor = max(self._cursor, item.heartbeat.scanned_through)
+                continue
+            event = item.event
+            ended = event.action == "run.ended"
+            status = TokenStatus.RUN_ENDED if ended else TokenStatus.RUN_EXPIRED
+            self._ended[event.run_id] = (status, event.time.ToSeconds())
+            self._cursor = event.sequence
+            self._forget_old(now=time.time())
+
+    def _forget_old(self, now: float) -> None:
+        # Every token of a run ended this long ago has expired by itself.
+        if len(self._ended) % 1024 == 0:
+            cutoff = now - REMEMBER_ENDED_RUNS
+            self._ended = {k: v for k, v in self._ended.items() if v[1] >= cutoff}
+
+
+class TokenVerifier:
+    """Verifies broker step tokens without calling the broker per token."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        keys: JwksCache,
+        revocations: RevocationFollower | None = None,
+        leeway: float = DEFAULT_LEEWAY,
+    ) -> None:
+        self._issuer = issuer
+        self._audience = audience
+        self._keys = keys
+        self._revocations = revocations
+        self._leeway = leeway
+
+    def check(self, token: str) -> CheckResult:
+        """The verdict, as a value (never raises for a bad token)."""
+        result = check_token(
+            token,
+            find_key=self._keys.find,
+            issuer=self._issuer,
+            audience=self._audience,
+            expected_typ=STEP_TOKEN_TYP,
+            leeway=self._leeway,
+        )
+        if result.active and self._revocations is not None:
+            ended = self._revocations.status_of(str(result.claims["run_id"]))
+            if ended is not None:
+                return CheckResult(ended, ended.value, result.claims, result.header)
+        return result
+
+    def verify(self, token: str) -> Mapping[str, Any]:
+        """The verified claims; raises `TokenRejected` saying why the token is not valid."""
+        result = self.check(token)
+        if not result.active:
+            raise TokenRejected(result)
+        return result.claims

@@ -1,0 +1,103 @@
+"""An API verifies step tokens itself, and still sees a run's end within a second."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from broker.api.server import BrokerServer
+from tests.support import start_run_request
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
+from tokenbroker.verification import TokenStatus
+from tokenbroker.verifier import (
+    JwksCache,
+    RevocationFollower,
+    TokenRejected,
+    TokenVerifier,
+    jwks_from_broker,
+)
+
+Stub = broker_pb2_grpc.TokenBrokerServiceStub
+
+
+def _issue(stub: Stub) -> tuple[str, str]:
+    run_id = stub.StartRun(start_run_request(), timeout=5).run.run_id
+    token = stub.IssueToken(
+        broker_pb2.IssueTokenRequest(run_id=run_id, audience="api.example.com"), timeout=5
+    ).token
+    return run_id, token
+
+
+def test_offline_verifier_rejects_a_token_within_a_second_of_revoke_run(
+    server: BrokerServer, stub: Stub, channel: grpc.Channel
+) -> None:
+    run_id, token = _issue(stub)
+    follower = RevocationFollower(channel).start()
+    try:
+        verifier = TokenVerifier(
+            issuer=server.broker.tokens.issuer,
+            audience="api.example.com",
+            keys=JwksCache(jwks_from_broker(channel)),
+            revocations=follower,
+        )
+        assert verifier.verify(token)["run_id"] == run_id
+        stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run_id), timeout=5)
+        returned = time.monotonic()
+        while verifier.check(token).active and time.monotonic() - returned < 1.0:
+            time.sleep(0.005)
+        with pytest.raises(TokenRejected) as rejected:
+            verifier.verify(token)
+        assert rejected.value.status is TokenStatus.RUN_ENDED
+        assert rejected.value.reason == "run ended"
+    finally:
+        follower.stop()
+
+
+def test_offline_verifier_knows_runs_that_ended_before_it_started(
+    server: BrokerServer, stub: Stub, channel: grpc.Channel
+) -> None:
+    run_id, token = _issue(stub)
+    stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run_id), timeout=5)
+    follower = RevocationFollower(channel).start()
+    try:
+        assert follower.status_of(run_id) is TokenStatus.RUN_ENDED
+    finally:
+        follower.stop()
+
+
+def test_offline_verifier_fetches_a_rotated_key_on_first_sight(
+    server: BrokerServer, stub: Stub, channel: grpc.Channel
+) -> None:
+    fetches = 0
+    fetch_jwks = jwks_from_broker(channel)
+
+    def counting_fetch() -> object:
+        nonlocal fetches
+        fetches += 1
+        return fetch_jwks()
+
+    verifier = TokenVerifier(
+        issuer=server.broker.tokens.issuer,
+        audience="api.example.com",
+        keys=JwksCache(counting_fetch, min_refresh=0.0),  # type: ignore[arg-type]
+    )
+    _, before = _issue(stub)
+    verifier.verify(before)
+    stub.RotateSigningKey(broker_pb2.RotateSigningKeyRequest(), timeout=10)
+    _, after = _issue(stub)
+    verifier.verify(after)
+    verifier.verify(before)
+    assert fetches == 2
+
+
+def test_offline_verifier_enforces_audience_and_issuer(
+    server: BrokerServer, stub: Stub, channel: grpc.Channel
+) -> None:
+    _, token = _issue(stub)
+    keys = JwksCache(jwks_from_broker(channel))
+    other_api = TokenVerifier(issuer=server.broker.tokens.issuer, audience="other", keys=keys)
+    assert other_api.check(token).status is TokenStatus.WRONG_AUDIENCE
+    impostor = TokenVerifier(issuer="https://evil", audience="api.example.com", keys=keys)
+    assert impostor.check(token).status is TokenStatus.WRONG_ISSUER
