@@ -62,7 +62,13 @@ def test_offline_verifier_knows_runs_that_ended_before_it_started(
     stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run_id), timeout=5)
     follower = RevocationFollower(channel).start()
     try:
-        assert follower.status_of(run_id) is TokenStatus.RUN_ENDED
+        verifier = TokenVerifier(
+            issuer=server.broker.tokens.issuer,
+            audience="api.example.com",
+            keys=JwksCache(jwks_from_broker(channel)),
+            revocations=follower,
+        )
+        assert verifier.check(token).status is TokenStatus.RUN_ENDED
     finally:
         follower.stop()
 
