@@ -10,6 +10,7 @@ from broker.auditfeed import AuditFeed
 from broker.authz import AllowAll
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
+from broker.delegation import Delegation, DelegationRules, Handoff
 from broker.identity import BROKER
 from broker.issuance import MAX_TTL, Issuance
 from broker.keys import KeyRing
@@ -42,6 +43,7 @@ class Broker:
     keys: KeyRing
     tokens: TokenService
     issuance: Issuance
+    delegation: Delegation
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -64,6 +66,7 @@ class Broker:
     def close(self) -> None:
         self._stop.set()
         self.feed.close()
+        self.delegation.close()
         if self._reaper is not None:
             self._reaper.join(timeout=5)
         self.store.close()
@@ -73,12 +76,17 @@ def _no_account_permissions(name: str) -> PermissionSet | None:
     return None
 
 
+def _no_delegation_rules(account: str) -> DelegationRules | None:
+    return None
+
+
 def build_broker(
     settings: Settings,
     *,
     store: Store | None = None,
     clock: Clock = system_clock,
     issuer: str | None = None,
+    handoff: Handoff | None = None,
 ) -> Broker:
     """Everything the broker needs, loaded and ready; `issuer` defaults from settings."""
     store = store if store is not None else open_store(settings)
@@ -96,14 +104,18 @@ def build_broker(
     )
     keys.load(CallContext(principal=BROKER))
     tokens = TokenService(keys, registry, issuer or settings.effective_issuer, clock)
+    runs = RunLifecycle(store, registry, clock, authorizer)
     return Broker(
         settings=settings,
         store=store,
         clock=clock,
         registry=registry,
-        runs=RunLifecycle(store, registry, clock, authorizer),
+        runs=runs,
         feed=AuditFeed(store, clock, authorizer, registry.get),
         keys=keys,
         tokens=tokens,
         issuance=Issuance(store, registry, tokens, authorizer, clock, _no_account_permissions),
+        delegation=Delegation(
+            runs, registry, tokens, store, clock, _no_delegation_rules, handoff=handoff
+        ),
     )

@@ -203,23 +203,21 @@ class RunLifecycle:
             raise InvalidArgument.field("reason", f"at most {MAX_REASON} characters")
         run = self.get(run_id)
         self._authz.require(ctx, Op.REVOKE_RUN, run=run)
+        return self.end_unchecked(ctx, run, reason or "ended by caller")
+
+    def end_unchecked(self, ctx: CallContext, run: Run, reason: str) -> tuple[Run, bool]:
+        """End a run without an authorization check: for the broker's own decisions."""
         if not run.is_active:
             return run, True
         now = self._clock()
-        reason = reason or "ended by caller"
-        mutation = EndRun(run_id, RunState.ENDED, now, reason, ctx.principal.name)
+        mutation = EndRun(run.run_id, RunState.ENDED, now, reason, ctx.principal.name)
         event = draft(
-            ctx,
-            now,
-            Action.RUN_ENDED,
-            Outcome.SUCCESS,
-            run=run,
-            details={"reason": reason},
+            ctx, now, Action.RUN_ENDED, Outcome.SUCCESS, run=run, details={"reason": reason}
         )
         try:
             committed = self._commit(Write([event], mutation))
         except RunNotActive:
-            return self.get(run_id), True
+            return self.get(run.run_id), True
         assert committed.run is not None
         return committed.run, False
 

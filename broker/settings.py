@@ -64,6 +64,12 @@ class Settings:
                 "the traffic (e.g. a service mesh sidecar)."
             )
 
+        if self.executor_target and not self.insecure and not is_loopback(self.executor_target):
+            raise SettingsError(
+                f"refusing to hand run credentials to executor {self.executor_target} in clear "
+                "text: use a loopback address (or a local sidecar), or --insecure"
+            )
+
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.api.server import BrokerServer
 from tests.grpcurl_like import ReflectionClient
-from tests.support import details
 
 EVERY_RPC = [
     "StartRun",
@@ -68,14 +66,3 @@ def test_health_reports_not_serving_once_shutdown_begins(server: BrokerServer) -
     with grpc.insecure_channel(server.target) as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.mark.parametrize("rpc", ["ExecuteOnBehalfOf"])
-def test_rpcs_not_built_yet_answer_unimplemented_with_a_clear_message(
-    channel: grpc.Channel, rpc: str
-) -> None:
-    client = ReflectionClient(channel)
-    with pytest.raises(grpc.RpcError) as caught:
-        client.call(f"tokenbroker.v1.TokenBrokerService/{rpc}")
-    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert rpc in details(caught.value)

@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from broker import audit, runs
 from broker.audit import AuditEvent
+from broker.delegation import AssertedIdentity
 from broker.errors import InvalidArgument
 from broker.identity import Person, VerificationMethod
 from broker.issuance import DEFAULT_TTL, TokenRequest
@@ -194,3 +195,10 @@ def verification_pb(result: CheckResult) -> broker_pb2.VerifyTokenResponse:
 def jwk_pb(jwk: Mapping[str, Any]) -> broker_pb2.JsonWebKey:
     fields = ("kty", "kid", "use", "alg", "crv", "x", "y", "n", "e")
     return broker_pb2.JsonWebKey(**{f: str(jwk[f]) for f in fields if f in jwk})
+
+
+def asserted_identity(request: broker_pb2.ExecuteOnBehalfOfRequest) -> AssertedIdentity | None:
+    if request.WhichOneof("person") != "asserted":
+        return None
+    a = request.asserted
+    return AssertedIdentity(subject=a.subject, email=a.email, display_name=a.display_name)

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker.api.calls import CallInterceptor
+from broker.api.executor import GrpcHandoff
 from broker.api.servicer import TokenBrokerServicer
 from broker.app import Broker, build_broker
 from broker.settings import Settings, is_loopback, split_host_port
@@ -90,7 +91,9 @@ def _bind_http(settings: Settings) -> tuple[WellKnownServer | None, str]:
 
 def create_server(settings: Settings, *, broker: Broker | None = None) -> BrokerServer:
     http, issuer = _bind_http(settings)
-    broker = broker if broker is not None else build_broker(settings, issuer=issuer)
+    handoff = GrpcHandoff(settings.executor_target) if settings.executor_target else None
+    if broker is None:
+        broker = build_broker(settings, issuer=issuer, handoff=handoff)
     if http is not None:
         http.set_jwks_source(broker.keys.jwks)
     server = grpc.server(
@@ -115,6 +118,9 @@ def create_server(settings: Settings, *, broker: Broker | None = None) -> Broker
         if http is not None:
             http.stop()
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from exc
+    if handoff is not None:
+        host, _ = split_host_port(settings.listen, "--listen")
+        handoff.broker_target = f"{host}:{port}"  # the port is known only now
     return BrokerServer(server, port, broker, health_servicer, http)
 
 

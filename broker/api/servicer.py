@@ -11,16 +11,10 @@ import grpc
 from broker.api import calls, convert
 from broker.app import Broker
 from broker.auditfeed import AuditFilter, Heartbeat
-from broker.errors import InvalidArgument, Unimplemented
+from broker.errors import InvalidArgument
 from broker.lifecycle import DEFAULT_PAGE_SIZE
 from broker.store import RunQuery
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
-
-
-def _not_yet(rpc: str) -> Unimplemented:
-    return Unimplemented(
-        f"{rpc} is part of the tokenbroker.v1 contract but not served by this build yet"
-    )
 
 
 class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
@@ -41,7 +35,23 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
     def ExecuteOnBehalfOf(
         self, request: broker_pb2.ExecuteOnBehalfOfRequest, context: grpc.ServicerContext
     ) -> broker_pb2.ExecuteOnBehalfOfResponse:
-        raise _not_yet("ExecuteOnBehalfOf")
+        executed = self._broker.delegation.execute(
+            calls.current(),
+            convert.run_spec(request),
+            request.id_token if request.WhichOneof("person") == "id_token" else None,
+            convert.asserted_identity(request),
+        )
+        response = broker_pb2.ExecuteOnBehalfOfResponse(
+            run=convert.run_pb(executed.run),
+            handed_off=executed.handed_off,
+            replayed=executed.replayed,
+        )
+        if executed.credential is not None:
+            response.run_credential = executed.credential.token
+            response.run_credential_expire_time.CopyFrom(
+                convert.timestamp(executed.credential.expire_time)
+            )
+        return response
 
     def RenewRun(
         self, request: broker_pb2.RenewRunRequest, context: grpc.ServicerContext

@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -45,6 +46,9 @@ REMEMBER_ENDED_RUNS = 3600.0 + 2 * DEFAULT_LEEWAY
 
 JwksFetcher = Callable[[], Mapping[str, Any]]
 
+# For JWKs that omit "alg" (many IdPs do): the one algorithm each key type is used with.
+_DEFAULT_ALG = {("RSA", None): "RS256", ("EC", "P-256"): "ES256", ("OKP", "Ed25519"): "EdDSA"}
+
 
 class TokenRejected(Exception):
     """The token is not valid now; `status` says precisely why."""
@@ -63,6 +67,16 @@ def jwks_from_url(url: str, timeout: float = 5.0) -> JwksFetcher:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
             document: Mapping[str, Any] = json.load(response)
             return document
+
+    return fetch
+
+
+def jwks_from_file(path: str | Path) -> JwksFetcher:
+    """Read a JWKS document from a file (re-read on each refresh)."""
+
+    def fetch() -> Mapping[str, Any]:
+        document: Mapping[str, Any] = json.loads(Path(path).read_text())
+        return document
 
     return fetch
 
@@ -110,9 +124,10 @@ class JwksCache:
                 return
             keys = {}
             for jwk in document.get("keys", []):
-                if jwk.get("use", "sig") == "sig" and isinstance(jwk.get("kid"), str):
+                alg = jwk.get("alg") or _DEFAULT_ALG.get((jwk.get("kty"), jwk.get("crv")))
+                if jwk.get("use", "sig") == "sig" and isinstance(jwk.get("kid"), str) and alg:
                     keys[jwk["kid"]] = PublicKey(
-                        jwk["kid"], jwk["alg"], jwt.PyJWK.from_dict(dict(jwk)).key
+                        jwk["kid"], alg, jwt.PyJWK.from_dict(dict(jwk), algorithm=alg).key
                     )
             self._keys = keys
             self._fetched_at = time.monotonic()

@@ -1,0 +1,35 @@
+"""Hand-off of delegated runs to a PipelineExecutorService over gRPC (the outbound edge)."""
+
+from __future__ import annotations
+
+import grpc
+
+from broker.api import convert
+from broker.delegation import HandoffFailed
+from broker.runs import Run
+from tokenbroker.v1 import executor_pb2, executor_pb2_grpc
+
+HANDOFF_TIMEOUT = 10.0
+
+
+class GrpcHandoff:
+    def __init__(self, target: str) -> None:
+        # Plaintext only on loopback or with --insecure: Settings refuses anything else.
+        self._channel = grpc.insecure_channel(target)
+        self._stub = executor_pb2_grpc.PipelineExecutorServiceStub(self._channel)
+        self.broker_target = ""  # where the executor calls back; set once the port is bound
+
+    def hand_off(self, run: Run, credential: str) -> str:
+        request = executor_pb2.ExecuteRequest(
+            run=convert.run_pb(run), run_credential=credential, broker_target=self.broker_target
+        )
+        try:
+            response = self._stub.Execute(request, timeout=HANDOFF_TIMEOUT)
+        except grpc.RpcError as error:
+            raise HandoffFailed(f"{error.code().name}: {error.details()}") from None
+        if not response.accepted:
+            raise HandoffFailed("the executor declined the run")
+        return response.execution_id
+
+    def close(self) -> None:
+        self._channel.close()
