@@ -6,6 +6,9 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+
 from broker.auditfeed import AuditFeed
 from broker.authz import AllowAll
 from broker.clock import Clock, system_clock
@@ -17,6 +20,7 @@ from broker.settings import Settings
 from broker.store import Store
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
+from broker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class Broker:
     registry: RunRegistry
     runs: RunLifecycle
     feed: AuditFeed
+    telemetry: Telemetry
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -65,16 +70,26 @@ class Broker:
 
 
 def build_broker(
-    settings: Settings, *, store: Store | None = None, clock: Clock = system_clock
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Clock = system_clock,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
 ) -> Broker:
+    """Without providers, telemetry is a no-op (`serve` builds them from OTEL_* variables)."""
     store = store if store is not None else open_store(settings)
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TOKEN_TTL)
     authorizer = AllowAll()
+    telemetry = Telemetry(tracer_provider, meter_provider)
+    feed = AuditFeed(store, clock, authorizer, registry.get, observer=telemetry)
+    telemetry.watch(store, registry.active, lambda: feed.subscribers)
     return Broker(
         settings=settings,
         store=store,
         clock=clock,
         registry=registry,
-        runs=RunLifecycle(store, registry, clock, authorizer),
-        feed=AuditFeed(store, clock, authorizer, registry.get),
+        runs=RunLifecycle(store, registry, clock, authorizer, observer=telemetry),
+        feed=feed,
+        telemetry=telemetry,
     )
