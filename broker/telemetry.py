@@ -227,12 +227,12 @@ def run_attributes(run: Run) -> dict[str, str]:
     if person is not None:
         attributes[tracing.PERSON] = person.label()
         attributes[VERIFICATION_METHOD] = person.method.value
-    return attributes
+    return {key: value for key, value in attributes.items() if value}
 
 
 def run_baggage(run: Run) -> dict[str, str]:
     """The baggage a run's context carries to other services."""
-    return {k: v for k, v in run_attributes(run).items() if k in tracing.RUN_BAGGAGE_KEYS and v}
+    return {k: v for k, v in run_attributes(run).items() if k in tracing.RUN_BAGGAGE_KEYS}
 
 
 # --- the observer ----------------------------------------------------------------------------
