@@ -60,7 +60,7 @@ class Providers:
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
 
-    def shutdown(self, timeout: float = 3.0) -> None:
+    def shutdown(self, timeout: float = 2.0) -> None:
         """Flush and stop the exporters, waiting at most `timeout` (a dead collector must not
         hold up the broker's exit)."""
 

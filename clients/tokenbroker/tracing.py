@@ -17,10 +17,12 @@ for identity. Every function here swallows its own failures: telemetry never fai
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, cast
 
 import grpc
@@ -89,14 +91,18 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def rpc_attributes(full_method: str) -> dict[str, str]:
+@functools.lru_cache(maxsize=512)
+def rpc_attributes(full_method: str) -> Mapping[str, str]:
+    """The rpc.* attributes of a method (cached: a server has a fixed set of them)."""
     service, method = split_method(full_method)
-    return {
-        RPC_SYSTEM: "grpc",
-        RPC_SYSTEM_NAME: "grpc",
-        RPC_SERVICE: service,
-        RPC_METHOD: method,
-    }
+    return MappingProxyType(
+        {RPC_SYSTEM: "grpc", RPC_SYSTEM_NAME: "grpc", RPC_SERVICE: service, RPC_METHOD: method}
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _duration_attributes(full_method: str, code: grpc.StatusCode) -> Mapping[str, Any]:
+    return MappingProxyType({**rpc_attributes(full_method), RPC_GRPC_STATUS_CODE: code.value[0]})
 
 
 def _span_name(full_method: str) -> str:
@@ -303,9 +309,8 @@ class ServerTracingInterceptor(grpc.ServerInterceptor):
             if error is not None and type(error) is not Exception:
                 call.span.record_exception(error)
             call.span.end()
-            attributes: dict[str, Any] = rpc_attributes(call.full_method)
-            attributes[RPC_GRPC_STATUS_CODE] = code.value[0]
-            self._duration.record(time.perf_counter() - call.started, attributes)
+            elapsed = time.perf_counter() - call.started
+            self._duration.record(elapsed, _duration_attributes(call.full_method, code))
         except Exception:
             log.debug("could not end a server span", exc_info=True)
 
