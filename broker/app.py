@@ -6,6 +6,9 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+
 from broker.auditfeed import AuditFeed
 from broker.authz import AllowAll
 from broker.clock import Clock, system_clock
@@ -21,6 +24,7 @@ from broker.settings import Settings
 from broker.store import Store
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
+from broker.telemetry import Telemetry
 from broker.tokens import TokenService
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class Broker:
     tokens: TokenService
     issuance: Issuance
     delegation: Delegation
+    telemetry: Telemetry
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -87,11 +92,15 @@ def build_broker(
     clock: Clock = system_clock,
     issuer: str | None = None,
     handoff: Handoff | None = None,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
 ) -> Broker:
-    """Everything the broker needs, loaded and ready; `issuer` defaults from settings."""
+    """Everything the broker needs, loaded and ready; `issuer` defaults from settings.
+    Without providers, telemetry is a no-op (`serve` builds them from OTEL_* variables)."""
     store = store if store is not None else open_store(settings)
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
     authorizer = AllowAll()
+    telemetry = Telemetry(tracer_provider, meter_provider)
     keys = KeyRing(
         store,
         clock,
@@ -104,18 +113,21 @@ def build_broker(
     )
     keys.load(CallContext(principal=BROKER))
     tokens = TokenService(keys, registry, issuer or settings.effective_issuer, clock)
-    runs = RunLifecycle(store, registry, clock, authorizer)
+    runs = RunLifecycle(store, registry, clock, authorizer, observer=telemetry)
+    feed = AuditFeed(store, clock, authorizer, registry.get, observer=telemetry)
+    telemetry.watch(store, registry.active, lambda: feed.subscribers)
     return Broker(
         settings=settings,
         store=store,
         clock=clock,
         registry=registry,
         runs=runs,
-        feed=AuditFeed(store, clock, authorizer, registry.get),
+        feed=feed,
         keys=keys,
         tokens=tokens,
         issuance=Issuance(store, registry, tokens, authorizer, clock, _no_account_permissions),
         delegation=Delegation(
             runs, registry, tokens, store, clock, _no_delegation_rules, handoff=handoff
         ),
+        telemetry=telemetry,
     )

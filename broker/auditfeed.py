@@ -17,6 +17,7 @@ from broker.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
 from broker.errors import OutOfRange
+from broker.observe import NULL_OBSERVER, Observer
 from broker.runs import Run
 from broker.store import Committed, Mutation, Store
 
@@ -72,8 +73,10 @@ class AuditFeed:
         clock: Clock,
         authorizer: Authorizer,
         find_run: Callable[[str], Run | None],
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self._store = store
+        self._observer = observer
         self._clock = clock
         self._authz = authorizer
         self._find_run = find_run
@@ -115,6 +118,8 @@ class AuditFeed:
     ) -> Iterator[AuditEvent | Heartbeat]:
         run = self._find_run(event_filter.run_id) if event_filter.run_id else None
         self._authz.require(ctx, Op.READ_AUDIT, run=run)
+        if run is not None:
+            self._observer.call_touched_run(run)
         oldest = self._store.oldest_sequence()
         if after < oldest - 1:
             raise OutOfRange(
@@ -150,6 +155,7 @@ class AuditFeed:
             for event in page:
                 cursor = event.sequence
                 if event_filter.matches(event):
+                    self._observer.audit_delivered(self._head - event.sequence)
                     yield event
             if len(page) == PAGE_SIZE:
                 continue

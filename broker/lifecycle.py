@@ -22,6 +22,7 @@ from broker.errors import (
 )
 from broker.identity import Person
 from broker.ids import new_run_id
+from broker.observe import NULL_OBSERVER, Observer
 from broker.permissions import PermissionSet
 from broker.registry import RunRegistry
 from broker.runs import MAX_REASON, PipelineRef, Run, RunState
@@ -103,12 +104,18 @@ class Started:
 
 class RunLifecycle:
     def __init__(
-        self, store: Store, registry: RunRegistry, clock: Clock, authorizer: Authorizer
+        self,
+        store: Store,
+        registry: RunRegistry,
+        clock: Clock,
+        authorizer: Authorizer,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
         self._authz = authorizer
+        self._observer = observer
 
     def start(
         self,
@@ -132,6 +139,7 @@ class RunLifecycle:
             )
             replay = self._replay(claim)
             if replay is not None:
+                self._observer.call_started_run(replay.run)
                 return replay
         run = Run(
             run_id=new_run_id(),
@@ -164,8 +172,10 @@ class RunLifecycle:
             assert claim is not None
             replay = self._replay(claim)
             assert replay is not None
+            self._observer.call_started_run(replay.run)
             return replay
         assert committed.run is not None
+        self._observer.call_started_run(committed.run)
         return Started(committed.run, replayed=False)
 
     def _replay(self, claim: IdempotencyClaim) -> Started | None:
@@ -186,6 +196,7 @@ class RunLifecycle:
         """The run, for a caller allowed to read it."""
         run = self.get(run_id)
         self._authz.require(ctx, Op.READ_RUN, run=run)
+        self._observer.call_touched_run(run)
         return run
 
     def get(self, run_id: str) -> Run:
@@ -208,6 +219,7 @@ class RunLifecycle:
     def end_unchecked(self, ctx: CallContext, run: Run, reason: str) -> tuple[Run, bool]:
         """End a run without an authorization check: for the broker's own decisions."""
         if not run.is_active:
+            self._observer.run_revoked(run, already_ended=True)
             return run, True
         now = self._clock()
         mutation = EndRun(run.run_id, RunState.ENDED, now, reason, ctx.principal.name)
@@ -217,13 +229,17 @@ class RunLifecycle:
         try:
             committed = self._commit(Write([event], mutation))
         except RunNotActive:
-            return self.get(run.run_id), True
+            run = self.get(run.run_id)
+            self._observer.run_revoked(run, already_ended=True)
+            return run, True
         assert committed.run is not None
+        self._observer.run_revoked(committed.run, already_ended=False)
         return committed.run, False
 
     def renew(self, ctx: CallContext, run_id: str) -> Run:
         run = self.get(run_id)
         self._authz.require(ctx, Op.RENEW_RUN, run=run)
+        self._observer.call_touched_run(run)
         if run.lease_seconds is None:
             raise FailedPrecondition(f"run {run_id} was started without a lease; nothing to renew")
         now = self._clock()

@@ -11,11 +11,24 @@ import sys
 import time
 from typing import Any, TextIO
 
+from opentelemetry import trace
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+class TraceContext(logging.Filter):
+    """Stamp `trace_id` and `span_id` of the span active where the line is logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid and not hasattr(record, "trace_id"):
+            record.trace_id = trace.format_trace_id(span_context.trace_id)
+            record.span_id = trace.format_span_id(span_context.span_id)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,6 +61,7 @@ class TextFormatter(logging.Formatter):
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TraceContext())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from broker import telemetry
 from broker.api import status
 from broker.context import CallContext
 from broker.errors import BrokerError
@@ -82,10 +83,12 @@ class CallInterceptor(grpc.ServerInterceptor):
         request_id = _request_id(context)
         context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         # Set a bare context first so an authentication failure is still correlated.
-        _current.set(CallContext(request_id=request_id))
+        trace_id = telemetry.current_trace_id()
+        _current.set(CallContext(request_id=request_id, trace_id=trace_id))
         principal = self._authenticate(context, method)
-        call = CallContext(principal=principal, request_id=request_id)
+        call = CallContext(principal=principal, request_id=request_id, trace_id=trace_id)
         _current.set(call)
+        telemetry.annotate_call(call)
         return call
 
     def _wrap_unary(

@@ -7,6 +7,7 @@ blocks and installs signal handlers.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -16,7 +17,10 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
+from broker import telemetry
 from broker.api.calls import CallInterceptor
 from broker.api.executor import GrpcHandoff
 from broker.api.servicer import TokenBrokerServicer
@@ -89,16 +93,30 @@ def _bind_http(settings: Settings) -> tuple[WellKnownServer | None, str]:
     return http, issuer
 
 
-def create_server(settings: Settings, *, broker: Broker | None = None) -> BrokerServer:
+def create_server(
+    settings: Settings,
+    *,
+    broker: Broker | None = None,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+) -> BrokerServer:
+    """Providers are used when the broker is built here; a given broker brings its own."""
     http, issuer = _bind_http(settings)
     handoff = GrpcHandoff(settings.executor_target) if settings.executor_target else None
     if broker is None:
-        broker = build_broker(settings, issuer=issuer, handoff=handoff)
+        broker = build_broker(
+            settings,
+            issuer=issuer,
+            handoff=handoff,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
     if http is not None:
         http.set_jwks_source(broker.keys.jwks)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[CallInterceptor()],
+        # Tracing outermost: the call context and its errors happen inside the server span.
+        interceptors=[broker.telemetry.server_interceptor(), CallInterceptor()],
         options=[("grpc.so_reuseport", 0)],
     )
     broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(broker), server)
@@ -132,7 +150,16 @@ def serve(settings: Settings) -> int:
             "tokens cross the network unencrypted",
             extra={"listen": settings.listen},
         )
-    server = create_server(settings)
+    providers = telemetry.providers_from_env(settings, os.environ)
+    try:
+        server = create_server(
+            settings,
+            tracer_provider=providers.tracer_provider,
+            meter_provider=providers.meter_provider,
+        )
+    except BaseException:
+        providers.shutdown()
+        raise
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -156,5 +183,6 @@ def serve(settings: Settings) -> int:
     )
     stopping.wait()
     server.stop()
+    providers.shutdown()
     log.info("token-broker stopped")
     return 0
