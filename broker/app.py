@@ -125,9 +125,18 @@ def build_broker(
         feed=feed,
         keys=keys,
         tokens=tokens,
-        issuance=Issuance(store, registry, tokens, authorizer, clock, _no_account_permissions),
+        issuance=Issuance(
+            store, registry, tokens, authorizer, clock, _no_account_permissions, telemetry
+        ),
         delegation=Delegation(
-            runs, registry, tokens, store, clock, _no_delegation_rules, handoff=handoff
+            runs,
+            registry,
+            tokens,
+            store,
+            clock,
+            _no_delegation_rules,
+            handoff=handoff,
+            observer=telemetry,
         ),
         telemetry=telemetry,
     )

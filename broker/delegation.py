@@ -35,6 +35,7 @@ from broker.errors import (
 )
 from broker.identity import Person, PrincipalKind, VerificationMethod
 from broker.lifecycle import RunLifecycle, RunSpec, Started
+from broker.observe import NULL_OBSERVER, Observer
 from broker.registry import RunRegistry
 from broker.runs import Run
 from broker.store import Store, StoreUnavailable, Write
@@ -202,6 +203,7 @@ class Delegation:
         clock: Clock,
         rules_for: RulesLookup,
         handoff: Handoff | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self._runs = runs
         self._registry = registry
@@ -210,6 +212,7 @@ class Delegation:
         self._clock = clock
         self._rules_for = rules_for
         self._handoff = handoff
+        self._observer = observer
 
     def close(self) -> None:
         if self._handoff is not None:
@@ -323,7 +326,8 @@ class Delegation:
         if started.replayed:
             return Executed(run, None, handed_off=True, replayed=True)  # handed off already
         try:
-            self._handoff.hand_off(run, self._tokens.mint_run_credential(run).token)
+            with self._observer.handing_off(run):
+                self._handoff.hand_off(run, self._tokens.mint_run_credential(run).token)
         except HandoffFailed as exc:
             self._runs.end_unchecked(ctx, run, f"executor did not accept the run: {exc}")
             raise Unavailable(

@@ -18,6 +18,7 @@ from broker.errors import (
     PermissionDenied,
     Unavailable,
 )
+from broker.observe import NULL_OBSERVER, Observer
 from broker.permissions import PermissionSet
 from broker.registry import RunRegistry
 from broker.runs import Run
@@ -86,6 +87,7 @@ class Issuance:
         authorizer: Authorizer,
         clock: Clock,
         account_permissions: AccountPermissions,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -93,17 +95,23 @@ class Issuance:
         self._authz = authorizer
         self._clock = clock
         self._account_permissions = account_permissions
+        self._observer = observer
 
     def issue(self, ctx: CallContext, request: TokenRequest) -> MintedToken:
         run = self._run_for(ctx, request.run_id)
         self._authz.require(ctx, Op.ISSUE_TOKEN, run=run)
+        self._observer.call_touched_run(run)
         now = self._clock()
         if not run.is_active or run.lapsed_at() <= now:
             reason = run.end_reason or "its deadline or lease has passed"
             raise FailedPrecondition(
                 f"run {run.run_id} is no longer active ({reason}); no new tokens"
             )
-        granted = self._grant(ctx, run, request, now)
+        try:
+            granted = self._grant(ctx, run, request, now)
+        except PermissionDenied:
+            self._observer.token_issued(request.audience, "refused")
+            raise
         minted = self._tokens.mint_step_token(
             run,
             audience=request.audience,
@@ -123,6 +131,7 @@ class Issuance:
             details["inherited_from"] = request.inherit_from
         # Durable before the token leaves: no token without its audit event.
         self._commit(Write([draft(ctx, now, Action.TOKEN_ISSUED, Outcome.SUCCESS, run, details)]))
+        self._observer.token_issued(request.audience, "issued")
         return minted
 
     def _run_for(self, ctx: CallContext, run_id: str) -> Run:
@@ -174,6 +183,7 @@ class Issuance:
         if audience and not AUDIENCE_PATTERN.match(audience):
             raise InvalidArgument.field("audience", "1-256 printable characters, no spaces")
         result = self._tokens.check(token, audience=audience or None)
+        self._observer.token_verified(result.status.name.lower())
         if result.status in SUSPICIOUS:
             details = {"status": result.status.name.lower(), "reason": result.reason}
             event = draft(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
 from broker.api import convert
@@ -18,6 +20,10 @@ class GrpcHandoff:
         self._channel = grpc.insecure_channel(target)
         self._stub = executor_pb2_grpc.PipelineExecutorServiceStub(self._channel)
         self.broker_target = ""  # where the executor calls back; set once the port is bound
+
+    def instrument(self, wrap: Callable[[grpc.Channel], grpc.Channel]) -> None:
+        """Route hand-offs through `wrap(channel)` (tracing: the executor joins the trace)."""
+        self._stub = executor_pb2_grpc.PipelineExecutorServiceStub(wrap(self._channel))
 
     def hand_off(self, run: Run, credential: str) -> str:
         request = executor_pb2.ExecuteRequest(

@@ -137,6 +137,7 @@ def create_server(
             http.stop()
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from exc
     if handoff is not None:
+        handoff.instrument(broker.telemetry.intercept_channel)
         host, _ = split_host_port(settings.listen, "--listen")
         handoff.broker_target = f"{host}:{port}"  # the port is known only now
     return BrokerServer(server, port, broker, health_servicer, http)
