@@ -6,12 +6,16 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from broker import devpolicy
 from broker.auditfeed import AuditFeed
-from broker.authz import AllowAll
+from broker.authn import Authenticator, RunCredentialVerifier, unsupported_run_credentials
+from broker.authz import PolicyAuthorizer
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
 from broker.identity import BROKER
 from broker.lifecycle import RunLifecycle
+from broker.policyfile import load_policy
+from broker.policysource import PolicySource
 from broker.registry import RunRegistry
 from broker.settings import Settings
 from broker.store import Store
@@ -38,6 +42,8 @@ class Broker:
     registry: RunRegistry
     runs: RunLifecycle
     feed: AuditFeed
+    policy: PolicySource
+    authn: Authenticator
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -65,11 +71,21 @@ class Broker:
 
 
 def build_broker(
-    settings: Settings, *, store: Store | None = None, clock: Clock = system_clock
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Clock = system_clock,
+    run_credentials: RunCredentialVerifier = unsupported_run_credentials,
 ) -> Broker:
+    """Raises PolicyError (before opening anything) when the policy file is invalid."""
+    policy_path = settings.policy or devpolicy.ensure(settings.data_dir, settings.effective_issuer)
+    first_policy = load_policy(policy_path)
     store = store if store is not None else open_store(settings)
+    policy = PolicySource(policy_path, first_policy, store, clock)
+    policy.record_in_force()
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TOKEN_TTL)
-    authorizer = AllowAll()
+    authorizer = PolicyAuthorizer(policy.current, store, clock)
+    authn = Authenticator(policy.current, settings.effective_issuer, store, clock, run_credentials)
     return Broker(
         settings=settings,
         store=store,
@@ -77,4 +93,6 @@ def build_broker(
         registry=registry,
         runs=RunLifecycle(store, registry, clock, authorizer),
         feed=AuditFeed(store, clock, authorizer, registry.get),
+        policy=policy,
+        authn=authn,
     )

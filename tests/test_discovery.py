@@ -7,6 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.api.server import BrokerServer
+from tests.accounts import Callers, standard_accounts
 from tests.grpcurl_like import ReflectionClient
 from tests.support import details
 
@@ -43,15 +44,19 @@ def test_reflection_describes_every_rpc_with_its_documentation(channel: grpc.Cha
     assert client.describe("tokenbroker.v1.TokenBrokerService.StreamAudit").server_streaming
 
 
-def test_reflection_client_can_call_without_stubs(channel: grpc.Channel) -> None:
+def test_reflection_client_can_call_without_stubs(channel: grpc.Channel, callers: Callers) -> None:
     client = ReflectionClient(channel)
+    auth = callers.metadata(standard_accounts()["orchestrator"])  # what `grpcurl -H` sends
     started = client.call(
         "tokenbroker.v1.TokenBrokerService/StartRun",
         '{"pipeline": {"org": "acme", "project": "web", "pipeline": "ci"},'
         ' "permissionCeiling": [{"resource": "artifacts", "level": "read"}]}',
+        metadata=auth,
     )
     run_id = started["run"]["runId"]
-    fetched = client.call("tokenbroker.v1.TokenBrokerService/GetRun", f'{{"runId": "{run_id}"}}')
+    fetched = client.call(
+        "tokenbroker.v1.TokenBrokerService/GetRun", f'{{"runId": "{run_id}"}}', metadata=auth
+    )
     assert fetched["run"]["state"] == "RUN_STATE_ACTIVE"
     assert fetched["run"]["pipeline"] == {"org": "acme", "project": "web", "pipeline": "ci"}
 
@@ -72,10 +77,11 @@ def test_health_reports_not_serving_once_shutdown_begins(server: BrokerServer) -
 
 @pytest.mark.parametrize("rpc", ["ExecuteOnBehalfOf", "IssueToken", "VerifyToken"])
 def test_rpcs_not_built_yet_answer_unimplemented_with_a_clear_message(
-    channel: grpc.Channel, rpc: str
+    channel: grpc.Channel, callers: Callers, rpc: str
 ) -> None:
     client = ReflectionClient(channel)
+    auth = callers.metadata(standard_accounts()["root"])
     with pytest.raises(grpc.RpcError) as caught:
-        client.call(f"tokenbroker.v1.TokenBrokerService/{rpc}")
+        client.call(f"tokenbroker.v1.TokenBrokerService/{rpc}", metadata=auth)
     assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
     assert rpc in details(caught.value)

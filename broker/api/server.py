@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from broker.api import authn
 from broker.api.calls import CallInterceptor
 from broker.api.servicer import TokenBrokerServicer
 from broker.app import Broker, build_broker
@@ -64,9 +65,10 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [pair],
         root_certificates=settings.client_ca.read_bytes(),
-        # Optional so that assertion-authenticated callers can still connect; the
-        # authenticator decides per call.
-        require_client_auth=False,
+        # gRPC Python can only "not ask" or "require and verify": with --client-ca every
+        # caller presents a certificate from that CA; a bearer credential, when also sent,
+        # names the caller.
+        require_client_auth=True,
     )
 
 
@@ -74,7 +76,7 @@ def create_server(settings: Settings, *, broker: Broker | None = None) -> Broker
     broker = broker if broker is not None else build_broker(settings)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[CallInterceptor()],
+        interceptors=[CallInterceptor(authenticate=authn.authenticator(broker.authn))],
         options=[("grpc.so_reuseport", 0)],
     )
     broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(broker), server)
@@ -110,8 +112,13 @@ def serve(settings: Settings) -> int:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
         stopping.set()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        log.info("reloading the policy", extra={"signal": "SIGHUP"})
+        server.broker.policy.reload_in_background()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     server.start()
     log.info(
         "token-broker serving",
