@@ -30,7 +30,7 @@ from broker.policy import ASSERTION_ALGORITHMS, AccountKey, Policy, ServiceAccou
 
 MAX_LIFETIME = 300.0
 CLOCK_SKEW = 30.0
-MAX_CREDENTIAL_LENGTH = 8192
+MAX_CREDENTIAL_LENGTH = 4096
 ACCEPTED_TYPES = (None, "JWT")
 REQUIRED_CLAIMS = ["iss", "sub", "aud", "iat", "exp", "jti"]
 MAX_SHOWN = 64

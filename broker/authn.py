@@ -151,6 +151,7 @@ class Authenticator:
         if len(presented.authorization) > 1:
             raise Unauthenticated("more than one authorization header")
         if presented.authorization:
+            attempt.mechanism = "bearer"
             token = _bearer(presented.authorization[0])
             header = assertions.unverified_header(token)
             if header.get("typ") == RUN_CREDENTIAL_TYP:

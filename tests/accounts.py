@@ -116,7 +116,8 @@ def sign_assertion(
     headers: dict[str, Any] | None = None,
     **claims: Any,
 ) -> str:
-    """An assertion as a client signs it; keyword arguments override or add claims."""
+    """An assertion as a client signs it; keyword arguments override, add or (None) drop
+    claims; `headers` likewise for the JOSE header."""
     issued = int(time.time() if now is None else now)
     payload: dict[str, Any] = {
         "iss": account.name,
@@ -127,7 +128,9 @@ def sign_assertion(
         "jti": secrets.token_urlsafe(8),
     }
     payload.update(claims)
+    payload = {name: value for name, value in payload.items() if value is not None}
     header = {"typ": "JWT", "kid": account.kid, **(headers or {})}
+    header = {name: value for name, value in header.items() if value is not None}
     return jwt.encode(payload, key or account.key, algorithm="ES256", headers=header)
 
 
