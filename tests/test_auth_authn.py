@@ -89,7 +89,7 @@ def tampered(audience: str) -> str:
 
 
 def unsigned(audience: str) -> str:
-    return jwt.encode(_claims(ORCHESTRATOR, audience), None, algorithm="none")
+    return jwt.encode(_claims(ORCHESTRATOR, audience), "", algorithm="none")
 
 
 REJECTED: dict[str, tuple[Callable[[str], str], str]] = {
@@ -313,9 +313,7 @@ def run_credential_server(tmp_path: Path) -> Iterator[tuple[BrokerServer, list[s
 
 
 def _run_credential(run_id: str) -> str:
-    return jwt.encode(
-        {"run_id": run_id}, None, algorithm="none", headers={"typ": RUN_CREDENTIAL_TYP}
-    )
+    return jwt.encode({"run_id": run_id}, "", algorithm="none", headers={"typ": RUN_CREDENTIAL_TYP})
 
 
 def test_run_credential_goes_to_the_run_credential_verifier(

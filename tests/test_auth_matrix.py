@@ -166,9 +166,7 @@ def test_policy_decision_matches_the_table(
 
 def fake_run_credential(run_id: str) -> str:
     """Shaped like a run credential (its typ routes it), checked by `fake_run_credentials`."""
-    return jwt.encode(
-        {"run_id": run_id}, None, algorithm="none", headers={"typ": RUN_CREDENTIAL_TYP}
-    )
+    return jwt.encode({"run_id": run_id}, "", algorithm="none", headers={"typ": RUN_CREDENTIAL_TYP})
 
 
 def fake_run_credentials(token: str) -> Principal:
