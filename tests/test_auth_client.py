@@ -1,0 +1,81 @@
+"""The client library signs and refreshes assertions so callers never craft metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from broker.api.server import create_server
+from tests.accounts import Account, callers_of, policy_toml, private_pem
+from tests.conftest import make_settings
+from tests.support import start_run_request
+from tokenbroker.credentials import AssertionSigner
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _claims(token: str) -> dict[str, Any]:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def test_signer_reuses_an_assertion_and_replaces_it_a_minute_before_expiry() -> None:
+    key = private_pem(ed25519.Ed25519PrivateKey.generate())
+    clock = FakeClock(1_000_000.0)
+    signer = AssertionSigner("ci", key, "https://broker.test", key_id="k7", clock=clock)
+    first = signer.assertion()
+    claims = _claims(first)
+    assert claims["iss"] == claims["sub"] == "ci"
+    assert claims["aud"] == "https://broker.test"
+    assert claims["exp"] - claims["iat"] == 300
+    assert jwt.get_unverified_header(first) == {"alg": "EdDSA", "typ": "JWT", "kid": "k7"}
+    clock.now += 239
+    assert signer.assertion() == first
+    clock.now += 1
+    second = signer.assertion()
+    assert second != first
+    assert _claims(second)["jti"] != claims["jti"]
+    assert _claims(second)["iat"] == 1_000_240
+
+
+def test_signer_refuses_lifetimes_the_broker_would_refuse() -> None:
+    key = private_pem(ed25519.Ed25519PrivateKey.generate())
+    with pytest.raises(ValueError, match="lifetime"):
+        AssertionSigner("ci", key, "https://broker.test", lifetime=600)
+
+
+def test_ed25519_and_rsa_accounts_authenticate_as_well_as_ec(tmp_path: Path) -> None:
+    accounts = [
+        Account(
+            "ed-orchestrator",
+            ("orchestrator",),
+            ("acme/*/*",),
+            ed25519.Ed25519PrivateKey.generate(),
+        ),
+        Account(
+            "rsa-orchestrator",
+            ("orchestrator",),
+            ("acme/*/*",),
+            rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        ),
+    ]
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_toml(accounts))
+    server = create_server(make_settings(tmp_path / "data", store="memory", policy=policy))
+    server.start()
+    try:
+        with callers_of(server) as callers:
+            for account in accounts:
+                run = callers.stub(account).StartRun(start_run_request(), timeout=5).run
+                assert run.triggered_via == account.name
+    finally:
+        server.stop(grace=0.5)
