@@ -4,7 +4,7 @@ The broker writes, each readable by its owner only (0600):
 
     dev-policy.toml      one account, "dev-admin", with every role and scope "*/*/*"
     dev-admin-key.pem    its EC P-256 private key (the policy holds only the public half)
-    dev-admin.json       what a local client needs: account, key file, audience
+    dev-admin.json       what a local client needs: account, key file and id, audience
 
 and uses them from then on. `tokenbroker.credentials.dev_admin_credentials(data_dir)` picks
 them up, so a local broker works with no set-up. Never for production: use --policy FILE.
@@ -26,6 +26,7 @@ POLICY_FILE = "dev-policy.toml"
 KEY_FILE = "dev-admin-key.pem"
 CLIENT_FILE = "dev-admin.json"
 ACCOUNT = "dev-admin"
+KEY_ID = "dev-admin-1"
 
 _POLICY_TEMPLATE = """\
 # Development policy, written by token-broker because it was started without --policy.
@@ -37,7 +38,7 @@ version = 1
 [accounts.{account}]
 roles = ["admin", "orchestrator", "delegator", "auditor"]
 scopes = ["*/*/*"]
-keys = [{{ kid = "dev-admin-1", pem = \"\"\"
+keys = [{{ kid = "{key_id}", pem = \"\"\"
 {public_pem}\"\"\" }}]
 
 [accounts.{account}.delegation]
@@ -66,7 +67,7 @@ def ensure(data_dir: Path, audience: str) -> Path:
             extra={"policy": str(policy_path), "key_file": str(key_path)},
         )
     # Rewritten each start: the audience follows the broker's issuer setting.
-    client = {"account": ACCOUNT, "key_file": KEY_FILE, "audience": audience}
+    client = {"account": ACCOUNT, "key_file": KEY_FILE, "key_id": KEY_ID, "audience": audience}
     _write_private(data_dir / CLIENT_FILE, json.dumps(client, indent=2) + "\n")
     return policy_path
 
@@ -83,7 +84,9 @@ def _create(policy_path: Path, key_path: Path) -> None:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
-    policy = _POLICY_TEMPLATE.format(account=ACCOUNT, key_file=KEY_FILE, public_pem=public_pem)
+    policy = _POLICY_TEMPLATE.format(
+        account=ACCOUNT, key_file=KEY_FILE, key_id=KEY_ID, public_pem=public_pem
+    )
     # Key first: a policy naming a key that was never written would lock everyone out.
     _write_private(key_path, private_pem)
     _write_private(policy_path, policy)

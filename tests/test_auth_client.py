@@ -5,15 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from broker import cli
 from broker.api.server import create_server
-from tests.accounts import Account, callers_of, policy_toml, private_pem
+from tests.accounts import Account, bearer, callers_of, policy_toml, private_pem
 from tests.conftest import make_settings
 from tests.support import start_run_request
 from tokenbroker.credentials import AssertionSigner
+from tokenbroker.v1 import broker_pb2_grpc
 
 
 class FakeClock:
@@ -79,3 +82,28 @@ def test_ed25519_and_rsa_accounts_authenticate_as_well_as_ec(tmp_path: Path) -> 
                 assert run.triggered_via == account.name
     finally:
         server.stop(grace=0.5)
+
+
+def test_cli_prints_a_dev_admin_assertion_a_local_broker_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    server = create_server(make_settings(data, store="memory"))
+    server.start()
+    try:
+        assert cli.main(["assertion", "--data-dir", str(data)]) == 0
+        token = capsys.readouterr().out.strip()
+        assert jwt.get_unverified_header(token)["kid"] == "dev-admin-1"
+        with grpc.insecure_channel(server.target) as channel:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            run = stub.StartRun(start_run_request(), metadata=bearer(token), timeout=5).run
+        assert run.triggered_via == "dev-admin"
+    finally:
+        server.stop(grace=0.5)
+
+
+def test_cli_assertion_needs_account_key_and_audience_together(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["assertion", "--account", "ci"]) == 2
+    assert "together" in capsys.readouterr().err

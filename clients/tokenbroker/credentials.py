@@ -129,7 +129,9 @@ def dev_admin_credentials(data_dir: str | Path = "var") -> grpc.CallCredentials:
     data_dir = Path(data_dir)
     info = json.loads((data_dir / DEV_CLIENT_FILE).read_text())
     key_pem = (data_dir / info["key_file"]).read_bytes()
-    return assertion_credentials(info["account"], key_pem, info["audience"])
+    return assertion_credentials(
+        info["account"], key_pem, info["audience"], key_id=info.get("key_id", "")
+    )
 
 
 def local_channel(target: str, credentials: grpc.CallCredentials) -> grpc.Channel:
