@@ -172,14 +172,19 @@ def _check(
             return None
         which = f"run {run.run_id}" if run is not None else "this run"
         return f"{doing}: {which} was not started by {account.name}"
+    scopes = account.scope_text()
     if run is not None and not account.covers(run.pipeline):
-        return f"{doing} for run {run.run_id}: outside its scope ({account.scope_text()})"
+        return f"{doing}: run {run.run_id} is outside its scope ({scopes})"
     target = pipeline if pipeline is not None else (None if run is not None else EVERYTHING)
-    if target is not None and not account.covers(target):
-        what = "all pipelines" if target == EVERYTHING else str(target)
-        hint = "; filter the request to pipelines within it" if WILDCARD in str(target) else ""
-        return f"{doing} on {what}: outside its scope ({account.scope_text()}){hint}"
-    return None
+    if target is None or account.covers(target):
+        return None
+    if WILDCARD not in str(target):
+        return f"{doing}: {target} is outside its scope ({scopes})"
+    what = "all pipelines" if target == EVERYTHING else str(target)
+    return (
+        f"{doing} across {what}: outside its scope ({scopes}); "
+        "filter the request to pipelines within it"
+    )
 
 
 class PolicyAuthorizer:

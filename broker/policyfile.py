@@ -349,9 +349,14 @@ class _Parser:
             self.problem(where, "must be a path to a JWKS JSON file")
             return "", ""
         try:
-            data = json.loads(self.read(value))
+            text = self.read(value)
         except ValueError as exc:
-            self.problem(where, str(exc) if "cannot read" in str(exc) else "is not JSON")
+            self.problem(where, str(exc))
+            return value, ""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            self.problem(where, "is not JSON")
             return value, ""
         keys = data.get("keys") if isinstance(data, dict) else None
         if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) for k in keys):

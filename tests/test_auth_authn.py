@@ -236,7 +236,7 @@ def test_denied_call_is_audited_with_caller_reason_and_pipeline(
     error = rpc_error(lambda: stub.StartRun(request, timeout=5))
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
     assert details(error) == (
-        "ci-orchestrator may not start runs on globex/web/deploy: outside its scope (acme/*/*)"
+        "ci-orchestrator may not start runs: globex/web/deploy is outside its scope (acme/*/*)"
     )
     (event,) = audit(root_stub, "authz.denied")
     assert event.principal == "ci-orchestrator"
@@ -264,7 +264,7 @@ def test_allowed_call_names_its_caller_in_the_audit(stub: Stub, root_stub: Stub)
 def test_listing_every_org_needs_a_scope_that_covers_every_org(stub: Stub) -> None:
     error = rpc_error(lambda: stub.ListRuns(broker_pb2.ListRunsRequest(), timeout=5))
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
-    assert "on all pipelines: outside its scope (acme/*/*)" in details(error)
+    assert "across all pipelines: outside its scope (acme/*/*)" in details(error)
     assert stub.ListRuns(broker_pb2.ListRunsRequest(org="acme"), timeout=5) is not None
 
 

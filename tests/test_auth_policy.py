@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from tests.accounts import (
     standard_accounts,
 )
 from tests.conftest import make_settings
-from tests.support import start_broker_process, start_run_request
+from tests.support import REPO, start_broker_process, start_run_request
 from tokenbroker.credentials import assertion_credentials, dev_admin_credentials, local_channel
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -358,3 +360,33 @@ def _wait_for(condition: object, within: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_serve_with_an_invalid_policy_exits_with_the_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[accounts.ci]\nroles = ["orchestator"]\ncertificate_sans = ["ci.example"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--policy", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"{bad}: accounts.ci.roles[0]: unknown role 'orchestator'" in result.stderr
+
+
+def test_the_readme_policy_example_is_valid(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Who may call what") :]
+    example = section[section.index("```toml\n") + 8 :]
+    example = example[: example.index("```")]
+    siem = json.loads(ECAlgorithm.to_jwk(ORCHESTRATOR.key.public_key()))
+    example = example.replace('x = "…", y = "…"', f'x = "{siem["x"]}", y = "{siem["y"]}"')
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "deploy-portal.pub.pem").write_text(public_pem(ROOT.key))
+    (tmp_path / "policy.toml").write_text(example)
+    policy = load_policy(tmp_path / "policy.toml")
+    assert sorted(policy.accounts) == ["ci-orchestrator", "deploy-portal", "ops", "siem"]
