@@ -1,7 +1,8 @@
 """Authorization: which caller may do what, on which pipeline or run.
 
 The domain asks before it acts: `authorizer.require(ctx, Op.X, pipeline=..., run=...)`
-raises `PermissionDenied` (and audits the denial) or returns. Deny by default.
+raises `PermissionDenied` (and audits the denial) or returns. Deny by default: `ROLE_GRANTS`
+and `RUN_GRANTS` list everything a role or a run credential may do, and under which condition.
 """
 
 from __future__ import annotations

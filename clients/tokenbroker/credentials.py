@@ -61,7 +61,8 @@ class AssertionSigner:
             raise ValueError("need 0 < refresh_before < lifetime <= 300 seconds")
         self.account = account
         self.audience = audience
-        self._key = serialization.load_pem_private_key(private_key_pem, password=None)
+        # Any: PyJWT takes only the key types `_algorithm` accepts, checked just below.
+        self._key: Any = serialization.load_pem_private_key(private_key_pem, password=None)
         self._alg = _algorithm(self._key)
         self._key_id = key_id
         self._lifetime = lifetime
@@ -91,7 +92,7 @@ class AssertionSigner:
             "jti": secrets.token_urlsafe(16),
         }
         headers = {"typ": "JWT", **({"kid": self._key_id} if self._key_id else {})}
-        return jwt.encode(claims, self._key, algorithm=self._alg, headers=headers)  # type: ignore[arg-type]
+        return jwt.encode(claims, self._key, algorithm=self._alg, headers=headers)
 
 
 class _BearerPlugin(grpc.AuthMetadataPlugin):
