@@ -9,16 +9,20 @@ from dataclasses import dataclass, field
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from broker import devpolicy
 from broker.auditfeed import AuditFeed
-from broker.authz import AllowAll
+from broker.authn import Authenticator, RunCredentialVerifier
+from broker.authz import PolicyAuthorizer
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
-from broker.delegation import Delegation, DelegationRules, Handoff
+from broker.delegation import Delegation, Handoff
 from broker.identity import BROKER
 from broker.issuance import MAX_TTL, Issuance
 from broker.keys import KeyRing
 from broker.lifecycle import MAX_DEADLINE, RunLifecycle
-from broker.permissions import PermissionSet
+from broker.policyfile import load_policy
+from broker.policyrules import PolicyRules
+from broker.policysource import PolicySource
 from broker.registry import RunRegistry
 from broker.settings import Settings
 from broker.store import Store
@@ -49,6 +53,8 @@ class Broker:
     issuance: Issuance
     delegation: Delegation
     telemetry: Telemetry
+    policy: PolicySource
+    authn: Authenticator
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -77,14 +83,6 @@ class Broker:
         self.store.close()
 
 
-def _no_account_permissions(name: str) -> PermissionSet | None:
-    return None
-
-
-def _no_delegation_rules(account: str) -> DelegationRules | None:
-    return None
-
-
 def build_broker(
     settings: Settings,
     *,
@@ -94,12 +92,22 @@ def build_broker(
     handoff: Handoff | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
+    run_credentials: RunCredentialVerifier | None = None,
 ) -> Broker:
-    """Everything the broker needs, loaded and ready; `issuer` defaults from settings.
-    Without providers, telemetry is a no-op (`serve` builds them from OTEL_* variables)."""
+    """Everything the broker needs, loaded and ready.
+
+    `issuer` (the `iss` of broker tokens and the audience of callers' assertions) defaults
+    from settings. Without providers, telemetry is a no-op (`serve` builds them from OTEL_*
+    variables). Raises PolicyError (before opening anything) when the policy is invalid.
+    """
+    issuer = issuer or settings.effective_issuer
+    policy_path = settings.policy or devpolicy.ensure(settings.data_dir, issuer)
+    first_policy = load_policy(policy_path)
     store = store if store is not None else open_store(settings)
+    policy = PolicySource(policy_path, first_policy, store, clock)
+    policy.record_in_force()
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
-    authorizer = AllowAll()
+    authorizer = PolicyAuthorizer(policy.current, store, clock)
     telemetry = Telemetry(tracer_provider, meter_provider)
     keys = KeyRing(
         store,
@@ -109,13 +117,22 @@ def build_broker(
         # A rotated-out key stays published while anything it signed may be unexpired:
         # run credentials live until their run's deadline.
         retire_after=MAX_DEADLINE + MAX_TTL,
+        authorizer=authorizer,
         external_key=settings.signing_key,
     )
     keys.load(CallContext(principal=BROKER))
-    tokens = TokenService(keys, registry, issuer or settings.effective_issuer, clock)
+    tokens = TokenService(keys, registry, issuer, clock)
+    authn = Authenticator(
+        policy.current,
+        issuer,
+        store,
+        clock,
+        run_credentials or tokens.authenticate_run_credential,
+    )
     runs = RunLifecycle(store, registry, clock, authorizer, observer=telemetry)
     feed = AuditFeed(store, clock, authorizer, registry.get, observer=telemetry)
     telemetry.watch(store, registry.active, lambda: feed.subscribers)
+    rules = PolicyRules(policy.current)
     return Broker(
         settings=settings,
         store=store,
@@ -126,7 +143,7 @@ def build_broker(
         keys=keys,
         tokens=tokens,
         issuance=Issuance(
-            store, registry, tokens, authorizer, clock, _no_account_permissions, telemetry
+            store, registry, tokens, authorizer, clock, rules.account_permissions, telemetry
         ),
         delegation=Delegation(
             runs,
@@ -134,9 +151,11 @@ def build_broker(
             tokens,
             store,
             clock,
-            _no_delegation_rules,
+            rules.delegation_rules,
             handoff=handoff,
             observer=telemetry,
         ),
         telemetry=telemetry,
+        policy=policy,
+        authn=authn,
     )

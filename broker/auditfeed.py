@@ -18,7 +18,7 @@ from broker.clock import Clock
 from broker.context import CallContext
 from broker.errors import OutOfRange
 from broker.observe import NULL_OBSERVER, Observer
-from broker.runs import Run
+from broker.runs import PipelineRef, Run
 from broker.store import Committed, Mutation, Store
 
 PAGE_SIZE = 500
@@ -117,7 +117,11 @@ class AuditFeed:
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Iterator[AuditEvent | Heartbeat]:
         run = self._find_run(event_filter.run_id) if event_filter.run_id else None
-        self._authz.require(ctx, Op.READ_AUDIT, run=run)
+        # Events the filter may let through; "*" where it does not filter.
+        selection = PipelineRef(event_filter.org or "*", event_filter.project or "*", "*")
+        if run is not None:
+            selection = run.pipeline
+        self._authz.require(ctx, Op.READ_AUDIT, pipeline=selection, run=run)
         if run is not None:
             self._observer.call_touched_run(run)
         oldest = self._store.oldest_sequence()

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker import __version__, logs, settings
+from broker import __version__, assertioncmd, logs, settings
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -15,6 +15,7 @@ EXIT_USAGE = 2
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.api.server import serve
+    from broker.policyfile import PolicyError
 
     try:
         config = settings.from_sources(args, os.environ)
@@ -24,6 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(config.log_level, config.log_format)
     try:
         return serve(config)
+    except PolicyError as exc:
+        print(f"token-broker serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"token-broker serve: {exc}", file=sys.stderr)
         return 1
@@ -45,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     settings.add_arguments(serve, os.environ)
     serve.set_defaults(handler=_serve)
+    assertioncmd.add_command(commands)
     return parser
 
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.audit import Action, Outcome, draft
+from broker.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
 from broker.errors import FailedPrecondition
@@ -119,6 +120,7 @@ class KeyRing:
         key_dir: Path,
         alg: str,
         retire_after: float,
+        authorizer: Authorizer,
         external_key: Path | None = None,
     ) -> None:
         """`retire_after`: how long a rotated-out key stays published (the longest lifetime
@@ -129,6 +131,7 @@ class KeyRing:
         self._alg = alg
         self._retire_after = retire_after
         self._external = external_key
+        self._authz = authorizer
         self._lock = threading.Lock()
         self._private: dict[str, SigningKey] = {}
         self._published: dict[str, PublicKey] = {}
@@ -237,6 +240,7 @@ class KeyRing:
 
     def rotate(self, ctx: CallContext) -> tuple[str, list[str]]:
         """Make a new key active; the old ones stay published for `retire_after`."""
+        self._authz.require(ctx, Op.ROTATE_KEYS)
         if self._external is not None:
             raise FailedPrecondition(
                 "the signing key is managed outside the broker (--signing-key); rotate it there"

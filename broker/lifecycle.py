@@ -289,10 +289,10 @@ class RunLifecycle:
         return expired
 
     def list(self, ctx: CallContext, query: RunQuery) -> list[Run]:
-        pipeline = None
-        if query.org and query.project and query.pipeline:
-            pipeline = PipelineRef(query.org, query.project, query.pipeline)
-        self._authz.require(ctx, Op.LIST_RUNS, pipeline=pipeline)
+        # What the query may return; "*" where it does not filter. The caller's scope must
+        # cover all of it (results are not trimmed to the scope afterwards).
+        selection = PipelineRef(query.org or "*", query.project or "*", query.pipeline or "*")
+        self._authz.require(ctx, Op.LIST_RUNS, pipeline=selection)
         if not 1 <= query.limit <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
         return self._store.list_runs(query)

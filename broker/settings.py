@@ -171,7 +171,7 @@ _HELP = {
     "signing_key": "PEM private key to sign with (default: created in the data dir)",
     "tls_cert": "server certificate (PEM)",
     "tls_key": "server private key (PEM)",
-    "client_ca": "CA bundle for client certificates (enables mTLS)",
+    "client_ca": "CA bundle for client certificates; every caller must then present one (mTLS)",
     "insecure": "allow plaintext on a non-loopback address (warns loudly)",
     "executor_target": "gRPC address of a PipelineExecutorService to hand delegated runs to",
     "log_level": "debug, info, warning or error",

@@ -8,6 +8,7 @@ import pytest
 
 from broker.api.server import BrokerServer, create_server
 from broker.settings import Settings
+from tests.accounts import Callers, callers_of, standard_accounts, write_policy
 from tokenbroker.v1 import broker_pb2_grpc
 
 
@@ -23,6 +24,12 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
+def standard_policy(directory: Path) -> Path:
+    """A policy file with the standard test accounts (see tests/accounts.py)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_policy(directory / "policy.toml", standard_accounts().values())
+
+
 @pytest.fixture(params=["sqlite", "memory"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -30,8 +37,13 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[BrokerServer]:
-    """A broker on the SQLite default, on a loopback port, in this process."""
-    running = create_server(make_settings(tmp_path / "data"))
+    """A broker on the SQLite default, on a loopback port, in this process.
+
+    Its policy knows the standard accounts: ci-orchestrator, deploy-portal (delegator) and
+    siem (auditor), each scoped to "acme/*/*"; ops-admin (admin); root (every role, "*/*/*").
+    """
+    settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
+    running = create_server(settings)
     running.start()
     yield running
     running.stop(grace=0.5)
@@ -39,14 +51,46 @@ def server(tmp_path: Path) -> Iterator[BrokerServer]:
 
 @pytest.fixture
 def channel(server: BrokerServer) -> Iterator[grpc.Channel]:
+    """A plaintext channel with no credential (reflection, health, anonymous calls)."""
     with grpc.insecure_channel(server.target) as ch:
         yield ch
 
 
 @pytest.fixture
-def stub(channel: grpc.Channel) -> broker_pb2_grpc.TokenBrokerServiceStub:
+def callers(server: BrokerServer) -> Iterator[Callers]:
+    """Make a stub for any account: `callers.stub(account)`."""
+    with callers_of(server) as made:
+        yield made
+
+
+@pytest.fixture
+def stub(callers: Callers) -> broker_pb2_grpc.TokenBrokerServiceStub:
     """A stub calling as an orchestrator whose scope covers the org "acme"."""
-    return broker_pb2_grpc.TokenBrokerServiceStub(channel)
+    return callers.stub(standard_accounts()["orchestrator"])
+
+
+@pytest.fixture
+def delegator_stub(callers: Callers) -> broker_pb2_grpc.TokenBrokerServiceStub:
+    """A stub calling as deploy-portal, a delegator scoped to "acme/*/*"."""
+    return callers.stub(standard_accounts()["delegator"])
+
+
+@pytest.fixture
+def auditor_stub(callers: Callers) -> broker_pb2_grpc.TokenBrokerServiceStub:
+    """A stub calling as siem, an auditor scoped to "acme/*/*"."""
+    return callers.stub(standard_accounts()["auditor"])
+
+
+@pytest.fixture
+def admin_stub(callers: Callers) -> broker_pb2_grpc.TokenBrokerServiceStub:
+    """A stub calling as ops-admin (role admin)."""
+    return callers.stub(standard_accounts()["admin"])
+
+
+@pytest.fixture
+def root_stub(callers: Callers) -> broker_pb2_grpc.TokenBrokerServiceStub:
+    """A stub calling as root: every role, every org."""
+    return callers.stub(standard_accounts()["root"])
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.api.server import BrokerServer
+from tests.accounts import Callers, standard_accounts
 from tests.grpcurl_like import ReflectionClient
 
 EVERY_RPC = [
@@ -41,15 +42,19 @@ def test_reflection_describes_every_rpc_with_its_documentation(channel: grpc.Cha
     assert client.describe("tokenbroker.v1.TokenBrokerService.StreamAudit").server_streaming
 
 
-def test_reflection_client_can_call_without_stubs(channel: grpc.Channel) -> None:
+def test_reflection_client_can_call_without_stubs(channel: grpc.Channel, callers: Callers) -> None:
     client = ReflectionClient(channel)
+    auth = callers.metadata(standard_accounts()["orchestrator"])  # what `grpcurl -H` sends
     started = client.call(
         "tokenbroker.v1.TokenBrokerService/StartRun",
         '{"pipeline": {"org": "acme", "project": "web", "pipeline": "ci"},'
         ' "permissionCeiling": [{"resource": "artifacts", "level": "read"}]}',
+        metadata=auth,
     )
     run_id = started["run"]["runId"]
-    fetched = client.call("tokenbroker.v1.TokenBrokerService/GetRun", f'{{"runId": "{run_id}"}}')
+    fetched = client.call(
+        "tokenbroker.v1.TokenBrokerService/GetRun", f'{{"runId": "{run_id}"}}', metadata=auth
+    )
     assert fetched["run"]["state"] == "RUN_STATE_ACTIVE"
     assert fetched["run"]["pipeline"] == {"org": "acme", "project": "web", "pipeline": "ci"}
 

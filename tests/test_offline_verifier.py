@@ -8,7 +8,9 @@ import grpc
 import pytest
 
 from broker.api.server import BrokerServer
+from tests.accounts import Callers, standard_accounts
 from tests.support import start_run_request
+from tokenbroker.credentials import assertion_credentials
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 from tokenbroker.verification import TokenStatus
 from tokenbroker.verifier import (
@@ -22,6 +24,15 @@ from tokenbroker.verifier import (
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
 
 
+@pytest.fixture
+def auditor_channel(callers: Callers) -> grpc.Channel:
+    """What an API following revocations uses: an auditor's channel (siem, org acme)."""
+    siem = standard_accounts()["auditor"]
+    return callers.channel(
+        assertion_credentials(siem.name, siem.private_pem, callers.audience, key_id=siem.kid)
+    )
+
+
 def _issue(stub: Stub) -> tuple[str, str]:
     run_id = stub.StartRun(start_run_request(), timeout=5).run.run_id
     token = stub.IssueToken(
@@ -31,10 +42,10 @@ def _issue(stub: Stub) -> tuple[str, str]:
 
 
 def test_offline_verifier_rejects_a_token_within_a_second_of_revoke_run(
-    server: BrokerServer, stub: Stub, channel: grpc.Channel
+    server: BrokerServer, stub: Stub, channel: grpc.Channel, auditor_channel: grpc.Channel
 ) -> None:
     run_id, token = _issue(stub)
-    follower = RevocationFollower(channel).start()
+    follower = RevocationFollower(auditor_channel, org="acme").start()
     try:
         verifier = TokenVerifier(
             issuer=server.broker.tokens.issuer,
@@ -56,11 +67,11 @@ def test_offline_verifier_rejects_a_token_within_a_second_of_revoke_run(
 
 
 def test_offline_verifier_knows_runs_that_ended_before_it_started(
-    server: BrokerServer, stub: Stub, channel: grpc.Channel
+    server: BrokerServer, stub: Stub, channel: grpc.Channel, auditor_channel: grpc.Channel
 ) -> None:
     run_id, token = _issue(stub)
     stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run_id), timeout=5)
-    follower = RevocationFollower(channel).start()
+    follower = RevocationFollower(auditor_channel, org="acme").start()
     try:
         verifier = TokenVerifier(
             issuer=server.broker.tokens.issuer,
@@ -74,7 +85,7 @@ def test_offline_verifier_knows_runs_that_ended_before_it_started(
 
 
 def test_offline_verifier_fetches_a_rotated_key_on_first_sight(
-    server: BrokerServer, stub: Stub, channel: grpc.Channel
+    server: BrokerServer, stub: Stub, admin_stub: Stub, channel: grpc.Channel
 ) -> None:
     fetches = 0
     fetch_jwks = jwks_from_broker(channel)
@@ -91,7 +102,7 @@ def test_offline_verifier_fetches_a_rotated_key_on_first_sight(
     )
     _, before = _issue(stub)
     verifier.verify(before)
-    stub.RotateSigningKey(broker_pb2.RotateSigningKeyRequest(), timeout=10)
+    admin_stub.RotateSigningKey(broker_pb2.RotateSigningKeyRequest(), timeout=10)
     _, after = _issue(stub)
     verifier.verify(after)
     verifier.verify(before)

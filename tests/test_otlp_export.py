@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from broker import __version__
 from broker.api.server import create_server
 from broker.telemetry import providers_from_env
-from tests.conftest import make_settings
+from tests.accounts import root_channel
+from tests.conftest import make_settings, standard_policy
 from tests.otel_support import OtlpReceiver, otlp_attributes, start_otlp_receiver
 from tests.support import start_broker_process, start_run_request
+from tokenbroker.credentials import dev_admin_credentials, local_channel
 from tokenbroker.v1 import broker_pb2_grpc
 
 START_RUN = "tokenbroker.v1.TokenBrokerService/StartRun"
@@ -50,7 +51,7 @@ def test_sdk_disabled_wins_over_an_endpoint(tmp_path: Path) -> None:
 def test_spans_and_metrics_reach_the_otlp_endpoint_from_the_environment(
     tmp_path: Path, receiver: OtlpReceiver
 ) -> None:
-    settings = make_settings(tmp_path / "data")
+    settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
     environ = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
@@ -63,7 +64,7 @@ def test_spans_and_metrics_reach_the_otlp_endpoint_from_the_environment(
     )
     server.start()
     try:
-        with grpc.insecure_channel(server.target) as channel:
+        with root_channel(server) as channel:
             run = broker_pb2_grpc.TokenBrokerServiceStub(channel).StartRun(
                 start_run_request(), timeout=5
             )
@@ -89,7 +90,8 @@ def test_served_broker_exports_spans_to_the_configured_endpoint(
         env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_METRICS_EXPORTER": "none"},
     )
     try:
-        with grpc.insecure_channel(broker.target) as channel:
+        credentials = dev_admin_credentials(tmp_path / "data")
+        with local_channel(broker.target, credentials) as channel:
             run = broker_pb2_grpc.TokenBrokerServiceStub(channel).StartRun(
                 start_run_request(), timeout=10
             )

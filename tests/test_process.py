@@ -10,10 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from tests.support import REPO, start_broker_process, start_run_request
+from tokenbroker.credentials import dev_admin_credentials, local_channel
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ def test_sigterm_during_open_audit_stream_exits_zero_within_five_seconds(tmp_pat
     broker = start_broker_process(tmp_path / "data")
     received: list[broker_pb2.StreamAuditResponse] = []
     stream_ended = threading.Event()
-    with grpc.insecure_channel(broker.target) as channel:
+    with local_channel(broker.target, dev_admin_credentials(tmp_path / "data")) as channel:
         stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
         stub.StartRun(start_run_request(), timeout=10)
         stream = stub.StreamAudit(broker_pb2.StreamAuditRequest(), timeout=30)
@@ -52,7 +52,7 @@ def test_sigterm_during_open_audit_stream_exits_zero_within_five_seconds(tmp_pat
 def test_write_acknowledged_before_kill_9_survives_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     broker = start_broker_process(data)
-    with grpc.insecure_channel(broker.target) as channel:
+    with local_channel(broker.target, dev_admin_credentials(data)) as channel:
         stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
         run_ids = [stub.StartRun(start_run_request(), timeout=10).run.run_id for _ in range(20)]
         ended = stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run_ids[0]), timeout=10)
@@ -62,7 +62,7 @@ def test_write_acknowledged_before_kill_9_survives_restart(tmp_path: Path) -> No
 
     restarted = start_broker_process(data)
     try:
-        with grpc.insecure_channel(restarted.target) as channel:
+        with local_channel(restarted.target, dev_admin_credentials(data)) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
             for run_id in run_ids:
                 assert stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=10).run.run_id

@@ -105,13 +105,15 @@ def test_revoke_ends_a_run_once_and_reports_repeat_calls(stub: Stub) -> None:
     assert second.run.end_time == first.run.end_time
 
 
-def test_run_past_its_deadline_expires_without_anyone_ending_it(stub: Stub) -> None:
+def test_run_past_its_deadline_expires_without_anyone_ending_it(
+    stub: Stub, auditor_stub: Stub
+) -> None:
     run_id = stub.StartRun(
         start_run_request(deadline=duration_pb2.Duration(seconds=1)), timeout=5
     ).run.run_id
     run = _wait_for_state(stub, run_id, types_pb2.RUN_STATE_EXPIRED, within=5)
     assert run.end_reason == "deadline passed"
-    events = _audit(stub, run_id)
+    events = _audit(auditor_stub, run_id)
     assert [e.action for e in events] == ["run.started", "run.expired"]
 
 
@@ -137,7 +139,8 @@ def test_list_runs_pages_through_every_run_newest_first(stub: Stub) -> None:
     seen: list[str] = []
     token = ""
     while True:
-        page = stub.ListRuns(broker_pb2.ListRunsRequest(page_size=3, page_token=token), timeout=5)
+        request = broker_pb2.ListRunsRequest(org="acme", page_size=3, page_token=token)
+        page = stub.ListRuns(request, timeout=5)
         seen.extend(r.run_id for r in page.runs)
         token = page.next_page_token
         if not token:
@@ -146,7 +149,8 @@ def test_list_runs_pages_through_every_run_newest_first(stub: Stub) -> None:
 
 
 def test_list_runs_rejects_a_forged_page_token(stub: Stub) -> None:
-    error = rpc_error(lambda: stub.ListRuns(broker_pb2.ListRunsRequest(page_token="%%%")))
+    request = broker_pb2.ListRunsRequest(org="acme", page_token="%%%")
+    error = rpc_error(lambda: stub.ListRuns(request))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "page_token" in details(error)
 

@@ -17,6 +17,8 @@ from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
+from broker.audit import Action
+from broker.authz import Op
 from broker.context import CallContext
 from broker.identity import Person, Principal, PrincipalKind, VerificationMethod
 from broker.lifecycle import RunSpec
@@ -26,7 +28,8 @@ from broker.runs import PipelineRef, Run
 from broker.store import RunQuery
 from broker.store.memory import MemoryStore
 from broker.telemetry import annotate_call
-from tests.conftest import make_settings
+from tests.accounts import root_channel
+from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
 from tests.support import rpc_error, start_run_request
 from tokenbroker import tracing
@@ -50,7 +53,7 @@ def sdk() -> Iterator[InMemorySdk]:
 @pytest.fixture
 def traced(tmp_path: Path, sdk: InMemorySdk) -> Iterator[BrokerServer]:
     server = create_server(
-        make_settings(tmp_path / "data"),
+        make_settings(tmp_path / "data", policy=standard_policy(tmp_path)),
         tracer_provider=sdk.tracer_provider,
         meter_provider=sdk.meter_provider,
     )
@@ -61,7 +64,7 @@ def traced(tmp_path: Path, sdk: InMemorySdk) -> Iterator[BrokerServer]:
 
 @pytest.fixture
 def traced_stub(traced: BrokerServer) -> Iterator[Stub]:
-    with grpc.insecure_channel(traced.target) as channel:
+    with root_channel(traced) as channel:
         yield Stub(channel)
 
 
@@ -91,7 +94,8 @@ def test_start_run_span_follows_rpc_conventions_and_names_the_run(
     assert attributes["rpc.grpc.status_code"] == 0
     assert attributes["cicd.pipeline.run.id"] == response.run.run_id
     assert attributes["cicd.pipeline.name"] == "acme/payments/deploy"
-    assert attributes["tokenbroker.principal.kind"] == "anonymous"
+    assert attributes["tokenbroker.principal.kind"] == "service_account"
+    assert attributes["tokenbroker.principal"] == "root"
     assert "enduser.id" not in attributes, "StartRun runs have no person"
     assert span.status.status_code is StatusCode.UNSET
     assert span.resource.attributes["service.name"] == "token-broker"
@@ -99,6 +103,7 @@ def test_start_run_span_follows_rpc_conventions_and_names_the_run(
     assert tracing.run_baggage_of(call.trailing_metadata()) == {
         "cicd.pipeline.run.id": response.run.run_id,
         "cicd.pipeline.name": "acme/payments/deploy",
+        "tokenbroker.triggered_via": "root",
     }
 
 
@@ -120,9 +125,11 @@ def test_audit_events_carry_the_trace_id_of_the_call(traced_stub: Stub, sdk: InM
     assert started.trace_id == CALLER_TRACE_ID
 
 
-def test_audit_events_carry_the_callers_trace_id_even_with_telemetry_off(stub: Stub) -> None:
+def test_audit_events_carry_the_callers_trace_id_even_with_telemetry_off(
+    stub: Stub, root_stub: Stub
+) -> None:
     run = stub.StartRun(start_run_request(), metadata=(TRACEPARENT,), timeout=5).run
-    (started,) = [e.event for e in audit_events(stub) if e.event.run_id == run.run_id]
+    (started,) = [e.event for e in audit_events(root_stub) if e.event.run_id == run.run_id]
     assert started.trace_id == CALLER_TRACE_ID
 
 
@@ -157,7 +164,13 @@ def test_person_on_the_span_comes_from_the_run_record_not_from_baggage(
 ) -> None:
     portal = Principal(PrincipalKind.SERVICE_ACCOUNT, "deploy-portal")
     spec = RunSpec(PipelineRef("acme", "web", "deploy"), PermissionSet.of({"artifacts": "read"}))
-    run = traced.broker.runs.start(CallContext(principal=portal), spec, person=alice()).run
+    run = traced.broker.runs.start(
+        CallContext(principal=portal),
+        spec,
+        person=alice(),
+        action=Action.RUN_EXECUTED_ON_BEHALF,
+        op=Op.EXECUTE_ON_BEHALF,
+    ).run
     traced_stub.GetRun(
         broker_pb2.GetRunRequest(run_id=run.run_id), metadata=(SPOOFED_BAGGAGE,), timeout=5
     )
@@ -190,7 +203,7 @@ class BrokenStore(MemoryStore):
 def test_internal_error_marks_the_span_and_its_log_line_carries_the_trace(
     tmp_path: Path, sdk: InMemorySdk
 ) -> None:
-    settings = make_settings(tmp_path / "data")
+    settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
     broker = build_broker(
         settings,
         store=BrokenStore(),
@@ -201,7 +214,7 @@ def test_internal_error_marks_the_span_and_its_log_line_carries_the_trace(
     server.start()
     with captured_json_logs("broker.api.calls") as lines:
         try:
-            with grpc.insecure_channel(server.target) as channel:
+            with root_channel(server) as channel:
                 error = rpc_error(
                     lambda: Stub(channel).ListRuns(broker_pb2.ListRunsRequest(), timeout=5)
                 )

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf import duration_pb2
 
 from broker.api.server import BrokerServer, create_server
-from tests.conftest import make_settings
+from tests.accounts import callers_of, standard_accounts
+from tests.conftest import make_settings, standard_policy
 from tests.support import as_dict, details, perms, rpc_error, start_run_request
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
@@ -113,7 +114,9 @@ def test_token_of_run_whose_lease_lapsed_is_rejected(stub: Stub) -> None:
     assert verify(stub, token).status == broker_pb2.TOKEN_STATUS_RUN_EXPIRED
 
 
-def test_token_asking_more_than_the_ceiling_is_refused_naming_each_excess(stub: Stub) -> None:
+def test_token_asking_more_than_the_ceiling_is_refused_naming_each_excess(
+    stub: Stub, auditor_stub: Stub
+) -> None:
     run = start(stub).run  # ceiling: pipelines execute, artifacts write
     error = rpc_error(
         lambda: issue(stub, run.run_id, permissions=perms(pipelines="admin", secrets="read"))
@@ -121,7 +124,7 @@ def test_token_asking_more_than_the_ceiling_is_refused_naming_each_excess(stub: 
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "pipelines: admin (ceiling: execute)" in details(error)
     assert "secrets: read (ceiling: none)" in details(error)
-    events = stub.StreamAudit(
+    events = auditor_stub.StreamAudit(
         broker_pb2.StreamAuditRequest(
             filter=broker_pb2.AuditFilter(run_id=run.run_id, actions=["token.refused"]),
             stop_at_head=True,
@@ -150,14 +153,15 @@ def test_ttl_past_the_run_deadline_is_cut_to_the_deadline(stub: Stub) -> None:
     )
 
 
-def test_issued_token_is_audited_without_the_token(stub: Stub) -> None:
+def test_issued_token_is_audited_without_the_token(stub: Stub, auditor_stub: Stub) -> None:
     run = start(stub).run
     minted = issue(stub, run.run_id, permissions=perms(artifacts="read"))
     events = [
         e.event
-        for e in stub.StreamAudit(
+        for e in auditor_stub.StreamAudit(
             broker_pb2.StreamAuditRequest(
-                filter=broker_pb2.AuditFilter(actions=["token.issued"]), stop_at_head=True
+                filter=broker_pb2.AuditFilter(actions=["token.issued"], org="acme"),
+                stop_at_head=True,
             ),
             timeout=5,
         )
@@ -222,10 +226,12 @@ def _hs256_with(secret: str, payload: dict[str, object], kid: str) -> str:
     return f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
 
-def test_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_key(stub: Stub) -> None:
+def test_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_key(
+    stub: Stub, admin_stub: Stub
+) -> None:
     run = start(stub).run
     old = issue(stub, run.run_id)
-    rotated = stub.RotateSigningKey(broker_pb2.RotateSigningKeyRequest(), timeout=10)
+    rotated = admin_stub.RotateSigningKey(broker_pb2.RotateSigningKeyRequest(), timeout=10)
     assert rotated.key_id != old.key_id
     assert old.key_id in rotated.retiring_key_ids
     new = issue(stub, run.run_id)
@@ -238,12 +244,15 @@ def test_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_key(stu
 
 
 def test_pyjwt_jwks_client_verifies_a_broker_token_over_http(tmp_path: Path) -> None:
-    server = create_server(make_settings(tmp_path / "data", http_listen="127.0.0.1:0"))
+    settings = make_settings(
+        tmp_path / "data", http_listen="127.0.0.1:0", policy=standard_policy(tmp_path)
+    )
+    server = create_server(settings)
     server.start()
     try:
         assert server.http is not None
-        with grpc.insecure_channel(server.target) as channel:
-            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+        with callers_of(server) as callers:
+            stub = callers.stub(standard_accounts()["orchestrator"])
             run = start(stub).run
             token = issue(stub, run.run_id).token
         issuer = server.broker.tokens.issuer
@@ -263,10 +272,11 @@ def test_pyjwt_jwks_client_verifies_a_broker_token_over_http(tmp_path: Path) -> 
 
 def test_tokens_of_runs_ended_before_a_restart_stay_rejected_after_it(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    first: BrokerServer = create_server(make_settings(data))
+    policy = standard_policy(tmp_path)
+    first: BrokerServer = create_server(make_settings(data, policy=policy))
     first.start()
-    with grpc.insecure_channel(first.target) as channel:
-        stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+    with callers_of(first) as callers:
+        stub = callers.stub(standard_accounts()["orchestrator"])
         ended = start(stub).run
         living = start(stub).run
         ended_token = issue(stub, ended.run_id).token
@@ -274,11 +284,11 @@ def test_tokens_of_runs_ended_before_a_restart_stay_rejected_after_it(tmp_path: 
         stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=ended.run_id), timeout=5)
     first.stop(grace=0.5)
 
-    second = create_server(make_settings(data))
+    second = create_server(make_settings(data, policy=policy))
     second.start()
     try:
-        with grpc.insecure_channel(second.target) as channel:
-            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+        with callers_of(second) as callers:
+            stub = callers.stub(standard_accounts()["orchestrator"])
             assert verify(stub, ended_token).status == broker_pb2.TOKEN_STATUS_RUN_ENDED
             assert verify(stub, living_token).active
     finally:

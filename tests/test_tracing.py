@@ -20,7 +20,8 @@ from broker.identity import Person, VerificationMethod
 from broker.permissions import PermissionSet
 from broker.runs import PipelineRef, Run, RunState
 from broker.telemetry import Telemetry
-from tests.conftest import make_settings
+from tests.accounts import root_channel
+from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
 from tests.support import rpc_error, start_run_request
 from tokenbroker import tracing
@@ -46,7 +47,7 @@ def broker_sdk() -> Iterator[InMemorySdk]:
 @pytest.fixture
 def traced(tmp_path: Path, broker_sdk: InMemorySdk) -> Iterator[BrokerServer]:
     server = create_server(
-        make_settings(tmp_path / "data"),
+        make_settings(tmp_path / "data", policy=standard_policy(tmp_path)),
         tracer_provider=broker_sdk.tracer_provider,
         meter_provider=broker_sdk.meter_provider,
     )
@@ -58,7 +59,7 @@ def traced(tmp_path: Path, broker_sdk: InMemorySdk) -> Iterator[BrokerServer]:
 @pytest.fixture
 def portal_stub(traced: BrokerServer, portal: InMemorySdk) -> Iterator[Stub]:
     """The portal's stub: its channel goes through the client interceptor."""
-    with grpc.insecure_channel(traced.target) as channel:
+    with root_channel(traced) as channel:
         yield Stub(tracing.intercept_channel(channel, portal.tracer_provider))
 
 
@@ -266,11 +267,12 @@ class ExplodingTracerProvider(trace.TracerProvider):
 
 def test_a_broken_tracer_fails_no_call(tmp_path: Path) -> None:
     server = create_server(
-        make_settings(tmp_path / "data"), tracer_provider=ExplodingTracerProvider()
+        make_settings(tmp_path / "data", policy=standard_policy(tmp_path)),
+        tracer_provider=ExplodingTracerProvider(),
     )
     server.start()
     try:
-        with grpc.insecure_channel(server.target) as channel:
+        with root_channel(server) as channel:
             stub = Stub(tracing.intercept_channel(channel, ExplodingTracerProvider()))
             run = stub.StartRun(start_run_request(), timeout=5).run
             assert stub.GetRun(broker_pb2.GetRunRequest(run_id=run.run_id), timeout=5).run

@@ -21,6 +21,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from broker import telemetry
+from broker.api import authn
 from broker.api.calls import CallInterceptor
 from broker.api.executor import GrpcHandoff
 from broker.api.servicer import TokenBrokerServicer
@@ -75,9 +76,10 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [pair],
         root_certificates=settings.client_ca.read_bytes(),
-        # Optional so that assertion-authenticated callers can still connect; the
-        # authenticator decides per call.
-        require_client_auth=False,
+        # gRPC Python can only "not ask" or "require and verify": with --client-ca every
+        # caller presents a certificate from that CA; a bearer credential, when also sent,
+        # names the caller.
+        require_client_auth=True,
     )
 
 
@@ -116,7 +118,10 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         # Tracing outermost: the call context and its errors happen inside the server span.
-        interceptors=[broker.telemetry.server_interceptor(), CallInterceptor()],
+        interceptors=[
+            broker.telemetry.server_interceptor(),
+            CallInterceptor(authenticate=authn.authenticator(broker.authn)),
+        ],
         options=[("grpc.so_reuseport", 0)],
     )
     broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(broker), server)
@@ -167,8 +172,13 @@ def serve(settings: Settings) -> int:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
         stopping.set()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        log.info("reloading the policy", extra={"signal": "SIGHUP"})
+        server.broker.policy.reload_in_background()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     server.start()
     log.info(
         "token-broker serving",

@@ -145,10 +145,13 @@ class RevocationFollower:
         self,
         channel: grpc.Channel,
         *,
+        org: str = "",
         retry_delay: float = 0.5,
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        """`org` limits following to one organisation (an auditor scoped to it may follow)."""
         self._stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+        self._org = org
         self._retry_delay = retry_delay
         self._metadata = metadata
         self._ended: dict[str, tuple[TokenStatus, float]] = {}
@@ -196,7 +199,7 @@ class RevocationFollower:
     def _stream(self, *, stop_at_head: bool) -> None:
         request = broker_pb2.StreamAuditRequest(
             after_sequence=self._cursor,
-            filter=broker_pb2.AuditFilter(actions=list(RUN_ENDING_ACTIONS)),
+            filter=broker_pb2.AuditFilter(actions=list(RUN_ENDING_ACTIONS), org=self._org),
             stop_at_head=stop_at_head,
         )
         with self._call_lock:
