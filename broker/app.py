@@ -7,7 +7,9 @@ import threading
 from dataclasses import dataclass, field
 
 from broker.auditfeed import AuditFeed
+from broker.auditkeeper import DAY, AuditKeeper, KeeperSettings
 from broker.authz import AllowAll
+from broker.checkpoints import CheckpointSigner
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
 from broker.identity import BROKER
@@ -38,6 +40,7 @@ class Broker:
     registry: RunRegistry
     runs: RunLifecycle
     feed: AuditFeed
+    keeper: AuditKeeper
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -45,6 +48,7 @@ class Broker:
         """Start the reaper that expires runs past their deadline or lease."""
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
+        self.keeper.start()
 
     def _reap_loop(self) -> None:
         ctx = CallContext(principal=BROKER)
@@ -61,12 +65,18 @@ class Broker:
         self.feed.close()
         if self._reaper is not None:
             self._reaper.join(timeout=5)
+        self.keeper.close()
         self.store.close()
 
 
 def build_broker(
-    settings: Settings, *, store: Store | None = None, clock: Clock = system_clock
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Clock = system_clock,
+    signer: CheckpointSigner | None = None,
 ) -> Broker:
+    """`signer` signs audit checkpoints (the key ring); without one, none are taken."""
     store = store if store is not None else open_store(settings)
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TOKEN_TTL)
     authorizer = AllowAll()
@@ -77,4 +87,14 @@ def build_broker(
         registry=registry,
         runs=RunLifecycle(store, registry, clock, authorizer),
         feed=AuditFeed(store, clock, authorizer, registry.get),
+        keeper=AuditKeeper(store, clock, signer, _keeper_settings(settings)),
+    )
+
+
+def _keeper_settings(settings: Settings) -> KeeperSettings:
+    return KeeperSettings(
+        every_events=settings.audit_checkpoint_events,
+        interval=settings.audit_checkpoint_interval,
+        retention_seconds=settings.audit_retention_days * DAY,
+        issuer=settings.effective_issuer,
     )

@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from broker.audit import AuditEvent
 from broker.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
-from broker.errors import OutOfRange
+from broker.errors import DataLoss, OutOfRange
 from broker.runs import Run
 from broker.store import Committed, Mutation, Store
 
@@ -116,12 +117,10 @@ class AuditFeed:
         run = self._find_run(event_filter.run_id) if event_filter.run_id else None
         self._authz.require(ctx, Op.READ_AUDIT, run=run)
         oldest = self._store.oldest_sequence()
+        if after == 0:
+            after = oldest - 1  # 0 means "from the oldest retained event" (the contract)
         if after < oldest - 1:
-            raise OutOfRange(
-                f"events after sequence {after} are no longer retained; "
-                f"the oldest available sequence is {oldest} "
-                f"(resume with after_sequence={oldest - 1})"
-            )
+            raise _pruned(after, oldest)
         head = self._store.head_sequence()
         if after > head:
             raise OutOfRange(
@@ -148,6 +147,8 @@ class AuditFeed:
         while not self._closed and not cancelled():
             page = self._store.read_events(cursor, PAGE_SIZE)
             for event in page:
+                if event.sequence != cursor + 1:  # sequences are gapless: never skip one
+                    self._gap(cursor, event.sequence)
                 cursor = event.sequence
                 if event_filter.matches(event):
                     yield event
@@ -160,7 +161,25 @@ class AuditFeed:
                 yield Heartbeat(cursor, last_beat)
             self._wait_beyond(cursor, timeout=min(0.5, heartbeat_every))
 
+    def _gap(self, cursor: int, found: int) -> NoReturn:
+        oldest = self._store.oldest_sequence()
+        if cursor < oldest - 1:
+            # Retention pruned past a slow subscriber: say so, never skip silently.
+            raise _pruned(cursor, oldest)
+        raise DataLoss(
+            f"the audit log has no event {cursor + 1} (next stored: {found}); "
+            "run `token-broker audit verify`"
+        )
+
     def _wait_beyond(self, sequence: int, timeout: float) -> None:
         # Short waits, so that a cancelled subscriber is noticed even when nothing is written.
         with self._changed:
             self._changed.wait_for(lambda: self._head > sequence or self._closed, timeout=timeout)
+
+
+def _pruned(after: int, oldest: int) -> OutOfRange:
+    return OutOfRange(
+        f"events after sequence {after} are no longer retained; "
+        f"the oldest available sequence is {oldest} "
+        f"(resume with after_sequence={oldest - 1})"
+    )

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker import __version__, logs, settings
+from broker import __version__, cli_audit, logs, settings
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     settings.add_arguments(serve, os.environ)
     serve.set_defaults(handler=_serve)
+    cli_audit.add_commands(commands)
     return parser
 
 
