@@ -86,7 +86,10 @@ def build_broker(
         clock=clock,
         registry=registry,
         runs=RunLifecycle(store, registry, clock, authorizer),
-        feed=AuditFeed(store, clock, authorizer, registry.get),
+        # Half the workers at most follow audit streams; the rest stay free for everyone else.
+        feed=AuditFeed(
+            store, clock, authorizer, registry.get, max_subscribers=settings.max_workers // 2
+        ),
         keeper=AuditKeeper(store, clock, signer, _keeper_settings(settings)),
     )
 

@@ -9,7 +9,7 @@ subscribers), and memory per subscriber is one page.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -17,7 +17,7 @@ from broker.audit import AuditEvent
 from broker.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
-from broker.errors import DataLoss, OutOfRange
+from broker.errors import DataLoss, OutOfRange, Unavailable
 from broker.runs import Run
 from broker.store import Committed, Mutation, Store
 
@@ -73,8 +73,13 @@ class AuditFeed:
         clock: Clock,
         authorizer: Authorizer,
         find_run: Callable[[str], Run | None],
+        *,
+        max_subscribers: int = 32,
     ) -> None:
         self._store = store
+        # Each stream holds a server worker thread while it follows: cap them, so that
+        # subscribers can never take every worker from the writers.
+        self._max_subscribers = max_subscribers
         self._clock = clock
         self._authz = authorizer
         self._find_run = find_run
@@ -113,7 +118,8 @@ class AuditFeed:
         stop_at_head: bool = False,
         heartbeat_every: float = 5.0,
         cancelled: Callable[[], bool] = lambda: False,
-    ) -> Iterator[AuditEvent | Heartbeat]:
+    ) -> Generator[AuditEvent | Heartbeat]:
+        """Events after `after` matching the filter, then live ones; close() to leave."""
         run = self._find_run(event_filter.run_id) if event_filter.run_id else None
         self._authz.require(ctx, Op.READ_AUDIT, run=run)
         oldest = self._store.oldest_sequence()
@@ -128,6 +134,11 @@ class AuditFeed:
                 "was the cursor taken from another broker?"
             )
         with self._changed:
+            if self._subscribers >= self._max_subscribers:
+                raise Unavailable(
+                    f"this broker already serves {self._subscribers} audit streams, its limit; "
+                    "retry later or resume from another replica"
+                )
             self._subscribers += 1
         try:
             yield from self._follow(after, event_filter, stop_at_head, heartbeat_every, cancelled)

@@ -46,6 +46,9 @@ class KeeperSettings:
     # 0 keeps every event forever.
     retention_seconds: float = 0.0
     issuer: str = ""
+    # At most this many events deleted per transaction, so pruning a large backlog never
+    # holds the single writer for long; each step still removes whole checkpointed ranges.
+    prune_batch: int = 50_000
 
 
 class AuditKeeper:
@@ -65,6 +68,7 @@ class AuditKeeper:
         self._thread: threading.Thread | None = None
         latest = store.latest_checkpoint()
         self._checkpointed = 0 if latest is None else latest.sequence
+        self._head = store.head_sequence()
         if signer is None:
             log.warning("no checkpoint signer: the audit chain is not being checkpointed")
             if settings.retention_seconds > 0:
@@ -74,9 +78,9 @@ class AuditKeeper:
     def _on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
         # Called on the writer's thread: only note that work is due, never write from here.
         if committed.events and self._signer is not None:
-            head = committed.events[-1].sequence
-            if head - self._checkpointed >= self._settings.every_events:
-                with self._wake:
+            with self._wake:
+                self._head = committed.events[-1].sequence
+                if self._head - self._checkpointed >= self._settings.every_events:
                     self._wake.notify_all()
 
     def start(self) -> None:
@@ -101,10 +105,8 @@ class AuditKeeper:
             self._tick(prune=True)
 
     def _due_or_stopping(self) -> bool:
-        if self._stopping:
-            return True
-        backlog = self._store.head_sequence() - self._checkpointed
-        return self._signer is not None and backlog >= self._settings.every_events
+        backlog = self._head - self._checkpointed
+        return self._stopping or backlog >= self._settings.every_events
 
     def _tick(self, *, prune: bool) -> None:
         try:
@@ -147,32 +149,55 @@ class AuditKeeper:
         return record
 
     def prune(self) -> int | None:
-        """Delete the oldest whole checkpointed range older than retention; its end, or None."""
-        retention = self._settings.retention_seconds
-        if retention <= 0:
+        """Delete every whole checkpointed range older than retention, in bounded steps.
+
+        Returns the new `pruned_through`, or None when nothing was pruned.
+        """
+        target = self._prune_target()
+        pruned = None
+        while target is not None:
+            current = self._store.pruned_through()
+            if target <= current:
+                break
+            step = self._store.latest_checkpoint(
+                at_most=min(target, current + self._settings.prune_batch)
+            )
+            if step is None or step.sequence <= current:
+                # One range longer than a batch: it still goes whole, or not at all.
+                step = self._store.checkpoints(current, 1)[0]
+            if not self._prune_through(step):
+                break
+            pruned = step.sequence
+        return pruned
+
+    def _prune_target(self) -> int | None:
+        """The newest checkpoint whose range and every range before it are all too old."""
+        if self._settings.retention_seconds <= 0:
             return None
-        now = self._clock()
-        cutoff = now - retention
+        cutoff = self._clock() - self._settings.retention_seconds
         young = self._store.first_sequence_since(cutoff)
-        # Every event before the first young one is old; prune through the last checkpoint there.
+        # Every event before the first young one is old; the target is the last checkpoint there.
         limit = self._store.head_sequence() if young is None else young - 1
         boundary = self._store.latest_checkpoint(at_most=limit)
         if boundary is None or boundary.sequence <= self._store.pruned_through():
             return None
+        return boundary.sequence
+
+    def _prune_through(self, boundary: CheckpointRecord) -> bool:
         event = AuditDraft(
-            time=now,
+            time=self._clock(),
             action=Action.AUDIT_PRUNED,
             outcome=Outcome.SUCCESS,
             principal=BROKER.name,
             details={
                 "pruned_through": boundary.sequence,
                 "checkpoint_hash": boundary.hash,
-                "retention_seconds": retention,
+                "retention_seconds": self._settings.retention_seconds,
             },
         )
         try:
             self._store.commit(Write([event], PruneAudit(boundary.sequence)))
         except Conflict:
-            return None  # another replica pruned first
+            return False  # another replica pruned first
         log.info("audit events pruned", extra={"pruned_through": boundary.sequence})
-        return boundary.sequence
+        return True

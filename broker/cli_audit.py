@@ -156,7 +156,7 @@ def _add_tail(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _verify(args: argparse.Namespace) -> int:
     try:
         report = _run_verify(args)
-    except (UsageError, NotADatabase, auditlog.MalformedLine, OSError, ValueError) as exc:
+    except (UsageError, NotADatabase, auditlog.MalformedLine, OSError) as exc:
         print(f"token-broker audit verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
@@ -206,7 +206,10 @@ def _read_jwks(path: Path) -> PublishedKeys:
         raise UsageError(f"{path}: not JSON") from None
     if not isinstance(document, dict):
         raise UsageError(f"{path}: not a JWKS document")
-    return PublishedKeys.from_jwks(document)
+    try:
+        return PublishedKeys.from_jwks(document)
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
 
 
 def _describe(report: auditverify.Report) -> str:

@@ -64,12 +64,14 @@ def keeper(
     *,
     retention_seconds: float = 0.0,
     every_events: int = 10,
+    prune_batch: int = 50_000,
 ) -> AuditKeeper:
     settings = KeeperSettings(
         every_events=every_events,
         interval=3600.0,
         retention_seconds=retention_seconds,
         issuer="http://127.0.0.1:50052",
+        prune_batch=prune_batch,
     )
     return AuditKeeper(store, clock, signer, settings)
 

@@ -11,12 +11,25 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from broker import audit, checkpoints
+from broker import audit, checkpoints, cli
+from broker import settings as settings_module
+from broker.api.server import create_server
+from broker.app import build_broker
 from broker.checkpoints import CheckpointInvalid, PrivateKeySigner, PublishedKeys
+from broker.settings import SettingsError
 from broker.store import Store, Write
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
-from tests.audit_support import FakeClock, draft, keeper, make_signer, publish
+from tests.audit_support import (
+    FakeClock,
+    draft,
+    keeper,
+    make_signer,
+    orchestrator,
+    publish,
+)
+from tests.conftest import make_settings
+from tests.support import start_run_request
 
 
 @pytest.fixture
@@ -130,3 +143,51 @@ def test_checkpoints_of_another_type_key_or_algorithm_do_not_verify() -> None:
     bad_claims = {**claims, "prev_seq": 9}
     with pytest.raises(CheckpointInvalid, match="prev_seq"):
         keys.verify(signer.sign(bad_claims, typ=checkpoints.CHECKPOINT_TYP))
+
+
+def test_a_large_backlog_is_pruned_in_bounded_steps_of_whole_ranges(store: Store) -> None:
+    clock = FakeClock(1000.0)
+    keep = keeper(store, make_signer(), clock, retention_seconds=60.0, prune_batch=15)
+    for _ in range(3):
+        write(store, 10)
+        keep.checkpoint()  # at 10, 20, 30
+    write(store, 5)  # 31..35: old, but no checkpoint closes their range yet
+    clock.now += 61
+    assert keep.prune() == 30
+    pruned = [e for e in store.read_events(0, 100) if e.draft.action == audit.Action.AUDIT_PRUNED]
+    assert [e.draft.details["pruned_through"] for e in pruned] == [10, 20, 30]
+    assert store.oldest_sequence() == 31
+
+
+def test_a_broker_with_a_signer_leaves_its_log_checkpointed_and_verifiable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    signer = make_signer()
+    server = create_server(settings, broker=build_broker(settings, signer=signer))
+    server.start()
+    try:
+        with orchestrator(server.target) as stub:
+            for _ in range(3):
+                stub.StartRun(start_run_request(), timeout=5)
+    finally:
+        server.stop(grace=0.5)  # takes the final checkpoint
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [json.loads(signer.public_jwk())]}))
+    args = ["audit", "verify", "--data-dir", str(settings.data_dir), "--jwks", str(jwks), "--json"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["checkpoints_verified"], report["anchored_through"]) == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--audit-checkpoint-events", "0"),
+        ("--audit-checkpoint-interval", "0"),
+        ("--audit-retention-days", "-1"),
+    ],
+)
+def test_unsafe_audit_settings_are_refused(flag: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=flag):
+        settings_module.parse([flag, value], environ={})

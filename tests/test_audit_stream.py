@@ -19,7 +19,7 @@ from broker.audit import AuditDraft, AuditEvent, Outcome
 from broker.auditfeed import PAGE_SIZE, AuditFeed, AuditFilter
 from broker.authz import AllowAll
 from broker.context import CallContext
-from broker.errors import OutOfRange
+from broker.errors import OutOfRange, Unavailable
 from broker.store import Store, Write
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
@@ -211,6 +211,18 @@ def test_retention_overtaking_a_slow_subscriber_ends_its_stream_out_of_range() -
     with pytest.raises(OutOfRange, match=f"oldest available sequence is {PAGE_SIZE + 101}"):
         got.extend(following)  # the page already read is delivered; then no silent skip
     assert [e.sequence for e in got if isinstance(e, AuditEvent)] == list(range(1, PAGE_SIZE + 1))
+
+
+def test_audit_streams_beyond_the_limit_are_refused_so_writers_keep_their_workers() -> None:
+    store = MemoryStore()
+    store.commit(Write([draft()]))
+    feed = AuditFeed(store, FakeClock(), AllowAll(), lambda run_id: None, max_subscribers=1)
+    first = feed.follow(CallContext(), 0, AuditFilter())
+    assert isinstance(next(first), AuditEvent)
+    with pytest.raises(Unavailable, match="already serves 1 audit streams"):
+        next(feed.follow(CallContext(), 0, AuditFilter()))
+    first.close()  # a subscriber that leaves frees its place
+    assert isinstance(next(feed.follow(CallContext(), 0, AuditFilter())), AuditEvent)
 
 
 class ObservedStore(SqliteStore):
