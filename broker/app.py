@@ -11,14 +11,16 @@ from opentelemetry.trace import TracerProvider
 
 from broker import devpolicy
 from broker.auditfeed import AuditFeed
+from broker.auditkeeper import DAY, AuditKeeper, KeeperSettings
 from broker.authn import Authenticator, RunCredentialVerifier
 from broker.authz import PolicyAuthorizer
+from broker.checkpoints import CheckpointSigner
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
 from broker.delegation import Delegation, Handoff
 from broker.identity import BROKER
 from broker.issuance import MAX_TTL, Issuance
-from broker.keys import KeyRing
+from broker.keys import CheckpointSigning, KeyRing
 from broker.lifecycle import MAX_DEADLINE, RunLifecycle
 from broker.policyfile import load_policy
 from broker.policyrules import PolicyRules
@@ -55,6 +57,7 @@ class Broker:
     telemetry: Telemetry
     policy: PolicySource
     authn: Authenticator
+    keeper: AuditKeeper
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -62,6 +65,7 @@ class Broker:
         """Start the reaper that expires runs past their deadline or lease."""
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
+        self.keeper.start()
 
     def _reap_loop(self) -> None:
         ctx = CallContext(principal=BROKER)
@@ -80,6 +84,7 @@ class Broker:
         self.delegation.close()
         if self._reaper is not None:
             self._reaper.join(timeout=5)
+        self.keeper.close()
         self.store.close()
 
 
@@ -93,12 +98,14 @@ def build_broker(
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
     run_credentials: RunCredentialVerifier | None = None,
+    signer: CheckpointSigner | None = None,
 ) -> Broker:
     """Everything the broker needs, loaded and ready.
 
     `issuer` (the `iss` of broker tokens and the audience of callers' assertions) defaults
     from settings. Without providers, telemetry is a no-op (`serve` builds them from OTEL_*
-    variables). Raises PolicyError (before opening anything) when the policy is invalid.
+    variables). Audit checkpoints are signed by `signer`, by default the key ring.
+    Raises PolicyError (before opening anything) when the policy is invalid.
     """
     issuer = issuer or settings.effective_issuer
     policy_path = settings.policy or devpolicy.ensure(settings.data_dir, issuer)
@@ -130,7 +137,15 @@ def build_broker(
         run_credentials or tokens.authenticate_run_credential,
     )
     runs = RunLifecycle(store, registry, clock, authorizer, observer=telemetry)
-    feed = AuditFeed(store, clock, authorizer, registry.get, observer=telemetry)
+    feed = AuditFeed(
+        store,
+        clock,
+        authorizer,
+        registry.get,
+        observer=telemetry,
+        # Half the workers at most follow audit streams; the rest stay free for everyone else.
+        max_subscribers=settings.max_workers // 2,
+    )
     telemetry.watch(store, registry.active, lambda: feed.subscribers)
     rules = PolicyRules(policy.current)
     return Broker(
@@ -158,4 +173,16 @@ def build_broker(
         telemetry=telemetry,
         policy=policy,
         authn=authn,
+        keeper=AuditKeeper(
+            store, clock, signer or CheckpointSigning(keys), _keeper_settings(settings, issuer)
+        ),
+    )
+
+
+def _keeper_settings(settings: Settings, issuer: str) -> KeeperSettings:
+    return KeeperSettings(
+        every_events=settings.audit_checkpoint_events,
+        interval=settings.audit_checkpoint_interval,
+        retention_seconds=settings.audit_retention_days * DAY,
+        issuer=issuer,
     )

@@ -52,6 +52,7 @@ class Action:
     POLICY_LOADED = "policy.loaded"
     POLICY_RELOAD_FAILED = "policy.reload_failed"
     BROKER_STARTED = "broker.started"
+    AUDIT_PRUNED = "audit.pruned"
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,54 @@ class ChainBreak:
     problem: str
 
 
+class ChainWalker:
+    """Re-walks stored rows one at a time, in order; remembers the first break.
+
+    `start_prev_hash` is the hash the first row must link to (GENESIS for a full log, the
+    checkpoint hash at the boundary for a log pruned by retention, None to take the first
+    row's link as given); `start_sequence` the sequence the first row must have (None: any).
+    """
+
+    def __init__(self, start_prev_hash: str | None, start_sequence: int | None = None) -> None:
+        self.expected_sequence = start_sequence
+        self.expected_prev = start_prev_hash
+        self.last_sequence: int | None = None
+        self.last_hash: str | None = None
+        self.broken: ChainBreak | None = None
+
+    def step(
+        self, sequence: int, record: Mapping[str, Any], prev_hash: str, stored_hash: str
+    ) -> ChainBreak | None:
+        """Check the next row; the break it reveals (once broken, stays broken)."""
+        if self.broken is None:
+            self.broken = self._check(sequence, record, prev_hash, stored_hash)
+            if self.broken is None:
+                self.expected_sequence = sequence + 1
+                self.expected_prev = self.last_hash = stored_hash
+                self.last_sequence = sequence
+        return self.broken
+
+    def _check(
+        self, sequence: int, record: Mapping[str, Any], prev_hash: str, stored_hash: str
+    ) -> ChainBreak | None:
+        expected = self.expected_sequence
+        if expected is not None and sequence != expected:
+            return ChainBreak(expected, f"sequence {expected} missing (found {sequence})")
+        if not record:
+            return ChainBreak(sequence, "record is empty or unreadable")
+        if record.get("sequence") != sequence:
+            return ChainBreak(sequence, "row sequence differs from the sealed sequence")
+        if self.expected_prev is not None and prev_hash != self.expected_prev:
+            return ChainBreak(sequence, "prev_hash does not link to the previous event")
+        try:
+            computed = chain_hash(prev_hash, record)
+        except (ValueError, TypeError):
+            return ChainBreak(sequence, "row is malformed (hash or record unreadable)")
+        if computed != stored_hash:
+            return ChainBreak(sequence, "content does not match its hash")
+        return None
+
+
 def verify_chain(
     rows: Iterable[tuple[int, Mapping[str, Any], str, str]],
     *,
@@ -195,17 +244,8 @@ def verify_chain(
     `start_prev_hash` is the hash the first row must link to (GENESIS for a full log, the
     checkpoint hash for a log whose head was pruned by retention).
     """
-    expected_seq: int | None = None
-    expected_prev = start_prev_hash
-    for sequence, record, prev_hash, stored_hash in rows:
-        if expected_seq is not None and sequence != expected_seq:
-            return ChainBreak(expected_seq, f"sequence {expected_seq} missing (found {sequence})")
-        if record.get("sequence") != sequence:
-            return ChainBreak(sequence, "row sequence differs from the sealed sequence")
-        if expected_prev is not None and prev_hash != expected_prev:
-            return ChainBreak(sequence, "prev_hash does not link to the previous event")
-        if chain_hash(prev_hash, record) != stored_hash:
-            return ChainBreak(sequence, "content does not match its hash")
-        expected_seq = sequence + 1
-        expected_prev = stored_hash
+    walker = ChainWalker(start_prev_hash)
+    for row in rows:
+        if walker.step(*row) is not None:
+            return walker.broken
     return None

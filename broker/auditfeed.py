@@ -9,14 +9,15 @@ subscribers), and memory per subscriber is one page.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from broker.audit import AuditEvent
 from broker.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
-from broker.errors import OutOfRange
+from broker.errors import DataLoss, OutOfRange, Unavailable
 from broker.observe import NULL_OBSERVER, Observer
 from broker.runs import PipelineRef, Run
 from broker.store import Committed, Mutation, Store
@@ -74,9 +75,13 @@ class AuditFeed:
         authorizer: Authorizer,
         find_run: Callable[[str], Run | None],
         observer: Observer = NULL_OBSERVER,
+        max_subscribers: int = 32,
     ) -> None:
         self._store = store
         self._observer = observer
+        # Each stream holds a server worker thread while it follows: cap them, so that
+        # subscribers can never take every worker from the writers.
+        self._max_subscribers = max_subscribers
         self._clock = clock
         self._authz = authorizer
         self._find_run = find_run
@@ -115,7 +120,8 @@ class AuditFeed:
         stop_at_head: bool = False,
         heartbeat_every: float = 5.0,
         cancelled: Callable[[], bool] = lambda: False,
-    ) -> Iterator[AuditEvent | Heartbeat]:
+    ) -> Generator[AuditEvent | Heartbeat]:
+        """Events after `after` matching the filter, then live ones; close() to leave."""
         run = self._find_run(event_filter.run_id) if event_filter.run_id else None
         # Events the filter may let through; "*" where it does not filter.
         selection = PipelineRef(event_filter.org or "*", event_filter.project or "*", "*")
@@ -125,12 +131,10 @@ class AuditFeed:
         if run is not None:
             self._observer.call_touched_run(run)
         oldest = self._store.oldest_sequence()
+        if after == 0:
+            after = oldest - 1  # 0 means "from the oldest retained event" (the contract)
         if after < oldest - 1:
-            raise OutOfRange(
-                f"events after sequence {after} are no longer retained; "
-                f"the oldest available sequence is {oldest} "
-                f"(resume with after_sequence={oldest - 1})"
-            )
+            raise _pruned(after, oldest)
         head = self._store.head_sequence()
         if after > head:
             raise OutOfRange(
@@ -138,6 +142,11 @@ class AuditFeed:
                 "was the cursor taken from another broker?"
             )
         with self._changed:
+            if self._subscribers >= self._max_subscribers:
+                raise Unavailable(
+                    f"this broker already serves {self._subscribers} audit streams, its limit; "
+                    "retry later or resume from another replica"
+                )
             self._subscribers += 1
         try:
             yield from self._follow(after, event_filter, stop_at_head, heartbeat_every, cancelled)
@@ -157,6 +166,8 @@ class AuditFeed:
         while not self._closed and not cancelled():
             page = self._store.read_events(cursor, PAGE_SIZE)
             for event in page:
+                if event.sequence != cursor + 1:  # sequences are gapless: never skip one
+                    self._gap(cursor, event.sequence)
                 cursor = event.sequence
                 if event_filter.matches(event):
                     self._observer.audit_delivered(self._head - event.sequence)
@@ -170,7 +181,25 @@ class AuditFeed:
                 yield Heartbeat(cursor, last_beat)
             self._wait_beyond(cursor, timeout=min(0.5, heartbeat_every))
 
+    def _gap(self, cursor: int, found: int) -> NoReturn:
+        oldest = self._store.oldest_sequence()
+        if cursor < oldest - 1:
+            # Retention pruned past a slow subscriber: say so, never skip silently.
+            raise _pruned(cursor, oldest)
+        raise DataLoss(
+            f"the audit log has no event {cursor + 1} (next stored: {found}); "
+            "run `token-broker audit verify`"
+        )
+
     def _wait_beyond(self, sequence: int, timeout: float) -> None:
         # Short waits, so that a cancelled subscriber is noticed even when nothing is written.
         with self._changed:
             self._changed.wait_for(lambda: self._head > sequence or self._closed, timeout=timeout)
+
+
+def _pruned(after: int, oldest: int) -> OutOfRange:
+    return OutOfRange(
+        f"events after sequence {after} are no longer retained; "
+        f"the oldest available sequence is {oldest} "
+        f"(resume with after_sequence={oldest - 1})"
+    )

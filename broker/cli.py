@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker import __version__, assertioncmd, logs, settings
+from broker import __version__, assertioncmd, cli_audit, logs, settings
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(serve, os.environ)
     serve.set_defaults(handler=_serve)
     assertioncmd.add_command(commands)
+    cli_audit.add_commands(commands)
     return parser
 
 

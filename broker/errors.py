@@ -65,5 +65,9 @@ class Unavailable(BrokerError):
     """The broker cannot serve this now (storage refused a write, shutting down); retry later."""
 
 
+class DataLoss(BrokerError):
+    """Stored data is missing or corrupt (e.g. a gap in the audit chain)."""
+
+
 class Unimplemented(BrokerError):
     """The RPC exists in the contract but this build does not serve it yet."""

@@ -264,3 +264,13 @@ class KeyRing:
 
 def _public_key(jwk: Mapping[str, Any]) -> Any:
     return jwt.PyJWK.from_dict(dict(jwk)).key
+
+
+class CheckpointSigning:
+    """The key ring as an audit `CheckpointSigner`: the active key signs checkpoints."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
+
+    def sign(self, claims: dict[str, Any], *, typ: str) -> str:
+        return self._keys.sign(claims, typ)[0]

@@ -39,6 +39,9 @@ class Settings:
     shutdown_grace: float = 4.0
     reap_interval: float = 1.0
     otel_console: bool = False
+    audit_checkpoint_events: int = 1000
+    audit_checkpoint_interval: float = 60.0
+    audit_retention_days: float = 0.0
 
     def __post_init__(self) -> None:
         if self.store not in ("sqlite", "memory"):
@@ -49,6 +52,7 @@ class Settings:
             raise SettingsError(f"--log-format must be 'json' or 'text', not {self.log_format!r}")
         if self.max_workers < 4:
             raise SettingsError("--max-workers must be at least 4")
+        _check_audit_settings(self)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("--tls-cert and --tls-key go together: give both or neither")
         if self.client_ca is not None and self.tls_cert is None:
@@ -82,6 +86,15 @@ class Settings:
         host, port = split_host_port(self.http_listen or self.listen, "--http-listen")
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
+
+
+def _check_audit_settings(settings: Settings) -> None:
+    if settings.audit_checkpoint_events < 1:
+        raise SettingsError("--audit-checkpoint-events must be at least 1")
+    if not settings.audit_checkpoint_interval > 0:
+        raise SettingsError("--audit-checkpoint-interval must be a positive number of seconds")
+    if not settings.audit_retention_days >= 0:
+        raise SettingsError("--audit-retention-days must be 0 (keep forever) or positive")
 
 
 def split_host_port(address: str, name: str) -> tuple[str, int]:
@@ -180,4 +193,8 @@ _HELP = {
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
     "reap_interval": "seconds between checks for runs past their deadline or lease",
     "otel_console": "print OpenTelemetry spans to stderr",
+    "audit_checkpoint_events": "sign a checkpoint of the audit chain after this many events",
+    "audit_checkpoint_interval": "... or after this many seconds, if any event was written",
+    "audit_retention_days": "delete audit events older than this, whole checkpointed ranges "
+    "only (0 = keep forever)",
 }

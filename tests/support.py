@@ -29,6 +29,7 @@ class BrokerProcess:
     process: subprocess.Popen[str]
     port: int
     log_path: Path
+    data_dir: Path
 
     @property
     def target(self) -> str:
@@ -56,7 +57,7 @@ def start_broker_process(
             except ValueError:
                 continue
             if entry.get("msg") == "token-broker serving":
-                return BrokerProcess(process, int(entry["port"]), log_path)
+                return BrokerProcess(process, int(entry["port"]), log_path, data_dir)
         if process.poll() is not None:
             raise RuntimeError(f"broker exited early:\n{log_path.read_text()}")
         time.sleep(0.05)

@@ -14,12 +14,17 @@ from broker.audit import AuditDraft, Outcome
 from broker.permissions import PermissionSet
 from broker.runs import PipelineRef, Run, RunState
 from broker.store import (
+    CheckpointConflict,
+    CheckpointRecord,
     Committed,
     CreateRun,
     EndRun,
     IdempotencyClaim,
     IdempotencyKeyTaken,
     Mutation,
+    PruneAudit,
+    PruneConflict,
+    RecordCheckpoint,
     RenewLease,
     RunNotActive,
     RunQuery,
@@ -196,3 +201,75 @@ def test_sqlite_reopens_with_its_history_and_continues_the_chain(tmp_path: Path)
     assert audit.verify_chain(rows, start_prev_hash=audit.GENESIS_HASH) is None
     assert reopened.get_run("r-1") == make_run("r-1")
     reopened.close()
+
+
+def checkpoint_of(store: Store, sequence: int, prev: int = 0) -> CheckpointRecord:
+    event = store.read_events(sequence - 1, 1)[0]
+    return CheckpointRecord(sequence, event.hash, 1001.0, "k1", f"jws-{sequence}", prev)
+
+
+def test_a_checkpoint_is_stored_only_for_the_chain_it_claims(store: Store) -> None:
+    store.commit(Write([event("x") for _ in range(6)]))
+    good = checkpoint_of(store, 3)
+    with pytest.raises(CheckpointConflict):
+        store.commit(Write([], RecordCheckpoint(CheckpointRecord(3, "ab" * 32, 1.0, "k1", "j", 0))))
+    beyond_head = CheckpointRecord(9, good.hash, 1.0, "k1", "j", 0)
+    with pytest.raises(CheckpointConflict):
+        store.commit(Write([], RecordCheckpoint(beyond_head)))
+    assert store.latest_checkpoint() is None
+    store.commit(Write([], RecordCheckpoint(good)))
+    assert store.latest_checkpoint() == good
+    # A racing replica still thinking "no checkpoint yet" loses, and nothing forks.
+    with pytest.raises(CheckpointConflict):
+        store.commit(Write([], RecordCheckpoint(checkpoint_of(store, 5, prev=0))))
+    later = checkpoint_of(store, 5, prev=3)
+    store.commit(Write([], RecordCheckpoint(later)))
+    assert store.checkpoints(0, 10) == [good, later]
+    assert store.checkpoints(3, 10) == [later]
+    assert store.latest_checkpoint(at_most=4) == good
+    assert store.head_sequence() == 6
+
+
+def test_pruning_deletes_only_a_whole_checkpointed_range_with_its_event(store: Store) -> None:
+    store.commit(Write([event("x") for _ in range(8)]))
+    with pytest.raises(PruneConflict):
+        store.commit(Write([event("audit.pruned")], PruneAudit(4)))
+    assert (store.oldest_sequence(), store.head_sequence(), store.pruned_through()) == (1, 8, 0)
+    boundary = checkpoint_of(store, 4)
+    store.commit(Write([], RecordCheckpoint(boundary)))
+    store.commit(Write([event("audit.pruned")], PruneAudit(4)))
+    assert store.pruned_through() == 4
+    assert (store.oldest_sequence(), store.head_sequence()) == (5, 9)
+    assert store.read_events(0, 100)[0].sequence == 5
+    rows = [(s.sequence, s.record, s.prev_hash, s.hash) for s in store.stored_events(0, 100)]
+    assert audit.verify_chain(rows, start_prev_hash=boundary.hash) is None
+    with pytest.raises(PruneConflict):
+        store.commit(Write([event("audit.pruned")], PruneAudit(4)))
+    assert store.head_sequence() == 9
+
+
+def test_first_sequence_since_finds_the_oldest_event_not_older_than_a_time(store: Store) -> None:
+    for i in range(5):
+        store.commit(Write([AuditDraft(time=100.0 + i, action="x", outcome=Outcome.SUCCESS)]))
+    assert store.first_sequence_since(102.0) == 3
+    assert store.first_sequence_since(50.0) == 1
+    assert store.first_sequence_since(200.0) is None
+
+
+def test_sqlite_checkpoints_and_retention_boundary_are_guarded(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    store.commit(Write([event("x") for _ in range(5)]))
+    store.commit(Write([], RecordCheckpoint(checkpoint_of(store, 2))))
+    store.close()
+    conn = sqlite3.connect(tmp_path / "broker.db")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE audit_checkpoints SET hash='x'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM audit_checkpoints")
+    with pytest.raises(sqlite3.IntegrityError, match="checkpointed sequence"):
+        conn.execute("UPDATE audit_retention SET pruned_through=3")
+    conn.execute("UPDATE audit_retention SET pruned_through=2")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM audit_events WHERE sequence=3")
+    conn.execute("DELETE FROM audit_events WHERE sequence<=2")
+    conn.close()

@@ -19,6 +19,7 @@ STATUS_OF: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (errors.BrokerError, grpc.StatusCode.INTERNAL),
 )

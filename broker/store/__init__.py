@@ -70,7 +70,45 @@ class RetireKey:
     retire_time: float
 
 
-Mutation = CreateRun | EndRun | RenewLease | PublishKey | RetireKey
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A signed statement that the chain's event `sequence` has `hash` (see broker.checkpoints).
+
+    `prev_sequence` is the checkpoint before it (0 for the first), so that checkpoints form a
+    chain of their own and a deleted one shows. `jws` is authoritative; the other columns are
+    what it claims, kept for queries.
+    """
+
+    sequence: int
+    hash: str
+    time: float
+    kid: str
+    jws: str
+    prev_sequence: int
+
+
+@dataclass(frozen=True)
+class RecordCheckpoint:
+    """Store a checkpoint. Conflict (nothing written) unless event `sequence` exists with that
+    hash and the newest stored checkpoint is `prev_sequence`: replicas racing to checkpoint
+    never fork the checkpoint chain; the loser simply skips."""
+
+    checkpoint: CheckpointRecord
+
+
+@dataclass(frozen=True)
+class PruneAudit:
+    """Retention: raise `pruned_through` to `through`, then delete every event up to it.
+
+    Conflict unless a checkpoint exists at `through` and `through` lies beyond what is already
+    pruned, so only whole, checkpointed ranges go and the retained chain stays verifiable from
+    that checkpoint's hash.
+    """
+
+    through: int
+
+
+Mutation = CreateRun | EndRun | RenewLease | PublishKey | RetireKey | RecordCheckpoint | PruneAudit
 
 
 @dataclass(frozen=True)
@@ -108,6 +146,14 @@ class IdempotencyKeyTaken(Conflict):
         super().__init__(f"idempotency key already used for run {run_id}")
         self.run_id = run_id
         self.fingerprint = fingerprint
+
+
+class CheckpointConflict(Conflict):
+    """Another checkpoint was stored first, or the claimed event does not match the chain."""
+
+
+class PruneConflict(Conflict):
+    """The range is already pruned, or its end is not a checkpointed sequence."""
 
 
 class StoreUnavailable(Exception):
@@ -192,5 +238,21 @@ class Store(Protocol):
         ...
 
     def public_keys(self) -> list[PublicKeyRecord]: ...
+
+    def latest_checkpoint(self, at_most: int | None = None) -> CheckpointRecord | None:
+        """The newest checkpoint (with sequence <= `at_most` when given)."""
+        ...
+
+    def checkpoints(self, after: int, limit: int) -> list[CheckpointRecord]:
+        """Checkpoints with sequence > after, oldest first, at most `limit`."""
+        ...
+
+    def pruned_through(self) -> int:
+        """Every event up to this sequence was deleted by retention (0: nothing pruned)."""
+        ...
+
+    def first_sequence_since(self, time: float) -> int | None:
+        """The smallest sequence of a retained event with time >= `time` (None if none)."""
+        ...
 
     def close(self) -> None: ...

@@ -11,6 +11,8 @@ from broker import audit
 from broker.audit import AuditEvent
 from broker.runs import Run
 from broker.store import (
+    CheckpointConflict,
+    CheckpointRecord,
     CommitListener,
     Committed,
     Conflict,
@@ -18,8 +20,11 @@ from broker.store import (
     EndRun,
     IdempotencyKeyTaken,
     Mutation,
+    PruneAudit,
+    PruneConflict,
     PublicKeyRecord,
     PublishKey,
+    RecordCheckpoint,
     RenewLease,
     RetireKey,
     RunNotActive,
@@ -37,6 +42,10 @@ class MemoryStore:
         self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
         self._events: list[AuditEvent] = []
         self._keys: dict[str, PublicKeyRecord] = {}
+        self._checkpoints: list[CheckpointRecord] = []
+        self._pruned_through = 0
+        # The chain's head survives pruning even when every event is gone.
+        self._head = (0, audit.GENESIS_HASH)
         self._listeners: list[CommitListener] = []
 
     def add_listener(self, listener: CommitListener) -> None:
@@ -47,10 +56,9 @@ class MemoryStore:
             run = self._check_and_apply(write.mutation) if write.mutation else None
             events = []
             for draft in write.events:
-                prev = self._events[-1].hash if self._events else audit.GENESIS_HASH
-                sequence = self._events[-1].sequence + 1 if self._events else 1
-                event = audit.seal(draft, sequence, prev)
+                event = audit.seal(draft, self._head[0] + 1, self._head[1])
                 self._events.append(event)
+                self._head = (event.sequence, event.hash)
                 events.append(event)
             committed = Committed(run, events)
             for listener in self._listeners:
@@ -94,7 +102,36 @@ class MemoryStore:
                         key, retire_time=mutation.retire_time
                     )
                 return None
+            case RecordCheckpoint(checkpoint=checkpoint):
+                self._check_checkpoint(checkpoint)
+                self._checkpoints.append(checkpoint)
+                return None
+            case PruneAudit(through=through):
+                self._check_prune(through)
+                self._pruned_through = through
+                self._events = [e for e in self._events if e.sequence > through]
+                return None
         raise TypeError(f"unknown mutation {mutation!r}")
+
+    def _check_checkpoint(self, checkpoint: CheckpointRecord) -> None:
+        latest = self._checkpoints[-1].sequence if self._checkpoints else 0
+        if latest != checkpoint.prev_sequence or checkpoint.sequence <= latest:
+            raise CheckpointConflict(
+                f"the newest checkpoint is at {latest}, not {checkpoint.prev_sequence}"
+            )
+        found = self.read_events(checkpoint.sequence - 1, 1)
+        if (
+            not found
+            or found[0].sequence != checkpoint.sequence
+            or found[0].hash != checkpoint.hash
+        ):
+            raise CheckpointConflict(f"event {checkpoint.sequence} does not have the claimed hash")
+
+    def _check_prune(self, through: int) -> None:
+        if through <= self._pruned_through:
+            raise PruneConflict(f"events through {self._pruned_through} are already pruned")
+        if all(c.sequence != through for c in self._checkpoints):
+            raise PruneConflict(f"sequence {through} is not checkpointed")
 
     def _active(self, run_id: str) -> Run:
         run = self._runs.get(run_id)
@@ -139,11 +176,31 @@ class MemoryStore:
 
     def head_sequence(self) -> int:
         with self._lock:
-            return self._events[-1].sequence if self._events else 0
+            return self._head[0]
 
     def oldest_sequence(self) -> int:
         with self._lock:
-            return self._events[0].sequence if self._events else 1
+            return self._events[0].sequence if self._events else self._head[0] + 1
+
+    def latest_checkpoint(self, at_most: int | None = None) -> CheckpointRecord | None:
+        with self._lock:
+            eligible = [c for c in self._checkpoints if at_most is None or c.sequence <= at_most]
+            return eligible[-1] if eligible else None
+
+    def checkpoints(self, after: int, limit: int) -> list[CheckpointRecord]:
+        with self._lock:
+            return [c for c in self._checkpoints if c.sequence > after][:limit]
+
+    def pruned_through(self) -> int:
+        with self._lock:
+            return self._pruned_through
+
+    def first_sequence_since(self, time: float) -> int | None:
+        # Compare in integer microseconds, as the SQL backends do.
+        bound = round(time * 1_000_000)
+        with self._lock:
+            found = [e.sequence for e in self._events if round(e.draft.time * 1_000_000) >= bound]
+            return min(found, default=None)
 
     def public_keys(self) -> list[PublicKeyRecord]:
         with self._lock:

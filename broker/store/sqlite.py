@@ -25,6 +25,8 @@ from broker import audit
 from broker.audit import AuditEvent
 from broker.runs import Run
 from broker.store import (
+    CheckpointConflict,
+    CheckpointRecord,
     CommitListener,
     Committed,
     Conflict,
@@ -32,8 +34,11 @@ from broker.store import (
     EndRun,
     IdempotencyKeyTaken,
     Mutation,
+    PruneAudit,
+    PruneConflict,
     PublicKeyRecord,
     PublishKey,
+    RecordCheckpoint,
     RenewLease,
     RetireKey,
     RunNotActive,
@@ -282,6 +287,12 @@ class SqliteStore:
                     (mutation.retire_time, mutation.kid),
                 )
                 return None
+            case RecordCheckpoint(checkpoint=checkpoint):
+                _record_checkpoint(conn, checkpoint)
+                return None
+            case PruneAudit(through=through):
+                _prune_audit(conn, through)
+                return None
         raise TypeError(f"unknown mutation {mutation!r}")
 
     def _changed_run(self, conn: sqlite3.Connection, rowcount: int, run_id: str) -> Run:
@@ -374,6 +385,32 @@ class SqliteStore:
         )
         return [PublicKeyRecord(*row) for row in rows]
 
+    def latest_checkpoint(self, at_most: int | None = None) -> CheckpointRecord | None:
+        bound = (1 << 62) if at_most is None else at_most
+        rows = self._query(
+            f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence<=? "  # noqa: S608
+            "ORDER BY sequence DESC LIMIT 1",
+            (bound,),
+        )
+        return CheckpointRecord(*rows[0]) if rows else None
+
+    def checkpoints(self, after: int, limit: int) -> list[CheckpointRecord]:
+        rows = self._query(
+            f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence>? "  # noqa: S608
+            "ORDER BY sequence LIMIT ?",
+            (after, limit),
+        )
+        return [CheckpointRecord(*row) for row in rows]
+
+    def pruned_through(self) -> int:
+        return int(self._query("SELECT pruned_through FROM audit_retention WHERE id=1")[0][0])
+
+    def first_sequence_since(self, time: float) -> int | None:
+        row = self._query(
+            "SELECT MIN(sequence) FROM audit_events WHERE time_us>=?", (round(time * 1_000_000),)
+        )[0]
+        return None if row[0] is None else int(row[0])
+
     def close(self) -> None:
         if self._closed:
             return
@@ -385,6 +422,47 @@ class SqliteStore:
                 conn.close()
             self._readers.clear()
         self._writer.close()
+
+
+CHECKPOINT_COLUMNS = "sequence, hash, time, kid, jws, prev_sequence"
+
+
+def _record_checkpoint(conn: sqlite3.Connection, checkpoint: CheckpointRecord) -> None:
+    latest = conn.execute("SELECT COALESCE(MAX(sequence), 0) FROM audit_checkpoints").fetchone()[0]
+    if latest != checkpoint.prev_sequence or checkpoint.sequence <= latest:
+        raise CheckpointConflict(
+            f"the newest checkpoint is at {latest}, not {checkpoint.prev_sequence}"
+        )
+    row = conn.execute(
+        "SELECT hash FROM audit_events WHERE sequence=?", (checkpoint.sequence,)
+    ).fetchone()
+    if row is None or row[0] != checkpoint.hash:
+        raise CheckpointConflict(f"event {checkpoint.sequence} does not have the claimed hash")
+    conn.execute(
+        f"INSERT INTO audit_checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+        (
+            checkpoint.sequence,
+            checkpoint.hash,
+            checkpoint.time,
+            checkpoint.kid,
+            checkpoint.jws,
+            checkpoint.prev_sequence,
+        ),
+    )
+
+
+def _prune_audit(conn: sqlite3.Connection, through: int) -> None:
+    pruned = conn.execute("SELECT pruned_through FROM audit_retention WHERE id=1").fetchone()[0]
+    if through <= pruned:
+        raise PruneConflict(f"events through {pruned} are already pruned")
+    if (
+        conn.execute("SELECT 1 FROM audit_checkpoints WHERE sequence=?", (through,)).fetchone()
+        is None
+    ):
+        raise PruneConflict(f"sequence {through} is not checkpointed")
+    # Raise the boundary first: the delete trigger allows deleting only up to it.
+    conn.execute("UPDATE audit_retention SET pruned_through=? WHERE id=1", (through,))
+    conn.execute("DELETE FROM audit_events WHERE sequence<=?", (through,))
 
 
 def _run_filter(query: RunQuery) -> tuple[list[str], list[Any]]:

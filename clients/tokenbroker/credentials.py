@@ -120,6 +120,11 @@ def assertion_credentials(
     return grpc.metadata_call_credentials(_BearerPlugin(signer.assertion), name=account)
 
 
+def signer_credentials(signer: AssertionSigner) -> grpc.CallCredentials:
+    """Call credentials from an `AssertionSigner` you configured yourself (e.g. its clock)."""
+    return grpc.metadata_call_credentials(_BearerPlugin(signer.assertion), name=signer.account)
+
+
 def bearer_credentials(credential: str) -> grpc.CallCredentials:
     """Call credentials presenting a fixed bearer credential (a run credential)."""
     return grpc.metadata_call_credentials(_BearerPlugin(lambda: credential), name="bearer")
