@@ -77,6 +77,41 @@ class FlakyBroker(broker_pb2_grpc.TokenBrokerServiceServicer):
         self._attempt("RotateSigningKey", request, context)
         return broker_pb2.RotateSigningKeyResponse(key_id="k-new")
 
+    def RenewRun(
+        self, request: broker_pb2.RenewRunRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.RenewRunResponse:
+        self._attempt("RenewRun", request, context)
+        return broker_pb2.RenewRunResponse(run=types_pb2.Run(run_id=request.run_id))
+
+    def VerifyToken(
+        self, request: broker_pb2.VerifyTokenRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.VerifyTokenResponse:
+        self._attempt("VerifyToken", request, context)
+        return broker_pb2.VerifyTokenResponse(active=False, reason="fake")
+
+    def RevokeRun(
+        self, request: broker_pb2.RevokeRunRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.RevokeRunResponse:
+        self._attempt("RevokeRun", request, context)
+        return broker_pb2.RevokeRunResponse(run=types_pb2.Run(run_id=request.run_id))
+
+    def ListRuns(
+        self, request: broker_pb2.ListRunsRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ListRunsResponse:
+        """Two pages: the first one points at the second."""
+        self._attempt("ListRuns", request, context)
+        if not request.page_token:
+            return broker_pb2.ListRunsResponse(
+                runs=[types_pb2.Run(run_id="r-b")], next_page_token="p2"
+            )
+        return broker_pb2.ListRunsResponse(runs=[types_pb2.Run(run_id="r-a")])
+
+    def GetSigningKeys(
+        self, request: broker_pb2.GetSigningKeysRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.GetSigningKeysResponse:
+        self._attempt("GetSigningKeys", request, context)
+        return broker_pb2.GetSigningKeysResponse(issuer="https://fake")
+
     def StreamAudit(
         self, request: broker_pb2.StreamAuditRequest, context: grpc.ServicerContext
     ) -> Iterator[broker_pb2.StreamAuditResponse]:

@@ -60,7 +60,7 @@ class AsyncBrokerClient:
         self.retry = retry or RetryPolicy()
         self._owns_channel = channel is None
         self._channel = channel or open_aio_channel(target, credentials, tls)
-        self._stub = broker_pb2_grpc.TokenBrokerServiceAsyncStub(self._channel)
+        self._stub = broker_pb2_grpc.TokenBrokerServiceStub(self._channel)
 
     @classmethod
     def local(

@@ -30,7 +30,7 @@ import enum
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import Message
@@ -79,6 +79,8 @@ class RetryPolicy:
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
     multiplier: float = 2.0
+    # Spreads retries of many clients apart: a fraction in [0, 1) of the backoff cap.
+    jitter: Callable[[], float] = field(default=random.random, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -86,10 +88,10 @@ class RetryPolicy:
         if not 0 <= self.initial_backoff <= self.max_backoff or self.multiplier < 1:
             raise ValueError("need 0 <= initial_backoff <= max_backoff and multiplier >= 1")
 
-    def backoff(self, retry_number: int, rng: Callable[[], float] = random.random) -> float:
+    def backoff(self, retry_number: int) -> float:
         """Seconds to wait before retry `retry_number` (0 for the first): full jitter."""
         cap = min(self.max_backoff, self.initial_backoff * self.multiplier**retry_number)
-        return rng() * cap
+        return self.jitter() * cap
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
