@@ -24,7 +24,9 @@ from tokenbroker import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    RunEnvironment,
     RunNotActive,
+    TlsOptions,
     step_token,
 )
 from tokenbroker.credentials import local_channel
@@ -240,3 +242,19 @@ def test_a_step_token_outside_a_pipeline_step_says_what_is_missing() -> None:
 def test_the_local_client_without_a_development_key_says_how_to_fix_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="--policy"):
         BrokerClient.local("127.0.0.1:1", data_dir=tmp_path / "nothing-here")
+
+
+def test_the_run_environment_may_name_the_run_and_a_private_ca(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\n...")
+    env = RunEnvironment.from_environ(
+        {
+            "TOKEN_BROKER_TARGET": "broker.example.com:443",
+            "TOKEN_BROKER_RUN_CREDENTIAL": "opaque-to-the-client",
+            "TOKEN_BROKER_RUN_ID": "r-42",
+            "TOKEN_BROKER_CA_FILE": str(ca),
+        }
+    )
+    assert (env.target, env.run_id) == ("broker.example.com:443", "r-42")
+    assert env.tls == TlsOptions(root_certificates=ca.read_bytes())
+    assert "opaque-to-the-client" not in repr(env)

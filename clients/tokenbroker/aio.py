@@ -59,7 +59,9 @@ class AsyncBrokerClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._owns_channel = channel is None
-        self._channel = channel or open_aio_channel(target, credentials, tls)
+        self._channel = (
+            channel if channel is not None else open_aio_channel(target, credentials, tls)
+        )
         self._stub = broker_pb2_grpc.TokenBrokerServiceStub(self._channel)
 
     @classmethod
@@ -365,11 +367,11 @@ class AsyncAuditStream(AsyncIterator[types_pb2.AuditEvent]):
                 await self._resume(self._attempts.next_delay(), None)
                 continue
             assert isinstance(item, broker_pb2.StreamAuditResponse)
+            self._attempts.progressed()
             if item.HasField("heartbeat"):
                 self.cursor = max(self.cursor, item.heartbeat.scanned_through)
                 continue
             self.cursor = item.event.sequence
-            self._attempts.progressed()
             return item.event
 
     def _open(

@@ -94,7 +94,7 @@ class BrokerClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._owns_channel = channel is None
-        self._channel = channel or open_channel(target, credentials, tls)
+        self._channel = channel if channel is not None else open_channel(target, credentials, tls)
         self._stub = broker_pb2_grpc.TokenBrokerServiceStub(self._channel)
 
     @classmethod
@@ -394,11 +394,11 @@ class AuditStream(Iterator[types_pb2.AuditEvent]):
                     raise StopIteration from None
                 self._resume(self._attempts.delay_before_retry(error), error)
                 continue
+            self._attempts.progressed()
             if item.HasField("heartbeat"):
                 self.cursor = max(self.cursor, item.heartbeat.scanned_through)
                 continue
             self.cursor = item.event.sequence
-            self._attempts.progressed()
             return item.event
 
     def _open(self) -> Iterator[broker_pb2.StreamAuditResponse]:
