@@ -44,6 +44,8 @@ class TokenStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class CheckResult:
+    """The verdict on a token: its status, a reason for people, and the claims read."""
+
     status: TokenStatus
     reason: str
     claims: Mapping[str, Any] = field(default_factory=dict)
@@ -51,6 +53,7 @@ class CheckResult:
 
     @property
     def active(self) -> bool:
+        """True only when the token is valid."""
         return self.status is TokenStatus.ACTIVE
 
 

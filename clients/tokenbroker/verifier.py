@@ -105,6 +105,7 @@ class JwksCache:
         self._lock = threading.Lock()
 
     def find(self, kid: str) -> PublicKey | None:
+        """The published key with id `kid`, refetching the JWKS when due; None if unknown."""
         key = self._keys.get(kid)
         age = time.monotonic() - self._fetched_at
         if (key is None and age >= self._min_refresh) or age >= self._max_age:
@@ -176,9 +177,11 @@ class RevocationFollower:
 
     @property
     def cursor(self) -> int:
+        """The last audit sequence considered; a restart may resume after it."""
         return self._cursor
 
     def stop(self) -> None:
+        """Stop following (cancels the open stream) and wait for the thread to end."""
         with self._call_lock:
             self._stopped.set()
             if self._call is not None:

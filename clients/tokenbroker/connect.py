@@ -1,0 +1,130 @@
+"""Where the broker is and how to reach it: channels (sync and asyncio) and the run
+environment a pipeline step finds its broker and run credential in.
+
+Transport security follows the target unless told otherwise: a loopback broker
+(`127.0.0.1`, `localhost`, `[::1]`) is reached in plaintext — gRPC still sends call
+credentials to it, because the connection is local — and anything else over TLS.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import jwt
+
+from tokenbroker.errors import ConfigurationError
+
+ENV_TARGET = "TOKEN_BROKER_TARGET"
+ENV_RUN_CREDENTIAL = "TOKEN_BROKER_RUN_CREDENTIAL"
+ENV_RUN_ID = "TOKEN_BROKER_RUN_ID"  # optional: otherwise read from the run credential
+ENV_CA_FILE = "TOKEN_BROKER_CA_FILE"  # optional: PEM roots for a broker with a private CA
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS beyond the defaults: a private CA, and a client certificate for mTLS."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+    certificate_chain: bytes | None = None
+
+
+# None: TLS unless the target is loopback. True/False: always/never. TlsOptions: TLS so.
+Tls = bool | TlsOptions | None
+
+
+def is_loopback_target(target: str) -> bool:
+    """True for HOST:PORT targets whose host is a loopback address or `localhost`."""
+    host = target.rpartition(":")[0].strip("[]") if ":" in target else target
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def channel_credentials(
+    target: str, credentials: grpc.CallCredentials | None, tls: Tls = None
+) -> grpc.ChannelCredentials | None:
+    """What a channel to `target` needs; None means a plain insecure channel."""
+    use_tls = tls if isinstance(tls, bool) else tls is not None or not is_loopback_target(target)
+    if use_tls:
+        options = tls if isinstance(tls, TlsOptions) else TlsOptions()
+        secure = grpc.ssl_channel_credentials(
+            options.root_certificates, options.private_key, options.certificate_chain
+        )
+    elif credentials is not None:
+        # Plaintext that still carries call credentials: only to a local peer.
+        secure = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    else:
+        return None
+    if credentials is None:
+        return secure
+    return grpc.composite_channel_credentials(secure, credentials)
+
+
+def open_channel(
+    target: str, credentials: grpc.CallCredentials | None, tls: Tls = None
+) -> grpc.Channel:
+    """A synchronous channel to `target`."""
+    secure = channel_credentials(target, credentials, tls)
+    if secure is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, secure)
+
+
+def open_aio_channel(
+    target: str, credentials: grpc.CallCredentials | None, tls: Tls = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to `target` (create it inside the event loop that uses it)."""
+    secure = channel_credentials(target, credentials, tls)
+    if secure is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, secure)
+
+
+@dataclass(frozen=True)
+class RunEnvironment:
+    """What a pipeline step is given, like GITHUB_TOKEN: the broker's address, its run's
+    credential and (read from that credential when not given) the run id."""
+
+    target: str
+    run_credential: str = field(repr=False)
+    run_id: str
+    tls: Tls = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> RunEnvironment:
+        """Read TOKEN_BROKER_TARGET, TOKEN_BROKER_RUN_CREDENTIAL (and the optional
+        TOKEN_BROKER_RUN_ID and TOKEN_BROKER_CA_FILE); ConfigurationError if missing."""
+        environ = os.environ if environ is None else environ
+        missing = [name for name in (ENV_TARGET, ENV_RUN_CREDENTIAL) if not environ.get(name)]
+        if missing:
+            raise ConfigurationError(
+                f"{' and '.join(missing)} not set: a step token needs the broker address and "
+                "the run credential its executor puts in the step's environment"
+            )
+        credential = environ[ENV_RUN_CREDENTIAL].strip()
+        run_id = environ.get(ENV_RUN_ID) or run_id_of(credential)
+        ca_file = environ.get(ENV_CA_FILE)
+        tls = TlsOptions(root_certificates=Path(ca_file).read_bytes()) if ca_file else None
+        return cls(environ[ENV_TARGET], credential, run_id, tls)
+
+
+def run_id_of(run_credential: str) -> str:
+    """The run id a run credential names. Read without verifying the signature: the broker
+    verifies the credential on every call; this only fills in the request's run id."""
+    try:
+        claims = jwt.decode(run_credential, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise ConfigurationError(f"{ENV_RUN_CREDENTIAL} is not a run credential") from None
+    run_id = claims.get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise ConfigurationError(f"{ENV_RUN_CREDENTIAL} names no run (no run_id claim)")
+    return run_id

@@ -1,0 +1,163 @@
+"""A sample PipelineExecutorService: what a real executor does with a run it is handed.
+
+`Execute` accepts the run at once; then, in the background, the "pipeline" has one step:
+with the run credential it mints a step token (`pipelines: read`, audience "sample-api"),
+calls the sample API with it, records what the API answered and ends the run with
+RevokeRun ("pipeline finished") — so every token of the run dies with it.
+
+    with SampleExecutor(api_url=api.url) as executor:       # serves on 127.0.0.1, port 0
+        ...start a broker with --executor-target executor.target...
+        execution = executor.wait_for(run_id)
+
+Not for production: no persistence, no retries of the pipeline itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Mapping
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from tokenbroker.client import BrokerClient
+from tokenbroker.credentials import bearer_credentials
+from tokenbroker.errors import BrokerError
+from tokenbroker.samples.api import AUDIENCE, ApiAnswer, call_api
+from tokenbroker.v1 import executor_pb2, executor_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
+
+STEP_PERMISSIONS = {"pipelines": "read"}
+FINISHED = "pipeline finished"
+MAX_REASON = 512  # what RevokeRun records at most
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One run as the executor carried it out."""
+
+    execution_id: str
+    run_id: str
+    api_status: int  # 0 when the API was never reached
+    api_answer: Mapping[str, Any]
+    run_ended: bool
+    error: str = ""
+    # The step token, kept so a demo can show it is refused once the run has ended.
+    token: str = field(default="", repr=False)
+
+
+class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
+    """The executor's gRPC server and its background pipelines; start, then stop (or `with`)."""
+
+    def __init__(self, api_url: str = "", *, audience: str = AUDIENCE) -> None:
+        """`api_url` is what the step calls; it may be set later, before runs arrive."""
+        self.api_url = api_url
+        self.audience = audience
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        executor_pb2_grpc.add_PipelineExecutorServiceServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._done: list[Execution] = []
+        self._changed = threading.Condition()
+        self._workers: list[threading.Thread] = []
+        self._stopping = False
+
+    @property
+    def target(self) -> str:
+        """The address to give the broker as --executor-target."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def executions(self) -> list[Execution]:
+        """Executions finished so far, in the order they finished."""
+        with self._changed:
+            return list(self._done)
+
+    def start(self) -> Self:
+        """Start serving."""
+        self._server.start()
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Refuse new runs, let running pipelines finish (briefly), stop serving."""
+        with self._changed:
+            self._stopping = True
+            workers = list(self._workers)
+        self._server.stop(grace).wait()
+        for worker in workers:
+            worker.join(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def wait_for(self, run_id: str, timeout: float = 10.0) -> Execution:
+        """The execution of `run_id` once finished; TimeoutError if it does not in time."""
+        with self._changed:
+            found = self._changed.wait_for(lambda: self._find(run_id), timeout)
+        if not found:
+            raise TimeoutError(f"run {run_id} did not finish within {timeout:g}s")
+        return found
+
+    def _find(self, run_id: str) -> Execution | None:
+        return next((e for e in self._done if e.run_id == run_id), None)
+
+    def Execute(
+        self, request: executor_pb2.ExecuteRequest, context: grpc.ServicerContext
+    ) -> executor_pb2.ExecuteResponse:
+        """Accept the run and carry it out in the background."""
+        if not request.run.run_id or not request.run_credential or not request.broker_target:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "run, run_credential and broker_target required"
+            )
+        execution_id = f"x-{uuid.uuid4().hex[:12]}"
+        worker = threading.Thread(
+            target=self._carry_out,
+            args=(execution_id, request.run, request.run_credential, request.broker_target),
+            name=f"pipeline-{execution_id}",
+        )
+        with self._changed:
+            if self._stopping or not self.api_url:
+                return executor_pb2.ExecuteResponse(accepted=False)
+            self._workers.append(worker)
+        worker.start()
+        log.info("run accepted", extra={"run_id": request.run.run_id, "execution": execution_id})
+        return executor_pb2.ExecuteResponse(accepted=True, execution_id=execution_id)
+
+    def _carry_out(
+        self, execution_id: str, run: types_pb2.Run, credential: str, broker_target: str
+    ) -> None:
+        token, answer, error = "", ApiAnswer(0, {}), ""
+        ended = False
+        with BrokerClient(
+            broker_target, credentials=bearer_credentials(credential), run_id=run.run_id
+        ) as broker:
+            try:
+                token = broker.step_token(self.audience, STEP_PERMISSIONS, step="call-sample-api")
+                answer = call_api(self.api_url, token)
+            except (BrokerError, OSError, ValueError) as exc:
+                error = f"step failed: {exc}"
+            try:
+                reason = FINISHED if not error else f"pipeline failed: {error}"[:MAX_REASON]
+                broker.revoke_run(reason=reason)
+                ended = True
+            except BrokerError as exc:
+                error = error or f"could not end the run: {exc}"
+        execution = Execution(
+            execution_id, run.run_id, answer.status, answer.body, ended, error, token
+        )
+        with self._changed:
+            self._done.append(execution)
+            self._changed.notify_all()

@@ -1,0 +1,128 @@
+"""The sample executor and sample API: a run is executed, its step token accepted by an API
+that verifies offline, the run ends, and the same token is then refused with "run ended"."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker.api.server import BrokerServer, create_server
+from tests.clientsupport import client_credentials
+from tests.conftest import make_settings, standard_policy
+from tokenbroker import BrokerClient
+from tokenbroker.samples.api import ApiAnswer, SampleApi, call_api
+from tokenbroker.samples.executor import SampleExecutor
+from tokenbroker.v1 import broker_pb2, executor_pb2, executor_pb2_grpc, types_pb2
+
+
+@pytest.fixture
+def executor() -> Iterator[SampleExecutor]:
+    with SampleExecutor() as running:
+        yield running
+
+
+@pytest.fixture
+def broker_handing_off(tmp_path: Path, executor: SampleExecutor) -> Iterator[BrokerServer]:
+    """A broker configured to hand delegated runs to the sample executor."""
+    settings = make_settings(
+        tmp_path / "data", executor_target=executor.target, policy=standard_policy(tmp_path)
+    )
+    running = create_server(settings)
+    running.start()
+    yield running
+    running.stop(grace=0.5)
+
+
+@pytest.fixture
+def api(broker_handing_off: BrokerServer) -> Iterator[SampleApi]:
+    target = broker_handing_off.target
+    with SampleApi(target, credentials=client_credentials(broker_handing_off)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(broker_handing_off: BrokerServer) -> Iterator[BrokerClient]:
+    credentials = client_credentials(broker_handing_off)
+    with BrokerClient(broker_handing_off.target, credentials=credentials) as broker:
+        yield broker
+
+
+def hand_over(
+    executor: SampleExecutor, started: broker_pb2.StartRunResponse, broker_target: str
+) -> executor_pb2.ExecuteResponse:
+    """What the broker's hand-off does: call Execute with the run and its credential."""
+    request = executor_pb2.ExecuteRequest(
+        run=started.run, run_credential=started.run_credential, broker_target=broker_target
+    )
+    with grpc.insecure_channel(executor.target) as channel:
+        stub = executor_pb2_grpc.PipelineExecutorServiceStub(channel)
+        return stub.Execute(request, timeout=5)
+
+
+def answer_once_refused(api: SampleApi, token: str, within: float = 2.0) -> ApiAnswer:
+    """The API's answer, polled until it refuses the token (revocations arrive by stream)."""
+    deadline = time.monotonic() + within
+    answer = call_api(api.url, token)
+    while answer.status == 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        answer = call_api(api.url, token)
+    return answer
+
+
+def test_the_sample_executor_runs_a_step_against_the_api_and_then_ends_the_run(
+    broker_handing_off: BrokerServer,
+    executor: SampleExecutor,
+    api: SampleApi,
+    client: BrokerClient,
+) -> None:
+    executor.api_url = api.url
+    started = client.start_run("acme", "payments", "deploy", ceiling={"pipelines": "execute"})
+    run_id = started.run.run_id
+
+    accepted = hand_over(executor, started, broker_handing_off.target)
+    execution = executor.wait_for(run_id)
+
+    assert accepted.accepted and accepted.execution_id == execution.execution_id
+    assert (execution.api_status, execution.error) == (200, "")
+    assert execution.api_answer["run_id"] == run_id
+    assert execution.api_answer["pipeline"] == "acme/payments/deploy"
+    assert execution.api_answer["step"] == "call-sample-api"
+    assert execution.run_ended
+    run = client.get_run(run_id).run
+    assert (run.state, run.end_reason) == (
+        types_pb2.RUN_STATE_ENDED,
+        "pipeline finished",
+    )
+    refused = answer_once_refused(api, execution.token)
+    assert refused.status == 401
+    assert refused.body == {"error": "invalid_token", "reason": "run ended", "status": "RUN_ENDED"}
+    assert [e.run_id for e in executor.executions] == [run_id]
+
+
+def test_the_api_says_precisely_why_it_refuses_a_request(
+    executor: SampleExecutor, api: SampleApi, client: BrokerClient
+) -> None:
+    run_id = client.start_run(
+        "acme", "payments", "deploy", ceiling={"pipelines": "read"}
+    ).run.run_id
+    for_other_api = client.issue_token("other-api", {"pipelines": "read"}, run_id=run_id).token
+    without_permission = client.issue_token("sample-api", run_id=run_id).token
+
+    assert call_api(api.url, for_other_api).body["status"] == "WRONG_AUDIENCE"
+    assert call_api(api.url, "not-a-jwt").body["status"] == "MALFORMED"
+    assert call_api(api.url, without_permission).status == 403
+    assert api.answer(None) == ApiAnswer(
+        401, {"error": "invalid_request", "reason": "no bearer token"}
+    )
+
+
+def test_the_executor_declines_runs_while_it_has_no_api_to_call(
+    broker_handing_off: BrokerServer, executor: SampleExecutor, client: BrokerClient
+) -> None:
+    started = client.start_run("acme", "payments", "deploy", ceiling={"pipelines": "read"})
+    assert not hand_over(executor, started, broker_handing_off.target).accepted
+    assert executor.executions == []
