@@ -193,6 +193,21 @@ def asserted_person(asserted: AssertedIdentity, rules: DelegationRules, caller: 
     )
 
 
+def claimed(id_token: str | None, asserted: AssertedIdentity | None) -> dict[str, str] | None:
+    """The identity a request names, unverified: for the record of a refusal only."""
+    if asserted is not None:
+        return {"subject": asserted.subject, "email": asserted.email, "verified": "no"}
+    if not id_token:
+        return None
+    try:
+        claims = jwt.decode(id_token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return None
+    return {key: str(claims.get(key, ""))[:256] for key in ("sub", "email", "iss")} | {
+        "verified": "no"
+    }
+
+
 class Delegation:
     def __init__(
         self,
@@ -235,7 +250,9 @@ class Delegation:
                 chain = (*parent.actor_chain, ctx.principal.name)
                 parent_id = parent.run_id
             else:
-                person = self._person(ctx, id_token, asserted)
+                rules = self._rules(ctx)
+                person = self._establish(ctx, rules, id_token, asserted)
+                self._check_domain(rules, person)
                 chain, parent_id = (ctx.principal.name,), ""
             started = self._runs.start(
                 ctx,
@@ -247,27 +264,36 @@ class Delegation:
                 op=Op.EXECUTE_ON_BEHALF,
             )
         except (PermissionDenied, FailedPrecondition) as refusal:
-            self._audit_refusal(ctx, spec, person, refusal)
+            self._audit_refusal(ctx, spec, person, claimed(id_token, asserted), refusal)
             raise
         return self._deliver(ctx, started)
 
-    def _person(
-        self, ctx: CallContext, id_token: str | None, asserted: AssertedIdentity | None
-    ) -> Person:
+    def _rules(self, ctx: CallContext) -> DelegationRules:
         rules = self._rules_for(ctx.principal.name)
         if rules is None:
-            raise Refused(f"{ctx.principal.name} has no delegation rules in the policy")
-        if id_token is not None:
-            person = verify_id_token(id_token, rules)
-        elif asserted is not None:
-            person = asserted_person(asserted, rules, ctx.principal.name)
-        else:
-            raise InvalidArgument.field("person", "give id_token or asserted")
-        if person.email and _domain(person.email) not in rules.user_domains:
             raise Refused(
-                f"this delegator may not act for users in domain {_domain(person.email)!r}"
+                f"{ctx.principal.name} may not act on behalf of people: the policy gives it "
+                "no delegator role or no delegation rules"
             )
-        return person
+        return rules
+
+    def _establish(
+        self,
+        ctx: CallContext,
+        rules: DelegationRules,
+        id_token: str | None,
+        asserted: AssertedIdentity | None,
+    ) -> Person:
+        if id_token is not None:
+            return verify_id_token(id_token, rules)
+        if asserted is not None:
+            return asserted_person(asserted, rules, ctx.principal.name)
+        raise InvalidArgument.field("person", "give id_token or asserted")
+
+    def _check_domain(self, rules: DelegationRules, person: Person) -> None:
+        if person.email and _domain(person.email) not in rules.user_domains:
+            domain = _domain(person.email)
+            raise Refused(f"this delegator may not act for users in domain {domain!r}")
 
     def _parent_run(
         self,
@@ -298,16 +324,23 @@ class Delegation:
         return parent
 
     def _audit_refusal(
-        self, ctx: CallContext, spec: RunSpec, person: Person | None, refusal: BrokerError
+        self,
+        ctx: CallContext,
+        spec: RunSpec,
+        person: Person | None,
+        claim: dict[str, str] | None,
+        refusal: BrokerError,
     ) -> None:
+        details: dict[str, object] = {
+            "reason": refusal.message,
+            "idempotency_key": spec.idempotency_key,
+        }
+        if person is None and claim is not None:
+            # Who the request *said* it was for; never verified, so kept apart from the
+            # event's person.
+            details["claimed_person"] = claim
         event = dataclasses.replace(
-            draft(
-                ctx,
-                self._clock(),
-                Action.RUN_REFUSED,
-                Outcome.DENIED,
-                details={"reason": refusal.message, "idempotency_key": spec.idempotency_key},
-            ),
+            draft(ctx, self._clock(), Action.RUN_REFUSED, Outcome.DENIED, details=details),
             on_behalf_of=person,
             pipeline=spec.pipeline,
         )
