@@ -357,6 +357,12 @@ class Delegation:
             credential = self._tokens.mint_run_credential(run)
             return Executed(run, credential, handed_off=False, replayed=started.replayed)
         if started.replayed:
+            if not run.is_active:
+                # Most likely the executor refused it the first time: say so, never "success".
+                raise FailedPrecondition(
+                    f"run {run.run_id} for this idempotency key has ended ({run.end_reason}); "
+                    "retry with a new idempotency key"
+                )
             return Executed(run, None, handed_off=True, replayed=True)  # handed off already
         try:
             with self._observer.handing_off(run):

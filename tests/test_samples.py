@@ -11,9 +11,12 @@ import grpc
 import pytest
 
 from broker.api.server import BrokerServer, create_server
+from tests.accounts import standard_accounts
 from tests.clientsupport import client_credentials
 from tests.conftest import make_settings, standard_policy
 from tokenbroker import BrokerClient
+from tokenbroker.credentials import assertion_credentials
+from tokenbroker.errors import RunNotActive, Unavailable
 from tokenbroker.samples.api import ApiAnswer, SampleApi, call_api
 from tokenbroker.samples.executor import SampleExecutor
 from tokenbroker.v1 import broker_pb2, executor_pb2, executor_pb2_grpc, types_pb2
@@ -126,3 +129,55 @@ def test_the_executor_declines_runs_while_it_has_no_api_to_call(
     started = client.start_run("acme", "payments", "deploy", ceiling={"pipelines": "read"})
     assert not hand_over(executor, started, broker_handing_off.target).accepted
     assert executor.executions == []
+
+
+@pytest.fixture
+def portal(broker_handing_off: BrokerServer) -> Iterator[BrokerClient]:
+    """deploy-portal: a delegator that may assert identities in example.com."""
+    account = standard_accounts()["delegator"]
+    credentials = assertion_credentials(
+        account.name, account.private_pem, broker_handing_off.broker.authn.audience,
+        key_id=account.kid,
+    )  # fmt: skip
+    with BrokerClient(broker_handing_off.target, credentials=credentials) as broker:
+        yield broker
+
+
+ALICE = {"subject": "u-1", "email": "alice@example.com"}
+
+
+def test_execute_on_behalf_of_hands_the_run_to_the_executor_and_not_the_credential(
+    executor: SampleExecutor, api: SampleApi, portal: BrokerClient, client: BrokerClient
+) -> None:
+    executor.api_url = api.url
+    executed = portal.execute_on_behalf_of(
+        "acme", "payments", "deploy", ceiling={"pipelines": "execute"}, asserted=ALICE
+    )
+    assert executed.handed_off and not executed.run_credential
+    execution = executor.wait_for(executed.run.run_id)
+    assert (execution.api_status, execution.error) == (200, "")
+    assert execution.api_answer["run_id"] == executed.run.run_id
+    run = client.get_run(executed.run.run_id).run
+    assert run.state == types_pb2.RUN_STATE_ENDED
+    assert run.on_behalf_of.email == "alice@example.com"
+
+
+def test_a_refused_hand_off_ends_the_run_and_a_retry_with_the_same_key_says_so(
+    executor: SampleExecutor, portal: BrokerClient, client: BrokerClient
+) -> None:
+    # The sample executor declines runs while it has no API to call.
+    with pytest.raises(Unavailable, match="did not accept"):
+        portal.execute_on_behalf_of(
+            "acme", "payments", "deploy", ceiling={"pipelines": "read"}, asserted=ALICE,
+            idempotency_key="once",
+        )  # fmt: skip
+    (ended,) = [r for r in client.list_runs(org="acme")]
+    assert (ended.state, ended.end_reason.startswith("executor did not accept")) == (
+        types_pb2.RUN_STATE_ENDED,
+        True,
+    )
+    with pytest.raises(RunNotActive, match="new idempotency key"):
+        portal.execute_on_behalf_of(
+            "acme", "payments", "deploy", ceiling={"pipelines": "read"}, asserted=ALICE,
+            idempotency_key="once",
+        )  # fmt: skip
