@@ -6,6 +6,11 @@ offline (published keys + the broker's revocations, no call to the broker per re
     401 {"error": "invalid_token", "reason": "run ended", "status": "RUN_ENDED"}
     403 {"error": "insufficient_scope", ...}     the token lacks `pipelines: read`
 
+With a `tracer_provider`, each request is a SERVER span in the caller's trace (W3C
+`traceparent`/`baggage` headers); add `tracing.baggage_span_processor()` to that provider and
+the span carries the run id and the person the baggage names. Identity for the *answer* comes
+from the verified token only, never from baggage.
+
 Not for production: one small stdlib HTTP server on 127.0.0.1.
 """
 
@@ -23,8 +28,10 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+from opentelemetry import trace
 
 from tokenbroker.connect import open_channel
+from tokenbroker.samples import httptracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 from tokenbroker.verifier import JwksCache, RevocationFollower, TokenVerifier, jwks_from_broker
 
@@ -44,18 +51,30 @@ class ApiAnswer:
     body: Mapping[str, Any]
 
 
-def call_api(url: str, token: str, timeout: float = 5.0) -> ApiAnswer:
-    """GET `url` with `token` as the bearer token; the answer, whatever its status."""
+def call_api(
+    url: str,
+    token: str,
+    timeout: float = 5.0,
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> ApiAnswer:
+    """GET `url` with `token` as the bearer token; the answer, whatever its status.
+
+    The request carries the current trace context and baggage; with a `tracer_provider` it
+    is a CLIENT span of its own."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"the API is reached over http(s), not {url!r}")
-    headers = {"Authorization": f"Bearer {token}"}
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310 (scheme checked)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return ApiAnswer(response.status, json.load(response))
-    except urllib.error.HTTPError as error:
-        with error:
-            return ApiAnswer(error.code, json.load(error))
+    with httptracing.client_span(tracer_provider, "GET", url) as exchange:
+        headers = {**exchange.headers, "Authorization": f"Bearer {token}"}
+        request = urllib.request.Request(url, headers=headers)  # noqa: S310 (scheme checked)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                answer = ApiAnswer(response.status, json.load(response))
+        except urllib.error.HTTPError as error:
+            with error:
+                answer = ApiAnswer(error.code, json.load(error))
+        exchange.answered(answer.status)
+        return answer
 
 
 class SampleApi:
@@ -70,8 +89,10 @@ class SampleApi:
         *,
         credentials: grpc.CallCredentials | None = None,
         audience: str = AUDIENCE,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.audience = audience
+        self.tracer_provider = tracer_provider
         self._channel = open_channel(broker_target, credentials)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -157,10 +178,18 @@ class SampleApi:
 def _handler(api: SampleApi) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.split("?", 1)[0] != "/whoami":
-                self._send(ApiAnswer(404, {"error": "not_found"}))
-                return
-            self._send(api.answer(self.headers.get("Authorization")))
+            path = self.path.split("?", 1)[0]
+            route = "/whoami" if path == "/whoami" else ""
+            with httptracing.server_span(
+                api.tracer_provider, dict(self.headers.items()), "GET", path,
+                route=route, client_address=self.client_address[0],
+            ) as exchange:  # fmt: skip
+                if route:
+                    answer = api.answer(self.headers.get("Authorization"))
+                else:
+                    answer = ApiAnswer(404, {"error": "not_found"})
+                exchange.answered(answer.status)
+                self._send(answer)
 
         def _send(self, answer: ApiAnswer) -> None:
             data = json.dumps(answer.body).encode()

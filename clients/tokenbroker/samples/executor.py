@@ -9,23 +9,35 @@ RevokeRun ("pipeline finished") — so every token of the run dies with it.
         ...start a broker with --executor-target executor.target...
         execution = executor.wait_for(run_id)
 
+With a `tracer_provider` the executor joins the run's trace: `Execute` is a SERVER span in
+the broker's trace, the pipeline continues that context in its own thread (a pipeline-run
+span, a span per step), its calls to the broker and the API carry `traceparent` and the
+baggage the broker sent — run id, pipeline, person — and `tracing.baggage_span_processor()`
+on the provider stamps those onto every span.
+
 Not for production: no persistence, no retries of the pipeline itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
+from tokenbroker import tracing
 from tokenbroker.client import BrokerClient
+from tokenbroker.connect import open_channel
 from tokenbroker.credentials import bearer_credentials
 from tokenbroker.errors import BrokerError
 from tokenbroker.samples.api import AUDIENCE, ApiAnswer, call_api
@@ -33,9 +45,15 @@ from tokenbroker.v1 import executor_pb2, executor_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
 
+STEP = "call-sample-api"
 STEP_PERMISSIONS = {"pipelines": "read"}
 FINISHED = "pipeline finished"
 MAX_REASON = 512  # what RevokeRun records at most
+
+# CICD semantic conventions (https://opentelemetry.io/docs/specs/semconv/cicd/cicd-spans/).
+ACTION = "cicd.pipeline.action.name"
+RESULT = "cicd.pipeline.result"
+TASK_NAME = "cicd.pipeline.task.name"
 
 
 @dataclass(frozen=True)
@@ -55,11 +73,23 @@ class Execution:
 class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
     """The executor's gRPC server and its background pipelines; start, then stop (or `with`)."""
 
-    def __init__(self, api_url: str = "", *, audience: str = AUDIENCE) -> None:
+    def __init__(
+        self,
+        api_url: str = "",
+        *,
+        audience: str = AUDIENCE,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
         """`api_url` is what the step calls; it may be set later, before runs arrive."""
         self.api_url = api_url
         self.audience = audience
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.tracer_provider = tracer_provider
+        interceptors: list[grpc.ServerInterceptor] = []
+        if tracer_provider is not None:
+            interceptors.append(tracing.ServerTracingInterceptor(tracer_provider))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors
+        )
         executor_pb2_grpc.add_PipelineExecutorServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._done: list[Execution] = []
@@ -123,9 +153,16 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "run, run_credential and broker_target required"
             )
         execution_id = f"x-{uuid.uuid4().hex[:12]}"
+        # The pipeline continues this call's context (its trace, the broker's baggage).
         worker = threading.Thread(
-            target=self._carry_out,
-            args=(execution_id, request.run, request.run_credential, request.broker_target),
+            target=contextvars.copy_context().run,
+            args=(
+                self._carry_out,
+                execution_id,
+                request.run,
+                request.run_credential,
+                request.broker_target,
+            ),
             name=f"pipeline-{execution_id}",
         )
         with self._changed:
@@ -141,12 +178,17 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
     ) -> None:
         token, answer, error = "", ApiAnswer(0, {}), ""
         ended = False
-        with BrokerClient(
-            broker_target, credentials=bearer_credentials(credential), run_id=run.run_id
-        ) as broker:
+        with (
+            self._pipeline_span(run) as pipeline,
+            self._broker(broker_target, credential) as channel,
+        ):
+            broker = BrokerClient(channel=channel, run_id=run.run_id)
             try:
-                token = broker.step_token(self.audience, STEP_PERMISSIONS, step="call-sample-api")
-                answer = call_api(self.api_url, token)
+                with self._span(STEP, SpanKind.INTERNAL, {TASK_NAME: STEP}) as step:
+                    token = broker.step_token(self.audience, STEP_PERMISSIONS, step=STEP)
+                    answer = call_api(self.api_url, token, tracer_provider=self.tracer_provider)
+                    if answer.status != 200:
+                        _failed(step, str(answer.status))
             except (BrokerError, OSError, ValueError) as exc:
                 error = f"step failed: {exc}"
             try:
@@ -155,9 +197,45 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
                 ended = True
             except BrokerError as exc:
                 error = error or f"could not end the run: {exc}"
+            _finished(pipeline, succeeded=not error and answer.status == 200)
         execution = Execution(
             execution_id, run.run_id, answer.status, answer.body, ended, error, token
         )
         with self._changed:
             self._done.append(execution)
             self._changed.notify_all()
+
+    def _broker(self, target: str, credential: str) -> grpc.Channel:
+        """A channel to the broker as the run; traced (context and baggage go out) if asked."""
+        channel = open_channel(target, bearer_credentials(credential))
+        if self.tracer_provider is None:
+            return channel
+        return tracing.intercept_channel(channel, self.tracer_provider)
+
+    def _pipeline_span(self, run: types_pb2.Run) -> contextlib.AbstractContextManager[Span]:
+        """The pipeline-run span (CICD semantic conventions: SERVER, "{action} {pipeline}")."""
+        ref = run.pipeline
+        name = f"{ref.org}/{ref.project}/{ref.pipeline}"
+        attributes = {ACTION: "RUN", tracing.PIPELINE: name, tracing.RUN_ID: run.run_id}
+        return self._span(f"RUN {name}", SpanKind.SERVER, attributes)
+
+    @contextlib.contextmanager
+    def _span(self, name: str, kind: SpanKind, attributes: Mapping[str, str]) -> Iterator[Span]:
+        """A current span of the executor's provider; none without a provider."""
+        if self.tracer_provider is None:
+            yield INVALID_SPAN
+            return
+        tracer = trace.get_tracer(__name__, tracer_provider=self.tracer_provider)
+        with tracer.start_as_current_span(name, kind=kind, attributes=attributes) as span:
+            yield span
+
+
+def _failed(span: Span, error_type: str) -> None:
+    span.set_attribute(tracing.ERROR_TYPE, error_type)
+    span.set_status(Status(StatusCode.ERROR))
+
+
+def _finished(pipeline: Span, *, succeeded: bool) -> None:
+    pipeline.set_attribute(RESULT, "success" if succeeded else "failure")
+    if not succeeded:
+        _failed(pipeline, "step_failed")
