@@ -237,6 +237,14 @@ def run_baggage(run: Run) -> dict[str, str]:
 
 # --- the observer ----------------------------------------------------------------------------
 
+# The attributes of the run being handed off, for the span of the outgoing call.
+_HANDED_OFF = context_api.create_key("tokenbroker-handed-off-run")
+
+
+def _run_handed_off() -> Mapping[str, str]:
+    attributes = context_api.get_value(_HANDED_OFF)
+    return attributes if isinstance(attributes, dict) else {}
+
 
 class Telemetry:
     """The OpenTelemetry `Observer`, plus the interceptors that use the same providers."""
@@ -254,8 +262,9 @@ class Telemetry:
         return tracing.ServerTracingInterceptor(self.tracer_provider, self.meter_provider)
 
     def intercept_channel(self, channel: grpc.Channel) -> grpc.Channel:
-        """An outgoing channel (to an executor) whose calls join the current trace."""
-        return tracing.intercept_channel(channel, self.tracer_provider)
+        """An outgoing channel (to an executor) whose calls join the current trace; a call
+        made while `handing_off(run)` names the run on its span, from the broker's record."""
+        return tracing.intercept_channel(channel, self.tracer_provider, attributes=_run_handed_off)
 
     def watch(
         self, store: Store, active_runs: Callable[[], list[Run]], subscribers: Callable[[], int]
@@ -306,7 +315,10 @@ class Telemetry:
         # The run's entries replace whatever run baggage the current context holds (a caller
         # may have sent its own); the executor sees the broker's record only.
         try:
-            token = context_api.attach(tracing.with_run_baggage(run_baggage(run)))
+            context = tracing.with_run_baggage(run_baggage(run))
+            token = context_api.attach(
+                context_api.set_value(_HANDED_OFF, run_attributes(run), context)
+            )
         except Exception:
             log.debug("telemetry failed", exc_info=True)
             yield

@@ -121,6 +121,35 @@ def test_existing_propagation_headers_are_replaced_not_duplicated(
     )
 
 
+def test_a_client_span_records_the_servers_answer_never_the_callers_own_baggage(
+    portal_stub: Stub, portal: InMemorySdk
+) -> None:
+    run_id = portal_stub.StartRun(start_run_request(), timeout=5).run.run_id
+    claims = baggage.set_baggage("enduser.id", "mallory@evil.example")
+    token = context_api.attach(baggage.set_baggage("cicd.pipeline.run.id", "r-forged", claims))
+    try:
+        # GetRun answers without baggage; StartRun answers with the new run's.
+        portal_stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5)
+        started = portal_stub.StartRun(start_run_request(), timeout=5).run
+    finally:
+        context_api.detach(token)
+    assert "enduser.id" not in attributes_of(client_span(portal, "/GetRun"))
+    assert "cicd.pipeline.run.id" not in attributes_of(client_span(portal, "/GetRun"))
+    (_, second) = [s for s in portal.spans() if s.name.endswith("/StartRun")]
+    assert attributes_of(second)["cicd.pipeline.run.id"] == started.run_id
+    assert "enduser.id" not in attributes_of(second)  # a run without a person
+
+
+def test_baggage_of_metadata_is_what_the_metadata_carries_and_nothing_else() -> None:
+    token = context_api.attach(baggage.set_baggage("enduser.id", "mallory@evil.example"))
+    try:
+        assert tracing.baggage_of(()) == {}
+        header = ("baggage", "cicd.pipeline.run.id=r-1")
+        assert tracing.baggage_of((header,)) == {"cicd.pipeline.run.id": "r-1"}
+    finally:
+        context_api.detach(token)
+
+
 # --- hand-off: the broker calls an executor ------------------------------------------------------
 
 
@@ -215,6 +244,9 @@ def test_handoff_gives_the_executor_the_runs_person_never_a_callers_claim(
     claims = [("enduser.id", "mallory@evil.example"), ("cicd.pipeline.run.id", "r-forged")]
     hand_off(telemetry, executor, make_run(ALICE), claims)
     (broker_client,) = [s for s in broker_sdk.spans() if s.kind is SpanKind.CLIENT]
+    # The broker's own span of the hand-off names the run from its record.
+    assert attributes_of(broker_client)["cicd.pipeline.run.id"] == "r-handoff"
+    assert attributes_of(broker_client)["enduser.id"] == "alice@example.com"
     for span in executor_spans(executor):
         assert trace_id_of(span) == trace_id_of(broker_client)
         attributes = attributes_of(span)

@@ -119,7 +119,9 @@ def _carrier(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
 def baggage_of(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
     """The baggage entries in gRPC metadata, e.g. a broker response's `trailing_metadata()`."""
     try:
-        found = baggage.get_all(_BAGGAGE.extract(_carrier(metadata)))
+        # Into an empty context: extract() otherwise starts from (and returns) the current
+        # one, and the caller's own baggage would pass for the metadata's.
+        found = baggage.get_all(_BAGGAGE.extract(_carrier(metadata), Context()))
         return {key: str(value) for key, value in found.items()}
     except Exception:
         log.debug("unreadable baggage", exc_info=True)
@@ -419,7 +421,9 @@ class ClientTracingInterceptor(
     """A CLIENT span per call; `traceparent` and the current baggage go out in the metadata.
 
     Run entries of the baggage the server sends back (the broker does when it starts a run)
-    are recorded on the client span. Without a provider the global one is used.
+    are recorded on the client span. `attributes`, when given, is asked for more attributes
+    as each span starts (facts the calling service knows itself). Without a provider the
+    global one is used.
     """
 
     def __init__(
@@ -427,14 +431,18 @@ class ClientTracingInterceptor(
         tracer_provider: trace.TracerProvider | None = None,
         *,
         propagator: TextMapPropagator = PROPAGATOR,
+        attributes: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._propagator = propagator
+        self._attributes = attributes
 
     def _start(self, details: grpc.ClientCallDetails) -> tuple[Span, grpc.ClientCallDetails]:
         span = self._tracer.start_span(_span_name(details.method), kind=SpanKind.CLIENT)
         if span.is_recording():
             span.set_attributes(rpc_attributes(details.method))
+            if self._attributes is not None:
+                span.set_attributes(self._attributes())
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier, context=trace.set_span_in_context(span))
         kept = [(k, v) for k, v in details.metadata or () if k not in _PROPAGATION_KEYS]
@@ -527,7 +535,11 @@ def _end_client(span: Span, code: grpc.StatusCode | None, call: grpc.Call | None
 
 
 def intercept_channel(
-    channel: grpc.Channel, tracer_provider: trace.TracerProvider | None = None
+    channel: grpc.Channel,
+    tracer_provider: trace.TracerProvider | None = None,
+    *,
+    attributes: Callable[[], Mapping[str, str]] | None = None,
 ) -> grpc.Channel:
     """`channel` with a ClientTracingInterceptor in front."""
-    return grpc.intercept_channel(channel, ClientTracingInterceptor(tracer_provider))
+    interceptor = ClientTracingInterceptor(tracer_provider, attributes=attributes)
+    return grpc.intercept_channel(channel, interceptor)

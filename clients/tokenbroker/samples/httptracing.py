@@ -138,7 +138,8 @@ def server_span(
         return
     try:
         # HTTP header names are case-insensitive (urllib sends "Traceparent").
-        parent = tracing.PROPAGATOR.extract({k.lower(): v for k, v in headers.items()})
+        carrier = {k.lower(): v for k, v in headers.items()}
+        parent = tracing.PROPAGATOR.extract(carrier, context_api.Context())
     except Exception:
         log.debug("unreadable trace context", exc_info=True)
         parent = context_api.Context()
