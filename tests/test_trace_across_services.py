@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pytest
 from opentelemetry import baggage
 from opentelemetry import context as context_api
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import format_trace_id
+from opentelemetry.trace import StatusCode, format_trace_id
 
 from broker.api.server import BrokerServer, create_server
 from tests.accounts import Account, new_account, write_policy
@@ -27,7 +27,7 @@ from tests.conftest import make_settings
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
 from tokenbroker import BrokerClient, tracing
 from tokenbroker.credentials import assertion_credentials, local_channel
-from tokenbroker.samples.api import SampleApi
+from tokenbroker.samples.api import SampleApi, call_api
 from tokenbroker.samples.executor import Execution, SampleExecutor
 from tokenbroker.samples.idp import TestIdentityProvider
 from tokenbroker.v1 import types_pb2
@@ -61,6 +61,20 @@ EXPECTED_SPANS = {
 # The broker also serves the API's own calls (signing keys, the audit stream it follows for
 # revocations): they belong to no run, so they are traces of their own.
 API_BACKGROUND_CALLS = {BROKER + "GetSigningKeys", BROKER + "StreamAudit"}
+HTTP_CLIENT_KEYS = (
+    "http.request.method",
+    "url.full",
+    "server.address",
+    "server.port",
+    "http.response.status_code",
+)
+HTTP_SERVER_KEYS = (
+    "http.request.method",
+    "url.path",
+    "url.scheme",
+    "http.route",
+    "http.response.status_code",
+)
 
 
 @dataclass
@@ -178,16 +192,27 @@ def deploy_for_alice(services: Services, portal_baggage: Mapping[str, str]) -> D
     return Deployment(run_id, format_trace_id(span.get_span_context().trace_id), execution)
 
 
+def api_spans_named(services: Services, name: str) -> list[ReadableSpan]:
+    """The API's spans called `name`, waiting briefly for one: the API ends its span just
+    after sending the answer, which its caller may already have read."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [s for s in services.sdks["api"].spans() if s.name == name]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.005)
+
+
 def spans_of_the_run(services: Services) -> dict[str, list[ReadableSpan]]:
     """Every finished span, by service, except the broker's serving the API's own calls."""
-    api = services.sdks["api"]
-    # The API ends its span just after sending the answer the step already read: wait briefly.
-    deadline = time.monotonic() + 5
-    while not api.spans() and time.monotonic() < deadline:
-        time.sleep(0.005)
+    api_spans_named(services, "GET /whoami")
     spans = {service: sdk.spans() for service, sdk in services.sdks.items()}
     spans["broker"] = [s for s in spans["broker"] if s.name not in API_BACKGROUND_CALLS]
     return spans
+
+
+def pick(attributes: Mapping[str, object], keys: Iterable[str]) -> dict[str, object]:
+    return {key: attributes[key] for key in keys if key in attributes}
 
 
 def kinds_and_names(spans: list[ReadableSpan]) -> list[tuple[str, str]]:
@@ -256,3 +281,36 @@ def test_a_portal_claiming_mallory_in_baggage_changes_no_span_audit_event_or_tok
     for event in audit_of(services, deployment.run_id):
         assert "mallory" not in str(event) and "r-forged" not in str(event)
     assert "mallory" not in str(deployment.execution.api_answer)
+
+
+def test_the_http_spans_follow_the_http_semantic_conventions(services: Services) -> None:
+    deployment = deploy_for_alice(services, portal_baggage={})
+    spans = spans_of_the_run(services)
+    (request,) = [s for s in spans["executor"] if s.name == "GET"]
+    (served,) = spans["api"]
+    assert served.parent is not None and request.context is not None
+    assert served.parent.span_id == request.context.span_id
+    port = services.api.url.split(":")[2].split("/")[0]
+    assert pick(attributes_of(request), HTTP_CLIENT_KEYS) == {
+        "http.request.method": "GET",
+        "url.full": services.api.url,
+        "server.address": "127.0.0.1",
+        "server.port": int(port),
+        "http.response.status_code": 200,
+    }
+    assert pick(attributes_of(served), HTTP_SERVER_KEYS) == {
+        "http.request.method": "GET",
+        "url.path": "/whoami",
+        "url.scheme": "http",
+        "http.route": "/whoami",
+        "http.response.status_code": 200,
+    }
+    assert attributes_of(served)[tracing.RUN_ID] == deployment.run_id
+
+    # A refusal is the client's fault, not the server's: status code recorded, no error status.
+    not_found = call_api(services.api.url.replace("/whoami", "/elsewhere"), "no-token")
+    assert not_found.status == 404
+    (unrouted,) = api_spans_named(services, "GET")
+    assert attributes_of(unrouted)["http.response.status_code"] == 404
+    assert "http.route" not in attributes_of(unrouted)
+    assert unrouted.status.status_code is StatusCode.UNSET
