@@ -113,6 +113,11 @@ def _domain(email: str) -> str:
     return email.rpartition("@")[2].lower()
 
 
+def domain_allowed(domain: str, allowed: frozenset[str]) -> bool:
+    """An email domain listed in the policy, or any domain where the policy says "*"."""
+    return "*" in allowed or domain in allowed
+
+
 def verify_id_token(token: str, rules: DelegationRules) -> Person:
     """The person an ID token proves, or Refused saying precisely why not."""
     if not token or len(token) > MAX_ID_TOKEN_LENGTH:
@@ -174,7 +179,7 @@ def _person_from_claims(claims: Mapping[str, Any], idp: TrustedIdp, token: str) 
 def asserted_person(asserted: AssertedIdentity, rules: DelegationRules, caller: str) -> Person:
     if not asserted.subject or not asserted.email or "@" not in asserted.email:
         raise InvalidArgument.field("asserted", "subject and a full email address are required")
-    if _domain(asserted.email) not in rules.asserted_domains:
+    if not domain_allowed(_domain(asserted.email), rules.asserted_domains):
         raise Refused(
             f"this delegator may not assert identities in domain {_domain(asserted.email)!r}; "
             "send an ID token from a trusted identity provider instead"
@@ -291,7 +296,7 @@ class Delegation:
         raise InvalidArgument.field("person", "give id_token or asserted")
 
     def _check_domain(self, rules: DelegationRules, person: Person) -> None:
-        if person.email and _domain(person.email) not in rules.user_domains:
+        if person.email and not domain_allowed(_domain(person.email), rules.user_domains):
             domain = _domain(person.email)
             raise Refused(f"this delegator may not act for users in domain {domain!r}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from broker.delegation import (
@@ -114,3 +116,9 @@ def test_asserted_identity_is_accepted_only_where_the_policy_allows_it(
     with pytest.raises(Refused) as refused:
         asserted_person(AssertedIdentity("u-1", "alice@example.com"), rules, "deploy-portal")
     assert "may not assert identities in domain 'example.com'" in refused.value.message
+
+
+def test_a_star_in_the_policy_allows_every_domain(rules: DelegationRules) -> None:
+    anything = dataclasses.replace(rules, asserted_domains=frozenset({"*"}))
+    person = asserted_person(AssertedIdentity("u-1", "carol@anywhere.org"), anything, "portal")
+    assert person.email == "carol@anywhere.org"
