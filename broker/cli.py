@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the broker",
         description="Run the broker. Every flag also reads TOKEN_BROKER_<NAME>.",
-        epilog="example: token-broker serve --data-dir ./var --listen 127.0.0.1:50051",
+        epilog="example:\n  token-broker serve --data-dir ./var --listen 127.0.0.1:50051",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     settings.add_arguments(serve, os.environ)
