@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from broker import cli
 from broker.cli_common import assignment, pipeline_path, seconds
 from tests.cli_support import run_cli
+from tests.support import REPO
 
 
 def _commands(
@@ -101,3 +103,28 @@ def test_permissions_and_pipelines_are_parsed_from_their_short_forms() -> None:
     for bad in ("acme/web", "acme//deploy", "a/b/c/d"):
         with pytest.raises(argparse.ArgumentTypeError):
             pipeline_path(bad)
+
+
+def _readme_commands() -> list[list[str]]:
+    section = (REPO / "README.md").read_text().split("## Command line", 1)[1].split("\n## ")[0]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.DOTALL):
+        for line in block.splitlines():
+            found = re.findall(r"\$\((token-broker [^)]*)\)", line)
+            found += [line] if line.startswith("token-broker ") else []
+            for command in found:
+                words = shlex.split(command, comments=True)
+                cut = next((i for i, w in enumerate(words) if w in ("|", "<", ">")), len(words))
+                commands.append(words[1:cut])
+    return commands
+
+
+def test_every_command_in_the_readme_parses_with_the_real_parser() -> None:
+    commands = _readme_commands()
+    assert len(commands) >= 15
+    parser = cli.build_parser()
+    for words in commands:
+        try:
+            parser.parse_args(words)
+        except SystemExit:  # pragma: no cover - the message is on stderr
+            pytest.fail(f"README command does not parse: token-broker {' '.join(words)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -207,3 +208,26 @@ def test_a_run_command_needs_a_run_id_or_from_env(cli: CliRunner) -> None:
     result = cli("runs", "revoke")
     assert result.code == 2
     assert "give a RUN_ID, or --from-env" in result.err
+
+
+def test_audit_tail_prints_json_lines_on_request(cli: CliRunner, broker: BrokerServer) -> None:
+    run_id = cli.start()
+    data_dir = str(broker.broker.settings.data_dir)
+    result = cli(
+        "audit",
+        "tail",
+        "--run",
+        run_id,
+        "--json",
+        "--target",
+        broker.target,
+        "--data-dir",
+        data_dir,
+    )
+    assert result.code == 0
+    [event] = [json.loads(line) for line in result.out.splitlines()]
+    assert (event["action"], event["run_id"], event["principal"]) == (
+        "run.started",
+        run_id,
+        "dev-admin",
+    )
