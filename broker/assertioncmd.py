@@ -26,6 +26,9 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "assertion",
         help="print a signed service-account assertion (for grpcurl -H)",
         description=__doc__,
+        epilog="examples:\n"
+        '  grpcurl -plaintext -H "authorization: Bearer $(token-broker assertion)" ...\n'
+        "  token-broker assertion --account ci --key ci.pem --audience https://broker.example",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

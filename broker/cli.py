@@ -7,10 +7,36 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker import __version__, assertioncmd, cli_audit, logs, settings
+from broker import (
+    __version__,
+    assertioncmd,
+    cli_audit,
+    cli_common,
+    cli_execute,
+    cli_keys,
+    cli_policy,
+    cli_runs,
+    cli_token,
+    logs,
+    settings,
+)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+
+EPILOG = f"""\
+examples:
+  token-broker serve --data-dir ./var
+  token-broker runs start acme/web/deploy --ceiling artifacts=write --deadline 1h
+  token-broker token issue --from-env --aud api.example.com --perm pipelines=read
+  token-broker runs show r-01J9ZX
+  token-broker audit verify --data-dir ./var
+
+Commands that call a broker take --target (env TOKEN_BROKER_TARGET, default
+127.0.0.1:50051) and sign in as the development admin of a local broker (--data-dir)
+unless given --account NAME --key FILE or --cert/--key. Each has --json and --help.
+
+{cli_common.EXIT_CODES_HELP}"""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -34,9 +60,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = cli_common.CliParser(
         prog="token-broker",
         description="Short-lived, run-scoped tokens for CI/CD pipelines.",
+        epilog=EPILOG,
+        formatter_class=cli_common.HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"token-broker {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -44,13 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the broker",
         description="Run the broker. Every flag also reads TOKEN_BROKER_<NAME>.",
-        epilog="example: token-broker serve --data-dir ./var --listen 127.0.0.1:50051",
+        epilog="example:\n  token-broker serve --data-dir ./var --listen 127.0.0.1:50051",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     settings.add_arguments(serve, os.environ)
     serve.set_defaults(handler=_serve)
     assertioncmd.add_command(commands)
     cli_audit.add_commands(commands)
+    cli_runs.add_commands(commands)
+    cli_token.add_commands(commands)
+    cli_execute.add_command(commands)
+    cli_keys.add_commands(commands)
+    cli_policy.add_commands(commands)
     return parser
 
 

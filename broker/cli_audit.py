@@ -47,6 +47,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "audit",
         help="verify, export and follow the audit log",
         description="Verify, export and follow the tamper-evident audit log.",
+        epilog="examples:\n  token-broker audit verify --data-dir ./var\n"
+        "  token-broker audit tail --follow",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = group.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
     _add_verify(sub)
@@ -154,6 +157,7 @@ def _add_tail(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tail.add_argument("--person", default="", help="only events on behalf of this person")
     tail.add_argument("--org", default="", help="only events of this organisation")
     tail.add_argument("--project", default="", help="only events of this project")
+    tail.add_argument("--json", action="store_true", help="one JSON object per event (JSON Lines)")
     tail.set_defaults(handler=_tail)
 
 
@@ -363,7 +367,7 @@ def _tail(args: argparse.Namespace) -> int:
         with audit_channel(args.target, args.data_dir) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
             for event in _events(stub.StreamAudit(request)):
-                print(render(event), flush=True)
+                print(_json_line(event) if args.json else render(event), flush=True)
     except UsageError as exc:
         print(f"token-broker audit tail: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -383,6 +387,11 @@ def _events(
     for response in responses:
         if response.HasField("event"):
             yield response.event
+
+
+def _json_line(event: types_pb2.AuditEvent) -> str:
+    fields = json_format.MessageToDict(event, preserving_proto_field_name=True)
+    return json.dumps(fields, sort_keys=True)
 
 
 _ALIASES = {"audience": "aud", "permissions": "perms", "permission_ceiling": "ceiling"}
