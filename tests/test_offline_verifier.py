@@ -118,3 +118,21 @@ def test_offline_verifier_enforces_audience_and_issuer(
     assert other_api.check(token).status is TokenStatus.WRONG_AUDIENCE
     impostor = TokenVerifier(issuer="https://evil", audience="api.example.com", keys=keys)
     assert impostor.check(token).status is TokenStatus.WRONG_ISSUER
+
+
+def test_a_follower_whose_credential_may_not_read_the_audit_fails_at_once(
+    server: BrokerServer, callers: Callers
+) -> None:
+    orchestrator = standard_accounts()["orchestrator"]  # no auditor role
+    channel = callers.channel(
+        assertion_credentials(
+            orchestrator.name, orchestrator.private_pem, callers.audience, key_id=orchestrator.kid
+        )
+    )
+    follower = RevocationFollower(channel, org="acme")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        follower.start(wait=10)
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert time.monotonic() - started < 5
+    follower.stop()

@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 
 STEP_TOKEN_TYP = "at+jwt"
 RUN_ENDING_ACTIONS = ("run.ended", "run.expired")
+PERMANENT = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 # A step token lives at most an hour: an ended run need not be remembered longer than that.
 REMEMBER_ENDED_RUNS = 3600.0 + 2 * DEFAULT_LEEWAY
 
@@ -158,16 +166,25 @@ class RevocationFollower:
         self._ended: dict[str, tuple[TokenStatus, float]] = {}
         self._cursor = 0
         self.ready = threading.Event()
+        self.failure: grpc.RpcError | None = None  # a refusal that retrying cannot fix
+        self._settled = threading.Event()  # ready, or failed for good
         self._stopped = threading.Event()
         self._call: Any = None
         self._call_lock = threading.Lock()  # so stop() cancels the call actually running
         self._thread = threading.Thread(target=self._run, name="revocations", daemon=True)
 
     def start(self, wait: float | None = 10.0) -> RevocationFollower:
-        """Start following; by default wait until the replay reached the head."""
+        """Start following; by default wait until the replay reached the head.
+
+        Raises the broker's refusal at once when retrying cannot help (a credential that
+        may not read the audit stream, say), instead of waiting out `wait`."""
         self._thread.start()
-        if wait is not None and not self.ready.wait(wait):
-            raise TimeoutError("could not catch up with the broker's revocations in time")
+        if wait is not None:
+            self._settled.wait(wait)
+            if self.failure is not None:
+                raise self.failure
+            if not self.ready.is_set():
+                raise TimeoutError("could not catch up with the broker's revocations in time")
         return self
 
     def status_of(self, run_id: str) -> TokenStatus | None:
@@ -193,8 +210,15 @@ class RevocationFollower:
             try:
                 self._stream(stop_at_head=not self.ready.is_set())
                 self.ready.set()
+                self._settled.set()
             except grpc.RpcError as error:
                 if self._stopped.is_set():
+                    return
+                if error.code() in PERMANENT:
+                    # Retrying cannot help: say so instead of looping (start() raises it).
+                    log.error("revocation stream refused (%s): %s", error.code(), error.details())
+                    self.failure = error
+                    self._settled.set()
                     return
                 log.warning("revocation stream interrupted (%s); resuming", error.code())
                 self._stopped.wait(self._retry_delay)
