@@ -25,6 +25,10 @@ run: install
 
 test: install check-protos lint typecheck buflint pytest
 
+# The whole story in one command: a throw-away broker, a test IdP, the sample executor and API.
+demo: install
+	$(BIN)/token-broker demo
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker import __version__, assertioncmd, cli_audit, logs, settings
+from broker import __version__, assertioncmd, cli_audit, demo, logs, settings
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
     assertioncmd.add_command(commands)
     cli_audit.add_commands(commands)
+    demo.add_command(commands)
     return parser
 
 
