@@ -170,7 +170,7 @@ def run(out: TextIO = sys.stdout, data_dir: Path | None = None) -> int:
     with _quiet_logs(), ExitStack() as scratch:
         if data_dir is None:
             data_dir = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="tb-demo-")))
-        where = f"data in {data_dir}" if kept else "SQLite in a temporary directory"
+        where = f"data in {data_dir}" if kept else "SQLite in a temp dir"
         try:
             with ExitStack() as running:  # everything started is stopped when it closes
                 _tell(story, running, data_dir, where)
@@ -192,8 +192,8 @@ def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
     api = stack.enter_context(SampleApi(server.target, credentials=cast.api.credentials(audience)))
     executor.api_url = api.url
     story.ok(
-        f"broker started on {server.target} with the demo policy ({where}); "
-        "sample executor and sample API on loopback"
+        f"broker started on {server.target} (demo policy, {where}), "
+        "with the sample executor and sample API"
     )
 
     id_token = cast.idp.id_token(subject="u-1001", email=PERSON, audience=PORTAL, name="Alice")
@@ -242,10 +242,10 @@ def _check_step_token(story: Story, execution: Execution) -> None:
     permissions = claims.get("permissions") or {}
     if permissions != STEP_PERMISSIONS:
         raise StepFailed(f"the step token carries {permissions}, not {STEP_PERMISSIONS}")
-    lifetime = int(claims["exp"]) - int(claims["iat"])
+    minutes = (int(claims["exp"]) - int(claims["iat"])) / 60
     story.ok(
         f"executor minted a step token with the run credential: aud {claims['aud']}, "
-        f"pipelines: read, valid {lifetime}s"
+        f"pipelines: read, valid {minutes:g} min"
     )
 
 

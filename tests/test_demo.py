@@ -15,7 +15,7 @@ from broker import cli, demo
 from tests.support import REPO
 
 STORY = [
-    r" 1 ✓ broker started on 127\.0\.0\.1:\d+ with the demo policy",
+    r" 1 ✓ broker started on 127\.0\.0\.1:\d+ \(demo policy, ",
     r" 2 ✓ test IdP https://idp\.example\.com signed an ID token for alice@example\.com",
     r" 3 ✓ deploy-portal called ExecuteOnBehalfOf with it: run (r-\w+) handed to the executor",
     r" 4 ✓ executor minted a step token with the run credential: aud sample-api, pipelines: read",
