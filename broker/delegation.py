@@ -36,6 +36,7 @@ from broker.errors import (
 from broker.identity import Person, PrincipalKind, VerificationMethod
 from broker.lifecycle import RunLifecycle, RunSpec, Started
 from broker.observe import NULL_OBSERVER, Observer
+from broker.policy import WILDCARD
 from broker.registry import RunRegistry
 from broker.runs import Run
 from broker.store import Store, StoreUnavailable, Write
@@ -113,6 +114,11 @@ def _domain(email: str) -> str:
     return email.rpartition("@")[2].lower()
 
 
+def _admits(domains: frozenset[str], email: str) -> bool:
+    """Whether a policy's domain list covers `email`; "*" (as in the dev policy) covers all."""
+    return WILDCARD in domains or _domain(email) in domains
+
+
 def verify_id_token(token: str, rules: DelegationRules) -> Person:
     """The person an ID token proves, or Refused saying precisely why not."""
     if not token or len(token) > MAX_ID_TOKEN_LENGTH:
@@ -174,7 +180,7 @@ def _person_from_claims(claims: Mapping[str, Any], idp: TrustedIdp, token: str) 
 def asserted_person(asserted: AssertedIdentity, rules: DelegationRules, caller: str) -> Person:
     if not asserted.subject or not asserted.email or "@" not in asserted.email:
         raise InvalidArgument.field("asserted", "subject and a full email address are required")
-    if _domain(asserted.email) not in rules.asserted_domains:
+    if not _admits(rules.asserted_domains, asserted.email):
         raise Refused(
             f"this delegator may not assert identities in domain {_domain(asserted.email)!r}; "
             "send an ID token from a trusted identity provider instead"
@@ -263,7 +269,7 @@ class Delegation:
             person = asserted_person(asserted, rules, ctx.principal.name)
         else:
             raise InvalidArgument.field("person", "give id_token or asserted")
-        if person.email and _domain(person.email) not in rules.user_domains:
+        if person.email and not _admits(rules.user_domains, person.email):
             raise Refused(
                 f"this delegator may not act for users in domain {_domain(person.email)!r}"
             )

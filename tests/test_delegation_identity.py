@@ -114,3 +114,12 @@ def test_asserted_identity_is_accepted_only_where_the_policy_allows_it(
     with pytest.raises(Refused) as refused:
         asserted_person(AssertedIdentity("u-1", "alice@example.com"), rules, "deploy-portal")
     assert "may not assert identities in domain 'example.com'" in refused.value.message
+
+
+def test_a_wildcard_domain_in_the_policy_admits_every_domain() -> None:
+    anyone = DelegationRules(asserted_domains=frozenset({"*"}), user_domains=frozenset({"*"}))
+    person = asserted_person(AssertedIdentity("u-1", "alice@example.com"), anyone, "dev-admin")
+    assert (person.email, person.method) == (
+        "alice@example.com",
+        VerificationMethod.ASSERTED_BY_CALLER,
+    )
