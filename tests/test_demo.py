@@ -98,3 +98,11 @@ def test_the_demo_keeps_its_data_where_asked_so_that_audit_verify_can_check_it(
     assert "chain intact" in capsys.readouterr().out
     assert cli.main(["demo", "--data-dir", str(data)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_the_readme_shows_what_the_demo_prints() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## See it work") :]
+    start = section.index("```text\n") + len("```text\n")
+    shown = section[start : section.index("\n```", start)]
+    assert_the_whole_story(shown)
