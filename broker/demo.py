@@ -36,7 +36,7 @@ from broker.api.server import BrokerServer, create_server
 from broker.audit import Action
 from broker.checkpoints import PublishedKeys
 from broker.settings import Settings
-from broker.store.sqlite_readonly import ReadOnlyAuditLog, database_path
+from broker.store.sqlite_readonly import NotADatabase, ReadOnlyAuditLog, database_path
 from tokenbroker.client import BrokerClient
 from tokenbroker.credentials import assertion_credentials
 from tokenbroker.errors import BrokerError
@@ -48,6 +48,7 @@ from tokenbroker.v1 import types_pb2
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 IDP_ISSUER = "https://idp.example.com"
 PORTAL = "deploy-portal"  # the delegator; also the client id its ID tokens are for
@@ -336,7 +337,7 @@ def _verify_audit(story: Story, data_dir: Path) -> int:
                 PublishedKeys.from_records(log.public_keys()),
                 pruned_through=log.pruned_through(),
             )
-    except OSError as exc:
+    except (OSError, NotADatabase) as exc:
         story.failed(f"audit verify could not read the log: {exc}")
         return EXIT_FAILED
     if not report.ok:
@@ -385,4 +386,7 @@ def _command(args: argparse.Namespace) -> int:
     if data_dir is not None and data_dir.exists() and any(data_dir.iterdir()):
         print(f"token-broker demo: {data_dir} is not empty", file=sys.stderr)
         return EXIT_USAGE
-    return run(sys.stdout, data_dir)
+    try:
+        return run(sys.stdout, data_dir)
+    except KeyboardInterrupt:  # everything it started has been stopped on the way out
+        return EXIT_INTERRUPTED
