@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/tokenbroker/v1/*.proto)
 GEN_DIR := clients
 
-.PHONY: install run test lint typecheck buflint protos check-protos pytest bench demo clean
+.PHONY: install run test lint typecheck buflint breaking contract-baseline protos check-protos pytest bench demo clean
 
 install: $(STAMP)
 
@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/token-broker serve $(ARGS)
 
-test: install check-protos lint typecheck buflint pytest
+test: install check-protos lint typecheck buflint breaking pytest
+
+# The whole story in one command: a throw-away broker, a test IdP, the sample executor and API.
+demo: install
+	$(BIN)/token-broker demo
 
 lint: install
 	$(BIN)/ruff check .
@@ -34,6 +38,17 @@ typecheck: install
 
 buflint: install
 	$(BIN)/buf lint
+
+# The contract never breaks by accident: `buf breaking` (offline) compares protos/ with the
+# image of the last release in $(BASELINE). When you cut a release, run `make contract-baseline`
+# and commit the new image with the release.
+BASELINE := protos/baseline.binpb
+
+breaking: install
+	$(BIN)/buf breaking --against $(BASELINE)
+
+contract-baseline: install
+	$(BIN)/buf build --exclude-source-info -o $(BASELINE)
 
 pytest: install
 	$(BIN)/pytest $(PYTEST_ARGS)

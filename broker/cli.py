@@ -17,6 +17,7 @@ from broker import (
     cli_policy,
     cli_runs,
     cli_token,
+    demo,
     logs,
     settings,
 )
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_execute.add_command(commands)
     cli_keys.add_commands(commands)
     cli_policy.add_commands(commands)
+    demo.add_command(commands)
     return parser
 
 

@@ -11,6 +11,8 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest
+from grpc_reflection.v1alpha.reflection_pb2_grpc import ServerReflectionStub
 
 
 class ReflectionClient:
@@ -28,8 +30,19 @@ class ReflectionClient:
         desc = self.pool.FindServiceByName(service)
         return [f"{service}.{m.name}" for m in desc.methods]
 
+    def file_containing(self, symbol: str) -> None:
+        """What grpcurl asks the server first for every symbol it describes, never from a
+        cache; KeyError when the server cannot find it ("Symbol not found")."""
+        request = ServerReflectionRequest(file_containing_symbol=symbol)
+        answers = list(
+            ServerReflectionStub(self._channel).ServerReflectionInfo(iter([request]), timeout=10)
+        )
+        if not answers or answers[0].HasField("error_response"):
+            raise KeyError(f"Symbol not found: {symbol}")
+
     def describe(self, symbol: str) -> Any:
         """`grpcurl describe SYMBOL` for a service, method or message."""
+        self.file_containing(symbol)
         try:
             return self.pool.FindServiceByName(symbol)
         except KeyError:
@@ -47,8 +60,10 @@ class ReflectionClient:
         request_json: str = "{}",
         metadata: tuple[tuple[str, str], ...] = (),
         timeout: float = 10,
+        proto_field_names: bool = False,
     ) -> Any:
-        """`grpcurl -d JSON -H ... TARGET SERVICE/METHOD`: the response(s) as JSON dicts."""
+        """`grpcurl -d JSON -H ... TARGET SERVICE/METHOD`: the response(s) as JSON dicts
+        (with the .proto's field names, as grpcurl prints them, if `proto_field_names`)."""
         service, _, name = full_method.replace("/", ".").rpartition(".")
         method = self.pool.FindServiceByName(service).methods_by_name[name]
         request_cls = message_factory.GetMessageClass(method.input_type)
@@ -62,9 +77,13 @@ class ReflectionClient:
         if method.server_streaming:
             stream = self._channel.unary_stream(path, **kwargs)
             return [
-                json.loads(json_format.MessageToJson(m))
+                json.loads(
+                    json_format.MessageToJson(m, preserving_proto_field_name=proto_field_names)
+                )
                 for m in stream(request, metadata=metadata, timeout=timeout)
             ]
         unary = self._channel.unary_unary(path, **kwargs)
         response = unary(request, metadata=metadata, timeout=timeout)
-        return json.loads(json_format.MessageToJson(response))
+        return json.loads(
+            json_format.MessageToJson(response, preserving_proto_field_name=proto_field_names)
+        )

@@ -24,6 +24,7 @@ from broker import telemetry
 from broker.api import authn
 from broker.api.calls import CallInterceptor
 from broker.api.executor import GrpcHandoff
+from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
 from broker.app import Broker, build_broker
 from broker.settings import Settings, is_loopback, split_host_port
@@ -128,7 +129,9 @@ def create_server(
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+        pool=MethodResolvingPool(),
     )
     credentials = _credentials(settings)
     try:

@@ -1,0 +1,108 @@
+"""`token-broker demo` tells the whole story, says so line by line, and cleans up after itself."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from broker import cli, demo
+from tests.support import REPO
+
+STORY = [
+    r" 1 ✓ broker started on 127\.0\.0\.1:\d+ \(demo policy, ",
+    r" 2 ✓ test IdP https://idp\.example\.com signed an ID token for alice@example\.com",
+    r" 3 ✓ deploy-portal called ExecuteOnBehalfOf with it: run (r-\w+) handed to the executor",
+    r" 4 ✓ executor minted a step token with the run credential: aud sample-api, pipelines: read",
+    r" 5 ✓ sample API verified it offline → 200: run r-\w+ for alice@example\.com \(idp_verified\)"
+    r" via deploy-portal",
+    r' 6 ✓ executor ended the run with RevokeRun \("pipeline finished"\)',
+    r" 7 ✓ the same step token is now rejected by the API → 401 run ended",
+    r" 8 ✓ audit trail of run r-\w+: Executed by: alice@example\.com \(verified by "
+    r"https://idp\.example\.com\) · Triggered via: deploy-portal",
+    r" 9 ✓ audit verify: \d+ events, chain intact, 1 of 1 signed checkpoints verified",
+]
+
+
+def assert_the_whole_story(output: str) -> None:
+    steps = [line for line in output.splitlines() if re.match(r"^ ?\d+ [✓✗] ", line)]
+    assert len(steps) == len(STORY), output
+    for line, pattern in zip(steps, STORY, strict=True):
+        assert re.match(pattern, line), f"{line!r} does not match {pattern!r}"
+    run_id = re.search(STORY[2], output)
+    assert run_id is not None
+    trail = [line.split() for line in output.splitlines() if line.startswith("      seq ")]
+    assert [(t[2], t[4], t[6]) for t in trail] == [
+        ("run.executed_on_behalf", "deploy-portal", "alice@example.com"),
+        ("token.issued", f"run:{run_id[1]}", "alice@example.com"),
+        ("run.ended", f"run:{run_id[1]}", "alice@example.com"),
+    ]
+
+
+def test_the_demo_tells_every_step_of_the_story_and_exits_zero(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    out = io.StringIO()
+
+    code = demo.run(out)
+
+    assert code == 0, out.getvalue()
+    assert_the_whole_story(out.getvalue())
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
+    assert left == [], "the demo leaves nothing running"
+
+
+def test_the_demo_runs_as_a_command_with_quiet_logs_and_leaves_nothing_behind() -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "broker", "demo"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert_the_whole_story(finished.stdout)
+    assert finished.stderr == ""
+    temporary = re.search(r"tb-demo-\w+", finished.stdout)
+    assert temporary is None, "the temporary data dir is not worth printing: it is gone"
+
+
+def test_a_step_that_goes_wrong_is_marked_and_the_demo_exits_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The executor asks for a token the story does not expect: the demo must notice.
+    monkeypatch.setattr("tokenbroker.samples.executor.STEP_PERMISSIONS", {"pipelines": "execute"})
+    out = io.StringIO()
+
+    code = demo.run(out)
+
+    lines = out.getvalue().splitlines()
+    assert code == 1
+    assert lines[-1].startswith(" 4 ✗ the step token carries {'pipelines': 'execute'}")
+    assert not any(" 5 " in line for line in lines)
+
+
+def test_the_demo_keeps_its_data_where_asked_so_that_audit_verify_can_check_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "demo-data"
+
+    assert cli.main(["demo", "--data-dir", str(data)]) == 0
+    assert f"data in {data}" in capsys.readouterr().out
+    assert cli.main(["audit", "verify", "--data-dir", str(data)]) == 0
+    assert "chain intact" in capsys.readouterr().out
+    assert cli.main(["demo", "--data-dir", str(data)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_the_readme_shows_what_the_demo_prints() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## See it work") :]
+    start = section.index("```text\n") + len("```text\n")
+    shown = section[start : section.index("\n```", start)]
+    assert_the_whole_story(shown)
