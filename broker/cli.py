@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from broker import __version__, assertioncmd, cli_audit, logs, settings
+from broker.bench import add_command as add_bench_command
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
     assertioncmd.add_command(commands)
     cli_audit.add_commands(commands)
+    add_bench_command(commands)
     return parser
 
 
