@@ -31,6 +31,7 @@ class Figure:
     p50_ms: float = math.nan
     p99_ms: float = math.nan
     samples: int = 0
+    cpu_us: float = math.nan  # broker CPU time per call, all threads
     rounds: list[float] = field(default_factory=list)
     ratio: float = math.nan  # rate / the reference's rate
     reference: str = ""
@@ -70,7 +71,7 @@ def _num(value: float, digits: int = 0) -> str:
 
 
 def table(figures: Sequence[Figure], header: Sequence[str]) -> str:
-    rows = [("figure", "rate", "unit", "p50 ms", "p99 ms", "ratio", "target", "result")]
+    rows = [("figure", "rate", "unit", "p50 ms", "p99 ms", "cpu µs", "ratio", "target", "result")]
     for f in figures:
         rows.append(
             (
@@ -79,13 +80,14 @@ def table(figures: Sequence[Figure], header: Sequence[str]) -> str:
                 f.unit,
                 _num(f.p50_ms, 2),
                 _num(f.p99_ms, 2),
+                _num(f.cpu_us),
                 _num(f.ratio, 2) + ("×" if not math.isnan(f.ratio) else ""),
                 f.target,
                 f.verdict,
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = {1, 3, 4, 5}
+    right = {1, 3, 4, 5, 6}
     lines = list(header)
     for n, row in enumerate(rows):
         cells = [

@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -200,7 +201,7 @@ def _measure(
 ) -> list[Figure]:
     load = list(range(plan.clients))
     observer = plan.clients  # the last process: subscribers and the revocation watcher
-    specs = {n: {"target": b.target, "issuer": b.issuer} for n, b in brokers.items()}
+    specs = {n: {"target": b.target, "issuer": b.issuer, "pid": b.pid} for n, b in brokers.items()}
     workers.ask_all(
         [*load, observer], {"op": "setup", "brokers": specs, "policy_dir": str(policy_dir)}
     )
@@ -239,6 +240,7 @@ def _unary(plan: Plan, workers: Workers, load: list[int]) -> list[Figure]:
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
     latencies: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
     errors: dict[tuple[str, str], dict[str, int]] = {key: {} for key in schedule}
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
     for round_number in range(plan.rounds + 1):
         say(
             f"unary round {round_number}/{plan.rounds}" + (" (warm-up)" if not round_number else "")
@@ -257,6 +259,8 @@ def _unary(plan: Plan, workers: Workers, load: list[int]) -> list[Figure]:
                 continue
             calls = sum(len(a["latencies"]) for a in answers)
             rates[(broker, kind)].append(calls / max(a["seconds"] for a in answers))
+            # Concurrent clients each read the broker's whole CPU time: take the largest.
+            cpu[(broker, kind)].append(max(a["broker_cpu"] for a in answers) / max(calls, 1))
             for a in answers:
                 latencies[(broker, kind)].extend(a["latencies"])
                 for code, n in a["errors"].items():
@@ -265,6 +269,7 @@ def _unary(plan: Plan, workers: Workers, load: list[int]) -> list[Figure]:
         key: Figure.measured(UNARY_NAMES[key[1]], rates[key], latencies[key]) for key in schedule
     }
     for key, counted in errors.items():
+        made[key].cpu_us = statistics.median(cpu[key]) * 1e6 if cpu[key] else math.nan
         if counted:
             made[key].note = f"errors: {counted}"
     return _judge_unary(plan, made)
@@ -521,6 +526,7 @@ def _header(plan: Plan, meta: dict[str, Any]) -> list[str]:
         f"load: {plan.clients} client process(es) × {plan.concurrency} calls in flight (grpc.aio), "
         f"{plan.rounds} rounds × {plan.seconds:g} s after a warm-up round, interleaved",
         NOOP_DESCRIPTION,
-        "rate: median of rounds; p50/p99: all samples; ratio: rate ÷ no-op rate unless noted",
+        "rate: median of rounds; p50/p99: all samples; ratio: rate ÷ no-op rate unless noted; "
+        "cpu: the broker process's CPU time per call (all its threads, gRPC's included)",
         "",
     ]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import os
 import threading
 import time
 import uuid
@@ -45,6 +47,7 @@ class Broker:
 
     target: str
     issuer: str
+    pid: int
     signers: dict[str, AssertionSigner]
     runs: list[str] = field(default_factory=list)  # active runs to issue tokens for
     credentials: list[str] = field(default_factory=list)  # their run credentials
@@ -87,7 +90,7 @@ class Worker:
                 )
                 for a in accounts.ACCOUNTS
             }
-            self.brokers[name] = Broker(spec["target"], spec["issuer"], signers)
+            self.brokers[name] = Broker(spec["target"], spec["issuer"], spec["pid"], signers)
         return {}
 
     def prepare(self, job: Job) -> Job:
@@ -219,6 +222,7 @@ async def _closed_loop(
         latencies: list[float] = []
         errors: dict[str, int] = {}
         counter = itertools.count()
+        cpu_before = process_cpu_seconds(broker.pid)
         began = time.perf_counter()
         stop_at = began + seconds
         exhausted = False
@@ -241,7 +245,17 @@ async def _closed_loop(
 
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
-    return {"latencies": latencies, "seconds": elapsed, "errors": errors}
+        cpu = process_cpu_seconds(broker.pid) - cpu_before
+    return {"latencies": latencies, "seconds": elapsed, "errors": errors, "broker_cpu": cpu}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc); NaN where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _caller(
