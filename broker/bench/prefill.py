@@ -9,7 +9,6 @@ events, sealed into one valid hash chain exactly as the store seals them, so tha
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -102,25 +101,20 @@ def _write(conn: sqlite3.Connection, events: int) -> None:
         run_rows.append(run_to_row(run))
         for d in drafts:
             sequence += 1
-            record = audit.to_record(sequence, d)
-            body = audit.canonical_bytes(record)
-            # audit.chain_hash would encode the record a second time; checked once below.
-            digest = hashlib.sha256(bytes.fromhex(head) + body).hexdigest()
-            if sequence == 1:
-                assert digest == audit.chain_hash(head, record)
+            event, body = audit.seal_with_record(d, sequence, head)
             event_rows.append(
                 (
                     sequence,
                     body.decode(),
                     head,
-                    digest,
+                    event.hash,
                     d.action,
                     d.run_id,
                     d.principal,
-                    record["time_us"],
+                    audit.time_us(d.time),
                 )
             )
-            head = digest
+            head = event.hash
         if len(event_rows) >= BATCH:
             _flush(conn, placeholders, run_rows, event_rows)
     _flush(conn, placeholders, run_rows, event_rows)
