@@ -69,5 +69,9 @@ check-protos: install
 	  cmp -s $$tmp/$$f $(GEN_DIR)/$$f || { echo "stale generated stub: $(GEN_DIR)/$$f (run 'make protos')"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated stubs are current"
 
+# A benchmark, not a test: `make bench QUICK=1` takes under a minute (see docs/performance.md).
+bench: install
+	$(BIN)/token-broker bench $(if $(QUICK),--quick) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -117,13 +117,18 @@ def _person_dict(person: Person | None) -> dict[str, str] | None:
     }
 
 
+def time_us(time: float) -> int:
+    """An event time as stored and hashed: integer microseconds."""
+    return round(time * 1_000_000)
+
+
 def to_record(sequence: int, draft: AuditDraft) -> dict[str, Any]:
     """The event as a JSON-ready dict; the canonical form hashed and exported."""
     pipeline = draft.pipeline
     return {
         "sequence": sequence,
         # Integer microseconds: floats must not reach the hash (their text form varies).
-        "time_us": round(draft.time * 1_000_000),
+        "time_us": time_us(draft.time),
         "action": draft.action,
         "outcome": draft.outcome.value,
         "principal": draft.principal,
@@ -148,7 +153,15 @@ def chain_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
 
 
 def seal(draft: AuditDraft, sequence: int, prev_hash: str) -> AuditEvent:
-    return AuditEvent(sequence, draft, prev_hash, chain_hash(prev_hash, to_record(sequence, draft)))
+    return seal_with_record(draft, sequence, prev_hash)[0]
+
+
+def seal_with_record(draft: AuditDraft, sequence: int, prev_hash: str) -> tuple[AuditEvent, bytes]:
+    """The sealed event and the canonical bytes its hash covers (what a store keeps), encoded
+    once: on the write path the JSON encoding is a large part of an event's cost."""
+    body = canonical_bytes(to_record(sequence, draft))
+    digest = hashlib.sha256(bytes.fromhex(prev_hash) + body).hexdigest()
+    return AuditEvent(sequence, draft, prev_hash, digest), body
 
 
 def from_record(record: Mapping[str, Any]) -> AuditDraft:

@@ -21,6 +21,7 @@ from broker import (
     logs,
     settings,
 )
+from broker.bench import add_command as add_bench_command
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_keys.add_commands(commands)
     cli_policy.add_commands(commands)
     demo.add_command(commands)
+    add_bench_command(commands)
     return parser
 
 

@@ -213,20 +213,19 @@ class SqliteStore:
         events = []
         for draft in write.events:
             sequence = self._head_seq + 1
-            event = audit.seal(draft, sequence, self._head_hash)
-            record = audit.to_record(sequence, draft)
+            event, body = audit.seal_with_record(draft, sequence, self._head_hash)
             conn.execute(
                 "INSERT INTO audit_events (sequence, record, prev_hash, hash, action, run_id, "
                 "principal, time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     sequence,
-                    audit.canonical_bytes(record).decode(),
+                    body.decode(),
                     event.prev_hash,
                     event.hash,
                     draft.action,
                     draft.run_id,
                     draft.principal,
-                    record["time_us"],
+                    audit.time_us(draft.time),
                 ),
             )
             self._head_seq, self._head_hash = sequence, event.hash

@@ -1,0 +1,557 @@
+"""The benchmark's client side, run in worker processes of its own.
+
+A Python gRPC client costs about as much CPU per call as the server does, so load comes from
+separate processes (never the broker's, never the coordinator's) and client and server do
+not share one GIL. Each worker serves jobs sent over a pipe, one at a time, and answers
+with raw samples; the coordinator does the statistics.
+
+Unary load is a closed loop: `concurrency` calls in flight on one grpc.aio channel, each
+timed from just before it is sent until its response is parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker.bench import accounts
+from broker.bench.accounts import API, AUDITOR, DELEGATOR, ORCHESTRATOR, ORG, BenchAccount
+from tokenbroker.credentials import AssertionSigner
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+from tokenbroker.verifier import JwksCache, RevocationFollower, TokenVerifier, jwks_from_broker
+
+AUDIENCE = "api.example.com"
+CALL_TIMEOUT = 30.0
+Metadata = tuple[tuple[str, str], ...]
+Job = dict[str, Any]
+
+
+@dataclass
+class Broker:
+    """What a worker knows about one broker under test."""
+
+    target: str
+    issuer: str
+    pid: int
+    signers: dict[str, AssertionSigner]
+    runs: list[str] = field(default_factory=list)  # active runs to issue tokens for
+    credentials: list[str] = field(default_factory=list)  # their run credentials
+    tokens: list[str] = field(default_factory=list)  # step tokens to verify
+
+    def metadata(self, account: BenchAccount) -> Metadata:
+        return (("authorization", f"Bearer {self.signers[account.name].assertion()}"),)
+
+
+def pipeline(name: str = "deploy") -> types_pb2.PipelineRef:
+    return types_pb2.PipelineRef(org=ORG, project="web", pipeline=name)
+
+
+CEILING = [types_pb2.Permission(resource="artifacts", level="write")]
+PERMISSIONS = [types_pb2.Permission(resource="artifacts", level="read")]
+
+
+def start_run_request() -> broker_pb2.StartRunRequest:
+    return broker_pb2.StartRunRequest(
+        pipeline=pipeline(), permission_ceiling=CEILING, deadline=Duration(seconds=6 * 3600)
+    )
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.brokers: dict[str, Broker] = {}
+        self.fanout: FanOut | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def setup(self, job: Job) -> Job:
+        policy_dir = Path(job["policy_dir"])
+        for name, spec in job["brokers"].items():
+            signers = {
+                a.name: AssertionSigner(
+                    a.name,
+                    accounts.private_key_pem(policy_dir, a),
+                    spec["issuer"],
+                    key_id=accounts.KEY_ID,
+                )
+                for a in accounts.ACCOUNTS
+            }
+            self.brokers[name] = Broker(spec["target"], spec["issuer"], spec["pid"], signers)
+        return {}
+
+    def prepare(self, job: Job) -> Job:
+        """Active runs (with their credentials) and step tokens that the load jobs use."""
+        broker = self.brokers[job["broker"]]
+        with grpc.insecure_channel(broker.target) as channel:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            for _ in range(job["runs"]):
+                started = stub.StartRun(start_run_request(), metadata=broker.metadata(ORCHESTRATOR))
+                broker.runs.append(started.run.run_id)
+                broker.credentials.append(started.run_credential)
+            for i in range(job["tokens"]):
+                issued = stub.IssueToken(
+                    broker_pb2.IssueTokenRequest(
+                        run_id=broker.runs[i % len(broker.runs)],
+                        audience=AUDIENCE,
+                        permissions=PERMISSIONS,
+                        ttl=Duration(seconds=3600),
+                    ),
+                    metadata=broker.metadata(ORCHESTRATOR),
+                )
+                broker.tokens.append(issued.token)
+        return {"runs": len(broker.runs), "tokens": len(broker.tokens)}
+
+    # -- unary load -----------------------------------------------------------------------
+
+    def unary(self, job: Job) -> Job:
+        broker = self.brokers[job["broker"]]
+        kind = job["kind"]
+        return asyncio.run(
+            _closed_loop(
+                broker,
+                kind,
+                seconds=job["seconds"],
+                concurrency=job["concurrency"],
+                prepare_seconds=job.get("prepare_seconds", 0.0),
+            )
+        )
+
+    # -- offline verification -------------------------------------------------------------
+
+    def offline(self, job: Job) -> Job:
+        """TokenVerifier.check vs a bare jwt.decode of the same tokens, alternating rounds."""
+        broker = self.brokers[job["broker"]]
+        with grpc.insecure_channel(broker.target) as channel:
+            follower = RevocationFollower(channel, org=ORG, metadata=broker.metadata(API)).start()
+            try:
+                keys = JwksCache(jwks_from_broker(channel))
+                verifier = TokenVerifier(
+                    issuer=broker.issuer, audience=AUDIENCE, keys=keys, revocations=follower
+                )
+                return _offline_rounds(verifier, keys, broker, job["rounds"], job["seconds"])
+            finally:
+                follower.stop()
+
+    # -- revocation latency ---------------------------------------------------------------
+
+    def revocation(self, job: Job) -> Job:
+        """RevokeRun returns → the offline verifier (following the stream) rejects."""
+        broker = self.brokers[job["broker"]]
+        latencies: list[float] = []
+        revoke_calls: list[float] = []
+        with grpc.insecure_channel(broker.target) as channel:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            follower = RevocationFollower(channel, org=ORG, metadata=broker.metadata(API)).start()
+            try:
+                verifier = TokenVerifier(
+                    issuer=broker.issuer,
+                    audience=AUDIENCE,
+                    keys=JwksCache(jwks_from_broker(channel)),
+                    revocations=follower,
+                )
+                for _ in range(job["samples"]):
+                    sample = _revoke_and_watch(stub, broker, verifier, job["poll"], job["limit"])
+                    revoke_calls.append(sample[0])
+                    latencies.append(sample[1])
+            finally:
+                follower.stop()
+        return {"latencies": latencies, "revoke_calls": revoke_calls}
+
+    # -- audit streams --------------------------------------------------------------------
+
+    def catchup(self, job: Job) -> Job:
+        """Read `limit` stored events from `after` as fast as the stream delivers them."""
+        broker = self.brokers[job["broker"]]
+        request = broker_pb2.StreamAuditRequest(after_sequence=job["after"], stop_at_head=True)
+        received = 0
+        first = last = 0
+        with grpc.insecure_channel(broker.target) as channel:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            began = time.perf_counter()
+            call = stub.StreamAudit(request, metadata=broker.metadata(AUDITOR))
+            for item in call:
+                if not item.HasField("event"):
+                    continue
+                received += 1
+                last = item.event.sequence
+                first = first or last
+                if received >= job["limit"]:
+                    break
+            elapsed = time.perf_counter() - began
+            call.cancel()
+        return {"events": received, "seconds": elapsed, "first": first, "last": last}
+
+    def fanout_start(self, job: Job) -> Job:
+        broker = self.brokers[job["broker"]]
+        self.fanout = FanOut(broker, job["after"], job["subscribers"])
+        self.fanout.start()
+        return {}
+
+    def fanout_finish(self, job: Job) -> Job:
+        assert self.fanout is not None
+        result = self.fanout.finish(job["until"], job["timeout"])
+        self.fanout = None
+        return result
+
+
+# -- closed-loop unary load -----------------------------------------------------------------
+
+
+Call = Callable[[int], Awaitable[Any]]
+
+
+async def _closed_loop(
+    broker: Broker, kind: str, *, seconds: float, concurrency: int, prepare_seconds: float
+) -> Job:
+    async with grpc.aio.insecure_channel(broker.target) as channel:
+        call = await _caller(channel, broker, kind, prepare_seconds, concurrency)
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        counter = itertools.count()
+        cpu_before = process_cpu_seconds(broker.pid)
+        began = time.perf_counter()
+        stop_at = began + seconds
+        exhausted = False
+
+        async def loop() -> None:
+            nonlocal exhausted
+            while not exhausted and time.perf_counter() < stop_at:
+                i = next(counter)
+                sent = time.perf_counter()
+                try:
+                    await call(i)
+                except IndexError:
+                    exhausted = True  # a prepared pool ran out (RevokeRun)
+                    return
+                except grpc.RpcError as error:
+                    code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else "?"
+                    errors[code] = errors.get(code, 0) + 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+        cpu = process_cpu_seconds(broker.pid) - cpu_before
+    return {"latencies": latencies, "seconds": elapsed, "errors": errors, "broker_cpu": cpu}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc); NaN where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _caller(
+    channel: grpc.aio.Channel, broker: Broker, kind: str, prepare_seconds: float, concurrency: int
+) -> Call:
+    """The call to time for `kind`, warmed up once (and, for revoke, the runs to end)."""
+    stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    orchestrator = broker.metadata(ORCHESTRATOR)
+
+    async def noop(i: int) -> Any:
+        # The same authorization header as the broker's calls: the same bytes on the wire.
+        return await health.Check(
+            health_pb2.HealthCheckRequest(), metadata=orchestrator, timeout=CALL_TIMEOUT
+        )
+
+    async def issue(i: int) -> Any:
+        # As a pipeline step asks: with its run's own credential.
+        n = i % len(broker.runs)
+        request = broker_pb2.IssueTokenRequest(
+            audience=AUDIENCE, permissions=PERMISSIONS, step=f"step-{i % 16}"
+        )
+        credential = (("authorization", f"Bearer {broker.credentials[n]}"),)
+        return await stub.IssueToken(request, metadata=credential, timeout=CALL_TIMEOUT)
+
+    api = broker.metadata(API)
+
+    async def verify(i: int) -> Any:
+        token = broker.tokens[i % len(broker.tokens)]
+        request = broker_pb2.VerifyTokenRequest(token=token, audience=AUDIENCE)
+        response = await stub.VerifyToken(request, metadata=api, timeout=CALL_TIMEOUT)
+        if not response.active:
+            raise AssertionError(f"token not active: {response.reason}")
+        return response
+
+    portal = broker.metadata(DELEGATOR)
+
+    async def execute(i: int) -> Any:
+        request = broker_pb2.ExecuteOnBehalfOfRequest(
+            pipeline=pipeline("release"),
+            permission_ceiling=CEILING,
+            deadline=Duration(seconds=3600),
+            idempotency_key=uuid.uuid4().hex,
+            asserted=broker_pb2.AssertedPerson(
+                subject=f"user-{i % 1000}", email=f"user-{i % 1000}@{accounts.PERSON_DOMAIN}"
+            ),
+        )
+        return await stub.ExecuteOnBehalfOf(request, metadata=portal, timeout=CALL_TIMEOUT)
+
+    to_end: list[str] = []
+
+    async def revoke(i: int) -> Any:
+        run_id = to_end.pop()  # IndexError ends the round
+        request = broker_pb2.RevokeRunRequest(run_id=run_id, reason="bench")
+        return await stub.RevokeRun(request, metadata=orchestrator, timeout=CALL_TIMEOUT)
+
+    calls: dict[str, Call] = {
+        "noop": noop,
+        "issue": issue,
+        "verify": verify,
+        "execute": execute,
+        "revoke": revoke,
+    }
+    call = calls[kind]
+    if kind == "revoke":
+        to_end.extend(await _start_runs(stub, orchestrator, 0, 1))
+    await call(-1)  # warm-up (the channel connects); for revoke it ends that one run
+    if kind == "revoke":
+        to_end.extend(await _start_runs(stub, orchestrator, prepare_seconds, concurrency))
+    return call
+
+
+async def _start_runs(
+    stub: broker_pb2_grpc.TokenBrokerServiceAsyncStub,
+    metadata: Metadata,
+    seconds: float,
+    concurrency: int,
+) -> list[str]:
+    """Start runs for `seconds` (at least one): RevokeRun's round ends each of them once."""
+    started: list[str] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        while True:
+            response = await stub.StartRun(
+                start_run_request(), metadata=metadata, timeout=CALL_TIMEOUT
+            )
+            started.append(response.run.run_id)
+            if time.perf_counter() >= stop_at:
+                return
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return started
+
+
+# -- offline verification -------------------------------------------------------------------
+
+
+def _offline_rounds(
+    verifier: TokenVerifier, keys: JwksCache, broker: Broker, rounds: int, seconds: float
+) -> Job:
+    tokens = broker.tokens
+    first = tokens[0]
+    kid = jwt.get_unverified_header(first)["kid"]
+    key = keys.find(kid)
+    assert key is not None and verifier.check(first).active
+
+    def checked(token: str) -> None:
+        if not verifier.check(token).active:
+            raise AssertionError("offline verifier rejected a valid token")
+
+    def bare(token: str) -> None:
+        jwt.decode(token, key.key, algorithms=["ES256"], audience=AUDIENCE, issuer=broker.issuer)
+
+    samples: dict[str, list[float]] = {"verifier": [], "pyjwt": []}
+    throughput: dict[str, list[float]] = {"verifier": [], "pyjwt": []}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, verify in (("verifier", checked), ("pyjwt", bare)):
+            latencies, rate = _time_loop(verify, tokens, seconds)
+            samples[name].extend(latencies)
+            throughput[name].append(rate)
+    return {
+        "latencies": {k: v[len(v) // (rounds + 1) :] for k, v in samples.items()},
+        "rates": {k: v[1:] for k, v in throughput.items()},
+    }
+
+
+def _time_loop(
+    verify: Callable[[str], None], tokens: list[str], seconds: float
+) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    clock = time.perf_counter
+    began = clock()
+    stop_at = began + seconds
+    n = len(tokens)
+    i = 0
+    while True:
+        sent = clock()
+        verify(tokens[i % n])
+        done = clock()
+        latencies.append(done - sent)
+        i += 1
+        if done >= stop_at:
+            break
+    return latencies, i / (done - began)
+
+
+# -- revocation latency ---------------------------------------------------------------------
+
+
+def _revoke_and_watch(
+    stub: broker_pb2_grpc.TokenBrokerServiceStub,
+    broker: Broker,
+    verifier: TokenVerifier,
+    poll: float,
+    limit: float,
+) -> tuple[float, float]:
+    """(RevokeRun's own latency, time from its return until the verifier rejects)."""
+    orchestrator = broker.metadata(ORCHESTRATOR)
+    run_id = stub.StartRun(
+        start_run_request(), metadata=orchestrator, timeout=CALL_TIMEOUT
+    ).run.run_id
+    token = stub.IssueToken(
+        broker_pb2.IssueTokenRequest(run_id=run_id, audience=AUDIENCE, permissions=PERMISSIONS),
+        metadata=orchestrator,
+    ).token
+    if not verifier.check(token).active:
+        raise AssertionError("a fresh token was rejected before its run ended")
+    sent = time.perf_counter()
+    stub.RevokeRun(
+        broker_pb2.RevokeRunRequest(run_id=run_id, reason="bench"),
+        metadata=orchestrator,
+        timeout=CALL_TIMEOUT,
+    )
+    returned = time.perf_counter()
+    while verifier.check(token).active:
+        if time.perf_counter() - returned > limit:
+            raise AssertionError(f"the verifier still accepts a revoked run's token after {limit}s")
+        time.sleep(poll)
+    return returned - sent, time.perf_counter() - returned
+
+
+# -- live fan-out -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Subscriber:
+    first: int = 0
+    last: int = 0
+    count: int = 0
+    gaps: int = 0
+    delays: list[float] = field(default_factory=list)
+
+
+class FanOut:
+    """`subscribers` live StreamAudit followers from `after`, on their own event loop."""
+
+    def __init__(self, broker: Broker, after: int, subscribers: int) -> None:
+        self._broker = broker
+        self._after = after
+        self._subs = [_Subscriber() for _ in range(subscribers)]
+        self._until: int | None = None
+        self._open = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fanout", daemon=True)
+        self._began = 0.0
+        self._ended = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._open.wait(30):
+            raise TimeoutError("subscribers did not connect")
+
+    def finish(self, until: int, timeout: float) -> Job:
+        self._until = until
+        self._thread.join(timeout)
+        complete = not self._thread.is_alive()
+        self._done.set()
+        self._thread.join(5)
+        return {
+            "complete": complete,
+            "seconds": self._ended - self._began,
+            "subscribers": [
+                {"first": s.first, "last": s.last, "count": s.count, "gaps": s.gaps}
+                for s in self._subs
+            ],
+            "delays": [d for s in self._subs for d in s.delays],
+        }
+
+    def _run(self) -> None:
+        asyncio.run(self._follow_all())
+
+    async def _follow_all(self) -> None:
+        metadata = self._broker.metadata(AUDITOR)
+        async with grpc.aio.insecure_channel(self._broker.target) as channel:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            request = broker_pb2.StreamAuditRequest(after_sequence=self._after)
+            calls = [stub.StreamAudit(request, metadata=metadata) for _ in self._subs]
+            for call in calls:
+                await call.initial_metadata()  # each stream is authorized and open
+            self._began = time.perf_counter()
+            self._open.set()
+            await asyncio.gather(
+                *(self._follow(c, s) for c, s in zip(calls, self._subs, strict=True))
+            )
+            self._ended = time.perf_counter()
+
+    async def _follow(self, call: Any, sub: _Subscriber) -> None:
+        expected = self._after + 1
+        while not self._done.is_set():
+            try:
+                item = await asyncio.wait_for(call.read(), timeout=0.2)
+            except TimeoutError:
+                if self._until is not None and sub.last >= self._until:
+                    break
+                continue
+            if item is grpc.aio.EOF:
+                break
+            if not item.HasField("event"):
+                continue
+            event = item.event
+            if event.sequence != expected:
+                sub.gaps += 1
+            expected = event.sequence + 1
+            sub.first = sub.first or event.sequence
+            sub.last = event.sequence
+            sub.count += 1
+            if event.action == "token.issued":
+                sub.delays.append(time.time() - event.time.ToNanoseconds() / 1e9)
+            if self._until is not None and sub.last >= self._until:
+                break
+        call.cancel()
+
+
+# -- the process ------------------------------------------------------------------------------
+
+
+def serve(conn: Connection) -> None:
+    """A worker process's main: answer jobs until told to stop."""
+    worker = Worker()
+    handlers: dict[str, Callable[[Job], Job]] = {
+        "setup": worker.setup,
+        "prepare": worker.prepare,
+        "unary": worker.unary,
+        "offline": worker.offline,
+        "revocation": worker.revocation,
+        "catchup": worker.catchup,
+        "fanout_start": worker.fanout_start,
+        "fanout_finish": worker.fanout_finish,
+    }
+    while True:
+        job: Job = conn.recv()
+        if job["op"] == "stop":
+            conn.send({"ok": True})
+            return
+        try:
+            conn.send({"ok": True, **handlers[job["op"]](job)})
+        except Exception as exc:
+            conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})

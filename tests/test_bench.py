@@ -1,0 +1,95 @@
+"""`token-broker bench` works end to end. With tiny counts: a benchmark's timings are never
+asserted here, only that every figure of the issue is measured, judged and written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from broker.bench import runner
+from broker.bench.prefill import prefill
+from broker.cli import build_parser, main
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_FIGURES = [
+    "no-op (Health/Check)",
+    "IssueToken",
+    "VerifyToken (online)",
+    "ExecuteOnBehalfOf",
+    "RevokeRun",
+    "no-op, 2,000 stored",
+    "IssueToken, 2,000 stored",
+    "VerifyToken (online), 2,000 stored",
+    "bare PyJWT jwt.decode",
+    "offline TokenVerifier.check",
+    "revocation → offline rejection",
+    "StreamAudit catch-up",
+    "live fan-out, 16 subscribers",
+    "broker RSS, large vs small",
+]
+
+
+def tiny_plan() -> runner.Plan:
+    return runner.Plan(
+        quick=True,
+        rounds=1,
+        seconds=0.1,
+        concurrency=2,
+        clients=1,
+        small_events=1_000,
+        large_events=2_000,
+        offline_seconds=0.05,
+        revocation_samples=3,
+        catchup_rounds=1,
+        catchup_events=500,
+        fanout_subscribers=16,
+        fanout_seconds=0.2,
+        sections=runner.SECTIONS,
+        runs=2,
+        tokens=4,
+    )
+
+
+def test_bench_measures_judges_prints_and_writes_every_figure_of_the_issue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert runner.run(tiny_plan(), tmp_path / "work", tmp_path / "results") == 0
+
+    [written] = (tmp_path / "results").glob("*-quick.json")
+    document = json.loads(written.read_text())
+    figures = {f["name"]: f for f in document["figures"]}
+    assert list(figures) == EXPECTED_FIGURES
+    printed = capsys.readouterr().out
+    for name, figure in figures.items():
+        assert name in printed
+        assert figure["verdict"] in (("PASS", "MISS") if figure["target"] else ("",)), name
+        assert not figure["note"].startswith("errors"), (name, figure["note"])
+    for name in EXPECTED_FIGURES[:8] + EXPECTED_FIGURES[8:10]:
+        assert figures[name]["samples"] > 0 and figures[name]["rate"] > 0, name
+    for name in EXPECTED_FIGURES[1:5]:
+        assert math.isfinite(figures[name]["ratio"]), name
+    # Losing no event is correctness, not speed: every subscriber saw every event, in order.
+    assert figures["live fan-out, 16 subscribers"]["verdict"] == "PASS"
+    assert document["meta"]["plan"]["large_events"] == 2_000
+
+
+def test_prefilled_history_is_one_intact_audit_chain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefill(tmp_path / "data", 250)
+
+    assert main(["audit", "verify", "--data-dir", str(tmp_path / "data"), "--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["ok"] and verdict["events"] == 250
+
+
+def test_quick_flag_asks_for_short_rounds_and_a_smaller_growth_broker() -> None:
+    quick = runner.plan_from_args(build_parser().parse_args(["bench", "--quick"]))
+    full = runner.plan_from_args(build_parser().parse_args(["bench"]))
+
+    assert (quick.large_events, full.large_events) == (100_000, 1_000_000)
+    assert quick.rounds * quick.seconds < full.rounds * full.seconds
