@@ -18,6 +18,8 @@ def add_command(commands: Any) -> None:
         description="Start a real broker on the SQLite default and measure IssueToken, "
         "VerifyToken, ExecuteOnBehalfOf, RevokeRun, offline verification, revocation latency, "
         "audit streaming and growth, each beside a no-op RPC served by the same server.",
+        epilog="examples:\n  token-broker bench --quick\n  token-broker bench --out bench.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--quick", action="store_true", help="short rounds and 10^5 instead of 10^6 stored events"
