@@ -122,10 +122,11 @@ class CallInterceptor(grpc.ServerInterceptor):
                     except StopIteration:
                         return
                     yield item
+            # In the call's context, so the refusal is logged with its request id.
             except BrokerError as error:
-                _abort(context, method, error)
+                ctx.run(_abort, context, method, error)
             except Exception:
-                _abort_internal(context, method)
+                ctx.run(_abort_internal, context, method)
 
         return stream
 
