@@ -85,7 +85,7 @@ def check_token(
     leeway: float = DEFAULT_LEEWAY,
 ) -> CheckResult:
     """Verify signature, type, time, issuer and audience. Run state is the caller's job."""
-    header = _header(token)
+    header = read_header(token)
     if header is None:
         return _fail(TokenStatus.MALFORMED, "not a JWS compact serialization")
     alg, kid, typ = header.get("alg"), header.get("kid"), header.get("typ")
@@ -129,9 +129,10 @@ def check_token(
     return CheckResult(TokenStatus.ACTIVE, "active", claims, header)
 
 
-def _header(token: str) -> dict[str, Any] | None:
-    """The JOSE header, read only to pick the key; PyJWT re-reads and verifies it (the
-    signature covers these very bytes). Cheaper than get_unverified_header on the hot path."""
+def read_header(token: str) -> dict[str, Any] | None:
+    """The JOSE header, read only to pick the key or the verifier; PyJWT re-reads and
+    verifies it (the signature covers these very bytes). Cheaper than get_unverified_header,
+    which decodes every segment, on the hot path. None when the header does not parse."""
     segment, dot, _ = token.partition(".")
     if not dot or not _BASE64URL.fullmatch(segment):
         return None
