@@ -27,6 +27,7 @@ from jwt.exceptions import (
 from broker.errors import Unauthenticated
 from broker.identity import STEP_TOKEN_TYP
 from broker.policy import ASSERTION_ALGORITHMS, AccountKey, Policy, ServiceAccount
+from tokenbroker.verification import read_header
 
 MAX_LIFETIME = 300.0
 CLOCK_SKEW = 30.0
@@ -52,6 +53,14 @@ def unverified_header(token: str) -> dict[str, Any]:
     except DecodeError:
         raise Unauthenticated("malformed credential: not a JWT") from None
     return header
+
+
+def routing_typ(token: str) -> str | None:
+    """The header's `typ`, read from the first segment only: enough to pick a verifier, which
+    then reads and checks everything. None when that segment does not parse."""
+    header = read_header(token)
+    typ = None if header is None else header.get("typ")
+    return typ if isinstance(typ, str) else None
 
 
 def claimed_account(token: str) -> str:

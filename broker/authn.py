@@ -153,6 +153,9 @@ class Authenticator:
         if presented.authorization:
             attempt.mechanism = "bearer"
             token = _bearer(presented.authorization[0])
+            known = self._known(token)
+            if known is not None:
+                return known
             header = assertions.unverified_header(token)
             if header.get("typ") == RUN_CREDENTIAL_TYP:
                 attempt.mechanism = "run_credential"
@@ -170,6 +173,22 @@ class Authenticator:
                 )
             return service_account_principal(account, "mtls")
         return ANONYMOUS
+
+    def _known(self, token: str) -> Principal | None:
+        """The caller, for a credential that verified before and verifies now, without parsing
+        it again; None otherwise, and the full path below decides (and records a refusal)."""
+        if len(token) > assertions.MAX_CREDENTIAL_LENGTH:
+            return None
+        key = hashlib.sha256(token.encode()).digest()
+        cached = self.cache.get(key, self._policy(), self._clock())
+        if cached is not None:
+            return cached
+        if assertions.routing_typ(token) == RUN_CREDENTIAL_TYP:
+            try:
+                return self._run_credentials(token)  # checked tokens are cached there
+            except Unauthenticated:
+                return None
+        return None
 
     def _assertion(self, token: str) -> Principal:
         policy = self._policy()

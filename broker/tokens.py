@@ -26,7 +26,7 @@ from broker.keys import KeyRing
 from broker.permissions import PermissionSet
 from broker.registry import RunRegistry
 from broker.runs import Run, RunState
-from tokenbroker.verification import CheckResult, TokenStatus, check_token
+from tokenbroker.verification import CheckCache, CheckResult, TokenStatus
 
 # Tokens are checked with this much tolerance for clock drift between machines.
 LEEWAY = 30.0
@@ -83,6 +83,8 @@ class TokenService:
         self._registry = registry
         self.issuer = issuer
         self._clock = clock
+        # Steps present the same token on every call, executors their run credential.
+        self._checked = CheckCache()
 
     def mint_step_token(
         self,
@@ -116,7 +118,7 @@ class TokenService:
 
     def check(self, token: str, *, audience: str | None, typ: str = STEP_TOKEN_TYP) -> CheckResult:
         """Signature, type, time, issuer, audience — and the run still active."""
-        result = check_token(
+        result = self._checked.check(
             token,
             find_key=self._keys.find,
             issuer=self.issuer,

@@ -175,7 +175,8 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
     memory: dict[str, dict[str, dict[str, int]]] = {}
     try:
         for name in (SMALL, LARGE):
-            brokers[name] = brokerproc.start(work / name, policy, work / f"{name}.log")
+            brokers[name] = b = brokerproc.start(work / name, policy, work / f"{name}.log")
+            say(f"broker {name}: pid {b.pid}, {b.target} (attach a profiler here)")
         memory["start"] = {name: b.memory_kib() for name, b in brokers.items()}
         workers = Workers(plan.clients + 1)
         try:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import enum
+import hashlib
 import json
 import re
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +85,7 @@ def check_token(
     leeway: float = DEFAULT_LEEWAY,
 ) -> CheckResult:
     """Verify signature, type, time, issuer and audience. Run state is the caller's job."""
-    header = _header(token)
+    header = read_header(token)
     if header is None:
         return _fail(TokenStatus.MALFORMED, "not a JWS compact serialization")
     alg, kid, typ = header.get("alg"), header.get("kid"), header.get("typ")
@@ -126,9 +129,10 @@ def check_token(
     return CheckResult(TokenStatus.ACTIVE, "active", claims, header)
 
 
-def _header(token: str) -> dict[str, Any] | None:
-    """The JOSE header, read only to pick the key; PyJWT re-reads and verifies it (the
-    signature covers these very bytes). Cheaper than get_unverified_header on the hot path."""
+def read_header(token: str) -> dict[str, Any] | None:
+    """The JOSE header, read only to pick the key or the verifier; PyJWT re-reads and
+    verifies it (the signature covers these very bytes). Cheaper than get_unverified_header,
+    which decodes every segment, on the hot path. None when the header does not parse."""
     segment, dot, _ = token.partition(".")
     if not dot or not _BASE64URL.fullmatch(segment):
         return None
@@ -146,3 +150,99 @@ def _unverified(token: str) -> dict[str, Any]:
     except jwt.InvalidTokenError:
         return {}
     return {k: claims[k] for k in ("run_id", "exp") if k in claims}
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What stays true of a token that passed `check_token` once: its signature by `key`,
+    header and claims. Only the time claims need checking again."""
+
+    result: CheckResult
+    key: PublicKey
+    iat: int
+    nbf: int
+    exp: int
+
+    def holds(self, find_key: Callable[[str], PublicKey | None], now: float, leeway: float) -> bool:
+        key = find_key(self.key.kid)
+        if key is None or key.alg != self.key.alg:
+            return False
+        if key.key is not self.key.key and key.key != self.key.key:
+            return False
+        # PyJWT's own comparisons (jwt.api_jwt._validate_iat/_nbf/_exp), with its clock.
+        return self.iat <= now + leeway and self.nbf <= now + leeway and self.exp > now - leeway
+
+
+class CheckCache:
+    """`check_token` for tokens presented again and again, by their SHA-256.
+
+    A pipeline step shows the same token on every call it makes, and an executor its run
+    credential. Parsing and verifying the signature again would give the same answer as long
+    as the key that verified it is still published unchanged, so a hit checks only that and
+    the time claims, exactly as PyJWT does (iat and nbf not in the future, exp not past, with
+    the leeway). Anything else, and every token that fails, goes through `check_token` from
+    scratch, so every refusal and its reason comes from there. Only ACTIVE verdicts are
+    remembered; the run's state is the caller's job on every call, as without the cache.
+    Bounded: when full, expired entries go first, then the oldest.
+    """
+
+    def __init__(self, max_entries: int = 8192) -> None:
+        self._max = max_entries
+        self._entries: dict[tuple[Any, ...], _Checked] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check(
+        self,
+        token: str,
+        *,
+        find_key: Callable[[str], PublicKey | None],
+        issuer: str,
+        audience: str | None,
+        expected_typ: str,
+        leeway: float = DEFAULT_LEEWAY,
+    ) -> CheckResult:
+        """As `check_token`, with the same verdicts."""
+        digest = hashlib.sha256(token.encode()).digest()
+        cache_key = (digest, issuer, audience, expected_typ, leeway)
+        known = self._entries.get(cache_key)
+        if known is not None and known.holds(find_key, time.time(), leeway):
+            return known.result
+        result = check_token(
+            token,
+            find_key=find_key,
+            issuer=issuer,
+            audience=audience,
+            expected_typ=expected_typ,
+            leeway=leeway,
+        )
+        if result.active:
+            self._remember(cache_key, result, find_key, leeway)
+        return result
+
+    def _remember(
+        self,
+        cache_key: tuple[Any, ...],
+        result: CheckResult,
+        find_key: Callable[[str], PublicKey | None],
+        leeway: float,
+    ) -> None:
+        key = find_key(str(result.header["kid"]))
+        if key is None:
+            return
+        claims = result.claims
+        checked = _Checked(result, key, int(claims["iat"]), int(claims["nbf"]), int(claims["exp"]))
+        with self._lock:
+            if len(self._entries) >= self._max:
+                self._evict(time.time() - leeway)
+            self._entries[cache_key] = checked
+
+    def _evict(self, expired_before: float) -> None:
+        for cache_key in [k for k, v in self._entries.items() if v.exp <= expired_before]:
+            del self._entries[cache_key]
+        if len(self._entries) >= self._max:
+            oldest = list(self._entries)[: max(self._max // 8, 1)]
+            for cache_key in oldest:
+                del self._entries[cache_key]
