@@ -152,17 +152,7 @@ class Authenticator:
             raise Unauthenticated("more than one authorization header")
         if presented.authorization:
             attempt.mechanism = "bearer"
-            token = _bearer(presented.authorization[0])
-            known = self._known(token)
-            if known is not None:
-                return known
-            header = assertions.unverified_header(token)
-            if header.get("typ") == RUN_CREDENTIAL_TYP:
-                attempt.mechanism = "run_credential"
-                return self._run_credentials(token)
-            attempt.mechanism = "assertion"
-            attempt.claimed = assertions.claimed_account(token)
-            return self._assertion(token)
+            return self._from_bearer(_bearer(presented.authorization[0]), attempt)
         if presented.certificate_sans:
             attempt.mechanism = "client_certificate"
             attempt.claimed = assertions.shown(presented.certificate_sans[0])
@@ -174,21 +164,35 @@ class Authenticator:
             return service_account_principal(account, "mtls")
         return ANONYMOUS
 
-    def _known(self, token: str) -> Principal | None:
-        """The caller, for a credential that verified before and verifies now, without parsing
-        it again; None otherwise, and the full path below decides (and records a refusal)."""
-        if len(token) > assertions.MAX_CREDENTIAL_LENGTH:
-            return None
-        key = hashlib.sha256(token.encode()).digest()
-        cached = self.cache.get(key, self._policy(), self._clock())
-        if cached is not None:
-            return cached
-        if assertions.routing_typ(token) == RUN_CREDENTIAL_TYP:
-            try:
-                return self._run_credentials(token)  # checked tokens are cached there
-            except Unauthenticated:
-                return None
-        return None
+    def _from_bearer(self, token: str, attempt: _Attempt) -> Principal:
+        # Credentials seen before are recognised without parsing them again: an assertion in
+        # the cache, a run credential by its header alone (its verifier caches checked tokens).
+        if len(token) <= assertions.MAX_CREDENTIAL_LENGTH:
+            key = hashlib.sha256(token.encode()).digest()
+            cached = self.cache.get(key, self._policy(), self._clock())
+            if cached is not None:
+                return cached
+            if assertions.routing_typ(token) == RUN_CREDENTIAL_TYP:
+                return self._run_credential(token, attempt)
+        header = assertions.unverified_header(token)
+        if header.get("typ") == RUN_CREDENTIAL_TYP:
+            attempt.mechanism = "run_credential"
+            return self._run_credentials(token)
+        attempt.mechanism = "assertion"
+        attempt.claimed = assertions.claimed_account(token)
+        return self._assertion(token)
+
+    def _run_credential(self, token: str, attempt: _Attempt) -> Principal:
+        """Refused as the full parse would refuse it: a credential that is not a JWT at all as
+        malformed (mechanism "bearer"), any other with the run-credential verifier's reason."""
+        attempt.mechanism = "run_credential"
+        try:
+            return self._run_credentials(token)
+        except Unauthenticated:
+            attempt.mechanism = "bearer"
+            assertions.unverified_header(token)
+            attempt.mechanism = "run_credential"
+            raise
 
     def _assertion(self, token: str) -> Principal:
         policy = self._policy()

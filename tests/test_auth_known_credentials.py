@@ -3,6 +3,8 @@ check would accept them too: a refusal always comes from the full check, with it
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import grpc
@@ -11,9 +13,13 @@ from google.protobuf import json_format
 
 from broker import assertions
 from broker.api.server import BrokerServer
-from tests.accounts import Callers, Stub
+from broker.identity import RUN_CREDENTIAL_TYP
+from tests.accounts import Callers, Stub, callers_of
 from tests.support import details, rpc_error, start_run_request
+from tests.test_auth_authn import _run_credential, run_credential_server
 from tokenbroker.v1 import broker_pb2
+
+__all__ = ["run_credential_server"]  # the fixture, shared with test_auth_authn
 
 
 @pytest.fixture
@@ -82,3 +88,31 @@ def test_a_run_credential_accepted_before_its_run_ended_is_refused_and_audited_a
     assert [json_format.MessageToDict(e.details)["mechanism"] for e in denials] == [
         "run_credential"
     ]
+
+
+def test_a_refused_run_credential_is_checked_once_per_call(
+    run_credential_server: tuple[BrokerServer, list[str]],
+) -> None:
+    server, seen = run_credential_server
+    with callers_of(server) as callers:
+        ended = callers.bearer_stub(_run_credential("r-ended"))
+        rpc_error(lambda: ended.GetRun(broker_pb2.GetRunRequest(run_id="r-ended"), timeout=5))
+    assert seen == [_run_credential("r-ended")]
+
+
+def test_a_run_credential_header_on_a_token_that_is_no_jwt_is_refused_as_malformed(
+    server: BrokerServer, callers: Callers, root_stub: Stub
+) -> None:
+    header = json.dumps({"alg": "ES256", "typ": RUN_CREDENTIAL_TYP}).encode()
+    not_a_jwt = base64.urlsafe_b64encode(header).rstrip(b"=").decode() + ".!!!.sig"
+    as_run = callers.bearer_stub(not_a_jwt)
+
+    error = rpc_error(lambda: as_run.GetRun(broker_pb2.GetRunRequest(run_id="r-1"), timeout=5))
+
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert details(error) == "malformed credential: not a JWT"
+    request = broker_pb2.StreamAuditRequest(
+        filter=broker_pb2.AuditFilter(actions=["authn.denied"]), stop_at_head=True
+    )
+    (denied,) = [i.event for i in root_stub.StreamAudit(request, timeout=5) if i.HasField("event")]
+    assert json_format.MessageToDict(denied.details)["mechanism"] == "bearer"
