@@ -149,7 +149,11 @@ def canonical_bytes(record: Mapping[str, Any]) -> bytes:
 
 
 def chain_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
-    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical_bytes(record)).hexdigest()
+    return _link(prev_hash, canonical_bytes(record))
+
+
+def _link(prev_hash: str, body: bytes) -> str:
+    return hashlib.sha256(bytes.fromhex(prev_hash) + body).hexdigest()
 
 
 def seal(draft: AuditDraft, sequence: int, prev_hash: str) -> AuditEvent:
@@ -160,8 +164,7 @@ def seal_with_record(draft: AuditDraft, sequence: int, prev_hash: str) -> tuple[
     """The sealed event and the canonical bytes its hash covers (what a store keeps), encoded
     once: on the write path the JSON encoding is a large part of an event's cost."""
     body = canonical_bytes(to_record(sequence, draft))
-    digest = hashlib.sha256(bytes.fromhex(prev_hash) + body).hexdigest()
-    return AuditEvent(sequence, draft, prev_hash, digest), body
+    return AuditEvent(sequence, draft, prev_hash, _link(prev_hash, body)), body
 
 
 def from_record(record: Mapping[str, Any]) -> AuditDraft:

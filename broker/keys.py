@@ -135,6 +135,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._private: dict[str, SigningKey] = {}
         self._published: dict[str, PublicKey] = {}
+        self._jwks: dict[str, list[dict[str, Any]]] = {"keys": []}
         self._active: SigningKey | None = None
 
     # -- start-up --------------------------------------------------------------------------
@@ -190,17 +191,22 @@ class KeyRing:
         """Re-read the published keys (after a change here or by another replica)."""
         now = self._clock()
         published: dict[str, PublicKey] = {}
+        jwks: list[dict[str, Any]] = []
         active: SigningKey | None = None
         for record in self._store.public_keys():  # newest first
             if record.retire_time is not None and record.retire_time <= now:
                 continue
             jwk = json.loads(record.public_jwk)
             published[record.kid] = PublicKey(record.kid, record.alg, _public_key(jwk))
+            jwks.append(jwk)
             private = self._private.get(record.kid)
             if active is None and record.retire_time is None and private is not None:
                 active = private
+        active_kid = active.kid if active else None
+        jwks.sort(key=lambda jwk: jwk["kid"] != active_kid)  # stable: the active key first
         with self._lock:
             self._published = published
+            self._jwks = {"keys": jwks}
             self._active = active
 
     @property
@@ -214,19 +220,8 @@ class KeyRing:
         return self._published.get(kid)
 
     def jwks(self) -> dict[str, list[dict[str, Any]]]:
-        """The published public keys as a JWKS, the active key first."""
-        records = self._store_public_records()
-        active_kid = self._active.kid if self._active else None
-        keys = sorted(records, key=lambda jwk: jwk["kid"] != active_kid)
-        return {"keys": keys}
-
-    def _store_public_records(self) -> list[dict[str, Any]]:
-        now = self._clock()
-        return [
-            json.loads(r.public_jwk)
-            for r in self._store.public_keys()
-            if r.kid in self._published and (r.retire_time is None or r.retire_time > now)
-        ]
+        """The published public keys as a JWKS, the active key first (as of `refresh`)."""
+        return self._jwks
 
     def sign(self, claims: Mapping[str, Any], typ: str) -> tuple[str, str]:
         """(compact JWS, kid) signed with the active key."""

@@ -8,7 +8,6 @@ is active: every check consults the run's state, so ending the run kills them al
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,8 +147,3 @@ class TokenService:
             raise Unauthenticated(f"run credential rejected: {result.reason}")
         run_id = str(result.claims["run_id"])
         return Principal(PrincipalKind.RUN, f"run:{run_id}", run_id=run_id, auth_method="run")
-
-
-def expiry(claims: Mapping[str, Any]) -> float | None:
-    exp = claims.get("exp")
-    return float(exp) if isinstance(exp, int | float) else None
