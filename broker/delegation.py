@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import jwt
 
+from broker import durable
 from broker.audit import Action, Outcome, draft
 from broker.authz import Op
 from broker.clock import Clock
@@ -38,7 +39,7 @@ from broker.lifecycle import RunLifecycle, RunSpec, Started
 from broker.observe import NULL_OBSERVER, Observer
 from broker.registry import RunRegistry
 from broker.runs import Run
-from broker.store import Store, StoreUnavailable, Write
+from broker.store import Store, Write
 from broker.tokens import MintedToken, TokenService
 from tokenbroker.verification import PublicKey
 
@@ -349,10 +350,7 @@ class Delegation:
             on_behalf_of=person,
             pipeline=spec.pipeline,
         )
-        try:
-            self._store.commit(Write([event]))
-        except StoreUnavailable as exc:
-            raise Unavailable(f"{exc}; the refusal could not be recorded, retry later") from exc
+        durable.commit(self._store, Write([event]), "the refusal could not be recorded")
 
     def _deliver(self, ctx: CallContext, started: Started) -> Executed:
         run = started.run

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from broker import durable
 from broker.audit import Action, Outcome, draft
 from broker.authz import Authorizer, Op
 from broker.clock import Clock
@@ -16,13 +17,12 @@ from broker.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unavailable,
 )
 from broker.observe import NULL_OBSERVER, Observer
 from broker.permissions import PermissionSet
 from broker.registry import RunRegistry
 from broker.runs import Run
-from broker.store import Store, StoreUnavailable, Write
+from broker.store import Store, Write
 from broker.tokens import MintedToken, TokenService
 from tokenbroker.verification import CheckResult, TokenStatus
 
@@ -193,7 +193,4 @@ class Issuance:
         return result
 
     def _commit(self, write: Write) -> None:
-        try:
-            self._store.commit(write)
-        except StoreUnavailable as exc:
-            raise Unavailable(f"{exc}; nothing was issued or recorded, retry later") from exc
+        durable.commit(self._store, write, "nothing was issued or recorded")

@@ -23,6 +23,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from broker import durable
 from broker.audit import Action, Outcome, draft
 from broker.authz import Authorizer, Op
 from broker.clock import Clock
@@ -183,7 +184,7 @@ class KeyRing:
         now = self._clock()
         event = draft(ctx, now, action, Outcome.SUCCESS, details={"kid": key.kid, "alg": key.alg})
         mutation = PublishKey(key.kid, key.alg, json.dumps(dict(key.public_jwk)), now)
-        self._store.commit(Write([event], mutation))
+        durable.commit(self._store, Write([event], mutation), "the signing keys were not changed")
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -252,7 +253,11 @@ class KeyRing:
                     Outcome.SUCCESS,
                     details={"kid": kid, "unpublish_at_us": round(retire_at * 1e6)},
                 )
-                self._store.commit(Write([event], RetireKey(kid, retire_at)))
+                durable.commit(
+                    self._store,
+                    Write([event], RetireKey(kid, retire_at)),
+                    "the old key was not scheduled to retire",
+                )
         self.refresh()
         return new.kid, old
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from broker import durable
 from broker.audit import Action, Outcome, draft
 from broker.authz import Authorizer, Op
 from broker.clock import Clock
@@ -18,7 +19,6 @@ from broker.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
 from broker.identity import Person
 from broker.ids import new_run_id
@@ -36,7 +36,6 @@ from broker.store import (
     RunNotActive,
     RunQuery,
     Store,
-    StoreUnavailable,
     UnknownRun,
     Write,
 )
@@ -298,7 +297,4 @@ class RunLifecycle:
         return self._store.list_runs(query)
 
     def _commit(self, write: Write) -> Committed:
-        try:
-            return self._store.commit(write)
-        except StoreUnavailable as exc:
-            raise Unavailable(f"{exc}; nothing was changed, retry later") from exc
+        return durable.commit(self._store, write, "nothing was changed")
