@@ -9,29 +9,29 @@ from dataclasses import dataclass, field
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from broker import devpolicy
-from broker.auditfeed import AuditFeed
-from broker.auditkeeper import DAY, AuditKeeper, KeeperSettings
-from broker.authn import Authenticator, RunCredentialVerifier
-from broker.authz import PolicyAuthorizer
-from broker.checkpoints import CheckpointSigner
+from broker.audit.checkpoints import CheckpointSigner
+from broker.audit.feed import AuditFeed
+from broker.audit.keeper import DAY, AuditKeeper, KeeperSettings
+from broker.auth.authn import Authenticator, RunCredentialVerifier
+from broker.auth.authz import PolicyAuthorizer
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
-from broker.delegation import Delegation, Handoff
 from broker.identity import BROKER
-from broker.issuance import MAX_TTL, Issuance
-from broker.keys import CheckpointSigning, KeyRing
-from broker.lifecycle import MAX_DEADLINE, RunLifecycle
-from broker.policyfile import load_policy
-from broker.policyrules import PolicyRules
-from broker.policysource import PolicySource
-from broker.registry import RunRegistry
+from broker.policy import dev as devpolicy
+from broker.policy.file import load_policy
+from broker.policy.rules import PolicyRules
+from broker.policy.source import PolicySource
+from broker.runs.delegation import Delegation, Handoff
+from broker.runs.issuance import MAX_TTL, Issuance
+from broker.runs.keys import CheckpointSigning, KeyRing
+from broker.runs.lifecycle import MAX_DEADLINE, RunLifecycle
+from broker.runs.registry import RunRegistry
+from broker.runs.tokens import TokenService
 from broker.settings import Settings
 from broker.store import Store
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
-from broker.telemetry import Telemetry
-from broker.tokens import TokenService
+from broker.telemetry.otel import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.api.server import BrokerServer
-from broker.audit import AuditDraft, Outcome
-from broker.auditkeeper import AuditKeeper, KeeperSettings
-from broker.authz import Op
-from broker.checkpoints import PrivateKeySigner
+from broker.audit.checkpoints import PrivateKeySigner
+from broker.audit.events import AuditDraft, Outcome
+from broker.audit.keeper import AuditKeeper, KeeperSettings
+from broker.auth.authz import Op
 from broker.context import CallContext
-from broker.runs import PipelineRef, Run
+from broker.runs.model import PipelineRef, Run
 from broker.store import PublishKey, Store, Write
 from tests.accounts import standard_accounts
 from tests.support import BrokerProcess

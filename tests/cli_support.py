@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from broker import cli
 from broker.api.server import BrokerServer, create_server
+from broker.cli import main as cli
 from tests.conftest import make_settings
 
 

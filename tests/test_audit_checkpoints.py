@@ -11,11 +11,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from broker import audit, checkpoints, cli
 from broker import settings as settings_module
 from broker.api.server import create_server
 from broker.app import build_broker
-from broker.checkpoints import CheckpointInvalid, PrivateKeySigner, PublishedKeys
+from broker.audit import checkpoints
+from broker.audit import events as audit
+from broker.audit.checkpoints import CheckpointInvalid, PrivateKeySigner, PublishedKeys
+from broker.cli import main as cli
 from broker.settings import SettingsError
 from broker.store import Store, Write
 from broker.store.memory import MemoryStore

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from broker import cli
 from broker.api.server import BrokerServer
+from broker.cli import main as cli
 from tests.audit_support import auditor, orchestrator, writes_refused
 from tests.support import details, rpc_error, start_run_request
 from tokenbroker.v1 import broker_pb2

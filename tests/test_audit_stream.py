@@ -15,8 +15,8 @@ import pytest
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
-from broker.audit import AuditDraft, AuditEvent, Outcome
-from broker.auditfeed import PAGE_SIZE, AuditFeed, AuditFilter
+from broker.audit.events import AuditDraft, AuditEvent, Outcome
+from broker.audit.feed import PAGE_SIZE, AuditFeed, AuditFilter
 from broker.context import CallContext
 from broker.errors import OutOfRange, Unavailable
 from broker.store import Store, Write

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from google.protobuf import struct_pb2
 
-from broker import cli
 from broker.api.server import BrokerServer, create_server
-from broker.cli_audit import render
+from broker.cli import main as cli
+from broker.cli.audit import render
 from tests.audit_support import orchestrator
 from tests.conftest import make_settings
 from tests.support import start_run_request

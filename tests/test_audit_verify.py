@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import audit, checkpoints, cli
+from broker.audit import checkpoints
+from broker.audit import events as audit
+from broker.cli import main as cli
 from broker.store import Write
 from broker.store.sqlite import SqliteStore
 from tests.audit_support import (

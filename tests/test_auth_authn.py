@@ -20,10 +20,10 @@ from google.protobuf import json_format
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
-from broker.authn import VerificationCache
+from broker.auth.authn import VerificationCache
 from broker.errors import Unauthenticated
 from broker.identity import RUN_CREDENTIAL_TYP, STEP_TOKEN_TYP, Principal, PrincipalKind
-from broker.policy import Policy
+from broker.policy.model import Policy
 from tests.accounts import (
     Account,
     Callers,
@@ -271,11 +271,11 @@ def test_listing_every_org_needs_a_scope_that_covers_every_org(stub: Stub) -> No
 def test_delegator_reads_a_run_it_started_but_not_others(
     server: BrokerServer, delegator_stub: Stub, stub: Stub
 ) -> None:
-    from broker.authz import Op
+    from broker.auth.authz import Op
     from broker.context import CallContext
-    from broker.lifecycle import RunSpec
-    from broker.permissions import PermissionSet
-    from broker.runs import PipelineRef
+    from broker.runs.lifecycle import RunSpec
+    from broker.runs.model import PipelineRef
+    from broker.runs.permissions import PermissionSet
 
     portal = Principal(PrincipalKind.SERVICE_ACCOUNT, "deploy-portal", auth_method="assertion")
     spec = RunSpec(PipelineRef("acme", "web", "deploy"), PermissionSet.of({"artifacts": "read"}))

@@ -10,8 +10,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from broker import cli
 from broker.api.server import create_server
+from broker.cli import main as cli
 from tests.accounts import Account, bearer, callers_of, policy_toml, private_pem
 from tests.conftest import make_settings
 from tests.support import start_run_request

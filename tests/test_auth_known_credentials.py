@@ -11,8 +11,8 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from broker import assertions
 from broker.api.server import BrokerServer
+from broker.auth import assertions
 from broker.identity import RUN_CREDENTIAL_TYP
 from tests.accounts import Callers, Stub, callers_of
 from tests.support import details, rpc_error, start_run_request

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from broker.api.server import create_server
-from broker.logs import JsonFormatter
+from broker.telemetry.logs import JsonFormatter
 from tests.accounts import bearer, policy_toml, sign_assertion, standard_accounts
 from tests.conftest import make_settings
 from tests.support import rpc_error, start_run_request

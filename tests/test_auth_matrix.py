@@ -18,14 +18,14 @@ import pytest
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
-from broker.authz import Op, decide, roles_granting
+from broker.auth.authz import Op, decide, roles_granting
 from broker.context import CallContext
 from broker.identity import ANONYMOUS, RUN_CREDENTIAL_TYP, Principal, PrincipalKind
-from broker.lifecycle import RunSpec
-from broker.permissions import PermissionSet
-from broker.policy import Policy
-from broker.policyfile import load_policy
-from broker.runs import PipelineRef, Run, RunState
+from broker.policy.file import load_policy
+from broker.policy.model import Policy
+from broker.runs.lifecycle import RunSpec
+from broker.runs.model import PipelineRef, Run, RunState
+from broker.runs.permissions import PermissionSet
 from tests.accounts import Callers, Stub, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.support import perms, start_run_request

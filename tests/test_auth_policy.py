@@ -19,9 +19,9 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from broker.api.server import create_server
 from broker.app import build_broker
-from broker.policy import Role, Scope
-from broker.policyfile import PolicyError, load_policy
-from broker.runs import PipelineRef
+from broker.policy.file import PolicyError, load_policy
+from broker.policy.model import Role, Scope
+from broker.runs.model import PipelineRef
 from tests.accounts import (
     Callers,
     callers_of,

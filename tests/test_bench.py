@@ -11,7 +11,7 @@ import pytest
 
 from broker.bench import runner
 from broker.bench.prefill import prefill
-from broker.cli import build_parser, main
+from broker.cli.main import build_parser, main
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.cli_common import (
+from broker.cli.common import (
     EXIT_FAILED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import cli
-from broker.cli_common import assignment, pipeline_path, seconds
+from broker.cli import main as cli
+from broker.cli.common import assignment, pipeline_path, seconds
 from tests.cli_support import run_cli
 from tests.support import REPO
 

@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
-from broker.delegation import (
+from broker.errors import InvalidArgument
+from broker.identity import VerificationMethod
+from broker.runs.delegation import (
     AssertedIdentity,
     DelegationRules,
     Refused,
@@ -14,8 +16,6 @@ from broker.delegation import (
     asserted_person,
     verify_id_token,
 )
-from broker.errors import InvalidArgument
-from broker.identity import VerificationMethod
 from tokenbroker.samples.idp import TestIdentityProvider
 from tokenbroker.verifier import JwksCache
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import cli, demo
+from broker.cli import demo
+from broker.cli import main as cli
 from tests.support import REPO
 
 STORY = [

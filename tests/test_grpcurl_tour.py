@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker import cli
 from broker.api.server import BrokerServer, create_server
+from broker.cli import main as cli
 from tests.conftest import make_settings
 from tests.grpcurl_like import ReflectionClient
 from tests.shelltour import Shell, jq, tour_commands

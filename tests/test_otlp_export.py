@@ -9,7 +9,7 @@ import pytest
 
 from broker import __version__
 from broker.api.server import create_server
-from broker.telemetry import providers_from_env
+from broker.telemetry.setup import providers_from_env
 from tests.accounts import root_channel
 from tests.conftest import make_settings, standard_policy
 from tests.otel_support import OtlpReceiver, otlp_attributes, start_otlp_receiver

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import audit
-from broker.audit import AuditDraft, Outcome
-from broker.permissions import PermissionSet
-from broker.runs import PipelineRef, Run, RunState
+from broker.audit import events as audit
+from broker.audit.events import AuditDraft, Outcome
+from broker.runs.model import PipelineRef, Run, RunState
+from broker.runs.permissions import PermissionSet
 from broker.store import (
     CheckpointConflict,
     CheckpointRecord,

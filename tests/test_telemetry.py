@@ -17,17 +17,17 @@ from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
-from broker.audit import Action
-from broker.authz import Op
+from broker.audit.events import Action
+from broker.auth.authz import Op
 from broker.context import CallContext
 from broker.identity import Person, Principal, PrincipalKind, VerificationMethod
-from broker.lifecycle import RunSpec
-from broker.logs import JsonFormatter, TraceContext
-from broker.permissions import PermissionSet
-from broker.runs import PipelineRef, Run
+from broker.runs.lifecycle import RunSpec
+from broker.runs.model import PipelineRef, Run
+from broker.runs.permissions import PermissionSet
 from broker.store import RunQuery
 from broker.store.memory import MemoryStore
-from broker.telemetry import annotate_call
+from broker.telemetry.logs import JsonFormatter, TraceContext
+from broker.telemetry.otel import annotate_call
 from tests.accounts import root_channel
 from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
@@ -212,7 +212,7 @@ def test_internal_error_marks_the_span_and_its_log_line_carries_the_trace(
     )
     server = create_server(settings, broker=broker)
     server.start()
-    with captured_json_logs("broker.api.calls") as lines:
+    with captured_json_logs("broker.api.interceptor") as lines:
         try:
             with root_channel(server) as channel:
                 error = rpc_error(

@@ -15,11 +15,12 @@ from opentelemetry import context as context_api
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
+from broker.api.handoff import traced_channel
 from broker.api.server import BrokerServer, create_server
 from broker.identity import Person, VerificationMethod
-from broker.permissions import PermissionSet
-from broker.runs import PipelineRef, Run, RunState
-from broker.telemetry import Telemetry
+from broker.runs.model import PipelineRef, Run, RunState
+from broker.runs.permissions import PermissionSet
+from broker.telemetry.otel import Telemetry
 from tests.accounts import root_channel
 from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
@@ -222,9 +223,7 @@ def hand_off(telemetry: Telemetry, executor: Executor, run: Run, claims: Sequenc
     token = context_api.attach(context or context_api.get_current())
     try:
         with grpc.insecure_channel(executor.target) as channel:
-            stub = executor_pb2_grpc.PipelineExecutorServiceStub(
-                telemetry.intercept_channel(channel)
-            )
+            stub = executor_pb2_grpc.PipelineExecutorServiceStub(traced_channel(channel, telemetry))
             with telemetry.handing_off(run):
                 assert stub.Execute(executor_pb2.ExecuteRequest(), timeout=5).accepted
     finally:

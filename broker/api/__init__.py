@@ -1,1 +1,7 @@
-"""The gRPC edge: servicers translate protobuf ⇄ domain and map domain errors to status codes."""
+"""The transport edge: the gRPC server (server), the servicer that translates protobuf ⇄ domain
+(servicer, convert), the call interceptor (request id, caller, error → status: interceptor,
+status), what a call presented (credentials), the executor hand-off (handoff), reflection
+(reflectionpool) and HTTP discovery (wellknown).
+
+The only package besides `broker.cli` that imports `grpc`. May import the domain and `broker.app`.
+"""

@@ -8,15 +8,16 @@ from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
-from broker import audit, runs
-from broker.audit import AuditEvent
-from broker.delegation import AssertedIdentity
+from broker.audit import events as audit
+from broker.audit.events import AuditEvent
 from broker.errors import InvalidArgument
 from broker.identity import Person, VerificationMethod
-from broker.issuance import DEFAULT_TTL, TokenRequest
-from broker.lifecycle import DEFAULT_DEADLINE, RunSpec
-from broker.permissions import PermissionSet
-from broker.runs import PipelineRef, Run, RunState
+from broker.runs import model as runs
+from broker.runs.delegation import AssertedIdentity
+from broker.runs.issuance import DEFAULT_TTL, TokenRequest
+from broker.runs.lifecycle import DEFAULT_DEADLINE, RunSpec
+from broker.runs.model import PipelineRef, Run, RunState
+from broker.runs.permissions import PermissionSet
 from tokenbroker.v1 import broker_pb2, types_pb2
 from tokenbroker.verification import CheckResult, TokenStatus
 

@@ -20,15 +20,16 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from broker import telemetry
-from broker.api import authn
-from broker.api.calls import CallInterceptor
-from broker.api.executor import GrpcHandoff
+from broker.api import credentials as authn
+from broker.api.handoff import GrpcHandoff, traced_channel
+from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
+from broker.api.wellknown import WellKnownServer
 from broker.app import Broker, build_broker
 from broker.settings import Settings, is_loopback, split_host_port
-from broker.wellknown import WellKnownServer
+from broker.telemetry import setup
+from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,9 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         # Tracing outermost: the call context and its errors happen inside the server span.
         interceptors=[
-            broker.telemetry.server_interceptor(),
+            tracing.ServerTracingInterceptor(
+                broker.telemetry.tracer_provider, broker.telemetry.meter_provider
+            ),
             CallInterceptor(authenticate=authn.authenticator(broker.authn)),
         ],
         options=[("grpc.so_reuseport", 0)],
@@ -145,7 +148,8 @@ def create_server(
             http.stop()
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from exc
     if handoff is not None:
-        handoff.instrument(broker.telemetry.intercept_channel)
+        telemetry = broker.telemetry
+        handoff.instrument(lambda channel: traced_channel(channel, telemetry))
         host, _ = split_host_port(settings.listen, "--listen")
         handoff.broker_target = f"{host}:{port}"  # the port is known only now
     return BrokerServer(server, port, broker, health_servicer, http)
@@ -159,7 +163,7 @@ def serve(settings: Settings) -> int:
             "tokens cross the network unencrypted",
             extra={"listen": settings.listen},
         )
-    providers = telemetry.providers_from_env(settings, os.environ)
+    providers = setup.providers_from_env(settings, os.environ)
     try:
         server = create_server(
             settings,

@@ -8,11 +8,12 @@ from collections.abc import Iterator
 
 import grpc
 
-from broker.api import calls, convert
+from broker.api import convert
+from broker.api import interceptor as calls
 from broker.app import Broker
-from broker.auditfeed import AuditFilter, Heartbeat
+from broker.audit.feed import AuditFilter, Heartbeat
 from broker.errors import InvalidArgument
-from broker.lifecycle import DEFAULT_PAGE_SIZE
+from broker.runs.lifecycle import DEFAULT_PAGE_SIZE
 from broker.store import RunQuery
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import MappingProxyType
 
-from broker import audit
-from broker.audit import Action, AuditDraft, Outcome
+from broker.audit import events as audit
+from broker.audit.events import Action, AuditDraft, Outcome
 from broker.bench.accounts import ORCHESTRATOR, ORG
 from broker.ids import new_run_id, new_token_id
-from broker.permissions import PermissionSet
-from broker.runs import PipelineRef, Run, RunState
+from broker.runs.model import PipelineRef, Run, RunState
+from broker.runs.permissions import PermissionSet
 from broker.store.codec import RUN_COLUMNS, run_to_row
 from broker.store.sqlite import DB_FILENAME, migrate
 

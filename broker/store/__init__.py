@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker.audit import AuditDraft, AuditEvent
-from broker.runs import Run, RunState
+from broker.audit.events import AuditDraft, AuditEvent
+from broker.runs.model import Run, RunState
 
 
 @dataclass(frozen=True)

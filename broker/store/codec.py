@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from broker.audit import AuditEvent, from_record
+from broker.audit.events import AuditEvent, from_record
 from broker.identity import Person, VerificationMethod
-from broker.permissions import PermissionSet
-from broker.runs import PipelineRef, Run, RunState
+from broker.runs.model import PipelineRef, Run, RunState
+from broker.runs.permissions import PermissionSet
 
 
 def person_to_json(person: Person | None) -> str | None:

@@ -7,9 +7,9 @@ import dataclasses
 import threading
 from bisect import bisect_right
 
-from broker import audit
-from broker.audit import AuditEvent
-from broker.runs import Run
+from broker.audit import events as audit
+from broker.audit.events import AuditEvent
+from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
     CheckpointRecord,

@@ -20,9 +20,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from broker import audit
-from broker.audit import AuditEvent
-from broker.runs import Run
+from broker.audit import events as audit
+from broker.audit.events import AuditEvent
+from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
     CheckpointRecord,

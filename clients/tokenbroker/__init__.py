@@ -12,36 +12,45 @@
 - Errors: `BrokerError` and its subclasses (`tokenbroker.errors`).
 - Credentials: `assertion_credentials`, `bearer_credentials`, `dev_admin_credentials`.
 - The generated messages and stubs: `tokenbroker.v1`.
+
+Names are imported on first use (PEP 562), so an API that only imports
+`tokenbroker.verification` loads neither gRPC nor the client.
 """
 
-from tokenbroker.aio import AsyncAuditStream, AsyncBrokerClient
-from tokenbroker.client import AuditStream, BrokerClient, step_token
-from tokenbroker.connect import RunEnvironment, TlsOptions
-from tokenbroker.credentials import (
-    assertion_credentials,
-    bearer_credentials,
-    dev_admin_credentials,
-    local_channel,
-    tls_channel,
-)
-from tokenbroker.errors import (
-    BrokerError,
-    ConfigurationError,
-    Conflict,
-    DeadlineExceeded,
-    FieldViolation,
-    Internal,
-    InvalidRequest,
-    NotFound,
-    OutOfRange,
-    PermissionDenied,
-    RunNotActive,
-    Unauthenticated,
-    Unavailable,
-)
-from tokenbroker.retry import NO_RETRY, RetryPolicy
-from tokenbroker.verification import TokenStatus
-from tokenbroker.verifier import JwksCache, RevocationFollower, TokenRejected, TokenVerifier
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenbroker.aio import AsyncAuditStream, AsyncBrokerClient
+    from tokenbroker.client import AuditStream, BrokerClient, step_token
+    from tokenbroker.connect import RunEnvironment, TlsOptions
+    from tokenbroker.credentials import (
+        assertion_credentials,
+        bearer_credentials,
+        dev_admin_credentials,
+        local_channel,
+        tls_channel,
+    )
+    from tokenbroker.errors import (
+        BrokerError,
+        ConfigurationError,
+        Conflict,
+        DeadlineExceeded,
+        FieldViolation,
+        Internal,
+        InvalidRequest,
+        NotFound,
+        OutOfRange,
+        PermissionDenied,
+        RunNotActive,
+        Unauthenticated,
+        Unavailable,
+    )
+    from tokenbroker.retry import NO_RETRY, RetryPolicy
+    from tokenbroker.verification import TokenStatus
+    from tokenbroker.verifier import JwksCache, RevocationFollower, TokenRejected, TokenVerifier
 
 __all__ = [
     "NO_RETRY",
@@ -77,3 +86,45 @@ __all__ = [
     "step_token",
     "tls_channel",
 ]
+
+_HOME = {
+    "AsyncAuditStream": "tokenbroker.aio",
+    "AsyncBrokerClient": "tokenbroker.aio",
+    "AuditStream": "tokenbroker.client",
+    "BrokerClient": "tokenbroker.client",
+    "BrokerError": "tokenbroker.errors",
+    "ConfigurationError": "tokenbroker.errors",
+    "Conflict": "tokenbroker.errors",
+    "DeadlineExceeded": "tokenbroker.errors",
+    "FieldViolation": "tokenbroker.errors",
+    "Internal": "tokenbroker.errors",
+    "InvalidRequest": "tokenbroker.errors",
+    "JwksCache": "tokenbroker.verifier",
+    "NO_RETRY": "tokenbroker.retry",
+    "NotFound": "tokenbroker.errors",
+    "OutOfRange": "tokenbroker.errors",
+    "PermissionDenied": "tokenbroker.errors",
+    "RetryPolicy": "tokenbroker.retry",
+    "RevocationFollower": "tokenbroker.verifier",
+    "RunEnvironment": "tokenbroker.connect",
+    "RunNotActive": "tokenbroker.errors",
+    "TlsOptions": "tokenbroker.connect",
+    "TokenRejected": "tokenbroker.verifier",
+    "TokenStatus": "tokenbroker.verification",
+    "TokenVerifier": "tokenbroker.verifier",
+    "Unauthenticated": "tokenbroker.errors",
+    "Unavailable": "tokenbroker.errors",
+    "assertion_credentials": "tokenbroker.credentials",
+    "bearer_credentials": "tokenbroker.credentials",
+    "dev_admin_credentials": "tokenbroker.credentials",
+    "local_channel": "tokenbroker.credentials",
+    "step_token": "tokenbroker.client",
+    "tls_channel": "tokenbroker.credentials",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'tokenbroker' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

@@ -1,0 +1,7 @@
+"""The audit log: event types and the hash chain (events), signed checkpoints (checkpoints),
+replay-then-follow for StreamAudit (feed), checkpointing and retention (keeper), the export
+format (export) and offline verification (verify).
+
+May import: the shared value modules, `broker.runs.model`, `broker.auth.authz`,
+`broker.telemetry.observer` and `broker.store`. Never `grpc`, `broker.api` or `broker.cli`.
+"""

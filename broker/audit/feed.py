@@ -1,0 +1,205 @@
+"""Following the audit log: replay from a cursor, then live, with no gap and no duplicate.
+
+Every subscriber reads the log *from the store* by sequence, whether catching up or live;
+commits only wake it. So the switch from replay to live cannot skip or repeat an event,
+a slow subscriber simply reads further behind (never blocking writers or other
+subscribers), and memory per subscriber is one page.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+from broker.audit.events import AuditEvent
+from broker.auth.authz import Authorizer, Op
+from broker.clock import Clock
+from broker.context import CallContext
+from broker.errors import DataLoss, OutOfRange, Unavailable
+from broker.runs.model import PipelineRef, Run
+from broker.store import Committed, Mutation, Store
+from broker.telemetry.observer import NULL_OBSERVER, Observer
+
+PAGE_SIZE = 500
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Empty fields match everything; set fields must all match."""
+
+    run_id: str = ""
+    principal: str = ""
+    person: str = ""
+    actions: frozenset[str] = frozenset()
+    org: str = ""
+    project: str = ""
+
+    def matches(self, event: AuditEvent) -> bool:
+        d = event.draft
+        if self.run_id and d.run_id != self.run_id:
+            return False
+        if self.principal and d.principal != self.principal:
+            return False
+        if self.actions and d.action not in self.actions:
+            return False
+        if self.person:
+            p = d.on_behalf_of
+            if p is None or self.person not in (p.subject, p.email):
+                return False
+        if self.org or self.project:
+            ref = d.pipeline
+            if ref is None:
+                return False
+            if self.org and ref.org != self.org:
+                return False
+            if self.project and ref.project != self.project:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Every event up to `scanned_through` has been considered for this subscriber."""
+
+    scanned_through: int
+    time: float
+
+
+class AuditFeed:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        authorizer: Authorizer,
+        find_run: Callable[[str], Run | None],
+        observer: Observer = NULL_OBSERVER,
+        max_subscribers: int = 32,
+    ) -> None:
+        self._store = store
+        self._observer = observer
+        # Each stream holds a server worker thread while it follows: cap them, so that
+        # subscribers can never take every worker from the writers.
+        self._max_subscribers = max_subscribers
+        self._clock = clock
+        self._authz = authorizer
+        self._find_run = find_run
+        self._changed = threading.Condition()
+        self._head = store.head_sequence()
+        self._closed = False
+        self._subscribers = 0
+        store.add_listener(self._on_commit)
+
+    def _on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
+        if committed.events:
+            with self._changed:
+                self._head = committed.events[-1].sequence
+                self._changed.notify_all()
+
+    @property
+    def subscribers(self) -> int:
+        return self._subscribers
+
+    @property
+    def head(self) -> int:
+        return self._head
+
+    def close(self) -> None:
+        """End every follower (shutdown)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def follow(
+        self,
+        ctx: CallContext,
+        after: int,
+        event_filter: AuditFilter,
+        *,
+        stop_at_head: bool = False,
+        heartbeat_every: float = 5.0,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Generator[AuditEvent | Heartbeat]:
+        """Events after `after` matching the filter, then live ones; close() to leave."""
+        run = self._find_run(event_filter.run_id) if event_filter.run_id else None
+        # Events the filter may let through; "*" where it does not filter.
+        selection = PipelineRef(event_filter.org or "*", event_filter.project or "*", "*")
+        if run is not None:
+            selection = run.pipeline
+        self._authz.require(ctx, Op.READ_AUDIT, pipeline=selection, run=run)
+        if run is not None:
+            self._observer.call_touched_run(run)
+        oldest = self._store.oldest_sequence()
+        if after == 0:
+            after = oldest - 1  # 0 means "from the oldest retained event" (the contract)
+        if after < oldest - 1:
+            raise _pruned(after, oldest)
+        head = self._store.head_sequence()
+        if after > head:
+            raise OutOfRange(
+                f"after_sequence {after} is beyond the newest event ({head}); "
+                "was the cursor taken from another broker?"
+            )
+        with self._changed:
+            if self._subscribers >= self._max_subscribers:
+                raise Unavailable(
+                    f"this broker already serves {self._subscribers} audit streams, its limit; "
+                    "retry later or resume from another replica"
+                )
+            self._subscribers += 1
+        try:
+            yield from self._follow(after, event_filter, stop_at_head, heartbeat_every, cancelled)
+        finally:
+            with self._changed:
+                self._subscribers -= 1
+
+    def _follow(
+        self,
+        cursor: int,
+        event_filter: AuditFilter,
+        stop_at_head: bool,
+        heartbeat_every: float,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[AuditEvent | Heartbeat]:
+        last_beat = self._clock()
+        while not self._closed and not cancelled():
+            page = self._store.read_events(cursor, PAGE_SIZE)
+            for event in page:
+                if event.sequence != cursor + 1:  # sequences are gapless: never skip one
+                    self._gap(cursor, event.sequence)
+                cursor = event.sequence
+                if event_filter.matches(event):
+                    self._observer.audit_delivered(self._head - event.sequence)
+                    yield event
+            if len(page) == PAGE_SIZE:
+                continue
+            if stop_at_head:
+                return
+            if self._clock() - last_beat >= heartbeat_every:
+                last_beat = self._clock()
+                yield Heartbeat(cursor, last_beat)
+            self._wait_beyond(cursor, timeout=min(0.5, heartbeat_every))
+
+    def _gap(self, cursor: int, found: int) -> NoReturn:
+        oldest = self._store.oldest_sequence()
+        if cursor < oldest - 1:
+            # Retention pruned past a slow subscriber: say so, never skip silently.
+            raise _pruned(cursor, oldest)
+        raise DataLoss(
+            f"the audit log has no event {cursor + 1} (next stored: {found}); "
+            "run `token-broker audit verify`"
+        )
+
+    def _wait_beyond(self, sequence: int, timeout: float) -> None:
+        # Short waits, so that a cancelled subscriber is noticed even when nothing is written.
+        with self._changed:
+            self._changed.wait_for(lambda: self._head > sequence or self._closed, timeout=timeout)
+
+
+def _pruned(after: int, oldest: int) -> OutOfRange:
+    return OutOfRange(
+        f"events after sequence {after} are no longer retained; "
+        f"the oldest available sequence is {oldest} "
+        f"(resume with after_sequence={oldest - 1})"
+    )

@@ -1,0 +1,435 @@
+"""`token-broker audit verify | export | tail`.
+
+verify and export read the broker's SQLite file read-only (safe while the broker runs);
+tail follows a running broker over gRPC.
+
+Exit codes of `audit verify`: 0 the log verifies, 1 it was tampered with (the first bad
+sequence is reported), 2 usage (bad arguments, missing or unreadable input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import json_format
+
+from broker.audit import export as auditlog
+from broker.audit import verify as auditverify
+from broker.audit.checkpoints import PublishedKeys
+from broker.settings import ENV_PREFIX, SettingsError, is_loopback
+from broker.store.sqlite_readonly import NotADatabase, ReadOnlyAuditLog, database_path
+from tokenbroker.credentials import DEV_CLIENT_FILE, dev_admin_credentials, local_channel
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+
+EXIT_OK = 0
+EXIT_TAMPERED = 1
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class UsageError(Exception):
+    pass
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the `audit` command group on the top-level parser's subcommands."""
+    group = commands.add_parser(
+        "audit",
+        help="verify, export and follow the audit log",
+        description="Verify, export and follow the tamper-evident audit log.",
+        epilog="examples:\n  token-broker audit verify --data-dir ./var\n"
+        "  token-broker audit tail --follow",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = group.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    _add_verify(sub)
+    _add_export(sub)
+    _add_tail(sub)
+
+
+def _raw(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _add_source(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"the broker's data directory [env {ENV_PREFIX}DATA_DIR; default var]",
+    )
+    source.add_argument("--db", type=Path, help="the SQLite database file itself")
+    return source
+
+
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    verify = sub.add_parser(
+        "verify",
+        help="re-walk the hash chain and check the signed checkpoints (offline)",
+        description="Re-walk the audit chain and check its signed checkpoints, offline and "
+        "read-only; report the first bad sequence if any event was edited, deleted, inserted "
+        "or reordered.",
+        epilog="exit status: 0 intact, 1 tampered, 2 usage error\n"
+        "examples:\n"
+        "  token-broker audit verify --data-dir /var/lib/token-broker\n"
+        "  token-broker audit verify --file audit.jsonl --checkpoints cp.jsonl --jwks jwks.json",
+    )
+    _raw(verify)
+    source = _add_source(verify)
+    source.add_argument("--file", type=Path, help="an exported JSON Lines file")
+    verify.add_argument(
+        "--checkpoints", type=Path, help="with --file: the exported checkpoints (JSON Lines)"
+    )
+    verify.add_argument(
+        "--jwks",
+        type=Path,
+        help="public keys (JWKS) to check checkpoints with; required with --checkpoints, and "
+        "for a database it replaces the keys stored in it (pin keys you obtained elsewhere)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(handler=_verify)
+
+
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write audit events as JSON Lines (for a SIEM)",
+        description="Write audit events after a sequence as JSON Lines: each line is the "
+        "event's canonical record plus prev_hash and hash, so the file can be verified with "
+        "`audit verify --file`.",
+        epilog="example:\n"
+        "  token-broker audit export --after 1200 --output audit.jsonl \\\n"
+        "      --checkpoints checkpoints.jsonl --jwks jwks.json",
+    )
+    _raw(export)
+    _add_source(export)
+    export.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="export events with sequence > N (0: from the oldest retained)",
+    )
+    export.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
+    export.add_argument(
+        "--checkpoints", type=Path, help="also write the signed checkpoints for this range here"
+    )
+    export.add_argument("--jwks", type=Path, help="also write the public keys (JWKS) here")
+    export.set_defaults(handler=_export)
+
+
+def _add_tail(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tail = sub.add_parser(
+        "tail",
+        help="show audit events from a running broker, readably",
+        description="Show audit events from a running broker (StreamAudit), one line each.",
+        epilog="examples:\n"
+        "  token-broker audit tail --follow\n"
+        "  token-broker audit tail --run r-123 --after 4000",
+    )
+    _raw(tail)
+    tail.add_argument(
+        "--target",
+        default=os.environ.get(ENV_PREFIX + "LISTEN", DEFAULT_TARGET),
+        help=f"broker address [env {ENV_PREFIX}LISTEN; default {DEFAULT_TARGET}]",
+    )
+    tail.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("var"),
+        help="the local broker's data dir, for its development credentials (default: var)",
+    )
+    tail.add_argument("--follow", "-f", action="store_true", help="keep following live events")
+    tail.add_argument("--after", type=int, default=0, metavar="N", help="events after sequence N")
+    tail.add_argument("--run", default="", metavar="ID", help="only events of this run")
+    tail.add_argument("--action", action="append", default=[], help="only this action (repeat)")
+    tail.add_argument("--principal", default="", help="only events caused by this principal")
+    tail.add_argument("--person", default="", help="only events on behalf of this person")
+    tail.add_argument("--org", default="", help="only events of this organisation")
+    tail.add_argument("--project", default="", help="only events of this project")
+    tail.add_argument("--json", action="store_true", help="one JSON object per event (JSON Lines)")
+    tail.set_defaults(handler=_tail)
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        report = _run_verify(args)
+    except (UsageError, NotADatabase, auditlog.MalformedLine, OSError) as exc:
+        print(f"token-broker audit verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        print(_describe(report))
+    return EXIT_OK if report.ok else EXIT_TAMPERED
+
+
+def _run_verify(args: argparse.Namespace) -> auditverify.Report:
+    pinned = _read_jwks(args.jwks) if args.jwks else None
+    progress = _Progress(sys.stderr)
+    try:
+        if args.file is not None:
+            if args.checkpoints is not None and pinned is None:
+                raise UsageError("--checkpoints needs --jwks, the keys that signed them")
+            checkpoints = auditlog.read_checkpoints(args.checkpoints) if args.checkpoints else []
+            return auditverify.verify(
+                str(args.file),
+                auditlog.read_events(args.file),
+                checkpoints,
+                pinned or PublishedKeys([]),
+                pruned_through=None,
+                progress=progress.update,
+            )
+        if args.checkpoints is not None:
+            raise UsageError("--checkpoints goes with --file; a database holds its own")
+        with ReadOnlyAuditLog(_database(args)) as log:
+            progress.total = log.count()
+            keys = pinned or PublishedKeys.from_records(log.public_keys())
+            return auditverify.verify(
+                str(log.path),
+                log.events(),
+                log.checkpoints(),
+                keys,
+                pruned_through=log.pruned_through(),
+                progress=progress.update,
+            )
+    finally:
+        progress.done()
+
+
+def _read_jwks(path: Path) -> PublishedKeys:
+    try:
+        document = json.loads(path.read_text())
+    except ValueError:
+        raise UsageError(f"{path}: not JSON") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"{path}: not a JWKS document")
+    try:
+        return PublishedKeys.from_jwks(document)
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _describe(report: auditverify.Report) -> str:
+    span = (
+        "no events"
+        if report.first_sequence is None
+        else f"{report.events} events ({report.first_sequence}..{report.last_sequence})"
+    )
+    lines = []
+    if report.ok:
+        lines.append(f"OK: {report.source}: {span}, chain intact")
+    else:
+        lines.append(
+            f"TAMPERED: {report.source}: first bad sequence {report.first_bad_sequence}: "
+            f"{report.problem}"
+        )
+    if report.pruned_through:
+        lines.append(
+            f"retention: events through {report.pruned_through} were pruned; the chain is "
+            "verified from the signed checkpoint there"
+        )
+    lines.append(
+        f"checkpoints: {report.checkpoints_verified} of {report.checkpoints} verified"
+        + (f"; anchored through {report.anchored_through}" if report.anchored_through else "")
+    )
+    last = report.last_sequence or 0
+    if report.ok and last > report.anchored_through:
+        lines.append(
+            f"note: {last - max(report.anchored_through, (report.first_sequence or 1) - 1)} "
+            "newest events are covered by the chain only, not yet by a signed checkpoint"
+        )
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A one-line progress indicator on stderr, only when a person is watching."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._shown = stream.isatty()
+        self.total: int | None = None
+        self._last = 0.0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self._shown or now - self._last < 0.2:
+            return
+        self._last = now
+        of = f"/{self.total} ({100 * done // self.total}%)" if self.total else ""
+        self._stream.write(f"\rverifying audit log: {done}{of} events")
+        self._stream.flush()
+
+    def done(self) -> None:
+        if self._shown and self._last:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.after < 0:
+        print("token-broker audit export: --after must be 0 or more", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with ReadOnlyAuditLog(_database(args)) as log:
+            pruned = log.pruned_through()
+            if 0 < args.after < pruned:
+                raise UsageError(
+                    f"events after {args.after} are no longer retained; the oldest available "
+                    f"sequence is {log.oldest_sequence()} (export with --after {pruned})"
+                )
+            count = _write_events(log, args.after, args.output)
+            if args.checkpoints is not None:
+                since = max(args.after, pruned) - 1
+                lines = (auditlog.checkpoint_line(c) for c in log.checkpoints(after=since))
+                with args.checkpoints.open("w", encoding="utf-8") as out:
+                    auditlog.write_lines(lines, out)
+            if args.jwks is not None:
+                keys = PublishedKeys.from_records(log.public_keys())
+                args.jwks.write_text(json.dumps(keys.jwks(), indent=2, sort_keys=True) + "\n")
+    except (UsageError, NotADatabase, OSError) as exc:
+        print(f"token-broker audit export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"exported {count} events after sequence {args.after}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _write_events(log: ReadOnlyAuditLog, after: int, output: Path | None) -> int:
+    lines = (auditlog.event_line(e) for e in log.events(after))
+    if output is None:
+        count = auditlog.write_lines(lines, sys.stdout)
+        sys.stdout.flush()
+        return count
+    with output.open("w", encoding="utf-8") as out:
+        return auditlog.write_lines(lines, out)
+
+
+def _database(args: argparse.Namespace) -> Path:
+    if args.db is not None:
+        return Path(args.db)
+    data_dir = args.data_dir or Path(os.environ.get(ENV_PREFIX + "DATA_DIR") or "var")
+    return database_path(Path(data_dir))
+
+
+# -- tail ------------------------------------------------------------------------------------
+
+
+def audit_channel(target: str, data_dir: Path) -> grpc.Channel:
+    """The channel `audit tail` talks over: to a local broker, as the development admin
+    whose key that broker wrote into its data dir."""
+    try:
+        loopback = is_loopback(target)
+    except SettingsError as exc:
+        raise UsageError(str(exc).replace("--listen", "--target")) from None
+    if not loopback:
+        raise UsageError(f"--target {target}: only a loopback broker can be tailed for now")
+    if not (data_dir / DEV_CLIENT_FILE).exists():
+        raise UsageError(
+            f"no development credentials in {data_dir}: give the broker's --data-dir "
+            "(a broker started without --policy writes them there)"
+        )
+    return local_channel(target, dev_admin_credentials(data_dir))
+
+
+def _tail(args: argparse.Namespace) -> int:
+    if args.after < 0:
+        print("token-broker audit tail: --after must be 0 or more", file=sys.stderr)
+        return EXIT_USAGE
+    request = broker_pb2.StreamAuditRequest(
+        after_sequence=args.after,
+        stop_at_head=not args.follow,
+        filter=broker_pb2.AuditFilter(
+            run_id=args.run,
+            principal=args.principal,
+            person=args.person,
+            actions=args.action,
+            org=args.org,
+            project=args.project,
+        ),
+    )
+    try:
+        with audit_channel(args.target, args.data_dir) as channel:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            for event in _events(stub.StreamAudit(request)):
+                print(_json_line(event) if args.json else render(event), flush=True)
+    except UsageError as exc:
+        print(f"token-broker audit tail: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.RpcError as error:
+        code = error.code().name if isinstance(error, grpc.Call) else "ERROR"
+        message = error.details() if isinstance(error, grpc.Call) else str(error)
+        print(f"token-broker audit tail: {code}: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _events(
+    responses: Iterator[broker_pb2.StreamAuditResponse],
+) -> Iterator[types_pb2.AuditEvent]:
+    for response in responses:
+        if response.HasField("event"):
+            yield response.event
+
+
+def _json_line(event: types_pb2.AuditEvent) -> str:
+    fields = json_format.MessageToDict(event, preserving_proto_field_name=True)
+    return json.dumps(fields, sort_keys=True)
+
+
+_ALIASES = {"audience": "aud", "permissions": "perms", "permission_ceiling": "ceiling"}
+
+
+def render(event: types_pb2.AuditEvent) -> str:
+    """One readable line: `12:04:05 token.issued run r-1 by portal for alice@… aud=api …`."""
+    parts = [time.strftime("%H:%M:%S", time.localtime(event.time.seconds)), event.action]
+    if event.outcome not in (types_pb2.AUDIT_OUTCOME_SUCCESS, types_pb2.AUDIT_OUTCOME_UNSPECIFIED):
+        parts.append(types_pb2.AuditOutcome.Name(event.outcome).removeprefix("AUDIT_OUTCOME_"))
+    if event.run_id:
+        parts += ["run", event.run_id]
+    if event.principal:
+        parts += ["by", event.principal]
+    if event.HasField("on_behalf_of"):
+        parts += ["for", event.on_behalf_of.email or event.on_behalf_of.subject]
+    details = json_format.MessageToDict(event.details)
+    for key in sorted(details):
+        text = _value_text(key, details[key])
+        if text:
+            name = _ALIASES.get(key, key.removesuffix("_us"))
+            parts.append(f"{name}={text}")
+    parts.append(f"seq={event.sequence}")
+    return " ".join(parts)
+
+
+def _value_text(key: str, value: Any) -> str:
+    if value is None or value in ("", [], {}):
+        return ""
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{_value_text(k, v)}" for k, v in sorted(value.items()))
+    if isinstance(value, list):
+        return ",".join(_value_text(key, v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if key.endswith("_us"):  # a time in microseconds: show it like the line's own time
+            return time.strftime("%H:%M:%S", time.localtime(value / 1_000_000))
+        return str(int(value)) if value.is_integer() else str(value)
+    return str(value)

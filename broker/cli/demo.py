@@ -1,0 +1,393 @@
+"""`token-broker demo`: the whole story in one command, against a throw-away local broker.
+
+A test identity provider signs alice@example.com's ID token; the `deploy-portal` service
+account hands it to ExecuteOnBehalfOf; the broker hands the run to the sample executor, which
+mints a step token (`pipelines: read`) with the run credential and calls the sample API, which
+verifies it offline; the executor ends the run with RevokeRun; the API now refuses the same
+token ("run ended"); the run's audit trail shows both identities; `audit verify` passes.
+
+Everything runs in this process on 127.0.0.1 (ports chosen by the OS), with its data in a
+temporary directory, and is stopped and removed at the end. Exit status: 0 when every step
+did what it should, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf import json_format
+
+from broker.api.server import BrokerServer, create_server
+from broker.audit import verify as auditverify
+from broker.audit.checkpoints import PublishedKeys
+from broker.audit.events import Action
+from broker.settings import Settings
+from broker.store.sqlite_readonly import NotADatabase, ReadOnlyAuditLog, database_path
+from broker.telemetry import logs
+from tokenbroker.client import BrokerClient
+from tokenbroker.credentials import assertion_credentials
+from tokenbroker.errors import BrokerError
+from tokenbroker.samples.api import ApiAnswer, SampleApi, call_api
+from tokenbroker.samples.executor import FINISHED, STEP_PERMISSIONS, Execution, SampleExecutor
+from tokenbroker.samples.idp import TestIdentityProvider
+from tokenbroker.v1 import types_pb2
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+IDP_ISSUER = "https://idp.example.com"
+PORTAL = "deploy-portal"  # the delegator; also the client id its ID tokens are for
+PERSON = "alice@example.com"
+PIPELINE = ("acme", "web", "deploy")
+# Revocations reach the offline-verifying API through the audit stream, a moment later.
+REVOCATION_WAIT = 5.0
+
+
+class StepFailed(Exception):
+    """A step did not do what it should; the message says what happened instead."""
+
+
+@dataclass(frozen=True)
+class DemoAccount:
+    """A service account of the demo policy, with the private key it signs in with."""
+
+    name: str
+    roles: tuple[str, ...]
+    scopes: tuple[str, ...]
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def new(cls, name: str, roles: tuple[str, ...], scopes: tuple[str, ...]) -> DemoAccount:
+        return cls(name, roles, scopes, ec.generate_private_key(ec.SECP256R1()))
+
+    def credentials(self, audience: str) -> grpc.CallCredentials:
+        pem = self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return assertion_credentials(self.name, pem, audience, key_id=self.name)
+
+    def toml(self) -> str:
+        public = self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return (
+            f"[accounts.{self.name}]\n"
+            f"roles = {_toml_list(self.roles)}\n"
+            f"scopes = {_toml_list(self.scopes)}\n"
+            f'keys = [{{ kid = "{self.name}", pem = """\n{public.decode()}""" }}]\n'
+        )
+
+
+def _toml_list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+
+@dataclass(frozen=True)
+class Cast:
+    """Who takes part: the IdP and the service accounts of the demo policy."""
+
+    idp: TestIdentityProvider
+    portal: DemoAccount  # starts runs for people (delegator)
+    api: DemoAccount  # the sample API follows revocations on the audit stream (auditor)
+    siem: DemoAccount  # reads the run's audit trail at the end (auditor)
+
+    @classmethod
+    def new(cls) -> Cast:
+        return cls(
+            TestIdentityProvider(IDP_ISSUER),
+            DemoAccount.new(PORTAL, ("delegator",), ("acme/*/*",)),
+            DemoAccount.new("sample-api", ("auditor",), ("*/*/*",)),
+            DemoAccount.new("siem", ("auditor",), ("acme/*/*",)),
+        )
+
+    def write_policy(self, directory: Path) -> Path:
+        """The demo policy: deploy-portal may act for example.com people its IdP verified."""
+        self.idp.write_jwks(directory / "idp-jwks.json")
+        delegation = (
+            f"[accounts.{PORTAL}.delegation]\n"
+            'user_domains = ["example.com"]\n'
+            f"[[accounts.{PORTAL}.delegation.identity_providers]]\n"
+            f'issuer = "{IDP_ISSUER}"\n'
+            f'audience = "{PORTAL}"\n'
+            'jwks_file = "idp-jwks.json"\n'
+        )
+        accounts = [self.portal.toml() + delegation, self.api.toml(), self.siem.toml()]
+        path = directory / "demo-policy.toml"
+        path.write_text("version = 1\n\n" + "\n".join(accounts))
+        return path
+
+
+class Story:
+    """Prints one numbered line per step: ✓ when it did what it should, else ✗ and why."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.steps = 0
+        colour = out.isatty() and "NO_COLOR" not in os.environ
+        self._ok = "\x1b[32m✓\x1b[0m" if colour else "✓"
+        self._failed = "\x1b[31m✗\x1b[0m" if colour else "✗"
+
+    def ok(self, text: str) -> None:
+        self.steps += 1
+        self._line(self._ok, text)
+
+    def failed(self, text: str) -> None:
+        self.steps += 1
+        self._line(self._failed, text)
+
+    def detail(self, text: str) -> None:
+        print(f"      {text}", file=self.out, flush=True)
+
+    def _line(self, mark: str, text: str) -> None:
+        print(f"{self.steps:2} {mark} {text}", file=self.out, flush=True)
+
+
+def run(out: TextIO = sys.stdout, data_dir: Path | None = None) -> int:
+    """Tell the whole story; 0 when every step did what it should. Without `data_dir` the
+    broker keeps its data in a temporary directory, removed at the end."""
+    story = Story(out)
+    print(
+        "token-broker demo: a delegated run, from a person's ID token to a verified audit trail",
+        file=out,
+    )
+    kept = data_dir is not None
+    with _quiet_logs(), ExitStack() as scratch:
+        if data_dir is None:
+            data_dir = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="tb-demo-")))
+        where = f"data in {data_dir}" if kept else "SQLite in a temp dir"
+        try:
+            with ExitStack() as running:  # everything started is stopped when it closes
+                _tell(story, running, data_dir, where)
+        except StepFailed as failure:
+            story.failed(str(failure))
+            return EXIT_FAILED
+        except (BrokerError, grpc.RpcError, OSError, TimeoutError) as exc:
+            story.failed(f"{type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+        return _verify_audit(story, data_dir)
+
+
+def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
+    cast = Cast.new()
+    executor = stack.enter_context(SampleExecutor())
+    server = _start_broker(cast, data_dir, executor.target)
+    stack.callback(server.stop, 0.5)
+    audience = server.broker.authn.audience
+    api = stack.enter_context(SampleApi(server.target, credentials=cast.api.credentials(audience)))
+    executor.api_url = api.url
+    story.ok(
+        f"broker started on {server.target} (demo policy, {where}), "
+        "with the sample executor and sample API"
+    )
+
+    id_token = cast.idp.id_token(subject="u-1001", email=PERSON, audience=PORTAL, name="Alice")
+    story.ok(f"test IdP {IDP_ISSUER} signed an ID token for {PERSON}")
+
+    with BrokerClient(server.target, credentials=cast.portal.credentials(audience)) as portal:
+        executed = portal.execute_on_behalf_of(
+            *PIPELINE, ceiling={"pipelines": "execute"}, id_token=id_token, deadline=600
+        )
+    run_id = executed.run.run_id
+    if not executed.handed_off:
+        raise StepFailed(f"run {run_id} was started but not handed off to the executor")
+    story.ok(f"{PORTAL} called ExecuteOnBehalfOf with it: run {run_id} handed to the executor")
+
+    execution = executor.wait_for(run_id)
+    _check_step_token(story, execution)
+    _check_api_accepted(story, execution)
+    _check_run_ended(story, execution)
+    _check_token_refused(story, api, execution)
+    with BrokerClient(server.target, credentials=cast.siem.credentials(audience)) as siem:
+        _show_audit_trail(story, siem, run_id)
+
+
+def _start_broker(cast: Cast, data_dir: Path, executor_target: str) -> BrokerServer:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        data_dir=data_dir,
+        policy=cast.write_policy(data_dir),
+        executor_target=executor_target,
+        log_level="warning",
+        log_format="text",
+        shutdown_grace=0.5,
+        max_workers=8,
+    )
+    server = create_server(settings)
+    server.start()
+    return server
+
+
+def _check_step_token(story: Story, execution: Execution) -> None:
+    if not execution.token:
+        raise StepFailed(f"the executor got no step token: {execution.error or 'no reason'}")
+    claims: dict[str, Any] = jwt.decode(execution.token, options={"verify_signature": False})
+    permissions = claims.get("permissions") or {}
+    if permissions != STEP_PERMISSIONS:
+        raise StepFailed(f"the step token carries {permissions}, not {STEP_PERMISSIONS}")
+    minutes = (int(claims["exp"]) - int(claims["iat"])) / 60
+    story.ok(
+        f"executor minted a step token with the run credential: aud {claims['aud']}, "
+        f"pipelines: read, valid {minutes:g} min"
+    )
+
+
+def _check_api_accepted(story: Story, execution: Execution) -> None:
+    body = execution.api_answer
+    if execution.api_status != 200:
+        raise StepFailed(f"the sample API answered {execution.api_status} {dict(body)}")
+    if (body.get("person"), body.get("triggered_via")) != (PERSON, PORTAL):
+        raise StepFailed(f"the sample API saw the wrong identities: {dict(body)}")
+    story.ok(
+        f"sample API verified it offline → 200: run {body['run_id']} for {body['person']} "
+        f"({body['verification']}) via {body['triggered_via']}"
+    )
+
+
+def _check_run_ended(story: Story, execution: Execution) -> None:
+    if not execution.run_ended:
+        raise StepFailed(f"the executor could not end the run: {execution.error}")
+    story.ok(f'executor ended the run with RevokeRun ("{FINISHED}")')
+
+
+def _check_token_refused(story: Story, api: SampleApi, execution: Execution) -> None:
+    answer = _answer_once_refused(api, execution.token)
+    if answer.status != 401 or answer.body.get("reason") != "run ended":
+        raise StepFailed(f"the API still answers {answer.status} {dict(answer.body)}")
+    story.ok(f"the same step token is now rejected by the API → {answer.status} run ended")
+
+
+def _answer_once_refused(api: SampleApi, token: str) -> ApiAnswer:
+    deadline = time.monotonic() + REVOCATION_WAIT
+    answer = call_api(api.url, token)
+    while answer.status == 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        answer = call_api(api.url, token)
+    return answer
+
+
+def _show_audit_trail(story: Story, siem: BrokerClient, run_id: str) -> None:
+    run = siem.get_run(run_id).run
+    if run.state != types_pb2.RUN_STATE_ENDED:
+        raise StepFailed(f"run {run_id} is {types_pb2.RunState.Name(run.state)}, not ended")
+    events = list(siem.stream_audit(run_id=run_id, org=PIPELINE[0], follow=False))
+    actions = [event.action for event in events]
+    if actions != [Action.RUN_EXECUTED_ON_BEHALF, Action.TOKEN_ISSUED, Action.RUN_ENDED]:
+        raise StepFailed(f"the audit trail of run {run_id} is {actions}")
+    if events[0].principal != PORTAL or any(e.on_behalf_of.email != PERSON for e in events):
+        raise StepFailed(f"the audit trail of run {run_id} lacks {PORTAL} or {PERSON}")
+    story.ok(f"audit trail of run {run_id}: {run.attribution.summary}")
+    width = max(len(action) for action in actions)
+    for event in events:
+        story.detail(_audit_line(event, width))
+
+
+def _audit_line(event: types_pb2.AuditEvent, width: int) -> str:
+    """`seq 4  token.issued  by run:r-…  for alice@example.com  aud=sample-api …`"""
+    details = json_format.MessageToDict(event.details)
+    shown = [
+        f"{name}={_plain(details[key])}" for key, name in _SHOWN_DETAILS.items() if details.get(key)
+    ]
+    person = event.on_behalf_of.email or event.on_behalf_of.subject
+    by_whom = [f"by {event.principal}", f"for {person}"]
+    return "  ".join([f"seq {event.sequence}", event.action.ljust(width), *by_whom, *shown])
+
+
+_SHOWN_DETAILS = {
+    "permission_ceiling": "ceiling",
+    "aud": "aud",
+    "permissions": "perms",
+    "step": "step",
+    "reason": "reason",
+}
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in sorted(value.items()))
+    return str(value)
+
+
+def _verify_audit(story: Story, data_dir: Path) -> int:
+    """`token-broker audit verify --data-dir`, on the log the stopped broker left behind."""
+    try:
+        with ReadOnlyAuditLog(database_path(data_dir)) as log:
+            report = auditverify.verify(
+                str(log.path),
+                log.events(),
+                log.checkpoints(),
+                PublishedKeys.from_records(log.public_keys()),
+                pruned_through=log.pruned_through(),
+            )
+    except (OSError, NotADatabase) as exc:
+        story.failed(f"audit verify could not read the log: {exc}")
+        return EXIT_FAILED
+    if not report.ok:
+        story.failed(f"audit verify: TAMPERED at sequence {report.first_bad_sequence}")
+        return EXIT_FAILED
+    story.ok(
+        f"audit verify: {report.events} events, chain intact, "
+        f"{report.checkpoints_verified} of {report.checkpoints} signed checkpoints verified"
+    )
+    return EXIT_OK
+
+
+@contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Only warnings, as text, while the demo runs; the previous logging setup afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logs.configure("warning", "text")
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `token-broker demo`."""
+    parser = commands.add_parser(
+        "demo",
+        help="run the whole story against a throw-away local broker",
+        description=__doc__,
+        epilog="examples:\n  token-broker demo\n  token-broker demo --data-dir ./demo-data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="keep the broker's data here (a new or empty directory) to inspect it afterwards, "
+        "e.g. with `token-broker audit verify --data-dir`; default: a temporary directory",
+    )
+    parser.set_defaults(handler=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    data_dir: Path | None = args.data_dir
+    if data_dir is not None and data_dir.exists() and any(data_dir.iterdir()):
+        print(f"token-broker demo: {data_dir} is not empty", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run(sys.stdout, data_dir)
+    except KeyboardInterrupt:  # everything it started has been stopped on the way out
+        return EXIT_INTERRUPTED

@@ -1,0 +1,378 @@
+"""ExecuteOnBehalfOf: a trusted service account starts a run for a person, and the record
+keeps both identities — who called, who asked, and how the person's identity was known.
+
+The person comes from one of:
+- an OIDC ID token from an identity provider the policy trusts *for this delegator*
+  (verified here: signature against the IdP's keys, issuer, audience, expiry, and a verified
+  email when the email is the identity) → `idp_verified`;
+- the delegator's own word, where the policy explicitly allows it for the user's domain
+  → `asserted_by_caller`, never shown as verified;
+- for a child run started with a delegated run's credential: the parent run's person,
+  unchanged, with the actor chain extended (RFC 8693 `act` nesting) up to a depth limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jwt
+
+from broker.audit.events import Action, Outcome, draft
+from broker.auth.authz import Op
+from broker.clock import Clock
+from broker.context import CallContext
+from broker.errors import (
+    BrokerError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
+from broker.identity import Person, PrincipalKind, VerificationMethod
+from broker.runs.lifecycle import RunLifecycle, RunSpec, Started
+from broker.runs.model import Run
+from broker.runs.registry import RunRegistry
+from broker.runs.tokens import MintedToken, TokenService
+from broker.store import Store, Write, durable
+from broker.telemetry.observer import NULL_OBSERVER, Observer
+from tokenbroker.verification import PublicKey
+
+ID_TOKEN_ALGORITHMS = ("RS256", "ES256", "PS256", "EdDSA")
+ID_TOKEN_LEEWAY = 60.0
+DEFAULT_CHAIN_DEPTH = 4
+MAX_ID_TOKEN_LENGTH = 16 * 1024
+
+
+@dataclass(frozen=True)
+class TrustedIdp:
+    """An identity provider a delegator may bring people from."""
+
+    issuer: str
+    audience: str
+    find_key: Callable[[str], PublicKey | None]
+    # When true (the default) the person is identified by email, which must be verified.
+    email_is_identity: bool = True
+
+
+@dataclass(frozen=True)
+class DelegationRules:
+    """What one delegator account may do on people's behalf (from the policy)."""
+
+    idps: Mapping[str, TrustedIdp] = field(default_factory=dict)
+    user_domains: frozenset[str] = frozenset()
+    asserted_domains: frozenset[str] = frozenset()
+    max_chain_depth: int = DEFAULT_CHAIN_DEPTH
+
+
+@dataclass(frozen=True)
+class AssertedIdentity:
+    subject: str
+    email: str
+    display_name: str = ""
+
+
+@dataclass(frozen=True)
+class Executed:
+    run: Run
+    credential: MintedToken | None
+    handed_off: bool
+    replayed: bool
+
+
+class Handoff(Protocol):
+    """Gives a run and its credential to the system that executes pipelines."""
+
+    def hand_off(self, run: Run, credential: str) -> str:
+        """Return the executor's execution id; raise HandoffFailed if it did not accept."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HandoffFailed(Exception):
+    pass
+
+
+class Refused(PermissionDenied):
+    """A delegation refused because of who the person is or how they were vouched for."""
+
+
+RulesLookup = Callable[[str], DelegationRules | None]
+
+
+def _sha256(data: str) -> str:
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def _domain(email: str) -> str:
+    return email.rpartition("@")[2].lower()
+
+
+def domain_allowed(domain: str, allowed: frozenset[str]) -> bool:
+    """An email domain listed in the policy, or any domain where the policy says "*"."""
+    return "*" in allowed or domain in allowed
+
+
+def verify_id_token(token: str, rules: DelegationRules) -> Person:
+    """The person an ID token proves, or Refused saying precisely why not."""
+    if not token or len(token) > MAX_ID_TOKEN_LENGTH:
+        raise InvalidArgument.field("id_token", f"required, at most {MAX_ID_TOKEN_LENGTH} chars")
+    try:
+        header = jwt.get_unverified_header(token)
+        unverified = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise InvalidArgument.field("id_token", "not a JWT (JWS compact serialization)") from None
+    issuer = unverified.get("iss")
+    idp = rules.idps.get(issuer) if isinstance(issuer, str) else None
+    if idp is None:
+        raise Refused(f"this delegator may not act for people from issuer {issuer!r}")
+    alg = header.get("alg")
+    key = idp.find_key(str(header.get("kid", "")))
+    if alg not in ID_TOKEN_ALGORITHMS or key is None or key.alg != alg:
+        raise Refused(f"ID token from {issuer} is not signed by a key of that issuer")
+    try:
+        claims = jwt.decode(
+            token,
+            key.key,
+            algorithms=[key.alg],
+            audience=idp.audience,
+            issuer=idp.issuer,
+            leeway=ID_TOKEN_LEEWAY,
+            options={"require": ["iss", "sub", "aud", "exp", "iat"]},
+        )
+    except jwt.InvalidSignatureError:
+        raise Refused(f"ID token signature does not verify with {issuer}'s keys") from None
+    except jwt.ExpiredSignatureError:
+        raise Refused("ID token has expired") from None
+    except jwt.InvalidAudienceError:
+        raise Refused(f"ID token is not for this broker's audience {idp.audience!r}") from None
+    except jwt.InvalidTokenError as exc:
+        raise Refused(f"ID token rejected: {exc}") from None
+    return _person_from_claims(claims, idp, token)
+
+
+def _person_from_claims(claims: Mapping[str, Any], idp: TrustedIdp, token: str) -> Person:
+    email = claims.get("email", "")
+    if not isinstance(email, str):
+        raise Refused("ID token has a malformed email claim")
+    if idp.email_is_identity:
+        if not email:
+            raise Refused("ID token carries no email, and this issuer identifies people by email")
+        if claims.get("email_verified") is not True:
+            raise Refused(f"the IdP has not verified the email address {email}")
+    name = claims.get("name", "")
+    return Person(
+        subject=str(claims["sub"]),
+        issuer=idp.issuer,
+        email=email,
+        display_name=name if isinstance(name, str) else "",
+        method=VerificationMethod.IDP_VERIFIED,
+        evidence_sha256=_sha256(token),
+    )
+
+
+def asserted_person(asserted: AssertedIdentity, rules: DelegationRules, caller: str) -> Person:
+    if not asserted.subject or not asserted.email or "@" not in asserted.email:
+        raise InvalidArgument.field("asserted", "subject and a full email address are required")
+    if not domain_allowed(_domain(asserted.email), rules.asserted_domains):
+        raise Refused(
+            f"this delegator may not assert identities in domain {_domain(asserted.email)!r}; "
+            "send an ID token from a trusted identity provider instead"
+        )
+    evidence = json.dumps(
+        {"subject": asserted.subject, "email": asserted.email, "asserted_by": caller},
+        sort_keys=True,
+    )
+    return Person(
+        subject=asserted.subject,
+        issuer=caller,
+        email=asserted.email,
+        display_name=asserted.display_name,
+        method=VerificationMethod.ASSERTED_BY_CALLER,
+        evidence_sha256=_sha256(evidence),
+    )
+
+
+def claimed(id_token: str | None, asserted: AssertedIdentity | None) -> dict[str, str] | None:
+    """The identity a request names, unverified: for the record of a refusal only."""
+    if asserted is not None:
+        return {"subject": asserted.subject, "email": asserted.email, "verified": "no"}
+    if not id_token:
+        return None
+    try:
+        claims = jwt.decode(id_token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return None
+    return {key: str(claims.get(key, ""))[:256] for key in ("sub", "email", "iss")} | {
+        "verified": "no"
+    }
+
+
+class Delegation:
+    def __init__(
+        self,
+        runs: RunLifecycle,
+        registry: RunRegistry,
+        tokens: TokenService,
+        store: Store,
+        clock: Clock,
+        rules_for: RulesLookup,
+        handoff: Handoff | None = None,
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
+        self._runs = runs
+        self._registry = registry
+        self._tokens = tokens
+        self._store = store
+        self._clock = clock
+        self._rules_for = rules_for
+        self._handoff = handoff
+        self._observer = observer
+
+    def close(self) -> None:
+        if self._handoff is not None:
+            self._handoff.close()
+
+    def execute(
+        self,
+        ctx: CallContext,
+        spec: RunSpec,
+        id_token: str | None,
+        asserted: AssertedIdentity | None,
+    ) -> Executed:
+        if not spec.idempotency_key:
+            raise InvalidArgument.field("idempotency_key", "required for ExecuteOnBehalfOf")
+        person: Person | None = None
+        try:
+            if ctx.principal.kind is PrincipalKind.RUN:
+                parent = self._parent_run(ctx, spec, id_token, asserted)
+                person = parent.on_behalf_of
+                chain = (*parent.actor_chain, ctx.principal.name)
+                parent_id = parent.run_id
+            else:
+                rules = self._rules(ctx)
+                person = self._establish(ctx, rules, id_token, asserted)
+                self._check_domain(rules, person)
+                chain, parent_id = (ctx.principal.name,), ""
+            started = self._runs.start(
+                ctx,
+                spec,
+                person=person,
+                parent_run_id=parent_id,
+                actor_chain=chain,
+                action=Action.RUN_EXECUTED_ON_BEHALF,
+                op=Op.EXECUTE_ON_BEHALF,
+            )
+        except (PermissionDenied, FailedPrecondition) as refusal:
+            self._audit_refusal(ctx, spec, person, claimed(id_token, asserted), refusal)
+            raise
+        return self._deliver(ctx, started)
+
+    def _rules(self, ctx: CallContext) -> DelegationRules:
+        rules = self._rules_for(ctx.principal.name)
+        if rules is None:
+            raise Refused(
+                f"{ctx.principal.name} may not act on behalf of people: the policy gives it "
+                "no delegator role or no delegation rules"
+            )
+        return rules
+
+    def _establish(
+        self,
+        ctx: CallContext,
+        rules: DelegationRules,
+        id_token: str | None,
+        asserted: AssertedIdentity | None,
+    ) -> Person:
+        if id_token is not None:
+            return verify_id_token(id_token, rules)
+        if asserted is not None:
+            return asserted_person(asserted, rules, ctx.principal.name)
+        raise InvalidArgument.field("person", "give id_token or asserted")
+
+    def _check_domain(self, rules: DelegationRules, person: Person) -> None:
+        if person.email and not domain_allowed(_domain(person.email), rules.user_domains):
+            domain = _domain(person.email)
+            raise Refused(f"this delegator may not act for users in domain {domain!r}")
+
+    def _parent_run(
+        self,
+        ctx: CallContext,
+        spec: RunSpec,
+        id_token: str | None,
+        asserted: AssertedIdentity | None,
+    ) -> Run:
+        parent = self._registry.get(ctx.principal.run_id)
+        if parent is None or not parent.is_active or parent.on_behalf_of is None:
+            raise FailedPrecondition(
+                "only an active run started on behalf of a person can start child runs for them"
+            )
+        if id_token is not None or asserted is not None:
+            raise InvalidArgument.field(
+                "person", "a child run keeps its parent's person; do not send another"
+            )
+        root = parent.actor_chain[0] if parent.actor_chain else parent.triggered_via
+        rules = self._rules_for(root)
+        depth = rules.max_chain_depth if rules else DEFAULT_CHAIN_DEPTH
+        if len(parent.actor_chain) + 1 > depth:
+            raise Refused(f"delegation chain would exceed the limit of {depth} actors")
+        if spec.pipeline.org != parent.pipeline.org:
+            raise Refused("a child run must stay in its parent's organisation")
+        excess = spec.ceiling.excess_over(parent.permission_ceiling)
+        if excess:
+            raise Refused("a child run cannot exceed its parent's ceiling: " + "; ".join(excess))
+        return parent
+
+    def _audit_refusal(
+        self,
+        ctx: CallContext,
+        spec: RunSpec,
+        person: Person | None,
+        claim: dict[str, str] | None,
+        refusal: BrokerError,
+    ) -> None:
+        details: dict[str, object] = {
+            "reason": refusal.message,
+            "idempotency_key": spec.idempotency_key,
+        }
+        if person is None and claim is not None:
+            # Who the request *said* it was for; never verified, so kept apart from the
+            # event's person.
+            details["claimed_person"] = claim
+        event = dataclasses.replace(
+            draft(ctx, self._clock(), Action.RUN_REFUSED, Outcome.DENIED, details=details),
+            on_behalf_of=person,
+            pipeline=spec.pipeline,
+        )
+        durable.commit(self._store, Write([event]), "the refusal could not be recorded")
+
+    def _deliver(self, ctx: CallContext, started: Started) -> Executed:
+        run = started.run
+        if self._handoff is None:
+            # A replay answers the same caller that started the run (the idempotency key is
+            # per caller), so it may receive a credential for it again.
+            credential = self._tokens.mint_run_credential(run)
+            return Executed(run, credential, handed_off=False, replayed=started.replayed)
+        if started.replayed:
+            if not run.is_active:
+                # Most likely the executor refused it the first time: say so, never "success".
+                raise FailedPrecondition(
+                    f"run {run.run_id} for this idempotency key has ended ({run.end_reason}); "
+                    "retry with a new idempotency key"
+                )
+            return Executed(run, None, handed_off=True, replayed=True)  # handed off already
+        try:
+            with self._observer.handing_off(run):
+                self._handoff.hand_off(run, self._tokens.mint_run_credential(run).token)
+        except HandoffFailed as exc:
+            self._runs.end_unchecked(ctx, run, f"executor did not accept the run: {exc}")
+            raise Unavailable(
+                f"the executor did not accept run {run.run_id} ({exc}); the run was ended — "
+                "retry with a new idempotency key"
+            ) from exc
+        return Executed(run, None, handed_off=True, replayed=False)

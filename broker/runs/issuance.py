@@ -1,0 +1,195 @@
+"""IssueToken and VerifyToken: the hot path of every pipeline step."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.audit.events import Action, Outcome, draft
+from broker.auth.authz import Authorizer, Op
+from broker.clock import Clock
+from broker.context import CallContext
+from broker.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from broker.runs.model import Run
+from broker.runs.permissions import PermissionSet
+from broker.runs.registry import RunRegistry
+from broker.runs.tokens import MintedToken, TokenService
+from broker.store import Store, Write, durable
+from broker.telemetry.observer import NULL_OBSERVER, Observer
+from tokenbroker.verification import CheckResult, TokenStatus
+
+MIN_TTL = 30.0
+MAX_TTL = 3600.0
+DEFAULT_TTL = 600.0
+AUDIENCE_PATTERN = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces
+STEP_PATTERN = re.compile(r"^[A-Za-z0-9._:/-]{0,128}$")
+MAX_TOKEN_LENGTH = 16 * 1024
+
+# Verification failures that suggest forgery or misuse rather than ordinary expiry; these
+# are audited. (Expired tokens and ended runs are everyday events and are not.)
+SUSPICIOUS = frozenset(
+    {
+        TokenStatus.BAD_SIGNATURE,
+        TokenStatus.DISALLOWED_ALGORITHM,
+        TokenStatus.UNKNOWN_KEY,
+        TokenStatus.WRONG_TYPE,
+        TokenStatus.WRONG_ISSUER,
+    }
+)
+
+# Permissions the policy grants a service account, for the "inherit" mode; None if unknown.
+AccountPermissions = Callable[[str], PermissionSet | None]
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """A validated IssueToken request."""
+
+    run_id: str
+    audience: str
+    permissions: PermissionSet
+    inherit_from: str
+    ttl: float
+    step: str
+
+    def __post_init__(self) -> None:
+        violations = []
+        if not AUDIENCE_PATTERN.match(self.audience):
+            violations.append(
+                FieldViolation("audience", "required: 1-256 printable characters, no spaces")
+            )
+        if not MIN_TTL <= self.ttl <= MAX_TTL:
+            violations.append(
+                FieldViolation("ttl", f"must be between {MIN_TTL:g}s and {MAX_TTL:g}s (1h)")
+            )
+        if not STEP_PATTERN.match(self.step):
+            violations.append(
+                FieldViolation("step", "at most 128 letters, digits, '.', '_', ':', '/' or '-'")
+            )
+        if violations:
+            raise InvalidArgument(violations)
+
+
+class Issuance:
+    def __init__(
+        self,
+        store: Store,
+        registry: RunRegistry,
+        tokens: TokenService,
+        authorizer: Authorizer,
+        clock: Clock,
+        account_permissions: AccountPermissions,
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._tokens = tokens
+        self._authz = authorizer
+        self._clock = clock
+        self._account_permissions = account_permissions
+        self._observer = observer
+
+    def issue(self, ctx: CallContext, request: TokenRequest) -> MintedToken:
+        run = self._run_for(ctx, request.run_id)
+        self._authz.require(ctx, Op.ISSUE_TOKEN, run=run)
+        self._observer.call_touched_run(run)
+        now = self._clock()
+        if not run.is_active or run.lapsed_at() <= now:
+            reason = run.end_reason or "its deadline or lease has passed"
+            raise FailedPrecondition(
+                f"run {run.run_id} is no longer active ({reason}); no new tokens"
+            )
+        try:
+            granted = self._grant(ctx, run, request, now)
+        except PermissionDenied:
+            self._observer.token_issued(request.audience, "refused")
+            raise
+        minted = self._tokens.mint_step_token(
+            run,
+            audience=request.audience,
+            permissions=granted,
+            expire_time=min(now + request.ttl, run.deadline),
+            step=request.step,
+        )
+        details = {
+            "jti": minted.token_id,
+            "aud": request.audience,
+            "permissions": granted.as_dict(),
+            "exp_us": round(minted.expire_time * 1e6),
+            "step": request.step,
+            "kid": minted.key_id,
+        }
+        if request.inherit_from:
+            details["inherited_from"] = request.inherit_from
+        # Durable before the token leaves: no token without its audit event.
+        self._commit(Write([draft(ctx, now, Action.TOKEN_ISSUED, Outcome.SUCCESS, run, details)]))
+        self._observer.token_issued(request.audience, "issued")
+        return minted
+
+    def _run_for(self, ctx: CallContext, run_id: str) -> Run:
+        run_id = run_id or ctx.principal.run_id
+        if not run_id:
+            raise InvalidArgument.field("run_id", "required (unless calling with a run credential)")
+        run = self._registry.get(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} not found")
+        return run
+
+    def _grant(
+        self, ctx: CallContext, run: Run, request: TokenRequest, now: float
+    ) -> PermissionSet:
+        excess = request.permissions.excess_over(run.permission_ceiling)
+        if excess:
+            self._refuse(ctx, run, now, "permissions exceed the run's ceiling", excess)
+            raise PermissionDenied(
+                "requested permissions exceed the run's ceiling: " + "; ".join(excess)
+            )
+        if not request.inherit_from:
+            return request.permissions
+        inherited = self._account_permissions(request.inherit_from)
+        if inherited is None:
+            raise InvalidArgument.field(
+                "inherit_from_service_account",
+                f"no service account {request.inherit_from!r} with permissions in the policy",
+            )
+        base = request.permissions if request.permissions else inherited
+        return base.intersect(inherited).intersect(run.permission_ceiling)
+
+    def _refuse(
+        self, ctx: CallContext, run: Run, now: float, reason: str, excess: list[str]
+    ) -> None:
+        event = draft(
+            ctx,
+            now,
+            Action.TOKEN_REFUSED,
+            Outcome.DENIED,
+            run,
+            {"reason": reason, "excess": excess},
+        )
+        self._commit(Write([event]))
+
+    def verify(self, ctx: CallContext, token: str, audience: str) -> CheckResult:
+        self._authz.require(ctx, Op.VERIFY_TOKEN)
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidArgument.field("token", f"at most {MAX_TOKEN_LENGTH} characters")
+        if audience and not AUDIENCE_PATTERN.match(audience):
+            raise InvalidArgument.field("audience", "1-256 printable characters, no spaces")
+        result = self._tokens.check(token, audience=audience or None)
+        self._observer.token_verified(result.status.name.lower())
+        if result.status in SUSPICIOUS:
+            details = {"status": result.status.name.lower(), "reason": result.reason}
+            event = draft(
+                ctx, self._clock(), Action.TOKEN_VERIFY_FAILED, Outcome.DENIED, None, details
+            )
+            self._commit(Write([event]))
+        return result
+
+    def _commit(self, write: Write) -> None:
+        durable.commit(self._store, write, "nothing was issued or recorded")

@@ -1,0 +1,300 @@
+"""Run lifecycle: start, renew, end, expire. Each change is committed with its audit event."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from broker.audit.events import Action, Outcome, draft
+from broker.auth.authz import Authorizer, Op
+from broker.clock import Clock
+from broker.context import CallContext
+from broker.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from broker.identity import Person
+from broker.ids import new_run_id
+from broker.runs.model import MAX_REASON, PipelineRef, Run, RunState
+from broker.runs.permissions import PermissionSet
+from broker.runs.registry import RunRegistry
+from broker.store import (
+    Committed,
+    CreateRun,
+    EndRun,
+    IdempotencyClaim,
+    IdempotencyKeyTaken,
+    RenewLease,
+    RunNotActive,
+    RunQuery,
+    Store,
+    UnknownRun,
+    Write,
+    durable,
+)
+from broker.telemetry.observer import NULL_OBSERVER, Observer
+
+HOUR = 3600.0
+DEFAULT_DEADLINE = 6 * HOUR
+MAX_DEADLINE = 24 * HOUR
+MIN_DEADLINE = 1.0
+MIN_LEASE = 1.0
+MAX_LEASE = HOUR
+MAX_IDEMPOTENCY_KEY = 128
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated request to start a run."""
+
+    pipeline: PipelineRef
+    ceiling: PermissionSet
+    deadline_seconds: float = DEFAULT_DEADLINE
+    lease_seconds: float | None = None
+    inputs: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    idempotency_key: str = ""
+
+    def __post_init__(self) -> None:
+        violations = []
+        if not self.ceiling:
+            violations.append(
+                FieldViolation("permission_ceiling", "at least one permission above 'none'")
+            )
+        if not MIN_DEADLINE <= self.deadline_seconds <= MAX_DEADLINE:
+            violations.append(
+                FieldViolation("deadline", f"must be between {MIN_DEADLINE:g}s and 24h")
+            )
+        if self.lease_seconds is not None and not MIN_LEASE <= self.lease_seconds <= MAX_LEASE:
+            violations.append(FieldViolation("lease", f"must be between {MIN_LEASE:g}s and 1h"))
+        if len(self.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            violations.append(
+                FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")
+            )
+        if violations:
+            raise InvalidArgument(violations)
+
+    def fingerprint(self, person: Person | None, parent_run_id: str) -> str:
+        """Identifies the parameters, so a reused idempotency key can be told apart."""
+        data = {
+            "pipeline": str(self.pipeline),
+            "ceiling": self.ceiling.as_dict(),
+            "deadline": self.deadline_seconds,
+            "lease": self.lease_seconds,
+            "inputs": dict(self.inputs),
+            "person": None if person is None else [person.subject, person.issuer],
+            "parent": parent_run_id,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Started:
+    run: Run
+    replayed: bool
+
+
+class RunLifecycle:
+    def __init__(
+        self,
+        store: Store,
+        registry: RunRegistry,
+        clock: Clock,
+        authorizer: Authorizer,
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock
+        self._authz = authorizer
+        self._observer = observer
+
+    def start(
+        self,
+        ctx: CallContext,
+        spec: RunSpec,
+        *,
+        person: Person | None = None,
+        parent_run_id: str = "",
+        actor_chain: tuple[str, ...] = (),
+        action: str = Action.RUN_STARTED,
+        op: Op = Op.START_RUN,
+    ) -> Started:
+        self._authz.require(ctx, op, pipeline=spec.pipeline)
+        now = self._clock()
+        claim = None
+        if spec.idempotency_key:
+            claim = IdempotencyClaim(
+                ctx.principal.name,
+                spec.idempotency_key,
+                spec.fingerprint(person, parent_run_id),
+            )
+            replay = self._replay(claim)
+            if replay is not None:
+                self._observer.call_started_run(replay.run)
+                return replay
+        run = Run(
+            run_id=new_run_id(),
+            pipeline=spec.pipeline,
+            state=RunState.ACTIVE,
+            create_time=now,
+            deadline=now + spec.deadline_seconds,
+            triggered_via=ctx.principal.name,
+            permission_ceiling=spec.ceiling,
+            on_behalf_of=person,
+            inputs=spec.inputs,
+            lease_seconds=spec.lease_seconds,
+            lease_expire_time=None if spec.lease_seconds is None else now + spec.lease_seconds,
+            parent_run_id=parent_run_id,
+            actor_chain=actor_chain,
+        )
+        details = {
+            "permission_ceiling": run.permission_ceiling.as_dict(),
+            "deadline_us": round(run.deadline * 1e6),
+            "lease_seconds": run.lease_seconds,
+            "parent_run_id": parent_run_id,
+            "actor_chain": list(actor_chain),
+            "idempotency_key": spec.idempotency_key,
+        }
+        event = draft(ctx, now, action, Outcome.SUCCESS, details=details, run=run)
+        try:
+            committed = self._commit(Write([event], CreateRun(run, claim)))
+        except IdempotencyKeyTaken:
+            # A concurrent duplicate won the race; answer with its run.
+            assert claim is not None
+            replay = self._replay(claim)
+            assert replay is not None
+            self._observer.call_started_run(replay.run)
+            return replay
+        assert committed.run is not None
+        self._observer.call_started_run(committed.run)
+        return Started(committed.run, replayed=False)
+
+    def _replay(self, claim: IdempotencyClaim) -> Started | None:
+        found = self._store.find_idempotent_run(claim.scope, claim.key)
+        if found is None:
+            return None
+        run_id, fingerprint = found
+        if fingerprint != claim.fingerprint:
+            raise AlreadyExists(
+                f"idempotency key {claim.key!r} was already used by this caller for run {run_id} "
+                "with different parameters; use a new key for a different run"
+            )
+        run = self._registry.get(run_id)
+        assert run is not None, "idempotency key points at a missing run"
+        return Started(run, replayed=True)
+
+    def read(self, ctx: CallContext, run_id: str) -> Run:
+        """The run, for a caller allowed to read it."""
+        run = self.get(run_id)
+        self._authz.require(ctx, Op.READ_RUN, run=run)
+        self._observer.call_touched_run(run)
+        return run
+
+    def get(self, run_id: str) -> Run:
+        """The run, without an authorization check (for the broker's own use)."""
+        if not run_id:
+            raise InvalidArgument.field("run_id", "required")
+        run = self._registry.get(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} not found")
+        return run
+
+    def end(self, ctx: CallContext, run_id: str, reason: str) -> tuple[Run, bool]:
+        """End a run; (run, already_ended). Idempotent."""
+        if len(reason) > MAX_REASON:
+            raise InvalidArgument.field("reason", f"at most {MAX_REASON} characters")
+        run = self.get(run_id)
+        self._authz.require(ctx, Op.REVOKE_RUN, run=run)
+        return self.end_unchecked(ctx, run, reason or "ended by caller")
+
+    def end_unchecked(self, ctx: CallContext, run: Run, reason: str) -> tuple[Run, bool]:
+        """End a run without an authorization check: for the broker's own decisions."""
+        if not run.is_active:
+            self._observer.run_revoked(run, already_ended=True)
+            return run, True
+        now = self._clock()
+        mutation = EndRun(run.run_id, RunState.ENDED, now, reason, ctx.principal.name)
+        event = draft(
+            ctx, now, Action.RUN_ENDED, Outcome.SUCCESS, run=run, details={"reason": reason}
+        )
+        try:
+            committed = self._commit(Write([event], mutation))
+        except RunNotActive:
+            run = self.get(run.run_id)
+            self._observer.run_revoked(run, already_ended=True)
+            return run, True
+        assert committed.run is not None
+        self._observer.run_revoked(committed.run, already_ended=False)
+        return committed.run, False
+
+    def renew(self, ctx: CallContext, run_id: str) -> Run:
+        run = self.get(run_id)
+        self._authz.require(ctx, Op.RENEW_RUN, run=run)
+        self._observer.call_touched_run(run)
+        if run.lease_seconds is None:
+            raise FailedPrecondition(f"run {run_id} was started without a lease; nothing to renew")
+        now = self._clock()
+        if not run.is_active or run.lapsed_at() <= now:
+            raise FailedPrecondition(f"run {run_id} is no longer active ({run.state.value})")
+        expires = min(run.deadline, now + run.lease_seconds)
+        event = draft(
+            ctx,
+            now,
+            Action.RUN_RENEWED,
+            Outcome.SUCCESS,
+            run=run,
+            details={"lease_expire_time_us": round(expires * 1e6)},
+        )
+        try:
+            committed = self._commit(Write([event], RenewLease(run_id, expires)))
+        except RunNotActive:
+            raise FailedPrecondition(f"run {run_id} is no longer active") from None
+        assert committed.run is not None
+        return committed.run
+
+    def expire_due(self, ctx: CallContext) -> list[Run]:
+        """Expire every active run past its deadline or lease; the reaper calls this."""
+        expired = []
+        now = self._clock()
+        for run in self._registry.due(now):
+            if run.lease_expire_time is not None and run.lease_expire_time < run.deadline:
+                reason = "lease lapsed"
+            else:
+                reason = "deadline passed"
+            mutation = EndRun(run.run_id, RunState.EXPIRED, now, reason, "")
+            event = draft(
+                ctx,
+                now,
+                Action.RUN_EXPIRED,
+                Outcome.SUCCESS,
+                run=run,
+                details={"reason": reason},
+            )
+            try:
+                committed = self._commit(Write([event], mutation))
+            except (RunNotActive, UnknownRun):
+                continue
+            assert committed.run is not None
+            expired.append(committed.run)
+        self._registry.prune(now)
+        return expired
+
+    def list(self, ctx: CallContext, query: RunQuery) -> list[Run]:
+        # What the query may return; "*" where it does not filter. The caller's scope must
+        # cover all of it (results are not trimmed to the scope afterwards).
+        selection = PipelineRef(query.org or "*", query.project or "*", query.pipeline or "*")
+        self._authz.require(ctx, Op.LIST_RUNS, pipeline=selection)
+        if not 1 <= query.limit <= MAX_PAGE_SIZE:
+            raise InvalidArgument.field("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+        return self._store.list_runs(query)
+
+    def _commit(self, write: Write) -> Committed:
+        return durable.commit(self._store, write, "nothing was changed")

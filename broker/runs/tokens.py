@@ -1,0 +1,149 @@
+"""Broker-signed JWTs: step tokens for APIs and run credentials for executors.
+
+A step token (`typ: at+jwt`) is what a pipeline step presents to an API. A run credential
+(`typ: tokenbroker-run+jwt`, audience = the broker itself) is what the run's executor
+presents to the broker; it can only act on its own run. Both are valid only while their run
+is active: every check consults the run's state, so ending the run kills them all at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker.clock import Clock
+from broker.errors import Unauthenticated
+from broker.identity import (
+    RUN_CREDENTIAL_TYP,
+    STEP_TOKEN_TYP,
+    Person,
+    Principal,
+    PrincipalKind,
+)
+from broker.ids import new_token_id
+from broker.runs.keys import KeyRing
+from broker.runs.model import Run, RunState
+from broker.runs.permissions import PermissionSet
+from broker.runs.registry import RunRegistry
+from tokenbroker.verification import CheckCache, CheckResult, TokenStatus
+
+# Tokens are checked with this much tolerance for clock drift between machines.
+LEEWAY = 30.0
+
+
+@dataclass(frozen=True)
+class MintedToken:
+    token: str
+    token_id: str
+    expire_time: float
+    key_id: str
+    permissions: PermissionSet
+
+
+def person_claim(person: Person) -> dict[str, str]:
+    claim = {"sub": person.subject, "iss": person.issuer, "verification": person.method.value}
+    if person.email:
+        claim["email"] = person.email
+    return claim
+
+
+def act_claim(actor_chain: tuple[str, ...]) -> dict[str, Any] | None:
+    """RFC 8693 `act`: the current actor outermost, earlier actors nested inside it."""
+    act: dict[str, Any] | None = None
+    for actor in actor_chain:  # stored outermost (first) actor first
+        act = {"sub": actor} if act is None else {"sub": actor, "act": act}
+    return act
+
+
+def run_claims(run: Run, issuer: str, now: float) -> dict[str, Any]:
+    """Claims every token of `run` carries."""
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "sub": run.subject(),
+        "iat": int(now),
+        "nbf": int(now),
+        "run_id": run.run_id,
+        "org": run.pipeline.org,
+        "project": run.pipeline.project,
+        "pipeline": run.pipeline.pipeline,
+        "triggered_via": run.triggered_via,
+    }
+    if run.on_behalf_of is not None:
+        claims["on_behalf_of"] = person_claim(run.on_behalf_of)
+    act = act_claim(run.actor_chain)
+    if act is not None:
+        claims["act"] = act
+    return claims
+
+
+class TokenService:
+    def __init__(self, keys: KeyRing, registry: RunRegistry, issuer: str, clock: Clock) -> None:
+        self._keys = keys
+        self._registry = registry
+        self.issuer = issuer
+        self._clock = clock
+        # Steps present the same token on every call, executors their run credential.
+        self._checked = CheckCache()
+
+    def mint_step_token(
+        self,
+        run: Run,
+        *,
+        audience: str,
+        permissions: PermissionSet,
+        expire_time: float,
+        step: str,
+    ) -> MintedToken:
+        now = self._clock()
+        token_id = new_token_id()
+        claims = run_claims(run, self.issuer, now)
+        claims.update(
+            aud=audience,
+            exp=int(expire_time),
+            jti=token_id,
+            step=step,
+            permissions=permissions.as_dict(),
+        )
+        token, kid = self._keys.sign(claims, STEP_TOKEN_TYP)
+        return MintedToken(token, token_id, int(expire_time), kid, permissions)
+
+    def mint_run_credential(self, run: Run) -> MintedToken:
+        now = self._clock()
+        token_id = new_token_id()
+        claims = run_claims(run, self.issuer, now)
+        claims.update(aud=self.issuer, exp=int(run.deadline), jti=token_id)
+        token, kid = self._keys.sign(claims, RUN_CREDENTIAL_TYP)
+        return MintedToken(token, token_id, int(run.deadline), kid, run.permission_ceiling)
+
+    def check(self, token: str, *, audience: str | None, typ: str = STEP_TOKEN_TYP) -> CheckResult:
+        """Signature, type, time, issuer, audience — and the run still active."""
+        result = self._checked.check(
+            token,
+            find_key=self._keys.find,
+            issuer=self.issuer,
+            audience=audience,
+            expected_typ=typ,
+            leeway=LEEWAY,
+        )
+        if not result.active:
+            return result
+        return self._check_run(result)
+
+    def _check_run(self, result: CheckResult) -> CheckResult:
+        run_id = str(result.claims["run_id"])
+        run = self._registry.get(run_id)
+        if run is None:
+            return CheckResult(TokenStatus.UNKNOWN_RUN, f"run {run_id} is not known", result.claims)
+        if run.state is RunState.ENDED:
+            return CheckResult(TokenStatus.RUN_ENDED, "run ended", result.claims)
+        if run.state is RunState.EXPIRED or run.lapsed_at() <= self._clock():
+            return CheckResult(TokenStatus.RUN_EXPIRED, "run expired", result.claims)
+        return result
+
+    def authenticate_run_credential(self, token: str) -> Principal:
+        """The run principal a run credential proves, or Unauthenticated saying why."""
+        result = self.check(token, audience=self.issuer, typ=RUN_CREDENTIAL_TYP)
+        if not result.active:
+            raise Unauthenticated(f"run credential rejected: {result.reason}")
+        run_id = str(result.claims["run_id"])
+        return Principal(PrincipalKind.RUN, f"run:{run_id}", run_id=run_id, auth_method="run")

@@ -1,0 +1,90 @@
+"""The broker's metrics, through the OpenTelemetry metrics API.
+
+Labels are bounded sets (audience, outcome, result, state): never a run id, a token id or a
+person, which would give every run its own time series. RPC latency
+(`rpc.server.call.duration`) is recorded by the server interceptor in tokenbroker.tracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from broker.runs.model import Run, RunState
+from broker.store import Committed, CreateRun, EndRun, Mutation
+
+AUDIENCE = "tokenbroker.token.audience"
+OUTCOME = "tokenbroker.token.outcome"
+VERIFICATION_RESULT = "tokenbroker.verification.result"
+DELEGATED = "tokenbroker.run.delegated"
+EXPIRY_REASON = "tokenbroker.run.expiry_reason"
+ALREADY_ENDED = "tokenbroker.revocation.already_ended"
+
+
+class BrokerMetrics:
+    def __init__(self, meter: Meter) -> None:
+        self.tokens_issued = meter.create_counter(
+            "tokenbroker.tokens.issued", unit="{token}", description="Step tokens asked for"
+        )
+        self.verifications = meter.create_counter(
+            "tokenbroker.tokens.verifications",
+            unit="{verification}",
+            description="Token verifications by result",
+        )
+        self.runs_started = meter.create_counter(
+            "tokenbroker.runs.started", unit="{run}", description="Runs started"
+        )
+        self.runs_ended = meter.create_counter(
+            "tokenbroker.runs.ended", unit="{run}", description="Runs ended by a caller"
+        )
+        self.runs_expired = meter.create_counter(
+            "tokenbroker.runs.expired",
+            unit="{run}",
+            description="Runs expired past their deadline or lease",
+        )
+        self.revocations = meter.create_counter(
+            "tokenbroker.runs.revocations", unit="{call}", description="RevokeRun calls served"
+        )
+        self.audit_lag = meter.create_histogram(
+            "tokenbroker.audit.stream.lag",
+            unit="{event}",
+            description="How far behind the newest event an audit event was delivered",
+            explicit_bucket_boundaries_advisory=(0, 1, 10, 100, 1_000, 10_000, 100_000),
+        )
+        self._meter = meter
+
+    def on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
+        """Count run transitions as the store commits them (every replica counts its own)."""
+        run = committed.run
+        if run is None:
+            return
+        if isinstance(mutation, CreateRun):
+            self.runs_started.add(1, {DELEGATED: run.on_behalf_of is not None})
+        elif isinstance(mutation, EndRun) and run.state is RunState.EXPIRED:
+            reason = "lease" if "lease" in mutation.reason else "deadline"
+            self.runs_expired.add(1, {EXPIRY_REASON: reason})
+        elif isinstance(mutation, EndRun):
+            self.runs_ended.add(1)
+
+    def observe(self, active_runs: Callable[[], list[Run]], subscribers: Callable[[], int]) -> None:
+        """Gauges read at collection time: active runs, open audit streams."""
+
+        def count_active(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(len(active_runs()))]
+
+        def count_subscribers(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(subscribers())]
+
+        self._meter.create_observable_up_down_counter(
+            "tokenbroker.runs.active",
+            callbacks=[count_active],
+            unit="{run}",
+            description="Active runs in this broker's memory",
+        )
+        self._meter.create_observable_up_down_counter(
+            "tokenbroker.audit.subscribers",
+            callbacks=[count_subscribers],
+            unit="{stream}",
+            description="Open StreamAudit streams",
+        )
