@@ -124,7 +124,6 @@ jwks_file = "missing.json"
         "accounts.ci.scope: unknown key (did you mean 'scopes'?)",
         "accounts.ci.roles[0]: unknown role 'orchestator'",
         "accounts.ci.keys[0].pem: is a private key; the policy holds only public keys",
-        "accounts.ci: needs 'keys' or 'certificate_sans': otherwise it can never authenticate",
         "accounts.ci.permissions.artifacts: level must be one of: none, read, write, admin",
         "accounts.bad name!: account names are",
         "accounts.bad name!.scopes[0]: 'acme/*' is not ORG/PROJECT/PIPELINE",
@@ -397,3 +396,84 @@ def test_the_readme_policy_example_is_valid(tmp_path: Path) -> None:
     (tmp_path / "policy.toml").write_text(example)
     policy = load_policy(tmp_path / "policy.toml")
     assert sorted(policy.accounts) == ["ci-orchestrator", "deploy-portal", "ops", "siem"]
+
+
+def test_the_readme_policy_example_as_written_names_its_placeholder_key_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Who may call what") :]
+    example = section[section.index("```toml\n") + 8 :]
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "deploy-portal.pub.pem").write_text(public_pem(ROOT.key))
+    found = problems(tmp_path, example[: example.index("```")])
+    assert found == [
+        "accounts.siem.keys[0].jwk: is not a usable JWK (Coords should be 32 bytes for curve P-256)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "jwk",
+    [
+        'kty = "EC", crv = "P-256", x = "…", y = "…"',
+        'kty = "EC", crv = "P-256", x = 5, y = true',
+        'kty = "EC", crv = "P-999", x = "AA", y = "AA"',
+        'kty = "EC"',
+        'kty = "RSA", n = "…", e = "AQAB"',
+        'kty = "OKP", crv = "Ed25519", x = "AAAA"',
+        'kty = "OKP", crv = "X25519", x = "AAAA"',
+        'kty = "nope"',
+        "kty = [1]",
+        'kty = "EC", crv = "P-256", x = "AA", y = "AA", alg = "HS256"',
+        'kty = "EC", crv = "P-256", x = "AA", y = "AA", alg = 5',
+    ],
+)
+def test_every_malformed_jwk_is_a_problem_at_its_key_path_beside_the_others(
+    tmp_path: Path, jwk: str
+) -> None:
+    found = problems(
+        tmp_path,
+        f'[accounts.x]\nroles = ["admin"]\nkeys = [{{ jwk = {{ {jwk} }} }}]\n'
+        '[accounts.y]\nroles = ["auditr"]\ncertificate_sans = ["y.example"]\n',
+    )
+    assert len(found) == 2, found
+    assert found[0].startswith("accounts.x.keys[0].jwk: is not a usable JWK ("), found
+    assert len(found[0]) < 200 and "{" not in found[0], "short, without the key echoed"
+    assert found[1].startswith("accounts.y.roles[0]: unknown role 'auditr'")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("-----BEGIN PUBLIC KEY-----\n…\n-----END PUBLIC KEY-----\n", "is not a PEM public key"),
+        ('{"kty": 1}', "is not a usable JWK"),
+        ("[1, 2]", "is not a PEM public key"),
+        ("{", "is neither PEM nor JSON"),
+        ("\xff\xfe", "is not a PEM public key"),
+    ],
+)
+def test_a_malformed_key_file_is_named_with_its_path(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    (tmp_path / "bad.key").write_text(content)
+    [found] = problems(tmp_path, '[accounts.x]\nroles = ["admin"]\nkeys = [{ file = "bad.key" }]')
+    assert found.startswith(f"accounts.x.keys[0].file: {tmp_path / 'bad.key'}: {problem}"), found
+
+
+def test_a_key_file_too_large_to_be_a_key_is_refused_without_reading_it_all(
+    tmp_path: Path,
+) -> None:
+    [found] = problems(tmp_path, '[accounts.x]\nroles = ["admin"]\nkeys = [{ file = "/dev/zero" }]')
+    assert found == "accounts.x.keys[0].file: /dev/zero is larger than 1024 KiB"
+
+
+def test_an_identity_provider_url_that_cannot_be_parsed_is_a_problem(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        '[accounts.p]\nroles = ["delegator"]\nscopes = ["a/*/*"]\ncertificate_sans = ["p.a"]\n'
+        "[[accounts.p.delegation.identity_providers]]\n"
+        'issuer = "https://[::1"\naudience = "p"\njwks_url = "https://idp.example/jwks"\n',
+    )
+    assert found == [
+        "accounts.p.delegation.identity_providers[0].issuer: 'https://[::1' is not a URL"
+    ]

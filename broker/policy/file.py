@@ -40,6 +40,8 @@ from broker.policy.model import (
 from broker.runs.permissions import RESOURCE_PATTERN, PermissionSet, ladder_for
 
 MAX_CHAIN_DEPTH = 16
+# Key files and JWKS files are small; a policy naming something huge (or endless) is a mistake.
+MAX_REFERENCED_FILE_BYTES = 1024 * 1024
 SCOPED_ROLES = (Role.ORCHESTRATOR, Role.DELEGATOR, Role.AUDITOR)
 TOP_KEYS = ("version", "accounts")
 ACCOUNT_KEYS = ("roles", "scopes", "keys", "certificate_sans", "permissions", "delegation")
@@ -138,7 +140,8 @@ class _Parser:
             )
         keys = self.keys(table.get("keys", []), _join(where, "keys"))
         sans = self.strings(table.get("certificate_sans", []), _join(where, "certificate_sans"))
-        if not keys and not sans:
+        # An account whose keys are all invalid already has those problems reported.
+        if not keys and not sans and not table.get("keys"):
             self.problem(
                 where, "needs 'keys' or 'certificate_sans': otherwise it can never authenticate"
             )
@@ -214,7 +217,7 @@ class _Parser:
         try:
             public_key, kid = self.key_material(kind, table[kind])
             alg = publickeys.algorithm_for(public_key)
-        except ValueError as exc:
+        except publickeys.KeyProblem as exc:
             self.problem(_join(where, kind), str(exc))
             return None
         kid = table.get("kid", kid)
@@ -224,22 +227,34 @@ class _Parser:
         return AccountKey(kid, alg, public_key, publickeys.thumbprint(public_key))
 
     def key_material(self, kind: str, value: Any) -> tuple[Any, str]:
+        """The public key and its kid from a key's pem, jwk or file; KeyProblem says why not."""
         if kind == "jwk":
             if not isinstance(value, dict):
-                raise ValueError("must be a table of JWK members (kty, crv, x, y, ...)")
+                raise publickeys.KeyProblem("must be a table of JWK members (kty, crv, x, y, ...)")
             return publickeys.from_jwk(value)
-        if not isinstance(value, str):
-            raise ValueError("must be a string")
+        if not isinstance(value, str) or not value:
+            raise publickeys.KeyProblem("must be a non-empty string")
         if kind == "pem":
             return publickeys.from_pem(value), ""
-        return publickeys.from_text(self.read(value))
+        text = self.read(value)
+        try:
+            return publickeys.from_text(text)
+        except publickeys.KeyProblem as exc:
+            raise publickeys.KeyProblem(f"{self.base_dir / value}: {exc}") from None
 
     def read(self, relative: str) -> str:
+        """A file the policy names, relative to it; bounded (a policy may name /dev/zero)."""
         path = self.base_dir / relative
         try:
-            return path.read_text()
+            with path.open("rb") as file:
+                data = file.read(MAX_REFERENCED_FILE_BYTES + 1)
+            if len(data) > MAX_REFERENCED_FILE_BYTES:
+                raise publickeys.KeyProblem(
+                    f"{path} is larger than {MAX_REFERENCED_FILE_BYTES // 1024} KiB"
+                )
+            return data.decode()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(
+            raise publickeys.KeyProblem(
                 f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
             ) from None
 
@@ -338,8 +353,12 @@ class _Parser:
         if not isinstance(value, str) or not value:
             self.problem(where, "required: an https:// URL")
             return ""
-        parts = urlsplit(value)
-        local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+        try:
+            parts = urlsplit(value)
+            local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            self.problem(where, f"{value!r} is not a URL")
+            return value
         if not parts.netloc or not (parts.scheme == "https" or (parts.scheme == "http" and local)):
             self.problem(where, f"{value!r} must be an https:// URL (http only for localhost)")
         return value
@@ -350,7 +369,7 @@ class _Parser:
             return "", ""
         try:
             text = self.read(value)
-        except ValueError as exc:
+        except publickeys.KeyProblem as exc:
             self.problem(where, str(exc))
             return value, ""
         try:
