@@ -12,7 +12,10 @@ from google.protobuf import struct_pb2
 from broker.api.server import BrokerServer, create_server
 from broker.cli import main as cli
 from broker.cli.audit import render
+from tests.accounts import callers_of, new_account, write_policy
 from tests.audit_support import orchestrator
+from tests.cli_support import closed_port, point_at, run_cli
+from tests.cli_support import local_broker as broker_in_process
 from tests.conftest import make_settings
 from tests.support import start_run_request
 from tokenbroker.v1 import types_pb2
@@ -72,10 +75,60 @@ def test_tail_prints_the_events_of_one_run_and_stops_at_the_head(
     assert lines[0].endswith(" seq=4")  # after policy.loaded, key.created, the first run
 
 
-def test_tail_reports_a_refused_stream_and_a_remote_target_plainly(
+def test_tail_reports_a_refused_stream_as_one_line_and_exit_1(
     local_broker: BrokerServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert tail(local_broker, "--after", "50") == 1
-    assert "OUT_OF_RANGE: after_sequence 50 is beyond the newest event" in capsys.readouterr().err
-    assert cli.main(["audit", "tail", "--target", "10.1.2.3:50051"]) == 2
-    assert "only a loopback broker" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "token-broker audit tail: OUT_OF_RANGE: after_sequence 50 is beyond the newest event"
+    )
+    assert len(err.splitlines()) == 1
+
+
+def test_tail_finds_the_broker_through_token_broker_target(
+    local_broker: BrokerServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_at(monkeypatch, local_broker)
+    result = run_cli(capsys, "audit", "tail")
+    assert result.code == 0
+    assert [line.split()[1] for line in result.out.splitlines()] == ["policy.loaded", "key.created"]
+
+
+def test_tail_of_a_broker_that_is_down_exits_3_naming_the_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with broker_in_process(tmp_path / "data") as stopped:
+        pass
+    monkeypatch.setenv("TOKEN_BROKER_DATA_DIR", str(stopped.broker.settings.data_dir))
+    target = f"127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("TOKEN_BROKER_TARGET", target)
+    for follow in ([], ["--follow"]):
+        result = run_cli(capsys, "audit", "tail", *follow)
+        assert result.code == 3
+        assert result.err.startswith(
+            f"token-broker audit tail: cannot reach the broker at {target}: "
+        )
+
+
+def test_an_auditor_service_account_tails_its_scope_with_account_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    siem = new_account("siem", ["auditor"], ["acme/*/*"])
+    ci = new_account("ci", ["orchestrator"], ["acme/*/*", "other/*/*"])
+    policy = write_policy(tmp_path / "policy.toml", [siem, ci])
+    key = tmp_path / "siem.pem"
+    key.write_bytes(siem.private_pem)
+    with (
+        broker_in_process(tmp_path / "data", policy=policy) as server,
+        callers_of(server) as callers,
+    ):
+        run_id = callers.stub(ci).StartRun(start_run_request(), timeout=5).run.run_id
+        sign_in = ["--target", server.target, "--account", "siem", "--key", str(key)]
+        mine = run_cli(capsys, "audit", "tail", "--org", "acme", *sign_in)
+        assert mine.code == 0, mine.err
+        assert [line.split()[1:3] for line in mine.out.splitlines()] == [["run.started", "run"]]
+        assert run_id in mine.out
+        theirs = run_cli(capsys, "audit", "tail", "--org", "other", *sign_in)
+        assert theirs.code == 1
+        assert theirs.err.startswith("token-broker audit tail: PERMISSION_DENIED: ")

@@ -59,13 +59,15 @@ def test_every_command_help_shows_at_least_one_example(
 
 def test_the_top_level_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     out = run_cli(capsys, "--help").out
-    for line in (
-        "0  ok",
-        "1  the operation failed",
-        "2  usage or configuration",
-        "3  the broker is",
+    for code, meaning in (
+        (0, "ok"),
+        (1, "the operation failed"),
+        (2, "usage or configuration"),
+        (3, "the broker is"),
+        (130, "interrupted"),
+        (141, "the reader of the output went away"),
     ):
-        assert line in out
+        assert re.search(rf"^  {code} +{meaning}", out, re.MULTILINE), (code, out)
 
 
 def test_a_usage_error_is_one_line_naming_the_command_and_exits_2(

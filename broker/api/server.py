@@ -1,18 +1,25 @@
 """The gRPC server: TokenBrokerService, health, reflection; graceful start and stop.
 
-`create_server` builds everything and binds the port (tests use port 0); only `serve`
-blocks and installs signal handlers.
+`create_server` checks what can be checked before it writes anything — the policy file
+(when given), the TLS files, both addresses (bound, so nobody takes them meanwhile) — and
+only then builds the broker, which may create a development policy, keys and audit events
+in the data dir. A taken port is thus one clear `ListenError`, with the data dir untouched.
+Tests bind port 0; only `serve` blocks and installs signal handlers.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +34,7 @@ from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
 from broker.api.wellknown import WellKnownServer
 from broker.app import Broker, build_broker
+from broker.policy.file import load_policy
 from broker.settings import Settings, is_loopback, split_host_port
 from broker.telemetry import setup
 from tokenbroker import tracing
@@ -35,6 +43,10 @@ from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"].full_name
+
+
+class ListenError(OSError):
+    """An address the broker cannot listen on (taken, not local, not allowed)."""
 
 
 @dataclass
@@ -90,11 +102,98 @@ def _bind_http(settings: Settings) -> tuple[WellKnownServer | None, str]:
     if not settings.http_listen:
         return None, settings.effective_issuer
     host, port = split_host_port(settings.http_listen, "--http-listen")
-    http = WellKnownServer(host, port, jwks=lambda: {"keys": []})
+    try:
+        http = WellKnownServer(host, port, jwks=lambda: {"keys": []})
+    except OSError as exc:
+        raise _listen_error(settings.http_listen, "--http-listen", exc) from None
     shown = f"[{host}]" if ":" in host else host
     issuer = settings.issuer.rstrip("/") or f"http://{shown}:{http.port}"
     http.issuer = issuer
     return http, issuer
+
+
+def _listen_error(address: str, flag: str, exc: OSError | None) -> ListenError:
+    reason = "it could not be bound"
+    if exc is not None and exc.errno is not None:
+        reason = os.strerror(exc.errno).lower()
+    elif exc is not None:
+        reason = str(exc)
+    if exc is not None and exc.errno == errno.EACCES:
+        reason += " (ports below 1024 need privileges)"
+    return ListenError(f"cannot listen on {address} ({flag}): {reason}")
+
+
+def _check_address(address: str) -> None:
+    """Raise ListenError unless some local address of `address` can be bound now.
+
+    gRPC's own bind failure is a line of C-core log and "Failed to bind"; a plain socket
+    says why first. gRPC listens if any resolved address binds, and so does this check."""
+    host, port = split_host_port(address, "--listen")
+    try:
+        candidates = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {address} (--listen): {exc.strerror}") from None
+    first: OSError | None = None
+    for family, kind, proto, _, where in candidates:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # As gRPC does, so that connections in TIME_WAIT do not count as taken.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(where)
+                return
+        except OSError as exc:
+            first = first or exc
+    raise _listen_error(address, "--listen", first)
+
+
+class _LateInterceptors(grpc.ServerInterceptor):
+    """The interceptor chain, installed once the broker exists: gRPC takes interceptors
+    when the server is made, and the server is made (and bound) before the broker."""
+
+    def __init__(self) -> None:
+        self._chain: Sequence[grpc.ServerInterceptor] = ()
+
+    def install(self, *chain: grpc.ServerInterceptor) -> None:
+        self._chain = chain
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        # The first interceptor is outermost, as in grpc.server(interceptors=[...]).
+        call = continuation
+        for interceptor in reversed(self._chain):
+            call = _bound(interceptor, call)
+        return call(handler_call_details)
+
+
+def _bound(
+    interceptor: grpc.ServerInterceptor,
+    continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+) -> Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None]:
+    return lambda details: interceptor.intercept_service(continuation, details)
+
+
+def _bind_grpc(settings: Settings) -> tuple[grpc.Server, int, _LateInterceptors]:
+    credentials = _credentials(settings)
+    _check_address(settings.listen)
+    interceptors = _LateInterceptors()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[interceptors],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, credentials)
+    except RuntimeError:  # taken between the check and now
+        raise _listen_error(settings.listen, "--listen", None) from None
+    return server, port, interceptors
 
 
 def create_server(
@@ -104,29 +203,41 @@ def create_server(
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
 ) -> BrokerServer:
-    """Providers are used when the broker is built here; a given broker brings its own."""
+    """Providers are used when the broker is built here; a given broker brings its own.
+
+    Raises PolicyError, OSError (TLS files) or ListenError before anything is written."""
+    if broker is None and settings.policy is not None:
+        load_policy(settings.policy)  # every problem of the file, before anything else
     http, issuer = _bind_http(settings)
+    try:
+        server, port, interceptors = _bind_grpc(settings)
+    except BaseException:
+        if http is not None:
+            http.stop()
+        raise
     handoff = GrpcHandoff(settings.executor_target) if settings.executor_target else None
     if broker is None:
-        broker = build_broker(
-            settings,
-            issuer=issuer,
-            handoff=handoff,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-        )
+        try:
+            broker = build_broker(
+                settings,
+                issuer=issuer,
+                handoff=handoff,
+                tracer_provider=tracer_provider,
+                meter_provider=meter_provider,
+            )
+        except BaseException:
+            server.stop(None)
+            if http is not None:
+                http.stop()
+            raise
     if http is not None:
         http.set_jwks_source(broker.keys.jwks)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        # Tracing outermost: the call context and its errors happen inside the server span.
-        interceptors=[
-            tracing.ServerTracingInterceptor(
-                broker.telemetry.tracer_provider, broker.telemetry.meter_provider
-            ),
-            CallInterceptor(authenticate=authn.authenticator(broker.authn)),
-        ],
-        options=[("grpc.so_reuseport", 0)],
+    # Tracing outermost: the call context and its errors happen inside the server span.
+    interceptors.install(
+        tracing.ServerTracingInterceptor(
+            broker.telemetry.tracer_provider, broker.telemetry.meter_provider
+        ),
+        CallInterceptor(authenticate=authn.authenticator(broker.authn)),
     )
     broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(broker), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -136,17 +247,6 @@ def create_server(
         server,
         pool=MethodResolvingPool(),
     )
-    credentials = _credentials(settings)
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(settings.listen)
-        else:
-            port = server.add_secure_port(settings.listen, credentials)
-    except RuntimeError as exc:
-        broker.close()
-        if http is not None:
-            http.stop()
-        raise OSError(f"cannot listen on {settings.listen}: {exc}") from exc
     if handoff is not None:
         telemetry = broker.telemetry
         handoff.instrument(lambda channel: traced_channel(channel, telemetry))

@@ -4,8 +4,10 @@ For tools that take raw metadata, such as grpcurl:
 
     grpcurl -plaintext -H "authorization: Bearer $(token-broker assertion)" ...
 
-Without --account/--key/--audience it signs as the development admin of the broker whose
-data dir is --data-dir (TOKEN_BROKER_DATA_DIR, default ./var).
+Without --account it signs as the development admin of the broker whose data dir is
+--data-dir (TOKEN_BROKER_DATA_DIR, default ./var). With --account NAME --key FILE it signs as
+that service account, for the audience --audience names or, without it, the issuer the broker
+at --target (TOKEN_BROKER_TARGET) publishes.
 """
 
 from __future__ import annotations
@@ -13,54 +15,67 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
+from broker.cli import common
 from tokenbroker.credentials import DEV_CLIENT_FILE, AssertionSigner
 
-EXIT_USAGE = 2
 
-
-def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
+def add_command(commands: common.Commands) -> None:
+    parser = common.add_command(
+        commands,
         "assertion",
+        run,
         help="print a signed service-account assertion (for grpcurl -H)",
-        description=__doc__,
-        epilog="examples:\n"
-        '  grpcurl -plaintext -H "authorization: Bearer $(token-broker assertion)" ...\n'
-        "  token-broker assertion --account ci --key ci.pem --audience https://broker.example",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print a fresh signed assertion (valid 5 minutes) to send as "
+        "`authorization: Bearer <assertion>`. Without --account it signs as the development "
+        "admin of the local broker (--data-dir); with --account NAME --key FILE as that "
+        "service account, for the broker's issuer (read from --target unless --audience "
+        "names it).",
+        examples=[
+            'grpcurl -plaintext -H "authorization: Bearer $(token-broker assertion)" ...',
+            "token-broker assertion --account ci --key ci.pem --audience https://broker.example",
+            "token-broker assertion --account ci --key ci.pem --target broker.example:443",
+        ],
     )
     parser.add_argument(
-        "--data-dir",
-        default=os.environ.get("TOKEN_BROKER_DATA_DIR", "var"),
-        help="data dir of a broker running the development policy",
+        "--audience",
+        metavar="ISSUER",
+        help="the broker's issuer URL (default: asked from the broker at --target)",
     )
-    parser.add_argument("--account", help="service account name (with --key and --audience)")
-    parser.add_argument("--key", type=Path, help="the account's PEM private key")
-    parser.add_argument("--key-id", default="", help="the key's kid in the policy, if any")
-    parser.add_argument("--audience", help="the broker's issuer URL")
-    parser.set_defaults(handler=run)
+    common.add_connection_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    explicit = (args.account, args.key, args.audience)
-    if any(explicit) and not all(explicit):
-        print(
-            "token-broker assertion: give --account, --key and --audience together", file=sys.stderr
+    if args.cert is not None:
+        raise common.CliError("an assertion is signed with --account and --key; --cert is mTLS")
+    if args.account:
+        if args.key is None:
+            raise common.CliError("--account needs --key, the account's private key (PEM)")
+        audience = args.audience or common.broker_issuer(
+            common.target_of(args), common.tls_options(args), args.timeout
         )
-        return EXIT_USAGE
-    try:
-        if all(explicit):
-            account, key_path, audience, key_id = (*explicit, args.key_id)
-        else:
-            data_dir = Path(args.data_dir)
-            hints = json.loads((data_dir / DEV_CLIENT_FILE).read_text())
-            account, audience = hints["account"], hints["audience"]
-            key_path, key_id = data_dir / hints["key_file"], hints.get("key_id", "")
-        signer = AssertionSigner(account, key_path.read_bytes(), audience, key_id=key_id)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"token-broker assertion: {exc}", file=sys.stderr)
-        return 1
+        signer = AssertionSigner(args.account, args.key.read_bytes(), audience, key_id=args.key_id)
+    elif args.key is not None or args.audience:
+        raise common.CliError("--key and --audience go with --account")
+    else:
+        signer = _dev_admin_signer(
+            args.data_dir or Path(os.environ.get(common.ENV_DATA_DIR) or "var")
+        )
     print(signer.assertion())
-    return 0
+    return common.EXIT_OK
+
+
+def _dev_admin_signer(data_dir: Path) -> AssertionSigner:
+    """The development admin of a broker started without --policy, from its data dir."""
+    try:
+        hints = json.loads((data_dir / DEV_CLIENT_FILE).read_text())
+        key_pem = (data_dir / hints["key_file"]).read_bytes()
+        return AssertionSigner(
+            hints["account"], key_pem, hints["audience"], key_id=hints.get("key_id", "")
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise common.CliError(
+            f"no development admin key in {data_dir}/ ({type(exc).__name__}): is a broker "
+            "serving from that data dir without --policy? Otherwise pass --account and --key."
+        ) from None

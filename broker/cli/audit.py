@@ -1,7 +1,8 @@
 """`token-broker audit verify | export | tail`.
 
 verify and export read the broker's SQLite file read-only (safe while the broker runs);
-tail follows a running broker over gRPC.
+tail follows a running broker through the client library (StreamAudit), with the target,
+credentials, timeout, exit codes and error wording every broker-calling command shares.
 
 Exit codes of `audit verify`: 0 the log verifies, 1 it was tampered with (the first bad
 sequence is reported), 2 usage (bad arguments, missing or unreadable input).
@@ -14,35 +15,30 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import grpc
 from google.protobuf import json_format
 
 from broker.audit import export as auditlog
 from broker.audit import verify as auditverify
 from broker.audit.checkpoints import PublishedKeys
-from broker.settings import ENV_PREFIX, SettingsError, is_loopback
+from broker.cli import common
+from broker.settings import ENV_PREFIX
 from broker.store.sqlite_readonly import NotADatabase, ReadOnlyAuditLog, database_path
-from tokenbroker.credentials import DEV_CLIENT_FILE, dev_admin_credentials, local_channel
-from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+from tokenbroker.v1 import types_pb2
 
 EXIT_OK = 0
 EXIT_TAMPERED = 1
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 class UsageError(Exception):
     pass
 
 
-def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(commands: common.Commands) -> None:
     """Register the `audit` command group on the top-level parser's subcommands."""
     group = commands.add_parser(
         "audit",
@@ -129,29 +125,26 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     export.set_defaults(handler=_export)
 
 
-def _add_tail(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    tail = sub.add_parser(
+def _add_tail(sub: common.Commands) -> None:
+    tail = common.add_command(
+        sub,
         "tail",
+        _tail,
         help="show audit events from a running broker, readably",
-        description="Show audit events from a running broker (StreamAudit), one line each.",
-        epilog="examples:\n"
-        "  token-broker audit tail --follow\n"
-        "  token-broker audit tail --run r-123 --after 4000",
-    )
-    _raw(tail)
-    tail.add_argument(
-        "--target",
-        default=os.environ.get(ENV_PREFIX + "LISTEN", DEFAULT_TARGET),
-        help=f"broker address [env {ENV_PREFIX}LISTEN; default {DEFAULT_TARGET}]",
-    )
-    tail.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path("var"),
-        help="the local broker's data dir, for its development credentials (default: var)",
+        description="Show audit events from a running broker (StreamAudit), one line each: "
+        "those stored after --after up to the newest, then, with --follow, new ones as they "
+        "are written (resuming by itself after a disconnect). Needs role auditor in scope of "
+        "what it asks for, or a run credential's own run.",
+        examples=[
+            "token-broker audit tail --follow",
+            "token-broker audit tail --run r-123 --after 4000",
+            "token-broker audit tail --org acme --account siem --key siem.pem --target broker:443",
+        ],
     )
     tail.add_argument("--follow", "-f", action="store_true", help="keep following live events")
-    tail.add_argument("--after", type=int, default=0, metavar="N", help="events after sequence N")
+    tail.add_argument(
+        "--after", type=_sequence, default=0, metavar="N", help="events after sequence N"
+    )
     tail.add_argument("--run", default="", metavar="ID", help="only events of this run")
     tail.add_argument("--action", action="append", default=[], help="only this action (repeat)")
     tail.add_argument("--principal", default="", help="only events caused by this principal")
@@ -159,7 +152,13 @@ def _add_tail(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tail.add_argument("--org", default="", help="only events of this organisation")
     tail.add_argument("--project", default="", help="only events of this project")
     tail.add_argument("--json", action="store_true", help="one JSON object per event (JSON Lines)")
-    tail.set_defaults(handler=_tail)
+    common.add_connection_flags(tail)
+
+
+def _sequence(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sequence number (0 or more)")
+    return int(text)
 
 
 # -- verify ----------------------------------------------------------------------------------
@@ -304,6 +303,8 @@ def _export(args: argparse.Namespace) -> int:
             if args.jwks is not None:
                 keys = PublishedKeys.from_records(log.public_keys())
                 args.jwks.write_text(json.dumps(keys.jwks(), indent=2, sort_keys=True) + "\n")
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): main ends quietly
     except (UsageError, NotADatabase, OSError) as exc:
         print(f"token-broker audit export: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -331,63 +332,24 @@ def _database(args: argparse.Namespace) -> Path:
 # -- tail ------------------------------------------------------------------------------------
 
 
-def audit_channel(target: str, data_dir: Path) -> grpc.Channel:
-    """The channel `audit tail` talks over: to a local broker, as the development admin
-    whose key that broker wrote into its data dir."""
-    try:
-        loopback = is_loopback(target)
-    except SettingsError as exc:
-        raise UsageError(str(exc).replace("--listen", "--target")) from None
-    if not loopback:
-        raise UsageError(f"--target {target}: only a loopback broker can be tailed for now")
-    if not (data_dir / DEV_CLIENT_FILE).exists():
-        raise UsageError(
-            f"no development credentials in {data_dir}: give the broker's --data-dir "
-            "(a broker started without --policy writes them there)"
-        )
-    return local_channel(target, dev_admin_credentials(data_dir))
-
-
 def _tail(args: argparse.Namespace) -> int:
-    if args.after < 0:
-        print("token-broker audit tail: --after must be 0 or more", file=sys.stderr)
-        return EXIT_USAGE
-    request = broker_pb2.StreamAuditRequest(
-        after_sequence=args.after,
-        stop_at_head=not args.follow,
-        filter=broker_pb2.AuditFilter(
+    with (
+        common.connect(args) as client,
+        client.stream_audit(
+            args.after,
             run_id=args.run,
             principal=args.principal,
             person=args.person,
             actions=args.action,
             org=args.org,
             project=args.project,
-        ),
-    )
-    try:
-        with audit_channel(args.target, args.data_dir) as channel:
-            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
-            for event in _events(stub.StreamAudit(request)):
-                print(_json_line(event) if args.json else render(event), flush=True)
-    except UsageError as exc:
-        print(f"token-broker audit tail: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except grpc.RpcError as error:
-        code = error.code().name if isinstance(error, grpc.Call) else "ERROR"
-        message = error.details() if isinstance(error, grpc.Call) else str(error)
-        print(f"token-broker audit tail: {code}: {message}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+            follow=args.follow,
+        ) as events,
+    ):
+        for event in events:
+            # Following, each line goes out as it comes (`tail -f | grep` sees it at once).
+            print(_json_line(event) if args.json else render(event), flush=args.follow)
     return EXIT_OK
-
-
-def _events(
-    responses: Iterator[broker_pb2.StreamAuditResponse],
-) -> Iterator[types_pb2.AuditEvent]:
-    for response in responses:
-        if response.HasField("event"):
-            yield response.event
 
 
 def _json_line(event: types_pb2.AuditEvent) -> str:

@@ -12,13 +12,13 @@ Connecting: `--target` (env TOKEN_BROKER_TARGET, default 127.0.0.1:50051), TLS w
 
 Failures print one line on stderr, `token-broker <command>: <message>`, and exit with
 EXIT_FAILED (refused or failed), EXIT_USAGE (bad arguments or configuration) or
-EXIT_UNREACHABLE (no broker answered).
+EXIT_UNREACHABLE (no broker answered). Handlers raise; `main` turns what they raise into
+that line with `report` (the one mapping, `failure`), and ends quietly on a closed pipe.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -27,6 +27,8 @@ from typing import NoReturn, TypeAlias
 
 import grpc
 
+from broker import errors as domain
+from broker.policy.file import PolicyError
 from tokenbroker.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, BrokerClient, local_credentials
 from tokenbroker.connect import ENV_TARGET, RunEnvironment, Tls, TlsOptions
 from tokenbroker.credentials import assertion_credentials, bearer_credentials
@@ -49,10 +51,12 @@ ENV_DATA_DIR = "TOKEN_BROKER_DATA_DIR"
 
 EXIT_CODES_HELP = """\
 exit status:
-  0  ok
-  1  the operation failed or was refused; for `token verify`: the token is not active
-  2  usage or configuration error (bad flags, missing credentials, invalid policy file)
-  3  the broker is unreachable or unavailable (nothing was done; try again)"""
+  0    ok
+  1    the operation failed or was refused; for `token verify`: the token is not active
+  2    usage or configuration error (bad flags, missing credentials, invalid policy file)
+  3    the broker is unreachable or unavailable (nothing was done; try again)
+  130  interrupted (Ctrl-C)
+  141  the reader of the output went away (`| head -1`); nothing more is printed"""
 
 # A string: _SubParsersAction is generic only to type checkers.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -96,7 +100,7 @@ def add_command(
     description: str,
     examples: Sequence[str],
 ) -> argparse.ArgumentParser:
-    """A subcommand with its examples in --help and its failures handled by `failure`."""
+    """A subcommand with its examples in --help; `main` reports what its handler raises."""
     lines = "\n".join(f"  {example}" for example in examples)
     parser = commands.add_parser(
         name,
@@ -105,7 +109,7 @@ def add_command(
         epilog=f"examples:\n{lines}",
         formatter_class=HelpFormatter,
     )
-    parser.set_defaults(handler=guarded(parser.prog, handler))
+    parser.set_defaults(handler=handler)
     return parser
 
 
@@ -233,31 +237,24 @@ def broker_issuer(target: str, tls: Tls, timeout: float) -> str:
         return anonymous.signing_keys().issuer
 
 
-def guarded(command: str, handler: Handler) -> Handler:
-    """`handler` with every failure reported as one line on stderr and an exit code."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
-        except BrokenPipeError:
-            # The reader went away (`… | head`): say nothing, as a process killed by
-            # SIGPIPE would, and keep Python from complaining when it flushes stdout.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_BROKEN_PIPE
-        except Exception as exc:
-            code, message = failure(exc, target_of(args))
-            one_line = " ".join(message.split())
-            print(f"{command}: {one_line}", file=sys.stderr)
-            return code
-
-    return run
+def report(command: str, exc: Exception, target: str) -> int:
+    """Print what went wrong as `COMMAND: MESSAGE` on stderr (one line; an invalid policy
+    gets one line per problem) and return the exit code."""
+    code, message = failure(exc, target)
+    for line in message.split("\n"):
+        print(f"{command}: {line}", file=sys.stderr)
+    return code
 
 
 def failure(exc: Exception, target: str) -> tuple[int, str]:
     """The exit code and message for an exception: the one mapping of client errors."""
+    if isinstance(exc, PolicyError):
+        return EXIT_USAGE, "\n".join(f"{exc.source}: {_one_line(p)}" for p in exc.problems)
+    code, message = _classify(exc, target)
+    return code, _one_line(message)
+
+
+def _classify(exc: Exception, target: str) -> tuple[int, str]:
     if isinstance(exc, CliError):
         return exc.exit_code, str(exc)
     if isinstance(exc, ConfigurationError):
@@ -269,7 +266,7 @@ def failure(exc: Exception, target: str) -> tuple[int, str]:
         return EXIT_UNREACHABLE, f"the broker at {target} is unavailable: {exc}"
     if isinstance(exc, DeadlineExceeded):
         return EXIT_UNREACHABLE, f"no answer from the broker at {target} in time ({exc})"
-    if isinstance(exc, BrokerError):
+    if isinstance(exc, BrokerError | domain.BrokerError):
         return EXIT_FAILED, str(exc)
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
@@ -277,6 +274,10 @@ def failure(exc: Exception, target: str) -> tuple[int, str]:
     if isinstance(exc, ValueError | TypeError):
         return EXIT_USAGE, str(exc)
     return EXIT_FAILED, f"unexpected error ({type(exc).__name__}): {exc}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 # -- argument types ----------------------------------------------------------------------------

@@ -20,9 +20,6 @@ from broker.cli import runs as cli_runs
 from broker.cli import token as cli_token
 from broker.telemetry import logs
 
-EXIT_OK = 0
-EXIT_USAGE = 2
-
 EPILOG = f"""\
 examples:
   token-broker serve --data-dir ./var
@@ -39,23 +36,14 @@ unless given --account NAME --key FILE or --cert/--key. Each has --json and --he
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from broker.api.server import serve
-    from broker.policy.file import PolicyError
+    from broker.api.server import ListenError, serve
 
-    try:
-        config = settings.from_sources(args, os.environ)
-    except settings.SettingsError as exc:
-        print(f"token-broker serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    config = settings.from_sources(args, os.environ)
     logs.configure(config.log_level, config.log_format)
     try:
         return serve(config)
-    except PolicyError as exc:
-        print(f"token-broker serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"token-broker serve: {exc}", file=sys.stderr)
-        return 1
+    except ListenError as exc:  # not a usage error: the same flags work once it is free
+        raise cli_common.CliError(str(exc), cli_common.EXIT_FAILED) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +73,51 @@ def build_parser() -> argparse.ArgumentParser:
     cli_policy.add_commands(commands)
     demo.add_command(commands)
     add_bench_command(commands)
+    _name_commands(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    """Run one command. Whatever it raises is reported as one line and an exit code, here and
+    only here; a closed stdout (`token-broker ... | head -1`) ends it quietly."""
+    try:
+        args = build_parser().parse_args(argv)  # --help writes to stdout too
+        code = _run(args)
+        sys.stdout.flush()  # a reader that went away shows here at the latest
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return cli_common.EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return cli_common.EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return int(args.handler(args))
+    except BrokenPipeError:
+        raise
+    except Exception as exc:
+        return cli_common.report(args.command, exc, cli_common.target_of(args))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's own flush at exit finds no closed pipe to
+    complain about, as a process killed by SIGPIPE would say nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (captured by a test)
+        pass
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Each command's parser records its own name (`token-broker runs show`) for reports."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(command=sub.prog)
+                _name_commands(sub)
 
 
 if __name__ == "__main__":
