@@ -120,12 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
-        default = defaults[f.name].default
-        help_text = f"{_HELP.get(f.name, '')} [env {env}; default {default!s:.40}]"
+        shown = shown_default(defaults[f.name].default)
+        default = f"; default {shown}" if shown else ""
+        help_text = f"{_HELP.get(f.name, '')} [env {env}{default}]"
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def shown_default(value: object) -> str:
+    """A default as people write it ("60", not "60.0"); "" for none (unset, off, empty)."""
+    if value is None or value is False or value == "":
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def from_sources(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:

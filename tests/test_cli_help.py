@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import pytest
 
 from broker.cli import main as cli
 from broker.cli.common import assignment, pipeline_path, seconds
+from broker.settings import Settings, shown_default
 from tests.cli_support import run_cli
 from tests.support import REPO
 
@@ -130,3 +132,64 @@ def test_every_command_in_the_readme_parses_with_the_real_parser() -> None:
             parser.parse_args(words)
         except SystemExit:  # pragma: no cover - the message is on stderr
             pytest.fail(f"README command does not parse: token-broker {' '.join(words)}")
+
+
+# -- serve --help and the README's configuration table ------------------------------------------
+
+
+def test_serve_help_shows_defaults_only_where_there_is_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = " ".join(run_cli(capsys, "serve", "--help").out.split())
+    assert "default None" not in out
+    assert "default ]" not in out
+    assert "[env TOKEN_BROKER_POLICY]" in out
+    assert "[env TOKEN_BROKER_LISTEN; default 127.0.0.1:50051]" in out
+    assert "[env TOKEN_BROKER_AUDIT_CHECKPOINT_INTERVAL; default 60]" in out
+
+
+def test_serve_help_names_every_otel_variable_the_broker_reads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = run_cli(capsys, "serve", "--help").out
+    source = (REPO / "broker" / "telemetry" / "setup.py").read_text()
+    read = set(re.findall(r"\bOTEL_[A-Z_]*[A-Z]\b", source))
+    read |= {f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT" for signal in ("TRACES", "METRICS")}
+    assert len(read) >= 12
+    assert sorted(name for name in read if name not in out) == []
+    assert "TOKEN_BROKER_<FLAG>" in out
+
+
+def _configuration_table() -> dict[str, str]:
+    """The README's configuration table: each flag with the text of its default column."""
+    section = (REPO / "README.md").read_text().split("\n## Configuration\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) != 3 or not cells[0].startswith("`--"):
+            continue
+        for flag in re.findall(r"`(--[a-z-]+)`", cells[0]):
+            rows[flag] = cells[1]
+    return rows
+
+
+def test_the_readme_configuration_table_has_every_setting_with_its_default() -> None:
+    table = _configuration_table()
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Settings)}
+    assert sorted(table) == sorted(fields)
+    for flag, f in fields.items():
+        shown = shown_default(f.default)
+        if shown:
+            assert table[flag] == f"`{shown}`", flag
+        elif f.type == "bool":
+            assert table[flag] == "off", flag
+        else:  # no value: a dash, or prose saying what is used instead
+            assert not table[flag].startswith("`"), flag
+
+
+def test_nothing_in_the_readme_looks_like_a_configuration_row_outside_the_table() -> None:
+    readme = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| `--[a-z-]+`.*\|$", readme, re.MULTILINE)
+    table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    assert all(row in table for row in rows), [row for row in rows if row not in table]

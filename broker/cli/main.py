@@ -35,6 +35,40 @@ unless given --account NAME --key FILE or --cert/--key. Each has --json and --he
 {cli_common.EXIT_CODES_HELP}"""
 
 
+SERVE_EPILOG = """\
+environment:
+  Every flag also reads TOKEN_BROKER_<FLAG>, its name in capitals with _ for -:
+  --data-dir is TOKEN_BROKER_DATA_DIR, --insecure is TOKEN_BROKER_INSECURE=true.
+  A flag wins over its variable; both win over the default.
+
+telemetry (OpenTelemetry's standard variables; without them nothing is exported):
+  OTEL_EXPORTER_OTLP_ENDPOINT           export spans and metrics over OTLP/gRPC, e.g.
+                                        http://127.0.0.1:4317 (https:// for TLS)
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT    ...spans only, or to another collector
+  OTEL_EXPORTER_OTLP_METRICS_ENDPOINT   ...metrics only, or to another collector
+  OTEL_EXPORTER_OTLP_PROTOCOL           grpc, the only one supported
+  OTEL_EXPORTER_OTLP_HEADERS            headers for the collector (key=value,...)
+  OTEL_EXPORTER_OTLP_INSECURE           true: plaintext to an endpoint without a scheme
+  OTEL_SERVICE_NAME                     service.name (default token-broker)
+  OTEL_RESOURCE_ATTRIBUTES              more resource attributes (key=value,...)
+  OTEL_TRACES_EXPORTER=none             no spans
+  OTEL_METRICS_EXPORTER=none            no metrics
+  OTEL_SDK_DISABLED=true                no telemetry at all
+  OTEL_METRIC_EXPORT_INTERVAL           milliseconds between metric exports (60000)
+  OTEL_BSP_*, OTEL_TRACES_SAMPLER       batching and sampling, read by the SDK
+
+examples:
+  token-broker serve --data-dir ./var --listen 127.0.0.1:50051
+  TOKEN_BROKER_LISTEN=127.0.0.1:7000 token-broker serve
+  make run ARGS="--listen 127.0.0.1:7000 --http-listen 127.0.0.1:7001"
+
+exit status:
+  0  stopped on SIGTERM or SIGINT, cleanly
+  1  could not start: an address is taken, the store refuses to open, ...
+  2  usage or configuration error: a bad flag or setting, an invalid policy file,
+     a missing TLS file"""
+
+
 def _serve(args: argparse.Namespace) -> int:
     from broker.api.server import ListenError, serve
 
@@ -58,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the broker",
-        description="Run the broker. Every flag also reads TOKEN_BROKER_<NAME>.",
-        epilog="example:\n  token-broker serve --data-dir ./var --listen 127.0.0.1:50051",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the broker until SIGTERM or SIGINT (SIGHUP reloads --policy). Every "
+        "flag also reads TOKEN_BROKER_<FLAG>. Before it writes anything into the data dir, it "
+        "checks the settings, the policy file and the TLS files and binds both addresses.",
+        epilog=SERVE_EPILOG,
+        formatter_class=cli_common.HelpFormatter,
     )
     settings.add_arguments(serve, os.environ)
     serve.set_defaults(handler=_serve)
