@@ -102,8 +102,35 @@ def test_cli_prints_a_dev_admin_assertion_a_local_broker_accepts(
         server.stop(grace=0.5)
 
 
-def test_cli_assertion_needs_account_key_and_audience_together(
-    capsys: pytest.CaptureFixture[str],
+def test_cli_assertion_needs_account_and_key_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["assertion", "--account", "ci"]) == 2
-    assert "together" in capsys.readouterr().err
+    assert "--account needs --key" in capsys.readouterr().err
+    key = tmp_path / "ci.pem"
+    key.write_bytes(private_pem(ed25519.Ed25519PrivateKey.generate()))
+    assert cli.main(["assertion", "--key", str(key)]) == 2
+    assert "go with --account" in capsys.readouterr().err
+
+
+def test_cli_assertion_of_a_service_account_is_for_the_issuer_of_the_broker_at_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    account = Account("ci", ("orchestrator",), ("acme/*/*",), ed25519.Ed25519PrivateKey.generate())
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_toml([account]))
+    key = tmp_path / "ci.pem"
+    key.write_bytes(private_pem(account.key))
+    server = create_server(make_settings(tmp_path / "data", store="memory", policy=policy))
+    server.start()
+    try:
+        argv = ["assertion", "--account", "ci", "--key", str(key), "--target", server.target]
+        assert cli.main(argv) == 0
+        token = capsys.readouterr().out.strip()
+        assert _claims(token)["aud"] == server.broker.tokens.issuer
+        with grpc.insecure_channel(server.target) as channel:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            run = stub.StartRun(start_run_request(), metadata=bearer(token), timeout=5).run
+        assert run.triggered_via == "ci"
+    finally:
+        server.stop(grace=0.5)

@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeAlias
+from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 import grpc
 
@@ -58,6 +58,9 @@ exit status:
   130  interrupted (Ctrl-C)
   141  the reader of the output went away (`| head -1`); nothing more is printed"""
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
 # A string: _SubParsersAction is generic only to type checkers.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 Handler = Callable[[argparse.Namespace], int]
@@ -68,6 +71,10 @@ class CliParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        # argparse swallows a failed write; a closed pipe must reach main like everywhere else.
+        (file or sys.stdout).write(self.format_help())
 
 
 class HelpFormatter(argparse.HelpFormatter):

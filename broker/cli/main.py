@@ -117,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Whatever it raises is reported as one line and an exit code, here and
     only here; a closed stdout (`token-broker ... | head -1`) ends it quietly."""
     try:
-        args = build_parser().parse_args(argv)  # --help writes to stdout too
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:  # --help or a usage error: what argparse wrote must get out too
+            sys.stdout.flush()
+            raise
         code = _run(args)
         sys.stdout.flush()  # a reader that went away shows here at the latest
         return code
