@@ -154,7 +154,7 @@ def test_serve_on_a_taken_port_says_which_address_and_writes_nothing(
 
 @pytest.mark.parametrize(
     "command",
-    [["audit", "tail"], ["audit", "tail", "--follow"], ["runs", "list"], ["keys", "list"]],
+    [["audit", "tail"], ["audit", "tail", "--follow"], ["runs", "list"]],
     ids=" ".join,
 )
 def test_a_broker_that_is_down_is_exit_3_naming_the_address_from_token_broker_target(
@@ -209,7 +209,6 @@ def test_a_corrupt_store_stops_serve_and_audit_verify_in_one_line(tmp_path: Path
     [
         ["audit", "tail"],
         ["audit", "tail", "--follow"],
-        ["audit", "tail", "--json"],
         ["keys", "list"],
         ["runs", "list"],
         ["--help"],

@@ -133,8 +133,8 @@ def _add_tail(sub: common.Commands) -> None:
         help="show audit events from a running broker, readably",
         description="Show audit events from a running broker (StreamAudit), one line each: "
         "those stored after --after up to the newest, then, with --follow, new ones as they "
-        "are written (resuming by itself after a disconnect). Needs role auditor in scope of "
-        "what it asks for, or a run credential's own run.",
+        "are written (resuming by itself after a disconnect). Needs role auditor, in scope of "
+        "what it asks for (an auditor of acme/*/* gives --org acme).",
         examples=[
             "token-broker audit tail --follow",
             "token-broker audit tail --run r-123 --after 4000",

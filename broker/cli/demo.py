@@ -179,6 +179,8 @@ def run(out: TextIO = sys.stdout, data_dir: Path | None = None) -> int:
         except StepFailed as failure:
             story.failed(str(failure))
             return EXIT_FAILED
+        except BrokenPipeError:
+            raise  # nobody reads the story any more: main ends quietly
         except (BrokerError, grpc.RpcError, OSError, TimeoutError) as exc:
             story.failed(f"{type(exc).__name__}: {exc}")
             return EXIT_FAILED
