@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from broker import errors as domain
 from broker.cli.common import (
     EXIT_FAILED,
     EXIT_UNREACHABLE,
@@ -17,6 +18,8 @@ from broker.cli.common import (
     CliError,
     failure,
 )
+from broker.policy.file import PolicyError
+from broker.settings import SettingsError
 from tests.cli_support import closed_port, local_broker, run_cli
 from tests.support import REPO
 from tokenbroker.errors import (
@@ -37,6 +40,7 @@ BROKER_COMMANDS = [
     ["token", "verify", "some-token"],
     ["keys", "list"],
     ["keys", "rotate"],
+    ["audit", "tail"],
     ["execute", "--on-behalf-of", "--asserted-email", "a@example.com", "--asserted-subject",
      "u-1", "acme/web/deploy", "--ceiling", "pipelines=read"],
 ]  # fmt: skip
@@ -121,6 +125,13 @@ def _unavailable(answered: bool) -> Unavailable:
         (FileNotFoundError(2, "No such file or directory", "k.pem"), EXIT_USAGE, "k.pem: No such"),
         (ValueError("Could not deserialize key data"), EXIT_USAGE, "deserialize"),
         (RuntimeError("boom"), EXIT_FAILED, "unexpected error (RuntimeError): boom"),
+        (domain.Unavailable("the store refused"), EXIT_FAILED, "the store refused"),
+        (SettingsError("--listen must be HOST:PORT"), EXIT_USAGE, "--listen must be HOST:PORT"),
+        (
+            PolicyError("p.toml", ["accounts.x.roles[0]: unknown role", "version: must be 1"]),
+            EXIT_USAGE,
+            "p.toml: accounts.x.roles[0]: unknown role\np.toml: version: must be 1",
+        ),
     ],
 )
 def test_each_kind_of_failure_has_its_exit_code_and_message(

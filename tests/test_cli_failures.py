@@ -209,6 +209,7 @@ def test_a_corrupt_store_stops_serve_and_audit_verify_in_one_line(tmp_path: Path
     [
         ["audit", "tail"],
         ["audit", "tail", "--follow"],
+        ["audit", "tail", "--follow", "--after", "HEAD"],  # waits for an event that never comes
         ["keys", "list"],
         ["runs", "list"],
         ["--help"],
@@ -224,6 +225,8 @@ def test_a_closed_pipe_ends_every_command_quietly_with_141(
     with BrokerClient.local(server.target, data_dir) as client:  # something to list
         client.start_run("acme", "web", "deploy", ceiling={"api": "read"}, deadline=600)
     env = {"TOKEN_BROKER_TARGET": server.target, "TOKEN_BROKER_DATA_DIR": data_dir}
+    head = str(server.broker.store.head_sequence())
+    command = [head if word == "HEAD" else word for word in command]
     write_end = closed_pipe()
     try:
         ran = token_broker(tmp_path, *command, env=env, stdout=write_end)

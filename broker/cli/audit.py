@@ -345,10 +345,13 @@ def _tail(args: argparse.Namespace) -> int:
             project=args.project,
             follow=args.follow,
         ) as events,
+        common.reader_watch(events.cancel) as reader_gone,
     ):
         for event in events:
             # Following, each line goes out as it comes (`tail -f | grep` sees it at once).
             print(_json_line(event) if args.json else render(event), flush=args.follow)
+    if reader_gone.is_set():
+        raise BrokenPipeError  # main ends quietly, as for any closed pipe
     return EXIT_OK
 
 

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
@@ -242,6 +245,37 @@ def broker_issuer(target: str, tls: Tls, timeout: float) -> str:
     """The broker's issuer URL: the audience its callers' assertions must name."""
     with BrokerClient(target, tls=tls, timeout=timeout) as anonymous:
         return anonymous.signing_keys().issuer
+
+
+@contextmanager
+def reader_watch(cancel: Callable[[], None]) -> Iterator[threading.Event]:
+    """While a command waits for something to print (`audit tail --follow`), notice that the
+    reader of stdout went away (`| head -1`) and `cancel` the wait, as `tail -f` does,
+    instead of finding out only when the next line comes. The event says it happened."""
+    gone = threading.Event()
+    try:
+        poller = select.poll()
+        # No events asked for: POLLERR (a pipe without reader) and POLLHUP come regardless.
+        poller.register(sys.stdout.fileno(), 0)
+    except (AttributeError, OSError, ValueError):  # no poll(), or stdout is not a file
+        yield gone
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if poller.poll(200):
+                gone.set()
+                cancel()
+                return
+
+    watcher = threading.Thread(target=watch, name="stdout-reader-watch", daemon=True)
+    watcher.start()
+    try:
+        yield gone
+    finally:
+        done.set()
+        watcher.join()
 
 
 def report(command: str, exc: Exception, target: str) -> int:
