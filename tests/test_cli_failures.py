@@ -153,6 +153,30 @@ def test_serve_on_a_taken_port_says_which_address_and_writes_nothing(
 
 
 @pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--signing-key", "garbage.pem"],
+            "--signing-key garbage.pem: not an unencrypted PEM private key (EC P-256 or RSA)",
+        ),
+        (["--tls-cert", "cert.pem", "--tls-key", "missing.pem"], "missing.pem: No such file"),
+        (["--listen", "127.0.0.1"], "--listen must be HOST:PORT (e.g. 127.0.0.1:50051)"),
+    ],
+    ids=["signing key", "tls file", "address"],
+)
+def test_serve_with_an_unusable_setting_exits_2_naming_it_and_writes_nothing(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    (tmp_path / "garbage.pem").write_text("not a key")
+    (tmp_path / "cert.pem").write_text("not read: its key is missing")
+    data = tmp_path / "data"
+    served = token_broker(tmp_path, "serve", "--data-dir", str(data), "--http-listen", "", *flags)
+    assert served.code == EXIT_USAGE
+    assert one_line(served, "serve").startswith(message)
+    assert not data.exists()
+
+
+@pytest.mark.parametrize(
     "command",
     [["audit", "tail"], ["audit", "tail", "--follow"], ["runs", "list"]],
     ids=" ".join,

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 import grpc
+from cryptography.exceptions import UnsupportedAlgorithm
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import MeterProvider
@@ -35,7 +36,8 @@ from broker.api.servicer import TokenBrokerServicer
 from broker.api.wellknown import WellKnownServer
 from broker.app import Broker, build_broker
 from broker.policy.file import load_policy
-from broker.settings import Settings, is_loopback, split_host_port
+from broker.runs.keys import load_private_key
+from broker.settings import Settings, SettingsError, is_loopback, split_host_port
 from broker.telemetry import setup
 from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -110,6 +112,21 @@ def _bind_http(settings: Settings) -> tuple[WellKnownServer | None, str]:
     issuer = settings.issuer.rstrip("/") or f"http://{shown}:{http.port}"
     http.issuer = issuer
     return http, issuer
+
+
+def _check_signing_key(settings: Settings) -> None:
+    """An external signing key that cannot be used stops the start before the store opens."""
+    if settings.signing_key is None:
+        return
+    try:
+        load_private_key(settings.signing_key)  # OSError names the file itself
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        reason = (
+            str(exc)
+            if "signing keys must" in str(exc)
+            else ("not an unencrypted PEM private key (EC P-256 or RSA)")
+        )
+        raise SettingsError(f"--signing-key {settings.signing_key}: {reason}") from None
 
 
 def _listen_error(address: str, flag: str, exc: OSError | None) -> ListenError:
@@ -206,8 +223,10 @@ def create_server(
     """Providers are used when the broker is built here; a given broker brings its own.
 
     Raises PolicyError, OSError (TLS files) or ListenError before anything is written."""
-    if broker is None and settings.policy is not None:
-        load_policy(settings.policy)  # every problem of the file, before anything else
+    if broker is None:
+        if settings.policy is not None:
+            load_policy(settings.policy)  # every problem of the file, before anything else
+        _check_signing_key(settings)
     http, issuer = _bind_http(settings)
     try:
         server, port, interceptors = _bind_grpc(settings)
