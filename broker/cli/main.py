@@ -22,6 +22,7 @@ from broker.telemetry import logs
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_STORE_REFUSED = 1
 
 EPILOG = f"""\
 examples:
@@ -41,6 +42,7 @@ unless given --account NAME --key FILE or --cert/--key. Each has --json and --he
 def _serve(args: argparse.Namespace) -> int:
     from broker.api.server import serve
     from broker.policy.file import PolicyError
+    from broker.store import StoreRefused
 
     try:
         config = settings.from_sources(args, os.environ)
@@ -53,6 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"token-broker serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreRefused as exc:  # the store is left as it was; the message says why
+        print(f"token-broker serve: {exc}", file=sys.stderr)
+        return EXIT_STORE_REFUSED
     except OSError as exc:
         print(f"token-broker serve: {exc}", file=sys.stderr)
         return 1
