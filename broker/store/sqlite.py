@@ -588,8 +588,6 @@ def _open_writer(
         if not create:
             guard.check_no_history(path, history)
         guard.create_private_file(path)
-    else:
-        guard.tighten([path, *guard.sidecars(path)])
     conn = _connect(path, busy_timeout)
     try:
         # Identify before the first write (even journal_mode writes): a refused file is left
@@ -597,6 +595,7 @@ def _open_writer(
         version = guard.identify(conn, path, latest_version())
         if version == 0 and not fresh and not create:
             guard.check_no_history(path, history)  # an SQLite file with nothing in it
+        guard.tighten([path, *guard.sidecars(path)])  # made before files were owner-only
         version = migrate(_configure(conn), path)
         guard.mark_created(path)
     except BaseException:
