@@ -151,7 +151,7 @@ def is_empty(database: Path) -> bool:
     """True when there is no database yet: no file, or a zero-length one."""
     try:
         return database.stat().st_size == 0
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return True
 
 
