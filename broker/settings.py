@@ -25,7 +25,7 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     http_listen: str = "127.0.0.1:50052"
     data_dir: Path = Path("var")
-    store: str = "sqlite"
+    store: str = "sqlite:"
     init_store: bool = False
     policy: Path | None = None
     issuer: str = ""

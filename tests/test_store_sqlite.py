@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,10 @@ from broker.app import build_broker
 from broker.audit import events as audit
 from broker.settings import Settings, SettingsError
 from broker.store import (
+    Committed,
+    Conflict,
     CreateRun,
+    Mutation,
     RecordCheckpoint,
     Store,
     StoreInUse,
@@ -156,6 +161,59 @@ def test_sqlite_checkpoints_and_retention_boundary_are_guarded(data_dir: Path) -
         conn.execute("DELETE FROM audit_events WHERE sequence=3")
     conn.execute("DELETE FROM audit_events WHERE sequence<=2")
     conn.close()
+
+
+# -- group commit ---------------------------------------------------------------------------
+
+
+def test_writes_queued_behind_a_commit_share_one_transaction_and_a_conflict_undoes_only_itself(
+    data_dir: Path,
+) -> None:
+    store = sqlite_store(data_dir)
+    assert isinstance(store, SqliteStore)
+    store.commit(Write([event("run.started")], CreateRun(make_run("r-taken"))))
+    # Hold the writer inside its next commit (listeners run on it) while writes queue up.
+    release, holding = threading.Event(), threading.Event()
+
+    def hold_first_commit(committed: Committed, mutation: Mutation | None) -> None:
+        if not holding.is_set():
+            holding.set()
+            release.wait(10)
+
+    store.add_listener(hold_first_commit)
+    transactions: list[str] = []
+    store._writer.set_trace_callback(
+        lambda sql: transactions.append(sql) if sql == "COMMIT" else None
+    )
+    first = threading.Thread(target=store.commit, args=(Write([event("first")]),))
+    first.start()
+    assert holding.wait(10)
+    outcomes: dict[str, str] = {}
+
+    def write(run_id: str) -> None:
+        try:
+            store.commit(Write([event("run.started")], CreateRun(make_run(run_id))))
+            outcomes[run_id] = "committed"
+        except Conflict:
+            outcomes[run_id] = "conflict"
+
+    names = ["r-1", "r-2", "r-taken", "r-3", "r-4"]
+    writers = [threading.Thread(target=write, args=(name,)) for name in names]
+    for thread in writers:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while store._queue.qsize() < len(names) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    transactions.clear()
+    release.set()
+    for thread in (first, *writers):
+        thread.join(10)
+    store._writer.set_trace_callback(None)
+    assert outcomes == {name: "conflict" if name == "r-taken" else "committed" for name in names}
+    assert transactions == ["COMMIT"]  # five writes, one transaction, one fsync
+    assert store.head_sequence() == 6
+    assert [store.get_run(n) is not None for n in ("r-1", "r-2", "r-3", "r-4")] == [True] * 4
+    store.close()
 
 
 # -- identity and the lock -----------------------------------------------------------------
