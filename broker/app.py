@@ -46,11 +46,10 @@ def open_store(settings: Settings) -> Store:
     return open_store_url(settings.store, store_options(settings))
 
 
-def store_options(settings: Settings, *, read_only: bool = False) -> OpenOptions:
+def store_options(settings: Settings) -> OpenOptions:
     data_dir = settings.data_dir
     return OpenOptions(
         data_dir=data_dir,
-        read_only=read_only,
         create=settings.init_store,
         # What a broker leaves in its data dir: a database missing beside these was lost.
         history=(
