@@ -29,7 +29,7 @@ from broker.runs.lifecycle import MAX_DEADLINE, RunLifecycle
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import TokenService
 from broker.settings import Settings
-from broker.store import Store
+from broker.store import Store, StoreRefused, StoreUnavailable
 from broker.store.factory import OpenOptions
 from broker.store.factory import open_store as open_store_url
 from broker.telemetry.otel import Telemetry
@@ -144,6 +144,12 @@ def build_broker(
             run_credentials=run_credentials,
             signer=signer,
         )
+    except StoreUnavailable as exc:
+        # Reading the store at start failed (a damaged page, an I/O error): not serving.
+        if opened:
+            store.close()
+        where = getattr(store, "path", settings.store)
+        raise StoreRefused(f"{where}: cannot be read at start: {exc}") from exc
     except BaseException:
         if opened:
             store.close()  # and with it the data dir's lock
@@ -168,9 +174,11 @@ def _assemble(
     else:
         policy_path = devpolicy.ensure(settings.data_dir, issuer)
         first_policy = load_policy(policy_path)
+    # Read what must be read (the live runs) before the first write (policy.loaded), so that
+    # a store that cannot be read at start is refused before anything is added to it.
+    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
-    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
     authorizer = PolicyAuthorizer(policy.current, store, clock)
     telemetry = Telemetry(tracer_provider, meter_provider)
     keys = KeyRing(

@@ -44,10 +44,12 @@ def used_data_dir(tmp_path: Path) -> Path:
 
 
 def refused(result: Exit, says: str) -> str:
-    """The refusal's one line (asserting it is one line, and the exit non-zero)."""
+    """The refusal's one line (asserting it is one line, and the exit 1)."""
     assert result.code == 1, result.stderr
-    assert len(result.lines) == 1, result.stderr
-    line = result.lines[0]
+    # Besides log records (JSON, from a start that got that far), one line.
+    said = [line for line in result.lines if not line.startswith('{"time"')]
+    assert len(said) == 1, result.stderr
+    line = said[0]
     assert line.startswith("token-broker serve: "), line
     assert says in line, line
     assert "Traceback" not in result.stderr
@@ -95,6 +97,36 @@ def test_corrupt_database_file_is_refused_at_start_and_by_audit_verify(
     assert cli.main(["audit", "verify", "--data-dir", str(data_dir)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a readable SQLite database" in err, err
+
+
+def damage_table(db: Path, table: str) -> None:
+    """Overwrite the root page of `table` with noise: the file still opens, reading the
+    table fails with SQLite's `database disk image is malformed`."""
+    conn = sqlite3.connect(db)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name=?", (table,)).fetchone()[0]
+    conn.close()
+    with db.open("r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(os.urandom(page_size))
+
+
+def test_corrupt_page_found_at_start_is_refused_in_one_line_and_by_audit_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = used_data_dir(tmp_path)
+    db = data_dir / DB_FILENAME
+    damage_table(db, "runs")  # read at start: the live runs are loaded into memory
+    before = fingerprint(db)
+    refused(serve(data_dir), "cannot be read at start: storage read failed: database disk image")
+    assert fingerprint(db) == before
+    damage_table(db, "audit_events")  # read when the store opens: its chain's head
+    before = fingerprint(db)
+    refused(serve(data_dir), "not a readable SQLite database (database disk image is malformed)")
+    assert fingerprint(db) == before
+    assert cli.main(["audit", "verify", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "database disk image is malformed" in err, err
 
 
 def test_newer_schema_is_refused_at_start_naming_both_versions(tmp_path: Path) -> None:

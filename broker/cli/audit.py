@@ -26,7 +26,13 @@ from broker.audit import export as auditlog
 from broker.audit import verify as auditverify
 from broker.audit.checkpoints import PublishedKeys
 from broker.settings import ENV_PREFIX, SettingsError, is_loopback
-from broker.store import Store, StoreRefused, all_checkpoints, all_stored_events
+from broker.store import (
+    Store,
+    StoreRefused,
+    StoreUnavailable,
+    all_checkpoints,
+    all_stored_events,
+)
 from broker.store.factory import OpenOptions, open_store
 from tokenbroker.credentials import DEV_CLIENT_FILE, dev_admin_credentials, local_channel
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
@@ -175,7 +181,7 @@ def _add_tail(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _verify(args: argparse.Namespace) -> int:
     try:
         report = _run_verify(args)
-    except (UsageError, StoreRefused, auditlog.MalformedLine, OSError) as exc:
+    except (UsageError, StoreRefused, StoreUnavailable, auditlog.MalformedLine, OSError) as exc:
         print(f"token-broker audit verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
@@ -311,7 +317,7 @@ def _export(args: argparse.Namespace) -> int:
             if args.jwks is not None:
                 keys = PublishedKeys.from_records(store.public_keys())
                 args.jwks.write_text(json.dumps(keys.jwks(), indent=2, sort_keys=True) + "\n")
-    except (UsageError, StoreRefused, OSError) as exc:
+    except (UsageError, StoreRefused, StoreUnavailable, OSError) as exc:
         print(f"token-broker audit export: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"exported {count} events after sequence {args.after}", file=sys.stderr)
