@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -43,6 +45,13 @@ def used_data_dir(tmp_path: Path) -> Path:
     return data_dir
 
 
+def audit_verify(data_dir: Path, prefix: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """`token-broker audit verify` as another process (and user) runs it."""
+    command = [*prefix, sys.executable, "-m", "broker", "audit", "verify"]
+    command += ["--data-dir", str(data_dir)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
 def refused(result: Exit, says: str) -> str:
     """The refusal's one line (asserting it is one line, and the exit 1)."""
     assert result.code == 1, result.stderr
@@ -66,10 +75,12 @@ def test_read_only_database_file_is_refused_at_start(tmp_path: Path) -> None:
     os.chmod(db, 0o400)
     try:
         result = serve(data_dir, prefix=without_root_override())
+        verified = audit_verify(data_dir, prefix=without_root_override())
     finally:
         os.chmod(db, 0o600)
     refused(result, f"{db}: the database file is read-only")
     assert fingerprint(db) == before
+    assert verified.returncode == 0, verified.stderr  # reading needs no write access
 
 
 def test_read_only_data_dir_is_refused_at_start(tmp_path: Path) -> None:
@@ -78,10 +89,12 @@ def test_read_only_data_dir_is_refused_at_start(tmp_path: Path) -> None:
     os.chmod(data_dir, 0o500)
     try:
         result = serve(data_dir, prefix=without_root_override())
+        verified = audit_verify(data_dir, prefix=without_root_override())
     finally:
         os.chmod(data_dir, 0o700)
     refused(result, f"{data_dir}: the store's directory is read-only")
     assert fingerprint(data_dir / DB_FILENAME) == before
+    assert verified.returncode == 0, verified.stderr
 
 
 def test_corrupt_database_file_is_refused_at_start_and_by_audit_verify(

@@ -610,23 +610,35 @@ def _open_snapshot(path: Path) -> tuple[sqlite3.Connection, int, set[str]]:
     if guard.is_empty(path):
         raise StoreNotFound(f"{path}: no token-broker database here")
     try:
-        conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro",
-            uri=True,
-            isolation_level=None,
-            check_same_thread=False,
+        return _snapshot(path, "mode=ro")
+    except sqlite3.Error as exc:
+        cannot_share = getattr(exc, "sqlite_errorname", "").startswith(
+            ("SQLITE_READONLY", "SQLITE_CANTOPEN")
         )
+        if not cannot_share or any(p.exists() for p in guard.sidecars(path)):
+            raise guard.refusal(path, exc) from None
+    # A WAL database in a directory we cannot write, with no -wal/-shm beside it: SQLite
+    # cannot set up its shared memory. No broker is writing it (a writer keeps its -wal
+    # there, and one starting now writes to its new -wal first), so read it as immutable.
+    try:
+        return _snapshot(path, "mode=ro&immutable=1")
     except sqlite3.Error as exc:
         raise guard.refusal(path, exc) from None
+
+
+def _snapshot(path: Path, query: str) -> tuple[sqlite3.Connection, int, set[str]]:
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?{query}",
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+    )
     try:
         conn.execute("BEGIN")  # one snapshot for every read, from the first one on
         version = guard.identify(conn, path, latest_version())
         if version == 0:
             raise StoreNotFound(f"{path}: an SQLite database with no token-broker store in it")
         return conn, version, _tables(conn)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise guard.refusal(path, exc) from None
     except BaseException:
         conn.close()
         raise
