@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -99,6 +101,25 @@ def test_memory_urls_open_a_memory_store_and_refuse_offline_reading(tmp_path: Pa
     assert isinstance(sqlite_store(tmp_path, "memory:"), MemoryStore)
     with pytest.raises(StoreUrlInvalid, match="nothing to read offline"):
         sqlite_store(tmp_path, "memory:", read_only=True)
+
+
+def test_backends_are_imported_only_when_a_url_names_them() -> None:
+    probe = (
+        "import sys\n"
+        "from broker.settings import Settings\n"
+        "from broker.store.factory import BACKENDS, parse\n"
+        "Settings(store='memory:')\n"
+        "print(sorted(m for m in BACKENDS.values() if m in sys.modules))\n"
+        "parse('sqlite:')\n"
+        "print(sorted(m for m in BACKENDS.values() if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split("\n")[:2] == [
+        "['broker.store.memory']",
+        "['broker.store.memory', 'broker.store.sqlite']",
+    ]
 
 
 def test_migrations_live_in_the_backends_own_folder() -> None:
