@@ -6,7 +6,9 @@ Start-up refusals are checked on the real `token-broker serve` process."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from tests.storage_support import (
     serve,
     without_root_override,
 )
-from tests.support import details, rpc_error, start_broker_process, start_run_request
+from tests.support import REPO, details, rpc_error, start_broker_process, start_run_request
 from tokenbroker.v1 import broker_pb2
 
 pytestmark = pytest.mark.slow
@@ -317,3 +319,25 @@ def test_disk_full_answers_unavailable_with_nothing_half_written_then_recovers(
         assert sorted(r.run_id for r in listed.runs) == sorted(acknowledged)
     data_dir = server.broker.settings.data_dir
     assert cli.main(["audit", "verify", "--data-dir", str(data_dir)]) == 0
+
+
+def test_disk_full_on_a_size_limited_file_system_answers_unavailable_then_recovers(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "small"
+    root.mkdir()
+    unshare = shutil.which("unshare")
+    in_namespace = [unshare or "unshare", "-m", "--propagation", "private"]
+    probe = [*in_namespace, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)]
+    if unshare is None or subprocess.run(probe, capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a size-limited file system here (needs unshare and mount)")
+    scenario = [*in_namespace, sys.executable, "-m", "tests.fullfs_scenario", str(root)]
+    done = subprocess.run(
+        scenario, capture_output=True, text=True, cwd=REPO, timeout=90, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["code"] == "UNAVAILABLE", seen
+    assert "database or disk is full" in str(seen["details"]), seen
+    assert seen["head_unchanged"] and seen["only_acknowledged"] and seen["recovered"], seen
+    assert seen["verify"] == 0, done.stderr[-3000:]
