@@ -75,7 +75,7 @@ def check_url(url: StoreUrl) -> None:
     _busy_timeout(url)
     if not url.location:
         return
-    path = Path(url.location)
+    path = Path(url.location).expanduser()
     if path.is_dir():
         raise StoreUrlInvalid(
             f"store {str(url)!r}: {path} is a directory; sqlite:PATH names the database "
@@ -86,7 +86,7 @@ def check_url(url: StoreUrl) -> None:
 
 
 def open_url(url: StoreUrl, options: OpenOptions) -> SqliteStore:
-    database = Path(url.location) if url.location else options.data_dir / DB_FILENAME
+    database = Path(url.location).expanduser() if url.location else options.data_dir / DB_FILENAME
     return SqliteStore(
         options.data_dir,
         database=database,
