@@ -19,6 +19,7 @@ from broker.context import CallContext
 from broker.identity import BROKER
 from broker.policy import dev as devpolicy
 from broker.policy.file import load_policy
+from broker.policy.model import Policy
 from broker.policy.rules import PolicyRules
 from broker.policy.source import PolicySource
 from broker.runs.delegation import Delegation, Handoff
@@ -28,18 +29,35 @@ from broker.runs.lifecycle import MAX_DEADLINE, RunLifecycle
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import TokenService
 from broker.settings import Settings
-from broker.store import Store
-from broker.store.memory import MemoryStore
-from broker.store.sqlite import SqliteStore
+from broker.store import Store, StoreRefused, StoreUnavailable
+from broker.store.factory import OpenOptions
+from broker.store.factory import open_store as open_store_url
 from broker.telemetry.otel import Telemetry
 
 log = logging.getLogger(__name__)
 
+KEY_DIR = "keys"
+
 
 def open_store(settings: Settings) -> Store:
-    if settings.store == "memory":
-        return MemoryStore()
-    return SqliteStore(settings.data_dir)
+    """The store `--store` names. Raises StoreRefused (nothing changed) if it must not be
+    opened; an empty one is created only in a data dir that never held a broker, or with
+    --init-store."""
+    return open_store_url(settings.store, store_options(settings))
+
+
+def store_options(settings: Settings) -> OpenOptions:
+    data_dir = settings.data_dir
+    return OpenOptions(
+        data_dir=data_dir,
+        create=settings.init_store,
+        # What a broker leaves in its data dir: a database missing beside these was lost.
+        history=(
+            data_dir / KEY_DIR,
+            data_dir / devpolicy.POLICY_FILE,
+            data_dir / devpolicy.KEY_FILE,
+        ),
+    )
 
 
 @dataclass
@@ -105,21 +123,68 @@ def build_broker(
     `issuer` (the `iss` of broker tokens and the audience of callers' assertions) defaults
     from settings. Without providers, telemetry is a no-op (`serve` builds them from OTEL_*
     variables). Audit checkpoints are signed by `signer`, by default the key ring.
-    Raises PolicyError (before opening anything) when the policy is invalid.
+    Raises PolicyError (before opening anything) when the policy is invalid, and
+    StoreRefused when the store must not be opened. The store is opened before anything is
+    written into the data dir, so that a first start is told from a lost database.
     """
     issuer = issuer or settings.effective_issuer
-    policy_path = settings.policy or devpolicy.ensure(settings.data_dir, issuer)
-    first_policy = load_policy(policy_path)
-    store = store if store is not None else open_store(settings)
+    given_policy = load_policy(settings.policy) if settings.policy else None
+    opened = store is None
+    store = open_store(settings) if store is None else store
+    try:
+        return _assemble(
+            settings,
+            store,
+            clock,
+            issuer,
+            given_policy,
+            handoff=handoff,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            run_credentials=run_credentials,
+            signer=signer,
+        )
+    except StoreUnavailable as exc:
+        # Reading the store at start failed (a damaged page, an I/O error): not serving.
+        if opened:
+            store.close()
+        where = getattr(store, "path", settings.store)
+        raise StoreRefused(f"{where}: cannot be read at start: {exc}") from exc
+    except BaseException:
+        if opened:
+            store.close()  # and with it the data dir's lock
+        raise
+
+
+def _assemble(
+    settings: Settings,
+    store: Store,
+    clock: Clock,
+    issuer: str,
+    given_policy: Policy | None,
+    *,
+    handoff: Handoff | None,
+    tracer_provider: TracerProvider | None,
+    meter_provider: MeterProvider | None,
+    run_credentials: RunCredentialVerifier | None,
+    signer: CheckpointSigner | None,
+) -> Broker:
+    if settings.policy is not None and given_policy is not None:
+        policy_path, first_policy = settings.policy, given_policy
+    else:
+        policy_path = devpolicy.ensure(settings.data_dir, issuer)
+        first_policy = load_policy(policy_path)
+    # Read what must be read (the live runs) before the first write (policy.loaded), so that
+    # a store that cannot be read at start is refused before anything is added to it.
+    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
-    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
     authorizer = PolicyAuthorizer(policy.current, store, clock)
     telemetry = Telemetry(tracer_provider, meter_provider)
     keys = KeyRing(
         store,
         clock,
-        key_dir=settings.data_dir / "keys",
+        key_dir=settings.data_dir / KEY_DIR,
         alg=settings.signing_alg,
         # A rotated-out key stays published while anything it signed may be unexpired:
         # run credentials live until their run's deadline.

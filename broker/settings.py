@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from broker.store import StoreUrlInvalid, factory
+
 ENV_PREFIX = "TOKEN_BROKER_"
 
 
@@ -23,7 +25,8 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     http_listen: str = "127.0.0.1:50052"
     data_dir: Path = Path("var")
-    store: str = "sqlite"
+    store: str = "sqlite:"
+    init_store: bool = False
     policy: Path | None = None
     issuer: str = ""
     signing_alg: str = "ES256"
@@ -44,8 +47,10 @@ class Settings:
     audit_retention_days: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.store not in ("sqlite", "memory"):
-            raise SettingsError(f"--store must be 'sqlite' or 'memory', not {self.store!r}")
+        try:
+            factory.parse(self.store)
+        except StoreUrlInvalid as exc:
+            raise SettingsError(f"--store: {exc}") from None
         if self.signing_alg not in ("ES256", "RS256"):
             raise SettingsError(f"--signing-alg must be ES256 or RS256, not {self.signing_alg!r}")
         if self.log_format not in ("json", "text"):
@@ -187,7 +192,10 @@ _HELP = {
     "listen": "gRPC address",
     "http_listen": "HTTP address for /.well-known/jwks.json and OIDC discovery ('' = off)",
     "data_dir": "directory for the SQLite database, keys and the development policy",
-    "store": "sqlite (durable) or memory (ephemeral, for tests)",
+    "store": "where the broker keeps its state: sqlite: (the data dir's broker.db), "
+    "sqlite:PATH (that database file) or memory: (ephemeral, for tests)",
+    "init_store": "create an empty store even though the data dir held a broker before "
+    "(its database is missing or empty): a new audit history begins",
     "policy": "policy file (TOML); without it a development policy is created in the data dir",
     "issuer": "the `iss` of broker tokens (default: the HTTP endpoint's URL)",
     "signing_alg": "ES256 or RS256",

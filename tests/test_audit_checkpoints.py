@@ -20,8 +20,7 @@ from broker.audit.checkpoints import CheckpointInvalid, PrivateKeySigner, Publis
 from broker.cli import main as cli
 from broker.settings import SettingsError
 from broker.store import Store, Write
-from broker.store.memory import MemoryStore
-from broker.store.sqlite import SqliteStore
+from broker.store.factory import OpenOptions, open_store
 from tests.audit_support import (
     FakeClock,
     draft,
@@ -36,7 +35,7 @@ from tests.support import start_run_request
 
 @pytest.fixture
 def store(store_kind: str, tmp_path: Path) -> Iterator[Store]:
-    backend: Store = SqliteStore(tmp_path) if store_kind == "sqlite" else MemoryStore()
+    backend = open_store(f"{store_kind}:", OpenOptions(data_dir=tmp_path))
     yield backend
     backend.close()
 

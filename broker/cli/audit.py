@@ -1,8 +1,9 @@
 """`token-broker audit verify | export | tail`.
 
-verify and export read the broker's SQLite file read-only (safe while the broker runs);
-tail follows a running broker through the client library (StreamAudit), with the target,
-credentials, timeout, exit codes and error wording every broker-calling command shares.
+verify and export open the broker's store read-only through the store factory (safe while
+the broker runs: no lock, no write, one snapshot); tail follows a running broker through the
+client library (StreamAudit), with the target, credentials, timeout, exit codes and error
+wording every broker-calling command shares.
 
 Exit codes of `audit verify`: 0 the log verifies, 1 it was tampered with (the first bad
 sequence is reported), 2 usage (bad arguments, missing or unreadable input).
@@ -15,6 +16,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,7 +28,14 @@ from broker.audit import verify as auditverify
 from broker.audit.checkpoints import PublishedKeys
 from broker.cli import common
 from broker.settings import ENV_PREFIX
-from broker.store.sqlite_readonly import NotADatabase, ReadOnlyAuditLog, database_path
+from broker.store import (
+    Store,
+    StoreRefused,
+    StoreUnavailable,
+    all_checkpoints,
+    all_stored_events,
+)
+from broker.store.factory import OpenOptions, open_store
 from tokenbroker.v1 import types_pb2
 
 EXIT_OK = 0
@@ -66,6 +76,11 @@ def _add_source(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveG
         help=f"the broker's data directory [env {ENV_PREFIX}DATA_DIR; default var]",
     )
     source.add_argument("--db", type=Path, help="the SQLite database file itself")
+    source.add_argument(
+        "--store",
+        metavar="URL",
+        help=f"the store, as `serve --store` names it [env {ENV_PREFIX}STORE; default sqlite:]",
+    )
     return source
 
 
@@ -167,7 +182,7 @@ def _sequence(text: str) -> int:
 def _verify(args: argparse.Namespace) -> int:
     try:
         report = _run_verify(args)
-    except (UsageError, NotADatabase, auditlog.MalformedLine, OSError) as exc:
+    except (UsageError, StoreRefused, StoreUnavailable, auditlog.MalformedLine, OSError) as exc:
         print(f"token-broker audit verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
@@ -195,15 +210,15 @@ def _run_verify(args: argparse.Namespace) -> auditverify.Report:
             )
         if args.checkpoints is not None:
             raise UsageError("--checkpoints goes with --file; a database holds its own")
-        with ReadOnlyAuditLog(_database(args)) as log:
-            progress.total = log.count()
-            keys = pinned or PublishedKeys.from_records(log.public_keys())
+        with _opened(args) as (store, source):
+            progress.total = store.head_sequence() - store.oldest_sequence() + 1
+            keys = pinned or PublishedKeys.from_records(store.public_keys())
             return auditverify.verify(
-                str(log.path),
-                log.events(),
-                log.checkpoints(),
+                source,
+                all_stored_events(store),
+                all_checkpoints(store),
                 keys,
-                pruned_through=log.pruned_through(),
+                pruned_through=store.pruned_through(),
                 progress=progress.update,
             )
     finally:
@@ -287,33 +302,33 @@ def _export(args: argparse.Namespace) -> int:
         print("token-broker audit export: --after must be 0 or more", file=sys.stderr)
         return EXIT_USAGE
     try:
-        with ReadOnlyAuditLog(_database(args)) as log:
-            pruned = log.pruned_through()
+        with _opened(args) as (store, _):
+            pruned = store.pruned_through()
             if 0 < args.after < pruned:
                 raise UsageError(
                     f"events after {args.after} are no longer retained; the oldest available "
-                    f"sequence is {log.oldest_sequence()} (export with --after {pruned})"
+                    f"sequence is {store.oldest_sequence()} (export with --after {pruned})"
                 )
-            count = _write_events(log, args.after, args.output)
+            count = _write_events(store, args.after, args.output)
             if args.checkpoints is not None:
                 since = max(args.after, pruned) - 1
-                lines = (auditlog.checkpoint_line(c) for c in log.checkpoints(after=since))
+                lines = (auditlog.checkpoint_line(c) for c in all_checkpoints(store, since))
                 with args.checkpoints.open("w", encoding="utf-8") as out:
                     auditlog.write_lines(lines, out)
             if args.jwks is not None:
-                keys = PublishedKeys.from_records(log.public_keys())
+                keys = PublishedKeys.from_records(store.public_keys())
                 args.jwks.write_text(json.dumps(keys.jwks(), indent=2, sort_keys=True) + "\n")
     except BrokenPipeError:
         raise  # the reader went away (`| head`): main ends quietly
-    except (UsageError, NotADatabase, OSError) as exc:
+    except (UsageError, StoreRefused, StoreUnavailable, OSError) as exc:
         print(f"token-broker audit export: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"exported {count} events after sequence {args.after}", file=sys.stderr)
     return EXIT_OK
 
 
-def _write_events(log: ReadOnlyAuditLog, after: int, output: Path | None) -> int:
-    lines = (auditlog.event_line(e) for e in log.events(after))
+def _write_events(store: Store, after: int, output: Path | None) -> int:
+    lines = (auditlog.event_line(e) for e in all_stored_events(store, after))
     if output is None:
         count = auditlog.write_lines(lines, sys.stdout)
         sys.stdout.flush()
@@ -322,11 +337,19 @@ def _write_events(log: ReadOnlyAuditLog, after: int, output: Path | None) -> int
         return auditlog.write_lines(lines, out)
 
 
-def _database(args: argparse.Namespace) -> Path:
+@contextmanager
+def _opened(args: argparse.Namespace) -> Iterator[tuple[Store, str]]:
+    """The store the arguments name, opened read-only, and how to name it in a report."""
+    data_dir = Path(args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR") or "var")
     if args.db is not None:
-        return Path(args.db)
-    data_dir = args.data_dir or Path(os.environ.get(ENV_PREFIX + "DATA_DIR") or "var")
-    return database_path(Path(data_dir))
+        url = f"sqlite:{args.db}"
+    else:
+        url = args.store or os.environ.get(ENV_PREFIX + "STORE") or "sqlite:"
+    store = open_store(url, OpenOptions(data_dir=data_dir, read_only=True))
+    try:
+        yield store, str(getattr(store, "path", url))
+    finally:
+        store.close()
 
 
 # -- tail ------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from broker.audit import verify as auditverify
 from broker.audit.checkpoints import PublishedKeys
 from broker.audit.events import Action
 from broker.settings import Settings
-from broker.store.sqlite_readonly import NotADatabase, ReadOnlyAuditLog, database_path
+from broker.store import StoreRefused, all_checkpoints, all_stored_events
+from broker.store.factory import OpenOptions, open_store
 from broker.telemetry import logs
 from tokenbroker.client import BrokerClient
 from tokenbroker.credentials import assertion_credentials
@@ -332,15 +333,18 @@ def _plain(value: Any) -> str:
 def _verify_audit(story: Story, data_dir: Path) -> int:
     """`token-broker audit verify --data-dir`, on the log the stopped broker left behind."""
     try:
-        with ReadOnlyAuditLog(database_path(data_dir)) as log:
+        store = open_store("sqlite:", OpenOptions(data_dir=data_dir, read_only=True))
+        try:
             report = auditverify.verify(
-                str(log.path),
-                log.events(),
-                log.checkpoints(),
-                PublishedKeys.from_records(log.public_keys()),
-                pruned_through=log.pruned_through(),
+                str(data_dir / "broker.db"),
+                all_stored_events(store),
+                all_checkpoints(store),
+                PublishedKeys.from_records(store.public_keys()),
+                pruned_through=store.pruned_through(),
             )
-    except (OSError, NotADatabase) as exc:
+        finally:
+            store.close()
+    except (OSError, StoreRefused) as exc:
         story.failed(f"audit verify could not read the log: {exc}")
         return EXIT_FAILED
     if not report.ok:

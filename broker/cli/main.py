@@ -71,12 +71,15 @@ exit status:
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.api.server import ListenError, serve
+    from broker.store import StoreRefused
 
     config = settings.from_sources(args, os.environ)
     logs.configure(config.log_level, config.log_format)
     try:
         return serve(config)
     except ListenError as exc:  # not a usage error: the same flags work once it is free
+        raise cli_common.CliError(str(exc), cli_common.EXIT_FAILED) from None
+    except StoreRefused as exc:  # the store is left as it was; the message says why
         raise cli_common.CliError(str(exc), cli_common.EXIT_FAILED) from None
 
 

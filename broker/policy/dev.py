@@ -50,7 +50,7 @@ asserted_domains = ["*"]
 
 def ensure(data_dir: Path, audience: str) -> Path:
     """The development policy's path, writing it and its admin key on first use."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # owner-only, like its files
     policy_path = data_dir / POLICY_FILE
     key_path = data_dir / KEY_FILE
     if policy_path.exists() and key_path.exists():

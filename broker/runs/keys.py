@@ -133,6 +133,9 @@ class KeyRing:
         self._external = external_key
         self._authz = authorizer
         self._lock = threading.Lock()
+        # One refresh at a time, read to install: a refresh that read the store before a
+        # rotation must not install its stale view after the rotation's own refresh.
+        self._refreshing = threading.Lock()
         self._private: dict[str, SigningKey] = {}
         self._published: dict[str, PublicKey] = {}
         self._jwks: dict[str, list[dict[str, Any]]] = {"keys": []}
@@ -189,6 +192,10 @@ class KeyRing:
 
     def refresh(self) -> None:
         """Re-read the published keys (after a change here or by another replica)."""
+        with self._refreshing:
+            self._refresh()
+
+    def _refresh(self) -> None:
         now = self._clock()
         published: dict[str, PublicKey] = {}
         jwks: list[dict[str, Any]] = []

@@ -5,14 +5,21 @@ applied atomically — no change without its event, no event without its change.
 whose precondition no longer holds (the run already ended, the idempotency key is taken)
 raises `Conflict` and writes nothing.
 
-Backends: `memory` (ephemeral, for tests) and `sqlite` (embedded default). The interface is
+Backends: `memory` (ephemeral, for tests) and `sqlite` (embedded default), each one module
+opened by URL through `broker.store.factory` (`memory:`, `sqlite:PATH`). The interface is
 shaped for a shared SQL database too: preconditions are conditional updates, sequences are
 assigned inside the transaction, and readers page by sequence.
+
+Opening refuses a store it must not touch (`StoreRefused`: newer schema, foreign file, lost
+history, held by another broker, corrupt, read-only), leaving it exactly as it was.
+
+May import: the value types it stores (broker.runs.model, .permissions, broker.audit.events)
+and the shared value modules; nothing above them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -160,6 +167,46 @@ class StoreUnavailable(Exception):
     """The backend refused or failed the write (read-only file, disk full, I/O error)."""
 
 
+class StoreRefused(Exception):
+    """The store must not be opened: serving from it could lose or corrupt data.
+
+    Nothing was changed. The message is one line naming the store and why, fit to print
+    as it is; each case below is a subclass so that callers and tests can tell them apart.
+    """
+
+
+class StoreUrlInvalid(StoreRefused, ValueError):
+    """The store URL names no known backend, or is malformed for its backend."""
+
+
+class NewerSchema(StoreRefused):
+    """The store's schema is newer than this broker knows (written by a newer broker)."""
+
+
+class ForeignStore(StoreRefused):
+    """The file is a database of another application, not a token-broker store."""
+
+
+class HistoryMissing(StoreRefused):
+    """The data dir held a store before, but its database is missing or empty."""
+
+
+class StoreInUse(StoreRefused):
+    """Another process holds the store (another broker on the same data dir)."""
+
+
+class StoreNotFound(StoreRefused):
+    """There is no store to read where an offline tool was pointed."""
+
+
+class CorruptStore(StoreRefused):
+    """The database cannot be read as a database."""
+
+
+class ReadOnlyStore(StoreRefused):
+    """The database or its directory cannot be written."""
+
+
 @dataclass(frozen=True)
 class RunQuery:
     org: str = ""
@@ -256,3 +303,24 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def all_stored_events(store: Store, after: int = 0, page: int = 2000) -> Iterator[StoredEvent]:
+    """Every stored event with sequence > after, in order, read page by page."""
+    while True:
+        rows = store.stored_events(after, page)
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1].sequence
+
+
+def all_checkpoints(store: Store, after: int = -1, page: int = 2000) -> list[CheckpointRecord]:
+    """Every checkpoint with sequence > after, oldest first."""
+    found: list[CheckpointRecord] = []
+    while True:
+        rows = store.checkpoints(after, page)
+        found.extend(rows)
+        if len(rows) < page:
+            return found
+        after = rows[-1].sequence

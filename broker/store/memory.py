@@ -1,5 +1,5 @@
 """In-memory backend: the same contract as SQLite, nothing durable. For tests and
-throw-away brokers (`--store memory`)."""
+throw-away brokers (`--store memory:`)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,24 @@ from broker.store import (
     RunNotActive,
     RunQuery,
     StoredEvent,
+    StoreUrlInvalid,
     UnknownRun,
     Write,
 )
+from broker.store.factory import OpenOptions, StoreUrl
+
+
+def check_url(url: StoreUrl) -> None:
+    if url.location or url.options:
+        raise StoreUrlInvalid(f"store {str(url)!r}: a memory store takes no path or options")
+
+
+def open_url(url: StoreUrl, options: OpenOptions) -> MemoryStore:
+    if options.read_only:
+        raise StoreUrlInvalid(
+            "a memory: store lives only inside its broker; there is nothing to read offline"
+        )
+    return MemoryStore()
 
 
 class MemoryStore:

@@ -1,10 +1,14 @@
-"""SQLite backend: the embedded default.
+"""SQLite backend: the embedded default (`sqlite:` or `sqlite:PATH`).
 
 WAL mode with `synchronous=FULL`, so an acknowledged write survives `kill -9` and power loss.
 One writer thread applies writes in *group commits*: every write queued while the previous
 transaction was syncing shares the next transaction and its single fsync, each in its own
 savepoint so that one write's conflict does not undo another's. Readers use their own
 per-thread connections and never block the writer.
+
+Opening checks the file first (broker.store.sqlite_guard): a store that must not be served
+is refused before anything is written to it. Opened read-only (offline tools), the store
+takes no lock, writes nothing and reads one snapshot taken when it was opened.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -43,43 +47,119 @@ from broker.store import (
     RunNotActive,
     RunQuery,
     StoredEvent,
+    StoreNotFound,
     StoreUnavailable,
+    StoreUrlInvalid,
     UnknownRun,
     Write,
 )
+from broker.store import sqlite_guard as guard
 from broker.store.codec import RUN_COLUMNS, event_from_row, run_from_row, run_to_row
+from broker.store.factory import OpenOptions, StoreUrl
 
 log = logging.getLogger(__name__)
 
 DB_FILENAME = "broker.db"
 MAX_BATCH = 256
+# How long a write waits for a write lock held by another process (a backup tool, an
+# sqlite3 shell) before it fails as UNAVAILABLE. Within one broker writes never contend.
+BUSY_TIMEOUT = 5.0
+MAX_BUSY_TIMEOUT = 600.0
 _STOP = object()
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+def check_url(url: StoreUrl) -> None:
+    unknown = sorted(set(url.options) - {"busy_timeout"})
+    if unknown:
+        raise StoreUrlInvalid(f"store {str(url)!r}: unknown option {unknown[0]!r}")
+    _busy_timeout(url)
+    if not url.location:
+        return
+    path = Path(url.location).expanduser()
+    if path.is_dir():
+        raise StoreUrlInvalid(
+            f"store {str(url)!r}: {path} is a directory; sqlite:PATH names the database "
+            f"file (e.g. sqlite:{path / DB_FILENAME}), and plain sqlite: the data dir's"
+        )
+    if path.suffix in (".lock", ".created"):
+        raise StoreUrlInvalid(f"store {str(url)!r}: {path.suffix} files are the store's own")
+
+
+def open_url(url: StoreUrl, options: OpenOptions) -> SqliteStore:
+    database = Path(url.location).expanduser() if url.location else options.data_dir / DB_FILENAME
+    return SqliteStore(
+        options.data_dir,
+        database=database,
+        read_only=options.read_only,
+        create=options.create,
+        history=options.history,
+        busy_timeout=_busy_timeout(url),
+    )
+
+
+def _busy_timeout(url: StoreUrl) -> float:
+    raw = url.options.get("busy_timeout")
+    if raw is None:
+        return BUSY_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_BUSY_TIMEOUT:
+        raise StoreUrlInvalid(
+            f"store {str(url)!r}: busy_timeout must be 0 to {MAX_BUSY_TIMEOUT:g} seconds"
+        )
+    return value
+
+
+def _configure(conn: sqlite3.Connection) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
 
+def _connect(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
+    return sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+    )
+
+
 def migrations() -> list[tuple[int, str]]:
-    """(version, sql) for every migration shipped in broker/store/migrations, in order."""
+    """(version, sql) for every migration in broker/store/migrations/sqlite, in order."""
     found = []
-    for entry in resources.files("broker.store").joinpath("migrations").iterdir():
+    folder = resources.files("broker.store").joinpath("migrations", "sqlite")
+    for entry in folder.iterdir():
         if entry.name.endswith(".sql"):
             found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
     return sorted(found)
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Apply pending migrations, each in its own transaction; return the schema version."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
-        "applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-    )
-    current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+def latest_version() -> int:
+    return max(version for version, _ in migrations())
+
+
+def migrate(conn: sqlite3.Connection, database: object = "the database") -> int:
+    """Mark the file as a token-broker store, apply pending migrations (each in its own
+    transaction) and return the schema version. Raises NewerSchema, writing nothing, for a
+    store written by a newer broker."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+            "applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+        )
+        current = int(
+            conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+        )
+        guard.check_version(database, current, latest_version())
+        if conn.execute("PRAGMA application_id").fetchone()[0] != guard.APPLICATION_ID:
+            # Stamped at creation; stores made before the id existed get it on first open.
+            conn.execute(f"PRAGMA application_id={guard.APPLICATION_ID}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     for version, sql in migrations():
         if version <= current:
             continue
@@ -94,7 +174,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute("ROLLBACK")
             raise
         current = version
-    return int(current)
+    return current
 
 
 def _statements(sql: str) -> Iterator[str]:
@@ -137,22 +217,61 @@ class _Pending:
 
 
 class SqliteStore:
-    """The `Store` on one SQLite file in `data_dir`."""
+    """The `Store` on one SQLite file: `database`, by default `data_dir`/broker.db.
 
-    def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / DB_FILENAME
-        self._writer = _connect(self.path)
-        self.schema_version = migrate(self._writer)
+    `create` allows an empty store where `history` (or the store's own marks) shows that
+    one was kept before; `read_only` opens one snapshot for offline tools. Raises
+    StoreRefused, leaving the file untouched, when the file must not be served.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        database: Path | None = None,
+        read_only: bool = False,
+        create: bool = False,
+        history: Sequence[Path] = (),
+        busy_timeout: float = BUSY_TIMEOUT,
+    ) -> None:
+        self.path = database if database is not None else data_dir / DB_FILENAME
+        self.read_only = read_only
+        self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._listeners: list[CommitListener] = []
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
-        self._head_seq, self._head_hash = self._read_head()
         self._closed = False
+        self._lock: guard.StoreLock | None = None
+        self._snapshot: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+        if read_only:
+            self._snapshot, self.schema_version, self._tables = _open_snapshot(self.path)
+            return
+        guard.make_private_dirs(self.path.parent)
+        self._lock = guard.StoreLock(self.path)
+        try:
+            self._writer, self.schema_version = _open_writer(
+                self.path, create=create, history=history, busy_timeout=busy_timeout
+            )
+            self._tables = _tables(self._writer)
+            self._head_seq, self._head_hash = self._read_head()
+        except sqlite3.Error as exc:
+            self._abandon()
+            raise guard.refusal(self.path, exc) from None
+        except BaseException:
+            self._abandon()
+            raise
         self._thread = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
         self._thread.start()
+
+    def _abandon(self) -> None:
+        writer: sqlite3.Connection | None = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.close()
+        if self._lock is not None:
+            self._lock.release()
 
     # -- writes --------------------------------------------------------------------------
 
@@ -162,6 +281,8 @@ class SqliteStore:
     def commit(self, write: Write) -> Committed:
         if self._closed:
             raise StoreUnavailable("store is closed")
+        if self.read_only:
+            raise StoreUnavailable("store is opened read-only")
         pending = _Pending(write)
         self._queue.put(pending)
         return pending.wait()
@@ -328,9 +449,17 @@ class SqliteStore:
 
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
+        if self._snapshot is not None:
+            # Read-only: one connection, one snapshot, shared by every thread in turn.
+            with self._readers_lock:
+                try:
+                    yield self._snapshot
+                except sqlite3.Error as exc:
+                    raise StoreUnavailable(f"storage read failed: {exc}") from exc
+            return
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path)
+            conn = _configure(_connect(self.path, self._busy_timeout))
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
@@ -384,7 +513,7 @@ class SqliteStore:
             "ORDER BY sequence LIMIT ?",
             (after, limit),
         )
-        return [StoredEvent(row[0], json.loads(row[1]), row[2], row[3]) for row in rows]
+        return [StoredEvent(row[0], _json_object(row[1]), str(row[2]), str(row[3])) for row in rows]
 
     def head_sequence(self) -> int:
         return int(self._query("SELECT COALESCE(MAX(sequence), 0) FROM audit_events")[0][0])
@@ -401,6 +530,8 @@ class SqliteStore:
         return [PublicKeyRecord(*row) for row in rows]
 
     def latest_checkpoint(self, at_most: int | None = None) -> CheckpointRecord | None:
+        if "audit_checkpoints" not in self._tables:  # read-only, on a schema before 0002
+            return None
         bound = (1 << 62) if at_most is None else at_most
         rows = self._query(
             f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence<=? "  # noqa: S608
@@ -410,6 +541,8 @@ class SqliteStore:
         return CheckpointRecord(*rows[0]) if rows else None
 
     def checkpoints(self, after: int, limit: int) -> list[CheckpointRecord]:
+        if "audit_checkpoints" not in self._tables:
+            return []
         rows = self._query(
             f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence>? "  # noqa: S608
             "ORDER BY sequence LIMIT ?",
@@ -430,13 +563,99 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
+        if self._snapshot is not None:
+            self._snapshot.close()
+            return
         self._queue.put(_STOP)
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
         self._writer.close()
+        if self._lock is not None:
+            self._lock.release()
+
+
+def _open_writer(
+    path: Path, *, create: bool, history: Sequence[Path], busy_timeout: float
+) -> tuple[sqlite3.Connection, int]:
+    """The writer's connection to a checked, migrated store (created if allowed)."""
+    guard.check_writable(path)
+    fresh = guard.is_empty(path)
+    if fresh:
+        if not create:
+            guard.check_no_history(path, history)
+        guard.create_private_file(path)
+    conn = _connect(path, busy_timeout)
+    try:
+        # Identify before the first write (even journal_mode writes): a refused file is left
+        # exactly as it was.
+        version = guard.identify(conn, path, latest_version())
+        if version == 0 and not fresh and not create:
+            guard.check_no_history(path, history)  # an SQLite file with nothing in it
+        guard.tighten([path, *guard.sidecars(path)])  # made before files were owner-only
+        version = migrate(_configure(conn), path)
+        guard.mark_created(path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, version
+
+
+def _open_snapshot(path: Path) -> tuple[sqlite3.Connection, int, set[str]]:
+    if path.is_dir():
+        raise StoreNotFound(f"{path}: is a directory, not a database file")
+    if guard.is_empty(path):
+        raise StoreNotFound(f"{path}: no token-broker database here")
+    try:
+        return _snapshot(path, "mode=ro")
+    except sqlite3.Error as exc:
+        cannot_share = getattr(exc, "sqlite_errorname", "").startswith(
+            ("SQLITE_READONLY", "SQLITE_CANTOPEN")
+        )
+        if not cannot_share or any(p.exists() for p in guard.sidecars(path)):
+            raise guard.refusal(path, exc) from None
+    # A WAL database in a directory we cannot write, with no -wal/-shm beside it: SQLite
+    # cannot set up its shared memory. No broker is writing it (a writer keeps its -wal
+    # there, and one starting now writes to its new -wal first), so read it as immutable.
+    try:
+        return _snapshot(path, "mode=ro&immutable=1")
+    except sqlite3.Error as exc:
+        raise guard.refusal(path, exc) from None
+
+
+def _snapshot(path: Path, query: str) -> tuple[sqlite3.Connection, int, set[str]]:
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?{query}",
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        conn.execute("BEGIN")  # one snapshot for every read, from the first one on
+        version = guard.identify(conn, path, latest_version())
+        if version == 0:
+            raise StoreNotFound(f"{path}: an SQLite database with no token-broker store in it")
+        return conn, version, _tables(conn)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+    return {str(row[0]) for row in rows}
+
+
+def _json_object(text: object) -> dict[str, Any]:
+    # A tampered row may hold anything; the verifier reports it rather than crash here.
+    try:
+        value = json.loads(str(text))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 CHECKPOINT_COLUMNS = "sequence, hash, time, kid, jws, prev_sequence"
