@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from broker.api.server import BrokerServer, create_server
 from broker.settings import Settings
 from tests.accounts import Callers, callers_of, standard_accounts, write_policy
+from tests.pgcluster import Cluster, create_database, running_cluster
 from tokenbroker.v1 import broker_pb2_grpc
 
 
@@ -30,9 +32,25 @@ def standard_policy(directory: Path) -> Path:
     return write_policy(directory / "policy.toml", standard_accounts().values())
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One throw-away PostgreSQL server for the whole run (fails loudly if it cannot start)."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: Cluster) -> str:
+    """A fresh, empty database on the throw-away server."""
+    return create_database(pg_cluster, f"t{next(_databases)}")
 
 
 @pytest.fixture

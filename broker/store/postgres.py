@@ -1,0 +1,546 @@
+"""PostgreSQL backend: several broker replicas on one database.
+
+Writes go through one writer connection per process in *group commits*, as in the SQLite
+store: every write queued while the previous transaction was committing shares the next
+transaction, each in its own savepoint. Every write transaction first locks the chain's head
+row (`audit_head ... FOR UPDATE`), so appends from all replicas are serialised by the database
+and the global sequence stays gapless; the head is read inside that transaction, never cached.
+The commit sends `NOTIFY tokenbroker_audit` with the new head, which wakes followers in every
+replica at once (`wait_for_events`); a follower still reads by sequence after every wake-up, so
+a lost notification delays a change but never drops it.
+
+Readers share a small connection pool (psycopg_pool).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from broker.audit import events as audit
+from broker.audit.events import AuditEvent
+from broker.runs.model import Run
+from broker.store import (
+    CheckpointConflict,
+    CheckpointRecord,
+    CommitListener,
+    Committed,
+    Conflict,
+    CreateRun,
+    EndRun,
+    IdempotencyKeyTaken,
+    Mutation,
+    PruneAudit,
+    PruneConflict,
+    PublicKeyRecord,
+    PublishKey,
+    RecordCheckpoint,
+    RenewLease,
+    RetireKey,
+    RunNotActive,
+    RunQuery,
+    StoredEvent,
+    StoreUnavailable,
+    UnknownRun,
+    Write,
+)
+from broker.store.codec import RUN_COLUMNS, event_from_row, run_from_row, run_to_row
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "tokenbroker_audit"
+MAX_BATCH = 256
+# One key for the advisory lock that serialises migrations of replicas starting together.
+_MIGRATION_LOCK = 0x746F6B656E62
+_STOP = object()
+CHECKPOINT_COLUMNS = "sequence, hash, time, kid, jws, prev_sequence"
+_RUN_PLACEHOLDERS = ", ".join(["%s"] * len(RUN_COLUMNS.split(",")))
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, sql) for every migration in broker/store/migrations/postgresql, in order."""
+    folder = resources.files("broker.store").joinpath("migrations", "postgresql")
+    found = [
+        (int(entry.name.split("_", 1)[0]), entry.read_text())
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    ]
+    return sorted(found)
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Apply pending migrations (each in its own transaction, under an advisory lock so that
+    replicas starting together migrate once); return the schema version."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+        current = int(row[0]) if row else 0
+        for version, text in migrations():
+            if version <= current:
+                continue
+            log.info("applying schema migration", extra={"version": version})
+            with conn.transaction():
+                conn.execute(text.encode())
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            current = version
+        return current
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+class _Pending:
+    """A queued write and, once the writer settled it, its outcome (see SqliteStore)."""
+
+    __slots__ = ("_settled", "outcome", "write")
+
+    def __init__(self, write: Write) -> None:
+        self.write = write
+        self.outcome: Committed | BaseException | None = None
+        self._settled = threading.Lock()
+        self._settled.acquire()
+
+    def settle(self, outcome: Committed | BaseException) -> None:
+        self.outcome = outcome
+        self._settled.release()
+
+    def wait(self) -> Committed:
+        self._settled.acquire()
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        assert self.outcome is not None
+        return self.outcome
+
+
+class PostgresStore:
+    """The `Store` on a PostgreSQL database named by a libpq URL (postgresql://…)."""
+
+    def __init__(self, dsn: str, pool_size: int = 8) -> None:
+        self.dsn = dsn
+        try:
+            self._writer: psycopg.Connection[Any] = psycopg.connect(dsn, autocommit=True)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot open the PostgreSQL store: {_first_line(exc)}") from exc
+        try:
+            self.schema_version = migrate(self._writer)
+            self._pool = ConnectionPool(
+                dsn,
+                min_size=1,
+                max_size=pool_size,
+                kwargs={"autocommit": True},
+                open=True,
+                name="tokenbroker-readers",
+            )
+        except psycopg.Error as exc:
+            self._writer.close()
+            raise StoreUnavailable(f"cannot open the PostgreSQL store: {_first_line(exc)}") from exc
+        self._listeners: list[CommitListener] = []
+        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_loop, name="pg-writer", daemon=True)
+        self._thread.start()
+
+    # -- writes --------------------------------------------------------------------------
+
+    def add_listener(self, listener: CommitListener) -> None:
+        self._listeners.append(listener)
+
+    def commit(self, write: Write) -> Committed:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        pending = _Pending(write)
+        self._queue.put(pending)
+        return pending.wait()
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                batch.append(item)
+            self._apply_batch([p for p in batch if isinstance(p, _Pending)])
+
+    def _writer_connection(self) -> psycopg.Connection[Any]:
+        if self._writer.closed or self._writer.broken:
+            self._writer = psycopg.connect(self.dsn, autocommit=True)
+        return self._writer
+
+    def _apply_batch(self, batch: list[_Pending]) -> None:
+        outcomes: list[tuple[_Pending, Committed | BaseException]] = []
+        try:
+            conn = self._writer_connection()
+            with conn.transaction():
+                head = _lock_head(conn)
+                for pending in batch:
+                    try:
+                        with conn.transaction():  # a savepoint: one conflict undoes one write
+                            committed, head = self._apply(conn, pending.write, head)
+                        outcomes.append((pending, committed))
+                    except (Conflict, psycopg.errors.IntegrityError) as refused:
+                        conflict = (
+                            refused
+                            if isinstance(refused, Conflict)
+                            else Conflict(_first_line(refused))
+                        )
+                        outcomes.append((pending, conflict))
+                conn.execute(
+                    "UPDATE audit_head SET sequence=%s, hash=%s WHERE id=1", (head[0], head[1])
+                )
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(head[0])))
+        except psycopg.Error as exc:
+            log.error(
+                "storage write failed", extra={"error": _first_line(exc), "writes": len(batch)}
+            )
+            failure = StoreUnavailable(f"storage refused the write: {_first_line(exc)}")
+            for pending in batch:
+                pending.settle(failure)
+            return
+        for pending, outcome in outcomes:
+            if not isinstance(outcome, BaseException):
+                self._notify(outcome, pending.write.mutation)
+            pending.settle(outcome)
+
+    def _notify(self, committed: Committed, mutation: Mutation | None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(committed, mutation)
+            except Exception:
+                log.exception("commit listener failed")
+
+    def _apply(
+        self, conn: psycopg.Connection[Any], write: Write, head: tuple[int, str]
+    ) -> tuple[Committed, tuple[int, str]]:
+        run = _apply_mutation(conn, write.mutation) if write.mutation else None
+        events = []
+        for draft in write.events:
+            sequence = head[0] + 1
+            event, body = audit.seal_with_record(draft, sequence, head[1])
+            conn.execute(
+                "INSERT INTO audit_events (sequence, record, prev_hash, hash, action, run_id, "
+                "principal, time_us) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    sequence,
+                    body.decode(),
+                    event.prev_hash,
+                    event.hash,
+                    draft.action,
+                    draft.run_id,
+                    draft.principal,
+                    audit.time_us(draft.time),
+                ),
+            )
+            head = (sequence, event.hash)
+            events.append(event)
+        return Committed(run, events), head
+
+    # -- following -----------------------------------------------------------------------
+
+    def wait_for_events(self, after: int, timeout: float) -> int:
+        """Block until an event with sequence > `after` is committed by any replica, or
+        `timeout` passes; return the head sequence seen."""
+        deadline = time.monotonic() + timeout
+        head = self.head_sequence()
+        if head > after:
+            return head
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                # Read again after LISTEN: a commit between the first read and LISTEN would
+                # otherwise be missed until the timeout.
+                head = _head_of(conn)
+                while head <= after:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    for _ in conn.notifies(timeout=remaining, stop_after=1):
+                        pass
+                    head = _head_of(conn)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"storage read failed: {_first_line(exc)}") from exc
+        return head
+
+    # -- reads ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _reader(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"storage read failed: {_first_line(exc)}") from exc
+
+    def _query(self, text: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._reader() as conn:
+            return conn.execute(text.encode(), params).fetchall()
+
+    def get_run(self, run_id: str) -> Run | None:
+        rows = self._query(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=%s", (run_id,))  # noqa: S608
+        return run_from_row(rows[0]) if rows else None
+
+    def find_idempotent_run(self, scope: str, key: str) -> tuple[str, str] | None:
+        rows = self._query(
+            "SELECT run_id, fingerprint FROM idempotency_keys WHERE scope=%s AND key=%s",
+            (scope, key),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def list_runs(self, query: RunQuery) -> list[Run]:
+        clauses, params = _run_filter(query)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        text = (
+            f"SELECT {RUN_COLUMNS} FROM runs {where} "  # noqa: S608
+            "ORDER BY create_time DESC, run_id DESC LIMIT %s"
+        )
+        return [run_from_row(row) for row in self._query(text, (*params, query.limit))]
+
+    def live_runs(self, ended_since: float) -> list[Run]:
+        rows = self._query(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE state='active' "  # noqa: S608
+            f"UNION ALL SELECT {RUN_COLUMNS} FROM runs WHERE state<>'active' AND end_time>=%s",
+            (ended_since,),
+        )
+        return [run_from_row(row) for row in rows]
+
+    def read_events(self, after: int, limit: int) -> list[AuditEvent]:
+        rows = self._query(
+            "SELECT record, prev_hash, hash FROM audit_events WHERE sequence>%s "
+            "ORDER BY sequence LIMIT %s",
+            (after, limit),
+        )
+        return [event_from_row(*row) for row in rows]
+
+    def stored_events(self, after: int, limit: int) -> list[StoredEvent]:
+        rows = self._query(
+            "SELECT sequence, record, prev_hash, hash FROM audit_events WHERE sequence>%s "
+            "ORDER BY sequence LIMIT %s",
+            (after, limit),
+        )
+        return [StoredEvent(int(r[0]), json.loads(r[1]), r[2], r[3]) for r in rows]
+
+    def head_sequence(self) -> int:
+        with self._reader() as conn:
+            return _head_of(conn)
+
+    def oldest_sequence(self) -> int:
+        row = self._query("SELECT MIN(sequence) FROM audit_events")[0]
+        return int(row[0]) if row[0] is not None else self.head_sequence() + 1
+
+    def public_keys(self) -> list[PublicKeyRecord]:
+        rows = self._query(
+            "SELECT kid, alg, public_jwk, create_time, retire_time FROM signing_keys "
+            "ORDER BY create_time DESC"
+        )
+        return [PublicKeyRecord(*row) for row in rows]
+
+    def latest_checkpoint(self, at_most: int | None = None) -> CheckpointRecord | None:
+        bound = (1 << 62) if at_most is None else at_most
+        rows = self._query(
+            f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence<=%s "  # noqa: S608
+            "ORDER BY sequence DESC LIMIT 1",
+            (bound,),
+        )
+        return _checkpoint(rows[0]) if rows else None
+
+    def checkpoints(self, after: int, limit: int) -> list[CheckpointRecord]:
+        rows = self._query(
+            f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence>%s "  # noqa: S608
+            "ORDER BY sequence LIMIT %s",
+            (after, limit),
+        )
+        return [_checkpoint(row) for row in rows]
+
+    def pruned_through(self) -> int:
+        return int(self._query("SELECT pruned_through FROM audit_retention WHERE id=1")[0][0])
+
+    def first_sequence_since(self, time: float) -> int | None:
+        row = self._query(
+            "SELECT MIN(sequence) FROM audit_events WHERE time_us>=%s", (round(time * 1_000_000),)
+        )[0]
+        return None if row[0] is None else int(row[0])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout=10)
+        self._pool.close()
+        self._writer.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _as_conflict(refused: Exception) -> Conflict:
+    return refused if isinstance(refused, Conflict) else Conflict(_first_line(refused))
+
+
+def _lock_head(conn: psycopg.Connection[Any]) -> tuple[int, str]:
+    row = conn.execute("SELECT sequence, hash FROM audit_head WHERE id=1 FOR UPDATE").fetchone()
+    assert row is not None, "audit_head is created by the first migration"
+    return int(row[0]), str(row[1])
+
+
+def _head_of(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT sequence FROM audit_head WHERE id=1").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _checkpoint(row: tuple[Any, ...]) -> CheckpointRecord:
+    sequence, hash_, time_, kid, jws, prev = row
+    return CheckpointRecord(int(sequence), hash_, time_, kid, jws, int(prev))
+
+
+def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | None:
+    match mutation:
+        case CreateRun(run=run, idempotency=claim):
+            if claim is not None:
+                taken = conn.execute(
+                    "SELECT run_id, fingerprint FROM idempotency_keys WHERE scope=%s AND key=%s",
+                    (claim.scope, claim.key),
+                ).fetchone()
+                if taken is not None:
+                    raise IdempotencyKeyTaken(taken[0], taken[1])
+            conn.execute(
+                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({_RUN_PLACEHOLDERS})".encode(),  # noqa: S608
+                run_to_row(run),
+            )
+            if claim is not None:
+                conn.execute(
+                    "INSERT INTO idempotency_keys (scope, key, run_id, fingerprint) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (claim.scope, claim.key, run.run_id, claim.fingerprint),
+                )
+            return run
+        case EndRun():
+            cursor = conn.execute(
+                "UPDATE runs SET state=%s, end_time=%s, end_reason=%s, ended_by=%s "
+                "WHERE run_id=%s AND state='active'",
+                (
+                    mutation.state.value,
+                    mutation.end_time,
+                    mutation.reason,
+                    mutation.ended_by,
+                    mutation.run_id,
+                ),
+            )
+            return _changed_run(conn, cursor.rowcount, mutation.run_id)
+        case RenewLease():
+            cursor = conn.execute(
+                "UPDATE runs SET lease_expire_time=%s WHERE run_id=%s AND state='active'",
+                (mutation.lease_expire_time, mutation.run_id),
+            )
+            return _changed_run(conn, cursor.rowcount, mutation.run_id)
+        case PublishKey():
+            conn.execute(
+                "INSERT INTO signing_keys (kid, alg, public_jwk, create_time) "
+                "VALUES (%s, %s, %s, %s)",
+                (mutation.kid, mutation.alg, mutation.public_jwk, mutation.create_time),
+            )
+            return None
+        case RetireKey():
+            conn.execute(
+                "UPDATE signing_keys SET retire_time=%s WHERE kid=%s AND retire_time IS NULL",
+                (mutation.retire_time, mutation.kid),
+            )
+            return None
+        case RecordCheckpoint(checkpoint=checkpoint):
+            _record_checkpoint(conn, checkpoint)
+            return None
+        case PruneAudit(through=through):
+            _prune_audit(conn, through)
+            return None
+    raise TypeError(f"unknown mutation {mutation!r}")
+
+
+def _changed_run(conn: psycopg.Connection[Any], rowcount: int, run_id: str) -> Run:
+    row = conn.execute(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=%s".encode(),  # noqa: S608
+        (run_id,),
+    ).fetchone()
+    if row is None:
+        raise UnknownRun(run_id)
+    if rowcount == 0:
+        raise RunNotActive(run_id)
+    return run_from_row(row)
+
+
+def _record_checkpoint(conn: psycopg.Connection[Any], checkpoint: CheckpointRecord) -> None:
+    row = conn.execute("SELECT COALESCE(MAX(sequence), 0) FROM audit_checkpoints").fetchone()
+    latest = int(row[0]) if row else 0
+    if latest != checkpoint.prev_sequence or checkpoint.sequence <= latest:
+        raise CheckpointConflict(
+            f"the newest checkpoint is at {latest}, not {checkpoint.prev_sequence}"
+        )
+    found = conn.execute(
+        "SELECT hash FROM audit_events WHERE sequence=%s", (checkpoint.sequence,)
+    ).fetchone()
+    if found is None or found[0] != checkpoint.hash:
+        raise CheckpointConflict(f"event {checkpoint.sequence} does not have the claimed hash")
+    conn.execute(
+        f"INSERT INTO audit_checkpoints ({CHECKPOINT_COLUMNS}) "  # noqa: S608
+        "VALUES (%s, %s, %s, %s, %s, %s)".encode(),
+        (
+            checkpoint.sequence,
+            checkpoint.hash,
+            checkpoint.time,
+            checkpoint.kid,
+            checkpoint.jws,
+            checkpoint.prev_sequence,
+        ),
+    )
+
+
+def _prune_audit(conn: psycopg.Connection[Any], through: int) -> None:
+    row = conn.execute("SELECT pruned_through FROM audit_retention WHERE id=1").fetchone()
+    pruned = int(row[0]) if row else 0
+    if through <= pruned:
+        raise PruneConflict(f"events through {pruned} are already pruned")
+    if (
+        conn.execute("SELECT 1 FROM audit_checkpoints WHERE sequence=%s", (through,)).fetchone()
+        is None
+    ):
+        raise PruneConflict(f"sequence {through} is not checkpointed")
+    conn.execute("UPDATE audit_retention SET pruned_through=%s WHERE id=1", (through,))
+    conn.execute("DELETE FROM audit_events WHERE sequence<=%s", (through,))
+
+
+def _run_filter(query: RunQuery) -> tuple[list[str], list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column in ("org", "project", "pipeline"):
+        value = getattr(query, column)
+        if value:
+            clauses.append(f"{column}=%s")
+            params.append(value)
+    if query.state is not None:
+        clauses.append("state=%s")
+        params.append(query.state.value)
+    if query.before is not None:
+        clauses.append("(create_time < %s OR (create_time = %s AND run_id < %s))")
+        params.extend([query.before[0], query.before[0], query.before[1]])
+    return clauses, params
