@@ -32,6 +32,7 @@ from broker.settings import Settings
 from broker.store import Store, StoreRefused, StoreUnavailable
 from broker.store.factory import OpenOptions
 from broker.store.factory import open_store as open_store_url
+from broker.store.changes import ChangeFeed
 from broker.telemetry.otel import Telemetry
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Broker:
     policy: PolicySource
     authn: Authenticator
     keeper: AuditKeeper
+    changes: ChangeFeed
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -84,6 +86,7 @@ class Broker:
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
         self.keeper.start()
+        self.changes.start()
 
     def _reap_loop(self) -> None:
         ctx = CallContext(principal=BROKER)
@@ -103,6 +106,7 @@ class Broker:
         if self._reaper is not None:
             self._reaper.join(timeout=5)
         self.keeper.close()
+        self.changes.close()
         self.store.close()
 
 
@@ -179,6 +183,7 @@ def _assemble(
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
+from broker.store.changes import ChangeFeed
     authorizer = PolicyAuthorizer(policy.current, store, clock)
     telemetry = Telemetry(tracer_provider, meter_provider)
     keys = KeyRing(
@@ -210,7 +215,9 @@ def _assemble(
         observer=telemetry,
         # Half the workers at most follow audit streams; the rest stay free for everyone else.
         max_subscribers=settings.max_workers // 2,
+        changes=changes,
     )
+    changes.subscribe(pages=keys.on_events)
     telemetry.watch(store, registry.active, lambda: feed.subscribers)
     rules = PolicyRules(policy.current)
     return Broker(
@@ -239,8 +246,13 @@ def _assemble(
         policy=policy,
         authn=authn,
         keeper=AuditKeeper(
-            store, clock, signer or CheckpointSigning(keys), _keeper_settings(settings, issuer)
+            store,
+            clock,
+            signer or CheckpointSigning(keys),
+            _keeper_settings(settings, issuer),
+            changes=changes,
         ),
+        changes=changes,
     )
 
 

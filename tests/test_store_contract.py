@@ -230,3 +230,24 @@ def test_first_sequence_since_finds_the_oldest_event_not_older_than_a_time(store
     assert store.first_sequence_since(102.0) == 3
     assert store.first_sequence_since(50.0) == 1
     assert store.first_sequence_since(200.0) is None
+
+
+def test_a_waiting_follower_wakes_when_an_event_is_committed(store: Store) -> None:
+    head = store.head_sequence()
+    writer = threading.Timer(0.05, lambda: store.commit(Write([event("a")])))
+    writer.start()
+    try:
+        seen = store.wait_for_events(head, timeout=10)
+        # Woken by the commit (or, at worst, early): reading by sequence finds the event.
+        while seen <= head:
+            seen = store.wait_for_events(head, timeout=10)
+    finally:
+        writer.join()
+    assert seen == head + 1
+    assert [e.sequence for e in store.read_events(head, 10)] == [head + 1]
+
+
+def test_waiting_without_commits_returns_the_unchanged_head(store: Store) -> None:
+    store.commit(Write([event("a")]))
+    assert store.wait_for_events(1, timeout=0.05) == 1
+    assert store.wait_for_events(0, timeout=5) == 1  # already beyond: no wait

@@ -19,7 +19,8 @@ from broker.clock import Clock
 from broker.context import CallContext
 from broker.errors import DataLoss, OutOfRange, Unavailable
 from broker.runs.model import PipelineRef, Run
-from broker.store import Committed, Mutation, Store
+from broker.store import Store
+from broker.store.changes import ChangeFeed
 from broker.telemetry.observer import NULL_OBSERVER, Observer
 
 PAGE_SIZE = 500
@@ -76,6 +77,7 @@ class AuditFeed:
         find_run: Callable[[str], Run | None],
         observer: Observer = NULL_OBSERVER,
         max_subscribers: int = 32,
+        changes: ChangeFeed | None = None,
     ) -> None:
         self._store = store
         self._observer = observer
@@ -85,17 +87,11 @@ class AuditFeed:
         self._clock = clock
         self._authz = authorizer
         self._find_run = find_run
-        self._changed = threading.Condition()
-        self._head = store.head_sequence()
-        self._closed = False
+        # What is committed, by this process or any replica, is learned from the change feed.
+        self._changes = changes if changes is not None else ChangeFeed(store)
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._subscribers = 0
-        store.add_listener(self._on_commit)
-
-    def _on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
-        if committed.events:
-            with self._changed:
-                self._head = committed.events[-1].sequence
-                self._changed.notify_all()
 
     @property
     def subscribers(self) -> int:
@@ -103,13 +99,12 @@ class AuditFeed:
 
     @property
     def head(self) -> int:
-        return self._head
+        return self._changes.head
 
     def close(self) -> None:
         """End every follower (shutdown)."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+        self._closed.set()
+        self._changes.wake()
 
     def follow(
         self,
@@ -141,7 +136,7 @@ class AuditFeed:
                 f"after_sequence {after} is beyond the newest event ({head}); "
                 "was the cursor taken from another broker?"
             )
-        with self._changed:
+        with self._lock:
             if self._subscribers >= self._max_subscribers:
                 raise Unavailable(
                     f"this broker already serves {self._subscribers} audit streams, its limit; "
@@ -151,7 +146,7 @@ class AuditFeed:
         try:
             yield from self._follow(after, event_filter, stop_at_head, heartbeat_every, cancelled)
         finally:
-            with self._changed:
+            with self._lock:
                 self._subscribers -= 1
 
     def _follow(
@@ -163,14 +158,14 @@ class AuditFeed:
         cancelled: Callable[[], bool],
     ) -> Iterator[AuditEvent | Heartbeat]:
         last_beat = self._clock()
-        while not self._closed and not cancelled():
+        while not self._closed.is_set() and not cancelled():
             page = self._store.read_events(cursor, PAGE_SIZE)
             for event in page:
                 if event.sequence != cursor + 1:  # sequences are gapless: never skip one
                     self._gap(cursor, event.sequence)
                 cursor = event.sequence
                 if event_filter.matches(event):
-                    self._observer.audit_delivered(self._head - event.sequence)
+                    self._observer.audit_delivered(self._changes.head - event.sequence)
                     yield event
             if len(page) == PAGE_SIZE:
                 continue
@@ -193,8 +188,7 @@ class AuditFeed:
 
     def _wait_beyond(self, sequence: int, timeout: float) -> None:
         # Short waits, so that a cancelled subscriber is noticed even when nothing is written.
-        with self._changed:
-            self._changed.wait_for(lambda: self._head > sequence or self._closed, timeout=timeout)
+        self._changes.wait_beyond(sequence, timeout=timeout)
 
 
 def _pruned(after: int, oldest: int) -> OutOfRange:

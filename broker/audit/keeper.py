@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from broker.audit import checkpoints
 from broker.audit.checkpoints import CheckpointSigner
-from broker.audit.events import Action, AuditDraft, Outcome
+from broker.audit.events import Action, AuditDraft, AuditEvent, Outcome
 from broker.clock import Clock
 from broker.identity import BROKER
 from broker.store import (
@@ -33,6 +34,7 @@ from broker.store import (
     StoreUnavailable,
     Write,
 )
+from broker.store.changes import ChangeFeed
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class AuditKeeper:
         clock: Clock,
         signer: CheckpointSigner | None,
         settings: KeeperSettings,
+        changes: ChangeFeed | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -73,15 +76,25 @@ class AuditKeeper:
             log.warning("no checkpoint signer: the audit chain is not being checkpointed")
             if settings.retention_seconds > 0:
                 log.warning("audit retention needs checkpoints; nothing will be pruned")
-        store.add_listener(self._on_commit)
+        # Every committed event, any replica's, is learned from the change feed.
+        changes = changes if changes is not None else ChangeFeed(store)
+        changes.subscribe(pages=self._on_events, local=self._on_commit)
 
     def _on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
         # Called on the writer's thread: only note that work is due, never write from here.
-        if committed.events and self._signer is not None:
-            with self._wake:
-                self._head = committed.events[-1].sequence
-                if self._head - self._checkpointed >= self._settings.every_events:
-                    self._wake.notify_all()
+        if committed.events:
+            self._note_head(committed.events[-1].sequence)
+
+    def _on_events(self, events: Sequence[AuditEvent]) -> None:
+        self._note_head(events[-1].sequence)
+
+    def _note_head(self, sequence: int) -> None:
+        if self._signer is None:
+            return
+        with self._wake:
+            self._head = max(self._head, sequence)
+            if self._head - self._checkpointed >= self._settings.every_events:
+                self._wake.notify_all()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="audit-keeper", daemon=True)

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from broker.audit.events import Action, Outcome, draft
+from broker.audit.events import Action, AuditEvent, Outcome, draft
 from broker.auth.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
@@ -32,6 +32,8 @@ from broker.store import PublicKeyRecord, PublishKey, RetireKey, Store, Write, d
 from tokenbroker.verification import PublicKey
 
 log = logging.getLogger(__name__)
+
+KEY_ACTIONS = frozenset({Action.KEY_CREATED, Action.KEY_ROTATED, Action.KEY_RETIRED})
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -189,6 +191,11 @@ class KeyRing:
         durable.commit(self._store, Write([event], mutation), "the signing keys were not changed")
 
     # -- serving ---------------------------------------------------------------------------
+
+    def on_events(self, events: Sequence[AuditEvent]) -> None:
+        """A key was created, rotated or retired (here or by another replica): re-read."""
+        if any(e.draft.action in KEY_ACTIONS for e in events):
+            self.refresh()
 
     def refresh(self) -> None:
         """Re-read the published keys (after a change here or by another replica)."""

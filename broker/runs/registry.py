@@ -1,21 +1,45 @@
 """Hot run state: every run whose tokens may still be alive, in memory.
 
-The store is the truth; the registry is rebuilt from it at start and then follows every
-commit (the store calls `on_commit` in commit order, before acknowledging the write), so a
-run is ended in memory before `RevokeRun` returns. Ended runs are pruned once no token of
+The store is the truth; the registry is rebuilt from it at start and then follows the
+committed audit log (`follow`): every event that changes a run's state, whichever process or
+replica committed it, makes the registry re-read that run from the store. This process's own
+commits also arrive on the fast path (`on_commit`, before the store acknowledges the write), so
+a run is ended in memory before `RevokeRun` returns here, and within the change feed's wake-up
+latency on every other replica. Ended runs are pruned once no token of
 theirs can still be unexpired, which keeps memory bounded by live work, not history.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
+from broker.audit.events import Action, AuditEvent
 from broker.runs.model import Run
 from broker.store import Committed, Mutation, Store
+from broker.store.changes import ChangeFeed
+
+# The events after which a run's stored state differs from before.
+RUN_STATE_ACTIONS = frozenset(
+    {
+        Action.RUN_STARTED,
+        Action.RUN_EXECUTED_ON_BEHALF,
+        Action.RUN_RENEWED,
+        Action.RUN_ENDED,
+        Action.RUN_EXPIRED,
+    }
+)
 
 
 class RunRegistry:
-    def __init__(self, store: Store, *, now: float, token_horizon: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        now: float,
+        token_horizon: float,
+        changes: ChangeFeed | None = None,
+    ) -> None:
         """`token_horizon`: the longest a token may outlive the end of its run (max TTL)."""
         self._store = store
         self._horizon = token_horizon
@@ -23,12 +47,23 @@ class RunRegistry:
         self._runs: dict[str, Run] = {}
         for run in store.live_runs(ended_since=now - token_horizon):
             self._runs[run.run_id] = run
-        store.add_listener(self.on_commit)
+        changes = changes if changes is not None else ChangeFeed(store)
+        changes.subscribe(pages=self.on_events, local=self.on_commit)
 
     def on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
-        run = committed.run
-        if run is None:
-            return
+        if committed.run is not None:
+            self._learn(committed.run)
+
+    def on_events(self, events: Sequence[AuditEvent]) -> None:
+        changed = {
+            e.draft.run_id for e in events if e.draft.run_id and e.draft.action in RUN_STATE_ACTIONS
+        }
+        for run_id in changed:
+            run = self._store.get_run(run_id)
+            if run is not None:
+                self._learn(run)
+
+    def _learn(self, run: Run) -> None:
         with self._lock:
             known = self._runs.get(run.run_id)
             # Never let a late or replayed update resurrect an ended run.

@@ -254,6 +254,12 @@ class Store(Protocol):
         """Call `listener` after each commit, in commit order, before the writer returns."""
         ...
 
+    def wait_for_events(self, after: int, timeout: float) -> int:
+        """Block until an event with sequence > `after` is committed — by this process or,
+        for a shared store, by any other — or `timeout` passes; return the newest sequence
+        known. May return early; callers read by sequence afterwards either way."""
+        ...
+
     def get_run(self, run_id: str) -> Run | None: ...
 
     def find_idempotent_run(self, scope: str, key: str) -> tuple[str, str] | None:

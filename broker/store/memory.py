@@ -62,6 +62,7 @@ class MemoryStore:
         # The chain's head survives pruning even when every event is gone.
         self._head = (0, audit.GENESIS_HASH)
         self._listeners: list[CommitListener] = []
+        self._committed = threading.Condition(self._lock)
 
     def add_listener(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
@@ -78,7 +79,14 @@ class MemoryStore:
             committed = Committed(run, events)
             for listener in self._listeners:
                 listener(committed, write.mutation)
+            if events:
+                self._committed.notify_all()
             return committed
+
+    def wait_for_events(self, after: int, timeout: float) -> int:
+        with self._committed:
+            self._committed.wait_for(lambda: self._head[0] > after, timeout=timeout)
+            return self._head[0]
 
     def _check_and_apply(self, mutation: Mutation) -> Run | None:
         # Check every precondition before changing anything, so a Conflict writes nothing.

@@ -151,8 +151,12 @@ class PostgresStore:
         self._listeners: list[CommitListener] = []
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
         self._closed = False
+        self._notified = threading.Condition()
+        self._notified_head = 0
         self._thread = threading.Thread(target=self._write_loop, name="pg-writer", daemon=True)
         self._thread.start()
+        self._listener = threading.Thread(target=self._listen_loop, name="pg-listen", daemon=True)
+        self._listener.start()
 
     # -- writes --------------------------------------------------------------------------
 
@@ -259,28 +263,36 @@ class PostgresStore:
     # -- following -----------------------------------------------------------------------
 
     def wait_for_events(self, after: int, timeout: float) -> int:
-        """Block until an event with sequence > `after` is committed by any replica, or
-        `timeout` passes; return the head sequence seen."""
-        deadline = time.monotonic() + timeout
-        head = self.head_sequence()
-        if head > after:
-            return head
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-                # Read again after LISTEN: a commit between the first read and LISTEN would
-                # otherwise be missed until the timeout.
-                head = _head_of(conn)
-                while head <= after:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    for _ in conn.notifies(timeout=remaining, stop_after=1):
-                        pass
-                    head = _head_of(conn)
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"storage read failed: {_first_line(exc)}") from exc
-        return head
+        with self._notified:
+            if self._notified_head <= after:
+                self._notified.wait(timeout)
+            if self._notified_head > after:
+                return self._notified_head
+        # Woken without news, or timed out: read the head itself, so a lost notification
+        # (or a listener reconnecting) delays a change by at most one wait, never drops it.
+        return self.head_sequence()
+
+    def _listen_loop(self) -> None:
+        while not self._closed:
+            try:
+                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                    self._heard(_head_of(conn))  # anything committed before LISTEN took hold
+                    while not self._closed:
+                        for notice in conn.notifies(timeout=1.0):
+                            self._heard(int(notice.payload))
+            except (psycopg.Error, ValueError) as exc:
+                if not self._closed:
+                    log.warning(
+                        "LISTEN connection lost; reconnecting", extra={"error": _first_line(exc)}
+                    )
+                    time.sleep(0.5)
+
+    def _heard(self, sequence: int) -> None:
+        with self._notified:
+            if sequence > self._notified_head:
+                self._notified_head = sequence
+            self._notified.notify_all()
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -387,6 +399,7 @@ class PostgresStore:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join(timeout=10)
+        self._listener.join(timeout=5)
         self._pool.close()
         self._writer.close()
 

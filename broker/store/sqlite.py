@@ -242,6 +242,7 @@ class SqliteStore:
         self._readers_lock = threading.Lock()
         self._listeners: list[CommitListener] = []
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._committed = threading.Condition()
         self._closed = False
         self._lock: guard.StoreLock | None = None
         self._snapshot: sqlite3.Connection | None = None
@@ -306,10 +307,12 @@ class SqliteStore:
 
     def _apply_batch(self, batch: list[_Pending]) -> None:
         conn = self._writer
-        head = (self._head_seq, self._head_hash)
         outcomes: list[tuple[_Pending, Committed | BaseException]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # The head is read inside the writing transaction, never trusted across
+            # transactions: whatever else wrote to the file since is continued, not forked.
+            self._head_seq, self._head_hash = self._read_head()
             for pending in batch:
                 conn.execute("SAVEPOINT w")
                 write_head = (self._head_seq, self._head_hash)
@@ -325,7 +328,6 @@ class SqliteStore:
                     outcomes.append((pending, conflict))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._head_seq, self._head_hash = head
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.error("storage write failed", extra={"error": str(exc), "writes": len(batch)})
@@ -337,6 +339,16 @@ class SqliteStore:
             if not isinstance(outcome, BaseException):
                 self._notify(outcome, pending.write.mutation)
             pending.settle(outcome)
+        with self._committed:
+            self._committed.notify_all()
+
+    def wait_for_events(self, after: int, timeout: float) -> int:
+        # This process's commits wake waiters at once; a commit by another process on the
+        # same file is seen when the wait times out and the head is read again.
+        with self._committed:
+            if self._head_seq <= after:
+                self._committed.wait(timeout)
+        return self.head_sequence()
 
     def _notify(self, committed: Committed, mutation: Mutation | None) -> None:
         for listener in self._listeners:
@@ -443,6 +455,12 @@ class SqliteStore:
         row = self._writer.execute(
             "SELECT sequence, hash FROM audit_events ORDER BY sequence DESC LIMIT 1"
         ).fetchone()
+        if row is None:
+            # Retention may have pruned every event up to a checkpoint: the chain continues
+            # from that checkpoint's (sequence, hash), never from the genesis again.
+            row = self._writer.execute(
+                "SELECT sequence, hash FROM audit_checkpoints ORDER BY sequence DESC LIMIT 1"
+            ).fetchone()
         return (0, audit.GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
 
     # -- reads ---------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""Several brokers on one PostgreSQL database, at the store level: one gapless chain however
+the replicas' writes interleave, and each replica hears the others' commits at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker.audit import events as audit
+from broker.runs.model import RunState
+from broker.store import (
+    CreateRun,
+    EndRun,
+    IdempotencyClaim,
+    IdempotencyKeyTaken,
+    RunNotActive,
+    Write,
+)
+from broker.store.changes import ChangeFeed
+from broker.store.postgres import PostgresStore
+from tests.test_store_contract import event, make_run
+
+
+@pytest.fixture
+def replicas(pg_dsn: str) -> Iterator[tuple[PostgresStore, PostgresStore, PostgresStore]]:
+    stores = (PostgresStore(pg_dsn), PostgresStore(pg_dsn), PostgresStore(pg_dsn))
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def test_concurrent_writes_from_three_replicas_form_one_gapless_chain(
+    replicas: tuple[PostgresStore, ...],
+) -> None:
+    def write(store: PostgresStore, prefix: str) -> None:
+        for i in range(40):
+            store.commit(
+                Write([event("run.started", f"{prefix}-{i}")], CreateRun(make_run(f"{prefix}-{i}")))
+            )
+
+    threads = [threading.Thread(target=write, args=(s, f"r{n}")) for n, s in enumerate(replicas)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = replicas[0].stored_events(0, 1000)
+    assert [s.sequence for s in stored] == list(range(1, 121))
+    rows = [(s.sequence, s.record, s.prev_hash, s.hash) for s in stored]
+    assert audit.verify_chain(rows, start_prev_hash=audit.GENESIS_HASH) is None
+
+
+def test_an_idempotency_key_holds_across_replicas(replicas: tuple[PostgresStore, ...]) -> None:
+    claim = IdempotencyClaim("ci-orchestrator", "key-1", "fp")
+    outcomes: list[str] = []
+
+    def start(store: PostgresStore, run_id: str) -> None:
+        try:
+            store.commit(Write([event("run.started", run_id)], CreateRun(make_run(run_id), claim)))
+            outcomes.append("created")
+        except IdempotencyKeyTaken:
+            outcomes.append("taken")
+
+    threads = [threading.Thread(target=start, args=(replicas[n % 3], f"r-{n}")) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["created"] + ["taken"] * 19
+    assert replicas[1].head_sequence() == 1
+
+
+def test_a_run_ends_exactly_once_when_replicas_race_to_end_it(
+    replicas: tuple[PostgresStore, ...],
+) -> None:
+    replicas[0].commit(Write([event("run.started", "r-1")], CreateRun(make_run("r-1"))))
+    ended: list[int] = []
+
+    def end(store: PostgresStore) -> None:
+        try:
+            store.commit(
+                Write(
+                    [event("run.expired", "r-1")],
+                    EndRun("r-1", RunState.EXPIRED, 2000.0, "deadline", "broker"),
+                )
+            )
+            ended.append(1)
+        except RunNotActive:  # every loser
+            pass
+
+    threads = [threading.Thread(target=end, args=(s,)) for s in replicas for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert ended == [1]
+    assert [e.draft.action for e in replicas[2].read_events(0, 10)] == [
+        "run.started",
+        "run.expired",
+    ]
+
+
+def test_a_replica_hears_another_replicas_commit_within_milliseconds(
+    replicas: tuple[PostgresStore, ...],
+) -> None:
+    writer, follower = replicas[0], replicas[1]
+    feed = ChangeFeed(follower)
+    seen: list[tuple[int, float]] = []
+    feed.subscribe(pages=lambda page: seen.extend((e.sequence, time.monotonic()) for e in page))
+    feed.start()
+    try:
+        latencies = []
+        for i in range(20):
+            committed_at = time.monotonic()
+            writer.commit(Write([event("a", f"r-{i}")]))
+            deadline = committed_at + 5
+            while len(seen) <= i and time.monotonic() < deadline:
+                feed.wait_beyond(i, timeout=0.05)
+            assert len(seen) > i, f"event {i + 1} never reached the other replica"
+            latencies.append(seen[i][1] - committed_at)
+    finally:
+        feed.close()
+    assert [s for s, _ in seen] == list(range(1, 21))
+    latencies.sort()
+    # Woken by NOTIFY, not by the follower's 1 s safety poll.
+    assert latencies[len(latencies) // 2] < 0.5, latencies
