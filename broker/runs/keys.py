@@ -27,7 +27,8 @@ from broker.audit.events import Action, AuditEvent, Outcome, draft
 from broker.auth.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
-from broker.errors import FailedPrecondition
+from broker.errors import FailedPrecondition, Unavailable
+from broker.identity import BROKER
 from broker.store import PublicKeyRecord, PublishKey, RetireKey, Store, Write, durable
 from tokenbroker.verification import PublicKey
 
@@ -142,6 +143,7 @@ class KeyRing:
         self._published: dict[str, PublicKey] = {}
         self._jwks: dict[str, list[dict[str, Any]]] = {"keys": []}
         self._active: SigningKey | None = None
+        self._fallback: SigningKey | None = None
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -198,15 +200,30 @@ class KeyRing:
             self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the published keys (after a change here or by another replica)."""
-        with self._refreshing:
-            self._refresh()
+        """Re-read the published keys (after a change here or by another replica).
 
-    def _refresh(self) -> None:
+        Keys are per replica: each signs with its own key, published through the store, so
+        every replica's JWKS lists every key in use. A rotation on any replica schedules every
+        published key to retire; a replica whose own keys are all scheduled to retire makes a
+        new one here, so one `keys rotate` rotates the whole service. Refreshes are serialised:
+        one that read the store before a rotation must not reinstate the old key after it.
+        """
+        with self._refreshing:
+            self._rebuild()
+            if self._active is None and self._external is None and self._private:
+                try:
+                    with self._lock:
+                        self._create(CallContext(principal=BROKER), Action.KEY_ROTATED)
+                except Unavailable:
+                    log.warning("could not make a new signing key; signing with a retiring one")
+                self._rebuild()
+
+    def _rebuild(self) -> None:
         now = self._clock()
         published: dict[str, PublicKey] = {}
         jwks: list[dict[str, Any]] = []
         active: SigningKey | None = None
+        retiring: SigningKey | None = None  # still published: better than not signing at all
         for record in self._store.public_keys():  # newest first
             if record.retire_time is not None and record.retire_time <= now:
                 continue
@@ -214,18 +231,23 @@ class KeyRing:
             published[record.kid] = PublicKey(record.kid, record.alg, _public_key(jwk))
             jwks.append(jwk)
             private = self._private.get(record.kid)
-            if active is None and record.retire_time is None and private is not None:
+            if private is None:
+                continue
+            if active is None and record.retire_time is None:
                 active = private
+            if retiring is None:
+                retiring = private
         active_kid = active.kid if active else None
         jwks.sort(key=lambda jwk: jwk["kid"] != active_kid)  # stable: the active key first
         with self._lock:
             self._published = published
             self._jwks = {"keys": jwks}
             self._active = active
+            self._fallback = retiring
 
     @property
     def active(self) -> SigningKey:
-        active = self._active
+        active = self._active or self._fallback
         if active is None:
             raise FailedPrecondition("the broker has no active signing key")
         return active
@@ -255,7 +277,9 @@ class KeyRing:
                 "the signing key is managed outside the broker (--signing-key); rotate it there"
             )
         with self._lock:
-            old = [kid for kid, key in self._private.items() if kid in self._published]
+            # Every published key, this replica's and the others': each other replica makes
+            # its own new key when it sees its keys retiring (see `refresh`).
+            old = [record.kid for record in self._store.public_keys() if record.retire_time is None]
             new = self._create(ctx, Action.KEY_ROTATED)
             retire_at = self._clock() + self._retire_after
             for kid in old:
