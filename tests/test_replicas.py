@@ -151,3 +151,39 @@ def test_twenty_duplicate_starts_over_two_replicas_make_one_run(
     assert len(set(run_ids)) == 1
     started = [e for e in a.broker.store.read_events(0, 1000) if e.draft.action == "run.started"]
     assert len(started) == 1
+
+
+def test_a_client_given_both_replicas_keeps_working_when_one_stops(
+    two: tuple[BrokerServer, BrokerServer],
+) -> None:
+    from tests.clientsupport import client_credentials
+    from tokenbroker import BrokerClient
+
+    a, b = two
+    target = f"{a.target},{b.target}"
+    with BrokerClient(target, credentials=client_credentials(a)) as client:
+        ceiling = {"artifacts": "write"}
+        runs = [
+            client.start_run("acme", "web", "deploy", ceiling=ceiling).run.run_id for _ in range(6)
+        ]
+        a.stop(grace=0.5)
+        # Reads and revocations are safe to retry: they move to the surviving replica.
+        for run_id in runs:
+            assert client.get_run(run_id).run.run_id == run_id
+            client.revoke_run(run_id)
+        assert all(
+            b.broker.store.get_run(run_id).state.value == "ended"  # type: ignore[union-attr]
+            for run_id in runs
+        )
+
+
+def test_several_targets_must_be_addresses_or_a_dns_name() -> None:
+    from tokenbroker import ConfigurationError
+    from tokenbroker.connect import grpc_target
+
+    assert grpc_target("127.0.0.1:7000,127.0.0.2:7001")[0] == ("ipv4:127.0.0.1:7000,127.0.0.2:7001")
+    assert grpc_target("[::1]:7000,[::1]:7001")[0] == "ipv6:[::1]:7000,[::1]:7001"
+    assert grpc_target("dns:///broker.internal:7000")[1]  # balanced round-robin
+    assert grpc_target("broker.internal:7000") == ("broker.internal:7000", [])
+    with pytest.raises(ConfigurationError, match="dns:///"):
+        grpc_target("a.internal:7000,b.internal:7000")

@@ -4,11 +4,17 @@ environment a pipeline step finds its broker and run credential in.
 Transport security follows the target unless told otherwise: a loopback broker
 (`127.0.0.1`, `localhost`, `[::1]`) is reached in plaintext — gRPC still sends call
 credentials to it, because the connection is local — and anything else over TLS.
+
+Several replicas: a target may list addresses (`10.0.0.5:7000,10.0.0.6:7000`) or name them
+through DNS (`dns:///broker.internal:7000`, every A/AAAA record). Calls are then balanced
+round-robin, and a replica that stops answering leaves the rotation, so a retried call reaches
+a live one.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,15 +44,56 @@ class TlsOptions:
 Tls = bool | TlsOptions | None
 
 
+_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def _host_of(address: str) -> str:
+    return address.rpartition(":")[0].strip("[]") if ":" in address else address
+
+
+def _addresses(target: str) -> list[str]:
+    return [part.strip() for part in target.split(",") if part.strip()]
+
+
 def is_loopback_target(target: str) -> bool:
-    """True for HOST:PORT targets whose host is a loopback address or `localhost`."""
-    host = target.rpartition(":")[0].strip("[]") if ":" in target else target
+    """True when every HOST:PORT of the target is a loopback address or `localhost`."""
+    addresses = _addresses(target)
+    return bool(addresses) and all(_is_loopback_host(_host_of(a)) for a in addresses)
+
+
+def _is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def grpc_target(target: str) -> tuple[str, list[tuple[str, str]]]:
+    """The gRPC target and channel options for a broker target: one address as it is;
+    several addresses (IP:PORT, comma-separated) or a `dns:///` name balanced round-robin."""
+    addresses = _addresses(target)
+    if target.startswith("dns:"):
+        return target, [("grpc.service_config", _ROUND_ROBIN)]
+    if len(addresses) <= 1:
+        return target, []
+    hosts = ["127.0.0.1" if _host_of(a) == "localhost" else _host_of(a) for a in addresses]
+    try:
+        versions = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ConfigurationError(
+            f"several targets must each be IP:PORT ({target!r}); "
+            "name replicas through DNS with dns:///NAME:PORT instead"
+        ) from None
+    if len(versions) != 1:
+        raise ConfigurationError(f"several targets must be all IPv4 or all IPv6 ({target!r})")
+    ports = [a.rpartition(":")[2] for a in addresses]
+    if versions == {4}:
+        joined = ",".join(f"{h}:{p}" for h, p in zip(hosts, ports, strict=True))
+        return f"ipv4:{joined}", [("grpc.service_config", _ROUND_ROBIN)]
+    joined = ",".join(f"[{h}]:{p}" for h, p in zip(hosts, ports, strict=True))
+    return f"ipv6:{joined}", [("grpc.service_config", _ROUND_ROBIN)]
 
 
 def channel_credentials(
@@ -72,11 +119,12 @@ def channel_credentials(
 def open_channel(
     target: str, credentials: grpc.CallCredentials | None, tls: Tls = None
 ) -> grpc.Channel:
-    """A synchronous channel to `target`."""
+    """A synchronous channel to `target` (one broker, or several replicas)."""
     secure = channel_credentials(target, credentials, tls)
+    address, options = grpc_target(target)
     if secure is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, secure)
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, secure, options=options)
 
 
 def open_aio_channel(
@@ -84,9 +132,10 @@ def open_aio_channel(
 ) -> grpc.aio.Channel:
     """An asyncio channel to `target` (create it inside the event loop that uses it)."""
     secure = channel_credentials(target, credentials, tls)
+    address, options = grpc_target(target)
     if secure is None:
-        return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, secure)
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, secure, options=options)
 
 
 @dataclass(frozen=True)
