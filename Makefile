@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/tokenbroker/v1/*.proto)
 GEN_DIR := clients
 
-.PHONY: install run test lint typecheck buflint breaking contract-baseline protos check-protos pytest bench demo clean
+.PHONY: install postgres-server run test lint typecheck buflint breaking contract-baseline protos check-protos pytest bench demo clean
 
 install: $(STAMP)
 
@@ -23,7 +23,20 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/token-broker serve $(ARGS)
 
-test: install check-protos lint typecheck buflint breaking pytest
+test: install postgres-server check-protos lint typecheck buflint breaking pytest
+
+# The PostgreSQL tests start a throw-away server of their own (tests/pgcluster.py); they need
+# the server binaries. On a machine without them, as root, this installs Debian's package.
+postgres-server:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then \
+	  echo "PostgreSQL server binaries present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's postgresql package for the PostgreSQL tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }; \
+	else \
+	  echo "PostgreSQL server binaries missing: install the postgresql package (the tests need initdb)"; exit 1; \
+	fi
 
 # The whole story in one command: a throw-away broker, a test IdP, the sample executor and API.
 demo: install
