@@ -126,3 +126,30 @@ def test_a_replica_hears_another_replicas_commit_within_milliseconds(
     latencies.sort()
     # Woken by NOTIFY, not by the follower's 1 s safety poll.
     assert latencies[len(latencies) // 2] < 0.5, latencies
+
+
+def test_replicas_racing_to_checkpoint_never_fork_the_checkpoint_chain(
+    replicas: tuple[PostgresStore, ...],
+) -> None:
+    from tests.audit_support import FakeClock, keeper, make_signer, publish
+
+    signer = make_signer()
+    publish(replicas[0], signer)
+    keepers = [keeper(store, signer, FakeClock(), every_events=5) for store in replicas]
+
+    def write_and_checkpoint(n: int) -> None:
+        for i in range(30):
+            replicas[n].commit(Write([event("a", f"r{n}-{i}")]))
+            keepers[n].checkpoint()
+
+    threads = [threading.Thread(target=write_and_checkpoint, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = replicas[0].checkpoints(0, 1000)
+    assert stored, "no checkpoint was made"
+    previous = 0
+    for checkpoint in stored:
+        assert checkpoint.prev_sequence == previous  # one chain: each names the one before
+        previous = checkpoint.sequence
