@@ -22,6 +22,7 @@ from broker.errors import OutOfRange, Unavailable
 from broker.store import Store, Write
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import SqliteStore
+from tests.accounts import callers_of, standard_accounts
 from tests.audit_support import (
     AllowAll,
     Broker,
@@ -294,3 +295,34 @@ def _settle(value: Callable[[], int]) -> int:
         last = current
         time.sleep(0.05)
     return last
+
+
+def test_pages_carry_exactly_the_events_of_the_one_event_stream_in_order(
+    server: BrokerServer,
+) -> None:
+    with orchestrator(server) as stub:
+        for i in range(120):
+            stub.StartRun(writer_pipeline(i), timeout=10)
+    with callers_of(server) as callers:
+        root = callers.stub(standard_accounts()["root"])
+        singles = [
+            r.event.sequence
+            for r in root.StreamAudit(broker_pb2.StreamAuditRequest(stop_at_head=True))
+            if r.HasField("event")
+        ]
+        paged = list(
+            root.StreamAudit(
+                broker_pb2.StreamAuditRequest(stop_at_head=True, max_events_per_message=50)
+            )
+        )
+    pages = [r.page for r in paged if r.HasField("page")]
+    assert not any(r.HasField("event") for r in paged)
+    assert all(0 < len(page.events) <= 50 for page in pages)
+    assert [e.sequence for page in pages for e in page.events] == singles
+    assert singles == list(range(1, len(singles) + 1)) and len(singles) >= 120
+    # A page request beyond the broker's maximum is served at the maximum, not refused.
+    with callers_of(server) as callers:
+        huge = callers.stub(standard_accounts()["root"]).StreamAudit(
+            broker_pb2.StreamAuditRequest(stop_at_head=True, max_events_per_message=10**6)
+        )
+        assert sum(len(r.page.events) for r in huge) == len(singles)

@@ -15,7 +15,11 @@ from broker.audit.feed import AuditFilter, Heartbeat
 from broker.errors import InvalidArgument
 from broker.runs.lifecycle import DEFAULT_PAGE_SIZE
 from broker.store import RunQuery
-from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+
+# StreamAudit pages: at most this many events, and about this many bytes, per message.
+MAX_EVENTS_PER_MESSAGE = 1000
+MAX_PAGE_BYTES = 1 << 20
 
 
 class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
@@ -138,22 +142,47 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             org=f.org,
             project=f.project,
         )
-        items = self._broker.feed.follow(
+        pages = self._broker.feed.follow_pages(
             calls.current(),
             request.after_sequence,
             event_filter,
             stop_at_head=request.stop_at_head,
             cancelled=lambda: not context.is_active(),
         )
-        for item in items:
+        per_message = min(max(request.max_events_per_message, 1), MAX_EVENTS_PER_MESSAGE)
+        for item in pages:
             if isinstance(item, Heartbeat):
                 yield broker_pb2.StreamAuditResponse(
                     heartbeat=broker_pb2.StreamAuditHeartbeat(
                         scanned_through=item.scanned_through, time=convert.timestamp(item.time)
                     )
                 )
+            elif per_message == 1:
+                for event in item:
+                    yield broker_pb2.StreamAuditResponse(event=convert.audit_event_pb(event))
             else:
-                yield broker_pb2.StreamAuditResponse(event=convert.audit_event_pb(item))
+                for chunk in _pages([convert.audit_event_pb(e) for e in item], per_message):
+                    yield broker_pb2.StreamAuditResponse(
+                        page=broker_pb2.AuditEventPage(events=chunk)
+                    )
+
+
+def _pages(
+    events: list[types_pb2.AuditEvent], per_message: int
+) -> Iterator[list[types_pb2.AuditEvent]]:
+    """Consecutive chunks of at most `per_message` events and about MAX_PAGE_BYTES each, so
+    a page stays far below gRPC's 4 MB message limit whatever the events hold."""
+    chunk: list[types_pb2.AuditEvent] = []
+    size = 0
+    for event in events:
+        event_size = event.ByteSize()
+        if chunk and (len(chunk) == per_message or size + event_size > MAX_PAGE_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += event_size
+    if chunk:
+        yield chunk
 
 
 def _encode_page_token(create_time: float, run_id: str) -> str:

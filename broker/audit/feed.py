@@ -117,6 +117,31 @@ class AuditFeed:
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Generator[AuditEvent | Heartbeat]:
         """Events after `after` matching the filter, then live ones; close() to leave."""
+        for item in self.follow_pages(
+            ctx,
+            after,
+            event_filter,
+            stop_at_head=stop_at_head,
+            heartbeat_every=heartbeat_every,
+            cancelled=cancelled,
+        ):
+            if isinstance(item, Heartbeat):
+                yield item
+            else:
+                yield from item
+
+    def follow_pages(
+        self,
+        ctx: CallContext,
+        after: int,
+        event_filter: AuditFilter,
+        *,
+        stop_at_head: bool = False,
+        heartbeat_every: float = 5.0,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Generator[list[AuditEvent] | Heartbeat]:
+        """As `follow`, but the matching events of each page read from the store come
+        together, never empty: catching up costs one hand-off per page, not per event."""
         run = self._find_run(event_filter.run_id) if event_filter.run_id else None
         # Events the filter may let through; "*" where it does not filter.
         selection = PipelineRef(event_filter.org or "*", event_filter.project or "*", "*")
@@ -144,29 +169,34 @@ class AuditFeed:
                 )
             self._subscribers += 1
         try:
-            yield from self._follow(after, event_filter, stop_at_head, heartbeat_every, cancelled)
+            yield from self._follow_pages(
+                after, event_filter, stop_at_head, heartbeat_every, cancelled
+            )
         finally:
             with self._lock:
                 self._subscribers -= 1
 
-    def _follow(
+    def _follow_pages(
         self,
         cursor: int,
         event_filter: AuditFilter,
         stop_at_head: bool,
         heartbeat_every: float,
         cancelled: Callable[[], bool],
-    ) -> Iterator[AuditEvent | Heartbeat]:
+    ) -> Iterator[list[AuditEvent] | Heartbeat]:
         last_beat = self._clock()
         while not self._closed.is_set() and not cancelled():
             page = self._store.read_events(cursor, PAGE_SIZE)
+            matching: list[AuditEvent] = []
             for event in page:
                 if event.sequence != cursor + 1:  # sequences are gapless: never skip one
                     self._gap(cursor, event.sequence)
                 cursor = event.sequence
                 if event_filter.matches(event):
-                    self._observer.audit_delivered(self._changes.head - event.sequence)
-                    yield event
+                    matching.append(event)
+            if matching:
+                self._observer.audit_delivered(self._changes.head - matching[-1].sequence)
+                yield matching
             if len(page) == PAGE_SIZE:
                 continue
             if stop_at_head:

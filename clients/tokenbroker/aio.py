@@ -14,6 +14,7 @@ inside the event loop that uses it.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -340,6 +341,7 @@ class AsyncAuditStream(AsyncIterator[types_pb2.AuditEvent]):
         self._attempts = attempts
         self._request_id = messages.new_request_id()
         self.cursor = request.after_sequence
+        self._pending: collections.deque[types_pb2.AuditEvent] = collections.deque()
         self._call: (
             grpc.aio.UnaryStreamCall[broker_pb2.StreamAuditRequest, broker_pb2.StreamAuditResponse]
             | None
@@ -350,6 +352,8 @@ class AsyncAuditStream(AsyncIterator[types_pb2.AuditEvent]):
         return self
 
     async def __anext__(self) -> types_pb2.AuditEvent:
+        if self._pending:
+            return self._take()
         while True:
             call = self._open()
             try:
@@ -371,8 +375,16 @@ class AsyncAuditStream(AsyncIterator[types_pb2.AuditEvent]):
             if item.HasField("heartbeat"):
                 self.cursor = max(self.cursor, item.heartbeat.scanned_through)
                 continue
-            self.cursor = item.event.sequence
-            return item.event
+            self._pending.extend(messages.events_of(item))
+            if self._pending:
+                return self._take()
+
+    def _take(self) -> types_pb2.AuditEvent:
+        """The next event of a page already received; the cursor moves with what is
+        handed out, so a resumed stream neither skips nor repeats an event."""
+        event = self._pending.popleft()
+        self.cursor = event.sequence
+        return event
 
     def _open(
         self,

@@ -31,6 +31,7 @@ credential from the environment (TOKEN_BROKER_TARGET, TOKEN_BROKER_RUN_CREDENTIA
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -372,6 +373,7 @@ class AuditStream(Iterator[types_pb2.AuditEvent]):
         self._attempts = attempts
         self._request_id = messages.new_request_id()
         self.cursor = request.after_sequence
+        self._pending: collections.deque[types_pb2.AuditEvent] = collections.deque()
         self._call: Iterator[broker_pb2.StreamAuditResponse] | None = None
         self._cancelled = False
         self._lock = threading.Lock()  # so cancel() reaches the call actually running
@@ -380,6 +382,8 @@ class AuditStream(Iterator[types_pb2.AuditEvent]):
         return self
 
     def __next__(self) -> types_pb2.AuditEvent:
+        if self._pending:
+            return self._take()
         while True:
             call = self._open()
             try:
@@ -398,8 +402,16 @@ class AuditStream(Iterator[types_pb2.AuditEvent]):
             if item.HasField("heartbeat"):
                 self.cursor = max(self.cursor, item.heartbeat.scanned_through)
                 continue
-            self.cursor = item.event.sequence
-            return item.event
+            self._pending.extend(messages.events_of(item))
+            if self._pending:
+                return self._take()
+
+    def _take(self) -> types_pb2.AuditEvent:
+        """The next event of a page already received; the cursor moves with what is
+        handed out, so a resumed stream neither skips nor repeats an event."""
+        event = self._pending.popleft()
+        self.cursor = event.sequence
+        return event
 
     def _open(self) -> Iterator[broker_pb2.StreamAuditResponse]:
         with self._lock:

@@ -8,12 +8,15 @@ that cannot be translated, with `TypeError`/`ValueError`, as Python functions do
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 
 from google.protobuf import duration_pb2
 
 from tokenbroker.v1 import broker_pb2, types_pb2
+
+# Audit events per StreamAudit message the clients ask for (the broker allows up to 1000).
+EVENTS_PER_MESSAGE = 500
 
 # Permissions as `{"artifacts": "write"}`, or as Permission messages (e.g. a run's ceiling).
 Permissions = Mapping[str, str] | Iterable[types_pb2.Permission]
@@ -212,8 +215,10 @@ def stream_audit(
     org: str = "",
     project: str = "",
     follow: bool = True,
+    per_message: int = EVENTS_PER_MESSAGE,
 ) -> broker_pb2.StreamAuditRequest:
-    """A StreamAuditRequest: events after sequence `after`, live unless `follow` is False."""
+    """A StreamAuditRequest: events after sequence `after`, live unless `follow` is False,
+    up to `per_message` events in each message."""
     return broker_pb2.StreamAuditRequest(
         after_sequence=after,
         filter=broker_pb2.AuditFilter(
@@ -225,4 +230,16 @@ def stream_audit(
             project=project,
         ),
         stop_at_head=not follow,
+        max_events_per_message=per_message,
     )
+
+
+def events_of(response: broker_pb2.StreamAuditResponse) -> Sequence[types_pb2.AuditEvent]:
+    """The events one StreamAudit message carries: one, a page, or none (a heartbeat).
+    A broker that predates pages always sends one event per message."""
+    item = response.WhichOneof("item")
+    if item == "event":
+        return (response.event,)
+    if item == "page":
+        return response.page.events
+    return ()

@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import jwt
 
+from tokenbroker import messages
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 from tokenbroker.verification import (
     DEFAULT_LEEWAY,
@@ -228,6 +229,7 @@ class RevocationFollower:
             after_sequence=self._cursor,
             filter=broker_pb2.AuditFilter(actions=list(RUN_ENDING_ACTIONS), org=self._org),
             stop_at_head=stop_at_head,
+            max_events_per_message=messages.EVENTS_PER_MESSAGE,
         )
         with self._call_lock:
             if self._stopped.is_set():
@@ -237,12 +239,12 @@ class RevocationFollower:
             if item.HasField("heartbeat"):
                 self._cursor = max(self._cursor, item.heartbeat.scanned_through)
                 continue
-            event = item.event
-            ended = event.action == "run.ended"
-            status = TokenStatus.RUN_ENDED if ended else TokenStatus.RUN_EXPIRED
-            self._ended[event.run_id] = (status, event.time.ToSeconds())
-            self._cursor = event.sequence
-            self._forget_old(now=time.time())
+            for event in messages.events_of(item):
+                ended = event.action == "run.ended"
+                status = TokenStatus.RUN_ENDED if ended else TokenStatus.RUN_EXPIRED
+                self._ended[event.run_id] = (status, event.time.ToSeconds())
+                self._cursor = event.sequence
+                self._forget_old(now=time.time())
 
     def _forget_old(self, now: float) -> None:
         # Every token of a run ended this long ago has expired by itself.

@@ -938,10 +938,15 @@ class StreamAuditRequest(_message.Message):
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     STOP_AT_HEAD_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     after_sequence: _builtins.int
     """Resume after this sequence; 0 starts at the oldest retained event."""
     stop_at_head: _builtins.bool
     """End the stream once caught up with the log instead of following it live."""
+    max_events_per_message: _builtins.int
+    """Up to this many events per message (as `page`), at most 1000; 0 or 1 sends one `event`
+    per message, as before. Pages make catching up on a long log many times faster.
+    """
     @_builtins.property
     def filter(self) -> Global___AuditFilter:
         """Which events to send."""
@@ -952,14 +957,39 @@ class StreamAuditRequest(_message.Message):
         after_sequence: _builtins.int = ...,
         filter: Global___AuditFilter | None = ...,
         stop_at_head: _builtins.bool = ...,
+        max_events_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "filter", b"filter", "stop_at_head", b"stop_at_head"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "filter", b"filter", "max_events_per_message", b"max_events_per_message", "stop_at_head", b"stop_at_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamAuditRequest: _TypeAlias = StreamAuditRequest  # noqa: Y015
+
+@_typing.final
+class AuditEventPage(_message.Message):
+    """AuditEventPage is several consecutive matching events, in sequence order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AuditEvent]:
+        """The events, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_types_pb2.AuditEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEventPage: _TypeAlias = AuditEventPage  # noqa: Y015
 
 @_typing.final
 class StreamAuditHeartbeat(_message.Message):
@@ -999,6 +1029,7 @@ class StreamAuditResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _types_pb2.AuditEvent:
         """An event matching the filter."""
@@ -1007,17 +1038,22 @@ class StreamAuditResponse(_message.Message):
     def heartbeat(self) -> Global___StreamAuditHeartbeat:
         """Progress through the log."""
 
+    @_builtins.property
+    def page(self) -> Global___AuditEventPage:
+        """Several events matching the filter (when the request asked for pages)."""
+
     def __init__(
         self,
         *,
         event: _types_pb2.AuditEvent | None = ...,
         heartbeat: Global___StreamAuditHeartbeat | None = ...,
+        page: Global___AuditEventPage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "item", b"item"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "item", b"item", "page", b"page"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "item", b"item"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "item", b"item", "page", b"page"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["event", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["event", "heartbeat", "page"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
