@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.bench import accounts
 from broker.bench.accounts import API, AUDITOR, DELEGATOR, ORCHESTRATOR, ORG, BenchAccount
+from tokenbroker import messages
 from tokenbroker.credentials import AssertionSigner
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from tokenbroker.verifier import JwksCache, RevocationFollower, TokenVerifier, jwks_from_broker
@@ -176,7 +177,11 @@ class Worker:
     def catchup(self, job: Job) -> Job:
         """Read `limit` stored events from `after` as fast as the stream delivers them."""
         broker = self.brokers[job["broker"]]
-        request = broker_pb2.StreamAuditRequest(after_sequence=job["after"], stop_at_head=True)
+        request = broker_pb2.StreamAuditRequest(
+            after_sequence=job["after"],
+            stop_at_head=True,
+            max_events_per_message=job.get("per_message", 0),
+        )
         received = 0
         first = last = 0
         with grpc.insecure_channel(broker.target) as channel:
@@ -184,11 +189,12 @@ class Worker:
             began = time.perf_counter()
             call = stub.StreamAudit(request, metadata=broker.metadata(AUDITOR))
             for item in call:
-                if not item.HasField("event"):
+                events = messages.events_of(item)
+                if not events:
                     continue
-                received += 1
-                last = item.event.sequence
-                first = first or last
+                received += len(events)
+                last = events[-1].sequence
+                first = first or events[0].sequence
                 if received >= job["limit"]:
                     break
             elapsed = time.perf_counter() - began
