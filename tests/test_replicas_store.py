@@ -153,3 +153,17 @@ def test_replicas_racing_to_checkpoint_never_fork_the_checkpoint_chain(
     for checkpoint in stored:
         assert checkpoint.prev_sequence == previous  # one chain: each names the one before
         previous = checkpoint.sequence
+
+
+def test_a_database_with_a_newer_schema_is_refused_naming_both_versions(pg_dsn: str) -> None:
+    import psycopg
+
+    from broker.store import StoreUnavailable
+    from broker.store.postgres import migrations
+
+    PostgresStore(pg_dsn).close()
+    newest = migrations()[-1][0]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (newest + 1,))
+    with pytest.raises(StoreUnavailable, match=f"version {newest + 1}.*knows \\({newest}\\)"):
+        PostgresStore(pg_dsn)

@@ -90,7 +90,15 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
         )
         row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
         current = int(row[0]) if row else 0
-        for version, text in migrations():
+        known = migrations()
+        newest = known[-1][0] if known else 0
+        if current > newest:
+            # An older broker must never write to a schema it does not know (a rollback).
+            raise StoreUnavailable(
+                f"the database schema is version {current}, newer than this broker knows "
+                f"({newest}): upgrade the broker, or restore a backup taken before the upgrade"
+            )
+        for version, text in known:
             if version <= current:
                 continue
             log.info("applying schema migration", extra={"version": version})
@@ -148,6 +156,9 @@ class PostgresStore:
         except psycopg.Error as exc:
             self._writer.close()
             raise StoreUnavailable(f"cannot open the PostgreSQL store: {_first_line(exc)}") from exc
+        except BaseException:
+            self._writer.close()
+            raise
         self._listeners: list[CommitListener] = []
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
         self._closed = False
