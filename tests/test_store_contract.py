@@ -251,3 +251,18 @@ def test_waiting_without_commits_returns_the_unchanged_head(store: Store) -> Non
     store.commit(Write([event("a")]))
     assert store.wait_for_events(1, timeout=0.05) == 1
     assert store.wait_for_events(0, timeout=5) == 1  # already beyond: no wait
+
+
+def test_the_change_feed_remembers_recent_events_gaplessly_and_says_when_it_cannot(
+    store: Store,
+) -> None:
+    from broker.store.changes import ChangeFeed
+
+    feed = ChangeFeed(store, start_after=0)
+    for i in range(7):
+        store.commit(Write([event("a", f"r-{i}")]))
+    assert feed.recent(0, 10) is None  # nothing read from the store yet
+    assert feed.catch_up() == 7
+    assert [e.sequence for e in feed.recent(0, 10) or []] == list(range(1, 8))
+    assert [e.sequence for e in feed.recent(3, 2) or []] == [4, 5]
+    assert feed.recent(7, 10) is None  # beyond what was read: ask the store

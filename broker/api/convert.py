@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -163,6 +165,30 @@ def audit_event_pb(event: AuditEvent) -> types_pb2.AuditEvent:
     if d.pipeline is not None:
         message.pipeline.CopyFrom(pipeline_pb(d.pipeline))
     return message
+
+
+class EncodedEvents:
+    """Audit events converted to protobuf once per process, for every stream that sends them:
+    N live subscribers cost one conversion per event, not N. Keyed by (sequence, hash), which
+    names one event for good; bounded, oldest first out."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self._capacity = capacity
+        self._encoded: dict[tuple[int, str], types_pb2.AuditEvent] = {}
+        self._lock = threading.Lock()
+
+    def of(self, event: AuditEvent) -> types_pb2.AuditEvent:
+        key = (event.sequence, event.hash)
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            encoded = audit_event_pb(event)
+            with self._lock:
+                self._encoded[key] = encoded
+                if len(self._encoded) > self._capacity:
+                    # dicts keep insertion order: drop the oldest tenth at once.
+                    for stale in list(itertools.islice(self._encoded, self._capacity // 10)):
+                        del self._encoded[stale]
+        return encoded
 
 
 def token_request(request: broker_pb2.IssueTokenRequest) -> TokenRequest:

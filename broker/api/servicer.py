@@ -25,6 +25,7 @@ MAX_PAGE_BYTES = 1 << 20
 class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
+        self._encoded = convert.EncodedEvents()
 
     def StartRun(
         self, request: broker_pb2.StartRunRequest, context: grpc.ServicerContext
@@ -159,9 +160,9 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
                 )
             elif per_message == 1:
                 for event in item:
-                    yield broker_pb2.StreamAuditResponse(event=convert.audit_event_pb(event))
+                    yield broker_pb2.StreamAuditResponse(event=self._encoded.of(event))
             else:
-                for chunk in _pages([convert.audit_event_pb(e) for e in item], per_message):
+                for chunk in _pages([self._encoded.of(e) for e in item], per_message):
                     yield broker_pb2.StreamAuditResponse(
                         page=broker_pb2.AuditEventPage(events=chunk)
                     )

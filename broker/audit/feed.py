@@ -186,7 +186,10 @@ class AuditFeed:
     ) -> Iterator[list[AuditEvent] | Heartbeat]:
         last_beat = self._clock()
         while not self._closed.is_set() and not cancelled():
-            page = self._store.read_events(cursor, PAGE_SIZE)
+            # Live subscribers read what the change feed already decoded, shared by all.
+            page = self._changes.recent(cursor, PAGE_SIZE) or self._store.read_events(
+                cursor, PAGE_SIZE
+            )
             matching: list[AuditEvent] = []
             for event in page:
                 if event.sequence != cursor + 1:  # sequences are gapless: never skip one

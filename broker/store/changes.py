@@ -26,6 +26,9 @@ from broker.store import Committed, Mutation, Store, StoreUnavailable
 log = logging.getLogger(__name__)
 
 PAGE = 500
+# Recent events kept decoded for live StreamAudit subscribers: read and decoded once per
+# process, not once per subscriber.
+RECENT = 20_000
 # How long one wait for the store lasts; also the slowest a lost wake-up can delay a change.
 WAIT = 1.0
 
@@ -43,6 +46,7 @@ class ChangeFeed:
         self._local_subscribers: list[LocalSubscriber] = []
         self._stopping = threading.Event()
         self._dispatching = threading.Lock()
+        self._recent: list[AuditEvent] = []
         self._thread: threading.Thread | None = None
         store.add_listener(self._on_local_commit)
 
@@ -89,6 +93,17 @@ class ChangeFeed:
                 self._changed.wait(timeout)
             return self._head > sequence
 
+    def recent(self, after: int, limit: int) -> list[AuditEvent] | None:
+        """Up to `limit` events after `after` from memory, or None when memory does not hold
+        the next one (older than it keeps, or not read yet: read the store then)."""
+        recent = self._recent  # one reference: the feed's thread may swap in a trimmed list
+        if not recent:
+            return None
+        start = after + 1 - recent[0].sequence  # events in memory are gapless
+        if start < 0 or start >= len(recent):
+            return None
+        return recent[start : start + limit]
+
     def catch_up(self) -> int:
         """Read and dispatch everything committed so far, on the caller's thread (tests and
         start-up); return the cursor."""
@@ -127,6 +142,15 @@ class ChangeFeed:
                 log.exception("change feed failed; retrying")
                 self._stopping.wait(WAIT)
 
+    def _remember(self, page: Sequence[AuditEvent]) -> None:
+        recent = self._recent
+        if recent and page[0].sequence != recent[-1].sequence + 1:
+            recent = []  # retention pruned past us: memory stays gapless
+        if len(recent) + len(page) > 2 * RECENT:
+            recent = recent[-RECENT:]  # a new list: readers holding the old one are unaffected
+        recent.extend(page)
+        self._recent = recent
+
     def _dispatch_page(self) -> bool:
         """Hand the next page to the subscribers; False when there was nothing new."""
         with self._dispatching:
@@ -138,6 +162,7 @@ class ChangeFeed:
                     subscriber(page)
                 except Exception:
                     log.exception("change subscriber failed")
+            self._remember(page)
             self._cursor = page[-1].sequence
         self._advance_head(self._cursor)
         return True
