@@ -30,9 +30,9 @@ from broker.runs.registry import RunRegistry
 from broker.runs.tokens import TokenService
 from broker.settings import Settings
 from broker.store import Store, StoreRefused, StoreUnavailable
+from broker.store.changes import ChangeFeed
 from broker.store.factory import OpenOptions
 from broker.store.factory import open_store as open_store_url
-from broker.store.changes import ChangeFeed
 from broker.telemetry.otel import Telemetry
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,12 @@ def _assemble(
         first_policy = load_policy(policy_path)
     # Read what must be read (the live runs) before the first write (policy.loaded), so that
     # a store that cannot be read at start is refused before anything is added to it.
-    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
+    # The committed audit log is the one change feed: registry, audit feed, keeper and key
+    # ring learn of every change from it, whichever process or replica made it.
+    changes = ChangeFeed(store)
+    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL, changes=changes)
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
-from broker.store.changes import ChangeFeed
     authorizer = PolicyAuthorizer(policy.current, store, clock)
     telemetry = Telemetry(tracer_provider, meter_provider)
     keys = KeyRing(

@@ -11,8 +11,6 @@ import grpc
 import pytest
 
 from broker.api.server import BrokerServer, create_server
-from broker.app import build_broker
-from broker.store.postgres import PostgresStore
 from tests.accounts import callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.support import start_run_request
@@ -23,8 +21,8 @@ REVOCATION_BOUND = 0.1  # seconds, p99 on loopback (the issue's target)
 
 
 def replica(tmp_path: Path, name: str, dsn: str, policy: Path) -> BrokerServer:
-    settings = make_settings(tmp_path / name, policy=policy, issuer=ISSUER)
-    server = create_server(settings, broker=build_broker(settings, store=PostgresStore(dsn)))
+    settings = make_settings(tmp_path / name, policy=policy, issuer=ISSUER, store=dsn)
+    server = create_server(settings)
     server.start()
     return server
 

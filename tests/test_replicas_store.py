@@ -20,7 +20,9 @@ from broker.store import (
     Write,
 )
 from broker.store.changes import ChangeFeed
+from broker.store.factory import OpenOptions
 from broker.store.postgres import PostgresStore
+from tests.pgcluster import Cluster
 from tests.test_store_contract import event, make_run
 
 
@@ -158,12 +160,37 @@ def test_replicas_racing_to_checkpoint_never_fork_the_checkpoint_chain(
 def test_a_database_with_a_newer_schema_is_refused_naming_both_versions(pg_dsn: str) -> None:
     import psycopg
 
-    from broker.store import StoreUnavailable
+    from broker.store import NewerSchema
+    from broker.store.factory import open_store
     from broker.store.postgres import migrations
 
     PostgresStore(pg_dsn).close()
     newest = migrations()[-1][0]
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (newest + 1,))
-    with pytest.raises(StoreUnavailable, match=f"version {newest + 1}.*knows \\({newest}\\)"):
-        PostgresStore(pg_dsn)
+    with pytest.raises(NewerSchema, match=f"version {newest + 1}.*knows \\({newest}\\)"):
+        open_store(pg_dsn)
+    with pytest.raises(NewerSchema):
+        open_store(pg_dsn, OpenOptions(read_only=True))
+
+
+def test_offline_tools_open_postgresql_read_only_and_refuse_an_empty_database(
+    pg_dsn: str, pg_cluster: Cluster
+) -> None:
+    from broker.store import StoreRefused, StoreUnavailable
+    from broker.store.factory import open_store
+
+    with pytest.raises(StoreRefused, match="holds no token-broker store"):
+        open_store(pg_dsn, OpenOptions(read_only=True))
+    writer = open_store(pg_dsn)
+    writer.commit(Write([event("a")]))
+    writer.close()
+    reader = open_store(pg_dsn, OpenOptions(read_only=True))
+    try:
+        assert reader.head_sequence() == 1
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            reader.commit(Write([event("b")]))
+    finally:
+        reader.close()
+    with pytest.raises(StoreRefused):
+        open_store(f"postgresql://postgres@127.0.0.1:{pg_cluster.port}/no_such_database")

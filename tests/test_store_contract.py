@@ -43,7 +43,11 @@ BACKEND_URLS = {"sqlite": "sqlite:", "memory": "memory:"}
 @pytest.fixture
 def store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
     # PostgreSQL: a fresh database on the session's throw-away server.
-    url = request.getfixturevalue("pg_dsn") if store_kind == "postgresql" else BACKEND_URLS[store_kind]
+    url = (
+        request.getfixturevalue("pg_dsn")
+        if store_kind == "postgresql"
+        else BACKEND_URLS[store_kind]
+    )
     backend = open_store(url, OpenOptions(data_dir=tmp_path / "data"))
     yield backend
     backend.close()

@@ -7,6 +7,9 @@ A store is named by one URL-like string (setting `--store`, env TOKEN_BROKER_STO
     sqlite:                 the data dir's broker.db (the default)
     sqlite:PATH?busy_timeout=SECONDS
                             how long a write waits for another process's write lock
+    postgresql://USER@HOST[:PORT]/DATABASE[?sslmode=...]
+                            a PostgreSQL database shared by several replicas (a libpq URL;
+                            `pip install token-broker[postgresql]`)
 
 `sqlite` and `memory` alone are aliases of `sqlite:` and `memory:`.
 
@@ -33,6 +36,8 @@ BACKENDS: Mapping[str, str] = MappingProxyType(
     {
         "memory": "broker.store.memory",
         "sqlite": "broker.store.sqlite",
+        "postgresql": "broker.store.postgres",
+        "postgres": "broker.store.postgres",
     }
 )
 

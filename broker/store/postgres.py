@@ -41,6 +41,7 @@ from broker.store import (
     EndRun,
     IdempotencyKeyTaken,
     Mutation,
+    NewerSchema,
     PruneAudit,
     PruneConflict,
     PublicKeyRecord,
@@ -51,11 +52,14 @@ from broker.store import (
     RunNotActive,
     RunQuery,
     StoredEvent,
+    StoreRefused,
     StoreUnavailable,
+    StoreUrlInvalid,
     UnknownRun,
     Write,
 )
 from broker.store.codec import RUN_COLUMNS, event_from_row, run_from_row, run_to_row
+from broker.store.factory import OpenOptions, StoreUrl
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +92,8 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
             "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
-        row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
-        current = int(row[0]) if row else 0
+        current = check_version(conn)
         known = migrations()
-        newest = known[-1][0] if known else 0
-        if current > newest:
-            # An older broker must never write to a schema it does not know (a rollback).
-            raise StoreUnavailable(
-                f"the database schema is version {current}, newer than this broker knows "
-                f"({newest}): upgrade the broker, or restore a backup taken before the upgrade"
-            )
         for version, text in known:
             if version <= current:
                 continue
@@ -109,6 +105,45 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
         return current
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def check_version(conn: psycopg.Connection[Any]) -> int:
+    """The schema version (0 for an empty database); NewerSchema if this broker is older."""
+    exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
+    if exists is None or exists[0] is None:
+        return 0
+    row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+    current = int(row[0]) if row else 0
+    known = migrations()
+    newest = known[-1][0] if known else 0
+    if current > newest:
+        # An older broker must never write to a schema it does not know (a rollback).
+        raise NewerSchema(
+            f"the database schema is version {current}, newer than this broker knows "
+            f"({newest}): upgrade the broker, or restore a backup taken before the upgrade"
+        )
+    return current
+
+
+def check_url(url: StoreUrl) -> None:
+    if not url.location.startswith("//"):
+        raise StoreUrlInvalid(
+            f"store {str(url)!r}: a PostgreSQL store is a libpq URL, "
+            "postgresql://USER@HOST[:PORT]/DATABASE[?sslmode=...]"
+        )
+    try:
+        psycopg.conninfo.conninfo_to_dict(str(url))
+    except psycopg.ProgrammingError as exc:
+        raise StoreUrlInvalid(f"store URL is not a valid libpq URL: {_first_line(exc)}") from None
+
+
+def open_url(url: StoreUrl, options: OpenOptions) -> PostgresStore:
+    """Open the store; StoreRefused (nothing changed) when the database cannot be reached or
+    its schema is newer than this broker knows. Read-only: never migrates nor writes."""
+    try:
+        return PostgresStore(str(url), read_only=options.read_only)
+    except StoreUnavailable as exc:
+        raise StoreRefused(str(exc)) from exc
 
 
 class _Pending:
@@ -137,19 +172,28 @@ class _Pending:
 class PostgresStore:
     """The `Store` on a PostgreSQL database named by a libpq URL (postgresql://…)."""
 
-    def __init__(self, dsn: str, pool_size: int = 8) -> None:
+    def __init__(self, dsn: str, pool_size: int = 8, *, read_only: bool = False) -> None:
+        """`read_only` (offline tools): no migration, no writer, every session read-only."""
         self.dsn = dsn
+        self.read_only = read_only
+        session = "-c default_transaction_read_only=on" if read_only else ""
         try:
-            self._writer: psycopg.Connection[Any] = psycopg.connect(dsn, autocommit=True)
+            self._writer: psycopg.Connection[Any] = psycopg.connect(
+                dsn, autocommit=True, options=session
+            )
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot open the PostgreSQL store: {_first_line(exc)}") from exc
         try:
-            self.schema_version = migrate(self._writer)
+            self.schema_version = (
+                check_version(self._writer) if read_only else migrate(self._writer)
+            )
+            if read_only and self.schema_version == 0:
+                raise StoreRefused(f"{_safe(dsn)}: holds no token-broker store")
             self._pool = ConnectionPool(
                 dsn,
                 min_size=1,
                 max_size=pool_size,
-                kwargs={"autocommit": True},
+                kwargs={"autocommit": True, "options": session},
                 open=True,
                 name="tokenbroker-readers",
             )
@@ -165,9 +209,10 @@ class PostgresStore:
         self._notified = threading.Condition()
         self._notified_head = 0
         self._thread = threading.Thread(target=self._write_loop, name="pg-writer", daemon=True)
-        self._thread.start()
         self._listener = threading.Thread(target=self._listen_loop, name="pg-listen", daemon=True)
-        self._listener.start()
+        if not read_only:
+            self._thread.start()
+            self._listener.start()
 
     # -- writes --------------------------------------------------------------------------
 
@@ -175,8 +220,8 @@ class PostgresStore:
         self._listeners.append(listener)
 
     def commit(self, write: Write) -> Committed:
-        if self._closed:
-            raise StoreUnavailable("store is closed")
+        if self._closed or self.read_only:
+            raise StoreUnavailable("store is closed" if self._closed else "store is read-only")
         pending = _Pending(write)
         self._queue.put(pending)
         return pending.wait()
@@ -409,10 +454,21 @@ class PostgresStore:
             return
         self._closed = True
         self._queue.put(_STOP)
-        self._thread.join(timeout=10)
-        self._listener.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._listener.is_alive():
+            self._listener.join(timeout=5)
         self._pool.close()
         self._writer.close()
+
+
+def _safe(dsn: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "the PostgreSQL store"
+    return f"postgresql://{parts.get('user', '')}@{parts.get('host', '')}/{parts.get('dbname', '')}"
 
 
 def _first_line(exc: BaseException) -> str:
