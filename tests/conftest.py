@@ -37,6 +37,15 @@ def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture
+def store_url(store_kind: str, request: pytest.FixtureRequest) -> str:
+    """One URL per backend; a new backend adds its URL here and passes the same suites.
+    PostgreSQL: a fresh database on the session's throw-away server."""
+    if store_kind == "postgresql":
+        return str(request.getfixturevalue("pg_dsn"))
+    return f"{store_kind}:"
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
     """One throw-away PostgreSQL server for the whole run (fails loudly if it cannot start)."""

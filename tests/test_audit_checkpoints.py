@@ -34,8 +34,8 @@ from tests.support import start_run_request
 
 
 @pytest.fixture
-def store(store_kind: str, tmp_path: Path) -> Iterator[Store]:
-    backend = open_store(f"{store_kind}:", OpenOptions(data_dir=tmp_path))
+def store(store_url: str, tmp_path: Path) -> Iterator[Store]:
+    backend = open_store(store_url, OpenOptions(data_dir=tmp_path))
     yield backend
     backend.close()
 

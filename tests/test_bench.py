@@ -27,7 +27,8 @@ EXPECTED_FIGURES = [
     "bare PyJWT jwt.decode",
     "offline TokenVerifier.check",
     "revocation → offline rejection",
-    "StreamAudit catch-up",
+    "StreamAudit catch-up, 1 event/message",
+    "StreamAudit catch-up, pages of 500",
     "live fan-out, 16 subscribers",
     "broker RSS, large vs small",
 ]

@@ -36,19 +36,10 @@ from broker.store import (
 )
 from broker.store.factory import OpenOptions, open_store
 
-# One URL per backend; a new backend adds its URL here and passes the same suite.
-BACKEND_URLS = {"sqlite": "sqlite:", "memory": "memory:"}
-
 
 @pytest.fixture
-def store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
-    # PostgreSQL: a fresh database on the session's throw-away server.
-    url = (
-        request.getfixturevalue("pg_dsn")
-        if store_kind == "postgresql"
-        else BACKEND_URLS[store_kind]
-    )
-    backend = open_store(url, OpenOptions(data_dir=tmp_path / "data"))
+def store(store_url: str, tmp_path: Path) -> Iterator[Store]:
+    backend = open_store(store_url, OpenOptions(data_dir=tmp_path / "data"))
     yield backend
     backend.close()
 

@@ -61,7 +61,8 @@ def test_store_urls_name_a_backend_and_its_location() -> None:
 @pytest.mark.parametrize(
     ("url", "says"),
     [
-        ("postgres://db/tb", "unknown store 'postgres:': use one of memory:, sqlite:"),
+        ("mysql://db/tb", "unknown store 'mysql:': use one of memory:, sqlite:"),
+        ("postgresql:tb", "a PostgreSQL store is a libpq URL"),
         ("broker.db", "not a store URL"),
         ("memory:/somewhere", "a memory store takes no path"),
         ("sqlite:x.db?busy_timeout=forever", "busy_timeout must be 0 to 600 seconds"),
