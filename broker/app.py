@@ -12,8 +12,10 @@ from opentelemetry.trace import TracerProvider
 from broker.audit.checkpoints import CheckpointSigner
 from broker.audit.feed import AuditFeed
 from broker.audit.keeper import DAY, AuditKeeper, KeeperSettings
+from broker.audit.refusals import RefusalLedger
 from broker.auth.authn import Authenticator, RunCredentialVerifier
 from broker.auth.authz import PolicyAuthorizer
+from broker.auth.throttle import RateLimit, Throttle
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
 from broker.identity import BROKER
@@ -76,6 +78,8 @@ class Broker:
     policy: PolicySource
     authn: Authenticator
     keeper: AuditKeeper
+    refusals: RefusalLedger
+    throttle: Throttle
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
 
@@ -92,6 +96,7 @@ class Broker:
                 for run in self.runs.expire_due(ctx):
                     log.info("run expired", extra={"run_id": run.run_id, "reason": run.end_reason})
                 self.keys.refresh()  # unpublish keys past retirement; see other replicas' keys
+                self.refusals.flush()  # the counts of repeated refusals whose interval closed
             except Exception:
                 # Keep reaping: a transient storage failure must not stop expiry for good.
                 log.exception("reaper pass failed")
@@ -103,6 +108,7 @@ class Broker:
         if self._reaper is not None:
             self._reaper.join(timeout=5)
         self.keeper.close()
+        self.refusals.flush(everything=True)
         self.store.close()
 
 
@@ -180,7 +186,7 @@ def _assemble(
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
     authorizer = PolicyAuthorizer(policy.current, store, clock)
-    telemetry = Telemetry(tracer_provider, meter_provider)
+    telemetry = Telemetry(tracer_provider, meter_provider, settings.metric_audiences)
     keys = KeyRing(
         store,
         clock,
@@ -194,12 +200,14 @@ def _assemble(
     )
     keys.load(CallContext(principal=BROKER))
     tokens = TokenService(keys, registry, issuer, clock)
+    refusals = RefusalLedger(store, clock, settings.refusal_audit_interval)
     authn = Authenticator(
         policy.current,
         issuer,
         store,
         clock,
         run_credentials or tokens.authenticate_run_credential,
+        refusals=refusals,
     )
     runs = RunLifecycle(store, registry, clock, authorizer, observer=telemetry)
     feed = AuditFeed(
@@ -210,6 +218,7 @@ def _assemble(
         observer=telemetry,
         # Half the workers at most follow audit streams; the rest stay free for everyone else.
         max_subscribers=settings.max_workers // 2,
+        max_per_principal=settings.audit_streams_per_principal,
     )
     telemetry.watch(store, registry.active, lambda: feed.subscribers)
     rules = PolicyRules(policy.current)
@@ -240,6 +249,13 @@ def _assemble(
         authn=authn,
         keeper=AuditKeeper(
             store, clock, signer or CheckpointSigning(keys), _keeper_settings(settings, issuer)
+        ),
+        refusals=refusals,
+        throttle=Throttle(
+            RateLimit(settings.peer_rate, settings.peer_burst),
+            RateLimit(settings.principal_rate, settings.principal_burst),
+            clock,
+            refusals,
         ),
     )
 

@@ -138,6 +138,19 @@ def run_pb(run: Run) -> types_pb2.Run:
     return message
 
 
+def runs_within(runs: list[Run], max_bytes: int) -> list[types_pb2.Run]:
+    """The leading runs whose messages fit in `max_bytes` together (always at least one)."""
+    page: list[types_pb2.Run] = []
+    total = 0
+    for run in runs:
+        message = run_pb(run)
+        total += message.ByteSize() + 8  # field tag and length prefix of each entry
+        if page and total > max_bytes:
+            break
+        page.append(message)
+    return page
+
+
 def struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     message.update(dict(data))

@@ -29,6 +29,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from broker.api import credentials as authn
+from broker.api.decoding import DecodeGuard
 from broker.api.handoff import GrpcHandoff, traced_channel
 from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
@@ -44,6 +45,8 @@ from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# A default gRPC client refuses larger messages; ListRuns pages are cut to fit well below.
+MAX_REPLY_BYTES = 4 * 1024 * 1024
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"].full_name
 
 
@@ -200,8 +203,16 @@ def _bind_grpc(settings: Settings) -> tuple[grpc.Server, int, _LateInterceptors]
     interceptors = _LateInterceptors()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[interceptors],
-        options=[("grpc.so_reuseport", 0)],
+        # An undecodable body is refused first, before any span, authentication or audit.
+        interceptors=[DecodeGuard(), interceptors],
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Explicit, documented message limits: a request larger than any valid one is
+            # refused by gRPC itself (RESOURCE_EXHAUSTED) before it is read into memory, and
+            # no reply may exceed what a default gRPC client accepts (4 MiB).
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+        ],
     )
     try:
         if credentials is None:
@@ -256,7 +267,7 @@ def create_server(
         tracing.ServerTracingInterceptor(
             broker.telemetry.tracer_provider, broker.telemetry.meter_provider
         ),
-        CallInterceptor(authenticate=authn.authenticator(broker.authn)),
+        CallInterceptor(authenticate=authn.authenticator(broker.authn, broker.throttle)),
     )
     broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(broker), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -17,6 +17,10 @@ from broker.runs.lifecycle import DEFAULT_PAGE_SIZE
 from broker.store import RunQuery
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
+# Runs per ListRuns page stop at this many encoded bytes (a page may then hold fewer than
+# page_size runs, with a next_page_token): far below the 4 MiB a default client accepts.
+MAX_PAGE_BYTES = 2 * 1024 * 1024
+
 
 class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
     def __init__(self, broker: Broker) -> None:
@@ -103,12 +107,12 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             before=_decode_page_token(request.page_token),
         )
         runs = self._broker.runs.list(calls.current(), query)
+        page = convert.runs_within(runs, MAX_PAGE_BYTES)
         next_token = ""
-        if len(runs) == query.limit:
-            next_token = _encode_page_token(runs[-1].create_time, runs[-1].run_id)
-        return broker_pb2.ListRunsResponse(
-            runs=[convert.run_pb(r) for r in runs], next_page_token=next_token
-        )
+        if len(page) < len(runs) or len(runs) == query.limit:
+            last = runs[len(page) - 1]
+            next_token = _encode_page_token(last.create_time, last.run_id)
+        return broker_pb2.ListRunsResponse(runs=page, next_page_token=next_token)
 
     def GetSigningKeys(
         self, request: broker_pb2.GetSigningKeysRequest, context: grpc.ServicerContext

@@ -46,6 +46,7 @@ class Action:
     TOKEN_VERIFY_FAILED = "token.verify_failed"
     AUTHN_DENIED = "authn.denied"
     AUTHZ_DENIED = "authz.denied"
+    CALL_THROTTLED = "call.throttled"
     KEY_CREATED = "key.created"
     KEY_ROTATED = "key.rotated"
     KEY_RETIRED = "key.retired"

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from broker import limits
 from broker.audit.events import Action, Outcome, draft
 from broker.auth.authz import Authorizer, Op
 from broker.clock import Clock
@@ -46,8 +47,8 @@ MAX_DEADLINE = 24 * HOUR
 MIN_DEADLINE = 1.0
 MIN_LEASE = 1.0
 MAX_LEASE = HOUR
-MAX_IDEMPOTENCY_KEY = 128
-MAX_PAGE_SIZE = 500
+MAX_IDEMPOTENCY_KEY = limits.IDEMPOTENCY_KEY.max_chars
+MAX_PAGE_SIZE = limits.MAX_PAGE_SIZE
 DEFAULT_PAGE_SIZE = 50
 
 
@@ -184,8 +185,8 @@ class RunLifecycle:
         run_id, fingerprint = found
         if fingerprint != claim.fingerprint:
             raise AlreadyExists(
-                f"idempotency key {claim.key!r} was already used by this caller for run {run_id} "
-                "with different parameters; use a new key for a different run"
+                f"idempotency key {limits.shown(claim.key)!r} was already used by this caller "
+                f"for run {run_id} with different parameters; use a new key for a different run"
             )
         run = self._registry.get(run_id)
         assert run is not None, "idempotency key points at a missing run"
@@ -204,7 +205,7 @@ class RunLifecycle:
             raise InvalidArgument.field("run_id", "required")
         run = self._registry.get(run_id)
         if run is None:
-            raise NotFound(f"run {run_id!r} not found")
+            raise NotFound(f"run {limits.shown(run_id)!r} not found")
         return run
 
     def end(self, ctx: CallContext, run_id: str, reason: str) -> tuple[Run, bool]:
