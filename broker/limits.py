@@ -40,6 +40,9 @@ MAX_EMAIL = 254
 MAX_EMAIL_LOCAL = 64
 
 MAX_SHOWN = 64
+DEFAULT_MAX_REQUEST_BYTES = 256 * 1024
+MAX_REPLY_BYTES = 4 * 1024 * 1024  # what a default gRPC client accepts
+MAX_PAGE_BYTES = 2 * 1024 * 1024  # runs per ListRuns page, encoded
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ ACCOUNT = _pattern(
 PRINCIPAL = _pattern(
     r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}|run:r-[0-9a-hjkmnp-tv-z]{26}",
     128,
-    "a service-account name or 'run:<run id>'",
+    "a service-account name, or 'run:' and a run id",
 )
 AUDIENCE = _pattern(r"[\x21-\x7e]{1,256}", 256, "1-256 printable ASCII characters, no spaces")
 STEP = _pattern(
@@ -191,7 +194,9 @@ DISPLAY_NAME = _text(128)
 REASON = _text(512)
 PERSON = _text(255, "a subject or an email address")
 ACTION = _pattern(r"[a-z][a-z0-9_.]{0,63}", 64, "an action name such as 'run.ended'")
-PAGE_TOKEN = _pattern(r"[A-Za-z0-9_-]{1,512}", 512, "a next_page_token returned by ListRuns")
+PAGE_TOKEN = _pattern(
+    r"[A-Za-z0-9_-]{1,512}", 512, "a next_page_token returned by ListRuns (at most 512 characters)"
+)
 JWS = _pattern(
     r"[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*",
     16 * 1024,
@@ -350,3 +355,47 @@ def _escape(char: str) -> str:
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     return char
+
+
+def _describe(rule: Rule) -> str:
+    if isinstance(rule, Text):
+        text = rule.rule
+        return f"required; {text}" if rule.required else text
+    return rule.rule
+
+
+def markdown() -> str:
+    """The table as `protos/tokenbroker/v1/LIMITS.md` shows it beside the .proto files."""
+    lines = [
+        "# Request limits",
+        "",
+        "<!-- Generated from broker/limits.py by `make limits-doc`; tests check it is current. -->",
+        "",
+        "Every request is checked against these rules after authentication and before anything",
+        "else; a request that breaks any is `INVALID_ARGUMENT` with a `google.rpc.BadRequest`",
+        "field violation per broken rule (the value itself is never quoted back). Lengths are",
+        "in characters. *No control characters* means no C0/C1 control (NUL, newline, ESC, …),",
+        "no line or paragraph separator and no bidirectional override. Besides the table:",
+        "",
+        "- an enum field must hold a value the .proto defines (proto3 keeps unknown numbers);",
+        "- a `google.protobuf.Duration` must be well-formed (nanos within ±999,999,999, with",
+        "  the sign of seconds);",
+        "- map keys are never empty and never contain NUL;",
+        f"- the inputs of a run, keys and values together, are at most {MAX_INPUTS_BYTES} bytes"
+        " (UTF-8);",
+        "- a request message is at most `--max-request-bytes` (default "
+        f"{DEFAULT_MAX_REQUEST_BYTES}) bytes, or gRPC",
+        "  answers `RESOURCE_EXHAUSTED` before reading it; an undecodable message is",
+        "  `INVALID_ARGUMENT`;",
+        f"- a reply is at most {MAX_REPLY_BYTES // 2**20} MiB, what a default gRPC client "
+        "accepts: a `ListRuns` page",
+        f"  stops at {MAX_PAGE_BYTES // 2**20} MiB of runs and says so with a "
+        "`next_page_token`, even below `page_size`.",
+        "",
+        "| field | rule |",
+        "| --- | --- |",
+    ]
+    prefix = PACKAGE + "."
+    for name in sorted(RULES):
+        lines.append(f"| `{name.removeprefix(prefix)}` | {_describe(RULES[name])} |")
+    return "\n".join(lines) + "\n"

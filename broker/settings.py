@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from broker import limits
 from broker.store import StoreUrlInvalid, factory
 
 ENV_PREFIX = "TOKEN_BROKER_"
@@ -45,7 +46,7 @@ class Settings:
     audit_checkpoint_events: int = 1000
     audit_checkpoint_interval: float = 60.0
     audit_retention_days: float = 0.0
-    max_request_bytes: int = 256 * 1024
+    max_request_bytes: int = limits.DEFAULT_MAX_REQUEST_BYTES
     peer_rate: float = 20.0
     peer_burst: int = 100
     principal_rate: float = 1000.0

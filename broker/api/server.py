@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from broker import limits
 from broker.api import credentials as authn
 from broker.api.decoding import DecodeGuard
 from broker.api.handoff import GrpcHandoff, traced_channel
@@ -45,8 +46,6 @@ from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# A default gRPC client refuses larger messages; ListRuns pages are cut to fit well below.
-MAX_REPLY_BYTES = 4 * 1024 * 1024
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"].full_name
 
 
@@ -211,7 +210,7 @@ def _bind_grpc(settings: Settings) -> tuple[grpc.Server, int, _LateInterceptors]
             # refused by gRPC itself (RESOURCE_EXHAUSTED) before it is read into memory, and
             # no reply may exceed what a default gRPC client accepts (4 MiB).
             ("grpc.max_receive_message_length", settings.max_request_bytes),
-            ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+            ("grpc.max_send_message_length", limits.MAX_REPLY_BYTES),
         ],
     )
     try:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from broker import limits
 from broker.api import convert
 from broker.api import interceptor as calls
 from broker.app import Broker
@@ -16,10 +17,6 @@ from broker.errors import InvalidArgument
 from broker.runs.lifecycle import DEFAULT_PAGE_SIZE
 from broker.store import RunQuery
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
-
-# Runs per ListRuns page stop at this many encoded bytes (a page may then hold fewer than
-# page_size runs, with a next_page_token): far below the 4 MiB a default client accepts.
-MAX_PAGE_BYTES = 2 * 1024 * 1024
 
 
 class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
@@ -107,7 +104,9 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             before=_decode_page_token(request.page_token),
         )
         runs = self._broker.runs.list(calls.current(), query)
-        page = convert.runs_within(runs, MAX_PAGE_BYTES)
+        # A page may hold fewer than page_size runs, with a next_page_token, when they are
+        # large: far below the 4 MiB a default client accepts, whatever the page size.
+        page = convert.runs_within(runs, limits.MAX_PAGE_BYTES)
         next_token = ""
         if len(page) < len(runs) or len(runs) == query.limit:
             last = runs[len(page) - 1]
