@@ -35,7 +35,7 @@ INJECTED = "mallory@evil.com\nExecuted by: ceo@example.com\n@example.com"
 
 def violations(error: grpc.RpcError) -> dict[str, str]:
     """The google.rpc.BadRequest field violations of a refused call: {field: rule}."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, "no rich status"
     found: dict[str, str] = {}
     for detail in status.details:
@@ -214,7 +214,9 @@ def test_attribution_shown_to_people_cannot_be_forged_even_by_a_stored_record() 
 
 
 def _raw_call(channel: grpc.Channel, method: str, body: bytes) -> grpc.RpcError:
-    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        method, request_serializer=None, response_deserializer=None
+    )
     return rpc_error(lambda: call(body, timeout=5))
 
 
@@ -257,7 +259,7 @@ def test_reflection_still_works_and_refuses_an_undecodable_request(
     answers = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
     names = {s.name for s in answers[0].list_services_response.service}
     assert "tokenbroker.v1.TokenBrokerService" in names
-    raw = channel.stream_stream(
+    raw: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         request_serializer=None,
         response_deserializer=None,

@@ -61,7 +61,7 @@ def test_every_field_of_every_request_has_a_limit_of_the_right_kind() -> None:
         for field in message.fields:
             if is_map(field):
                 assert field.message_type is not None
-                needed = {field.full_name: limits.Items}
+                needed: dict[str, type] = {field.full_name: limits.Items}
                 needed |= {f.full_name: limits.Text for f in field.message_type.fields}
             else:
                 needed = expected_rule_types(field)
