@@ -201,6 +201,12 @@ def _assemble(
     keys.load(CallContext(principal=BROKER))
     tokens = TokenService(keys, registry, issuer, clock)
     refusals = RefusalLedger(store, clock, settings.refusal_audit_interval)
+    throttle = Throttle(
+        RateLimit(settings.peer_rate, settings.peer_burst),
+        RateLimit(settings.principal_rate, settings.principal_burst),
+        clock,
+        refusals,
+    )
     authn = Authenticator(
         policy.current,
         issuer,
@@ -208,6 +214,7 @@ def _assemble(
         clock,
         run_credentials or tokens.authenticate_run_credential,
         refusals=refusals,
+        before_refusal=throttle.unauthenticated,
     )
     runs = RunLifecycle(store, registry, clock, authorizer, observer=telemetry)
     feed = AuditFeed(
@@ -251,12 +258,7 @@ def _assemble(
             store, clock, signer or CheckpointSigning(keys), _keeper_settings(settings, issuer)
         ),
         refusals=refusals,
-        throttle=Throttle(
-            RateLimit(settings.peer_rate, settings.peer_burst),
-            RateLimit(settings.principal_rate, settings.principal_burst),
-            clock,
-            refusals,
-        ),
+        throttle=throttle,
     )
 
 

@@ -15,7 +15,6 @@ import grpc
 from broker.api import interceptor as calls
 from broker.auth.authn import Authenticator, Presented
 from broker.auth.throttle import Throttle
-from broker.errors import Unauthenticated
 from broker.identity import Principal
 from tokenbroker.v1 import broker_pb2
 
@@ -42,21 +41,17 @@ def presented(context: grpc.ServicerContext) -> Presented:
 def authenticator(authn: Authenticator, throttle: Throttle | None = None) -> calls.Authenticator:
     """The interceptor's hook: authenticate every call; only OPEN_METHODS allow anonymity.
 
-    With a throttle, a call that proves nothing (anonymous, or refused) counts against its
-    peer's rate, an authenticated one against its principal's: over it, RESOURCE_EXHAUSTED.
+    With a throttle, an authenticated call counts against its principal's rate and an
+    anonymous one against its peer's (a refused one already did, inside the authenticator):
+    over it, RESOURCE_EXHAUSTED.
     """
 
     def authenticate(context: grpc.ServicerContext, method: str) -> Principal:
         shown = presented(context)
         name = method.rsplit("/", 1)[-1]
-        try:
-            principal = authn.authenticate(
-                shown, calls.current(), name, required=method not in OPEN_METHODS
-            )
-        except Unauthenticated:
-            if throttle is not None:
-                throttle.unauthenticated(calls.current(), shown.peer, name)
-            raise
+        principal = authn.authenticate(
+            shown, calls.current(), name, required=method not in OPEN_METHODS
+        )
         if throttle is not None:
             if principal.is_anonymous:
                 throttle.unauthenticated(calls.current(), shown.peer, name)

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Given a run credential, return the run's principal or raise Unauthenticated.
 RunCredentialVerifier = Callable[[str], Principal]
 
+# Called with (call, peer, method) before a refusal is audited; may raise ResourceExhausted.
+RefusalHook = Callable[[CallContext, str, str], None]
+
 DEFAULT_CACHE_ENTRIES = 4096
 NO_CREDENTIAL = (
     "no credential: send 'authorization: Bearer <service-account assertion or run "
@@ -124,6 +127,7 @@ class Authenticator:
         run_credentials: RunCredentialVerifier,
         cache: VerificationCache | None = None,
         refusals: RefusalLedger | None = None,
+        before_refusal: RefusalHook = lambda ctx, peer, method: None,
     ) -> None:
         self._policy = policy
         self._audience = audience
@@ -133,6 +137,7 @@ class Authenticator:
         self.cache = cache if cache is not None else VerificationCache()
         # Repeated refusals from one source for one reason are counted, not each written.
         self._refusals = refusals if refusals is not None else RefusalLedger(store, clock)
+        self._before_refusal = before_refusal
 
     @property
     def audience(self) -> str:
@@ -148,6 +153,8 @@ class Authenticator:
             if required and principal.is_anonymous:
                 raise Unauthenticated(NO_CREDENTIAL)
         except Unauthenticated as refused:
+            # Over its peer's rate, the refusal is answered (and counted) as throttled instead.
+            self._before_refusal(ctx, presented.peer, method)
             self._audit_refusal(ctx, method, refused.message, attempt, presented.peer)
             raise
         return principal
