@@ -37,6 +37,8 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "80"))
 SERVICE = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"]
 METHODS = [method.name for method in SERVICE.methods]
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+# A long run (FUZZ_EXAMPLES) gets the time it needs; about a tenth of a second per example.
+pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 5))
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,

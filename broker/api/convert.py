@@ -8,6 +8,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
+from broker import limits
 from broker.audit import events as audit
 from broker.audit.events import AuditEvent
 from broker.errors import InvalidArgument
@@ -195,8 +196,8 @@ def verification_pb(result: CheckResult) -> broker_pb2.VerifyTokenResponse:
     response = broker_pb2.VerifyTokenResponse(
         active=result.active,
         status=TOKEN_STATUS_TO_PB[result.status],
-        reason=result.reason,
-        run_id=str(result.claims.get("run_id", "")),
+        reason=limits.shown(result.reason, 200),
+        run_id=limits.shown(str(result.claims.get("run_id", ""))),
     )
     if result.active:
         response.claims.CopyFrom(struct(result.claims))

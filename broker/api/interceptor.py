@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from broker import limits
 from broker.api import status, validation
 from broker.context import CallContext
 from broker.errors import BrokerError
@@ -141,7 +142,7 @@ def _abort(context: grpc.ServicerContext, method: str, error: BrokerError) -> No
         extra={
             "method": method,
             "error": type(error).__name__,
-            "reason": error.message,
+            "reason": limits.shown(error.message, 512),
             "request_id": call.request_id if call else "",
             "principal": call.principal.name if call else "",
         },

@@ -186,7 +186,11 @@ class Issuance:
         result = self._tokens.check(token, audience=audience or None)
         self._observer.token_verified(result.status.name.lower())
         if result.status in SUSPICIOUS:
-            details = {"status": result.status.name.lower(), "reason": result.reason}
+            # The reason may quote the token's own header (alg, typ, kid): a short prefix only.
+            details = {
+                "status": result.status.name.lower(),
+                "reason": limits.shown(result.reason, 200),
+            }
             event = draft(
                 ctx, self._clock(), Action.TOKEN_VERIFY_FAILED, Outcome.DENIED, None, details
             )
