@@ -27,7 +27,7 @@ from broker.policy.source import PolicySource
 from broker.runs.delegation import Delegation, Handoff
 from broker.runs.issuance import MAX_TTL, Issuance
 from broker.runs.keys import CheckpointSigning, KeyRing
-from broker.runs.lifecycle import MAX_DEADLINE, RunLifecycle
+from broker.runs.lifecycle import HOUR, MAX_DEADLINE, RunLifecycle
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import TokenService
 from broker.settings import Settings
@@ -82,9 +82,11 @@ class Broker:
     throttle: Throttle
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
+    _next_forget: float = 0.0
 
     def start_background(self) -> None:
         """Start the reaper that expires runs past their deadline or lease."""
+        self._next_forget = self.clock() + HOUR
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
         self.keeper.start()
@@ -97,9 +99,19 @@ class Broker:
                     log.info("run expired", extra={"run_id": run.run_id, "reason": run.end_reason})
                 self.keys.refresh()  # unpublish keys past retirement; see other replicas' keys
                 self.refusals.flush()  # the counts of repeated refusals whose interval closed
+                self._forget_idempotency_keys(ctx)
             except Exception:
                 # Keep reaping: a transient storage failure must not stop expiry for good.
                 log.exception("reaper pass failed")
+
+    def _forget_idempotency_keys(self, ctx: CallContext) -> None:
+        """Hourly: the retention of idempotency keys (one audit event per pass)."""
+        days = self.settings.idempotency_retention_days
+        now = self.clock()
+        if days <= 0 or now < self._next_forget:
+            return
+        self._next_forget = now + HOUR
+        self.runs.forget_idempotency_keys(ctx, days * DAY)
 
     def close(self) -> None:
         self._stop.set()

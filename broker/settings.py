@@ -54,6 +54,7 @@ class Settings:
     refusal_audit_interval: float = 60.0
     audit_streams_per_principal: int = 4
     metric_audiences: int = 100
+    idempotency_retention_days: float = 7.0
 
     def __post_init__(self) -> None:
         try:
@@ -123,6 +124,8 @@ def _check_limits(settings: Settings) -> None:
             raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
     if not settings.refusal_audit_interval > 0:
         raise SettingsError("--refusal-audit-interval must be a positive number of seconds")
+    if not settings.idempotency_retention_days >= 0:
+        raise SettingsError("--idempotency-retention-days must be 0 (keep forever) or positive")
     if settings.metric_audiences < 0:
         raise SettingsError("--metric-audiences must be 0 or more")
 
@@ -249,4 +252,6 @@ _HELP = {
     "reason become one audit event with a count",
     "audit_streams_per_principal": "StreamAudit streams one principal may hold open",
     "metric_audiences": "distinct token audiences used as metric labels; the rest are 'other'",
+    "idempotency_retention_days": "forget the idempotency keys of runs ended this long ago "
+    "(checked hourly; 0 = keep forever)",
 }

@@ -295,3 +295,24 @@ def test_list_runs_cuts_a_page_of_large_runs_and_the_next_page_carries_on(
             assert sorted(seen) == sorted(started)
     finally:
         server.stop(grace=0.5)
+
+
+def test_idempotency_keys_of_long_ended_runs_are_forgotten_by_retention(
+    limited: tuple[BrokerServer, Callers], clock: FakeClock
+) -> None:
+    server, callers = limited
+    stub = callers.stub(standard_accounts()["orchestrator"])
+    first = stub.StartRun(start_run_request(idempotency_key="deploy-42"), timeout=5).run.run_id
+    stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=first), timeout=5)
+    changed = start_run_request(idempotency_key="deploy-42")
+    changed.inputs["other"] = "parameters"
+    taken = rpc_error(lambda: stub.StartRun(changed, timeout=5))
+    assert taken.code() is grpc.StatusCode.ALREADY_EXISTS
+    started = clock.now
+    clock.now += server.broker.settings.idempotency_retention_days * 86400 + 3600
+    eventually(
+        lambda: server.broker.store.find_idempotent_run("ci-orchestrator", "deploy-42") is None
+    )
+    assert [e.draft.action for e in actions(server)][-1] == Action.IDEMPOTENCY_FORGOTTEN
+    clock.now = started + 1  # back to the time of the callers' assertions (signed in real time)
+    assert stub.StartRun(changed, timeout=5).run.run_id != first

@@ -54,6 +54,7 @@ class Action:
     POLICY_RELOAD_FAILED = "policy.reload_failed"
     BROKER_STARTED = "broker.started"
     AUDIT_PRUNED = "audit.pruned"
+    IDEMPOTENCY_FORGOTTEN = "idempotency.forgotten"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from broker.store import (
     Committed,
     CreateRun,
     EndRun,
+    ForgetIdempotencyKeys,
     IdempotencyClaim,
     IdempotencyKeyTaken,
     RenewLease,
@@ -287,6 +288,15 @@ class RunLifecycle:
             expired.append(committed.run)
         self._registry.prune(now)
         return expired
+
+    def forget_idempotency_keys(self, ctx: CallContext, retention: float) -> None:
+        """Retention: forget the idempotency keys of runs that ended over `retention` seconds
+        ago, so that keys cannot pile up for ever (a retry that late starts a new run)."""
+        now = self._clock()
+        cutoff = now - retention
+        details = {"ended_before_us": round(cutoff * 1e6)}
+        event = draft(ctx, now, Action.IDEMPOTENCY_FORGOTTEN, Outcome.SUCCESS, details=details)
+        self._commit(Write([event], ForgetIdempotencyKeys(cutoff)))
 
     def list(self, ctx: CallContext, query: RunQuery) -> list[Run]:
         # What the query may return; "*" where it does not filter. The caller's scope must
