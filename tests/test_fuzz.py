@@ -3,7 +3,7 @@ raw bytes, against a real server. Never INTERNAL or UNKNOWN; afterwards the serv
 serves and the audit chain verifies.
 
 About 20 s in `make test`; FUZZ_EXAMPLES=N runs N examples per RPC and case instead
-(the default is 80).
+(the default is 60).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tests.conftest import make_settings, standard_policy
 from tests.support import UNKNOWN_RUN_ID, start_run_request
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 SERVICE = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"]
 METHODS = [method.name for method in SERVICE.methods]
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
