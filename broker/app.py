@@ -197,7 +197,8 @@ def _assemble(
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
-    authorizer = PolicyAuthorizer(policy.current, store, clock)
+    refusals = RefusalLedger(store, clock, settings.refusal_audit_interval)
+    authorizer = PolicyAuthorizer(policy.current, store, clock, refusals)
     telemetry = Telemetry(tracer_provider, meter_provider, settings.metric_audiences)
     keys = KeyRing(
         store,
@@ -212,7 +213,6 @@ def _assemble(
     )
     keys.load(CallContext(principal=BROKER))
     tokens = TokenService(keys, registry, issuer, clock)
-    refusals = RefusalLedger(store, clock, settings.refusal_audit_interval)
     throttle = Throttle(
         RateLimit(settings.peer_rate, settings.peer_burst),
         RateLimit(settings.principal_rate, settings.principal_burst),

@@ -316,3 +316,20 @@ def test_idempotency_keys_of_long_ended_runs_are_forgotten_by_retention(
     assert [e.draft.action for e in actions(server)][-1] == Action.IDEMPOTENCY_FORGOTTEN
     clock.now = started + 1  # back to the time of the callers' assertions (signed in real time)
     assert stub.StartRun(changed, timeout=5).run.run_id != first
+
+
+def test_repeated_denials_of_one_principal_for_one_reason_are_counted_not_each_written(
+    limited: tuple[BrokerServer, Callers], clock: FakeClock
+) -> None:
+    server, callers = limited
+    auditor = callers.stub(standard_accounts()["auditor"])  # may not start runs
+    before = len(actions(server))
+    for _ in range(8):
+        denied = rpc_error(lambda: auditor.StartRun(start_run_request(), timeout=5))
+        assert denied.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert [e.draft.action for e in actions(server)[before:]] == [Action.AUTHZ_DENIED]
+    clock.now += server.broker.settings.refusal_audit_interval
+    server.broker.refusals.flush()
+    summary = actions(server)[-1].draft
+    assert summary.action == Action.AUTHZ_DENIED and summary.principal == "siem"
+    assert summary.details["repeated"] == 7
