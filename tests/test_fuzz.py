@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from broker.api.server import BrokerServer, create_server
 from broker.audit import verify as auditverify
 from broker.audit.checkpoints import PublishedKeys
-from broker.store.sqlite_readonly import ReadOnlyAuditLog
+from broker.store import all_checkpoints, all_stored_events
+from broker.store.factory import OpenOptions, open_store
 from tests.accounts import bearer, root_channel
 from tests.conftest import make_settings, standard_policy
 from tests.support import UNKNOWN_RUN_ID, start_run_request
@@ -202,14 +203,19 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
 
 
 def _assert_chain_verifies(data_dir: Path) -> None:
-    with ReadOnlyAuditLog(data_dir / "broker.db") as log:
+    """As `token-broker audit verify` does: the database opened read-only, every event and
+    checkpoint re-walked against the published keys."""
+    store = open_store("sqlite:", OpenOptions(data_dir=data_dir, read_only=True))
+    try:
         report = auditverify.verify(
-            str(log.path),
-            log.events(),
-            log.checkpoints(),
-            PublishedKeys.from_records(log.public_keys()),
-            pruned_through=log.pruned_through(),
+            str(data_dir),
+            all_stored_events(store),
+            all_checkpoints(store),
+            PublishedKeys.from_records(store.public_keys()),
+            pruned_through=store.pruned_through(),
         )
+    finally:
+        store.close()
     assert report.ok, report
     assert report.events > 0
 
