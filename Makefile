@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/tokenbroker/v1/*.proto)
 GEN_DIR := clients
 
-.PHONY: install postgres-server run test lint typecheck buflint breaking contract-baseline protos check-protos pytest bench demo clean
+.PHONY: install postgres-server run test lint typecheck buflint breaking contract-baseline protos check-protos limits-doc pytest bench demo clean
 
 install: $(STAMP)
 
@@ -81,6 +81,11 @@ check-protos: install
 	for f in $$(cd $$tmp && find . -type f); do \
 	  cmp -s $$tmp/$$f $(GEN_DIR)/$$f || { echo "stale generated stub: $(GEN_DIR)/$$f (run 'make protos')"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated stubs are current"
+
+# The request limits beside the .proto files, from the one table in broker/limits.py
+# (tests/test_limits_table.py fails when this file is stale).
+limits-doc: install
+	$(PY) -c "import sys, broker.limits as l; sys.stdout.write(l.markdown())" > protos/tokenbroker/v1/LIMITS.md
 
 # A benchmark, not a test: `make bench QUICK=1` takes under a minute (see docs/performance.md).
 bench: install

@@ -8,6 +8,7 @@ gRPC: the domain packages below must stay importable without a transport.
 Packages, from the ground up (each `__init__` says what it owns and what it may import):
 
     errors, clock, ids, identity, context   value types every layer shares
+    limits       the limit of every request field, and how caller text is shown
     store/       the Store protocol, the factory and one module per backend
     runs/        runs, permissions, delegation, tokens and signing keys
     auth/        who is calling (authn) and may it (authz)

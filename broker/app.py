@@ -12,8 +12,10 @@ from opentelemetry.trace import TracerProvider
 from broker.audit.checkpoints import CheckpointSigner
 from broker.audit.feed import AuditFeed
 from broker.audit.keeper import DAY, AuditKeeper, KeeperSettings
+from broker.audit.refusals import RefusalLedger
 from broker.auth.authn import Authenticator, RunCredentialVerifier
 from broker.auth.authz import PolicyAuthorizer
+from broker.auth.throttle import RateLimit, Throttle
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
 from broker.identity import BROKER
@@ -25,7 +27,7 @@ from broker.policy.source import PolicySource
 from broker.runs.delegation import Delegation, Handoff
 from broker.runs.issuance import MAX_TTL, Issuance
 from broker.runs.keys import CheckpointSigning, KeyRing
-from broker.runs.lifecycle import MAX_DEADLINE, RunLifecycle
+from broker.runs.lifecycle import HOUR, MAX_DEADLINE, RunLifecycle
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import TokenService
 from broker.settings import Settings
@@ -78,11 +80,15 @@ class Broker:
     authn: Authenticator
     keeper: AuditKeeper
     changes: ChangeFeed
+    refusals: RefusalLedger
+    throttle: Throttle
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
+    _next_forget: float = 0.0
 
     def start_background(self) -> None:
         """Start the reaper that expires runs past their deadline or lease."""
+        self._next_forget = self.clock() + HOUR
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
         self._reaper.start()
         self.keeper.start()
@@ -95,9 +101,20 @@ class Broker:
                 for run in self.runs.expire_due(ctx):
                     log.info("run expired", extra={"run_id": run.run_id, "reason": run.end_reason})
                 self.keys.refresh()  # unpublish keys past retirement; see other replicas' keys
+                self.refusals.flush()  # the counts of repeated refusals whose interval closed
+                self._forget_idempotency_keys(ctx)
             except Exception:
                 # Keep reaping: a transient storage failure must not stop expiry for good.
                 log.exception("reaper pass failed")
+
+    def _forget_idempotency_keys(self, ctx: CallContext) -> None:
+        """Hourly: the retention of idempotency keys (one audit event per pass)."""
+        days = self.settings.idempotency_retention_days
+        now = self.clock()
+        if days <= 0 or now < self._next_forget:
+            return
+        self._next_forget = now + HOUR
+        self.runs.forget_idempotency_keys(ctx, days * DAY)
 
     def close(self) -> None:
         self._stop.set()
@@ -106,6 +123,7 @@ class Broker:
         if self._reaper is not None:
             self._reaper.join(timeout=5)
         self.keeper.close()
+        self.refusals.flush(everything=True)
         self.changes.close()
         self.store.close()
 
@@ -186,8 +204,9 @@ def _assemble(
     registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL, changes=changes)
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
-    authorizer = PolicyAuthorizer(policy.current, store, clock)
-    telemetry = Telemetry(tracer_provider, meter_provider)
+    refusals = RefusalLedger(store, clock, settings.refusal_audit_interval)
+    authorizer = PolicyAuthorizer(policy.current, store, clock, refusals)
+    telemetry = Telemetry(tracer_provider, meter_provider, settings.metric_audiences)
     keys = KeyRing(
         store,
         clock,
@@ -201,12 +220,20 @@ def _assemble(
     )
     keys.load(CallContext(principal=BROKER))
     tokens = TokenService(keys, registry, issuer, clock)
+    throttle = Throttle(
+        RateLimit(settings.peer_rate, settings.peer_burst),
+        RateLimit(settings.principal_rate, settings.principal_burst),
+        clock,
+        refusals,
+    )
     authn = Authenticator(
         policy.current,
         issuer,
         store,
         clock,
         run_credentials or tokens.authenticate_run_credential,
+        refusals=refusals,
+        before_refusal=throttle.unauthenticated,
     )
     runs = RunLifecycle(store, registry, clock, authorizer, observer=telemetry)
     feed = AuditFeed(
@@ -218,6 +245,7 @@ def _assemble(
         # Half the workers at most follow audit streams; the rest stay free for everyone else.
         max_subscribers=settings.max_workers // 2,
         changes=changes,
+        max_per_principal=settings.audit_streams_per_principal,
     )
     changes.subscribe(pages=keys.on_events)
     telemetry.watch(store, registry.active, lambda: feed.subscribers)
@@ -255,6 +283,8 @@ def _assemble(
             changes=changes,
         ),
         changes=changes,
+        refusals=refusals,
+        throttle=throttle,
     )
 
 

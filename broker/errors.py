@@ -61,6 +61,15 @@ class OutOfRange(BrokerError):
     """A cursor or position lies outside what is available."""
 
 
+class ResourceExhausted(BrokerError):
+    """The caller used up a limit (call rate, open streams); `retry_after` seconds until it
+    may try again, when known."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Unavailable(BrokerError):
     """The broker cannot serve this now (storage refused a write, shutting down); retry later."""
 

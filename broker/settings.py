@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from broker import limits
 from broker.store import StoreUrlInvalid, factory
 
 ENV_PREFIX = "TOKEN_BROKER_"
@@ -45,6 +46,15 @@ class Settings:
     audit_checkpoint_events: int = 1000
     audit_checkpoint_interval: float = 60.0
     audit_retention_days: float = 0.0
+    max_request_bytes: int = limits.DEFAULT_MAX_REQUEST_BYTES
+    peer_rate: float = 20.0
+    peer_burst: int = 100
+    principal_rate: float = 1000.0
+    principal_burst: int = 2000
+    refusal_audit_interval: float = 60.0
+    audit_streams_per_principal: int = 4
+    metric_audiences: int = 100
+    idempotency_retention_days: float = 7.0
 
     def __post_init__(self) -> None:
         try:
@@ -58,6 +68,7 @@ class Settings:
         if self.max_workers < 4:
             raise SettingsError("--max-workers must be at least 4")
         _check_audit_settings(self)
+        _check_limits(self)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("--tls-cert and --tls-key go together: give both or neither")
         if self.client_ca is not None and self.tls_cert is None:
@@ -100,6 +111,23 @@ def _check_audit_settings(settings: Settings) -> None:
         raise SettingsError("--audit-checkpoint-interval must be a positive number of seconds")
     if not settings.audit_retention_days >= 0:
         raise SettingsError("--audit-retention-days must be 0 (keep forever) or positive")
+
+
+def _check_limits(settings: Settings) -> None:
+    if not 64 * 1024 <= settings.max_request_bytes <= 4 * 1024 * 1024:
+        raise SettingsError("--max-request-bytes must be between 65536 and 4194304")
+    for name in ("peer_rate", "principal_rate"):
+        if not getattr(settings, name) >= 0:
+            raise SettingsError(f"--{name.replace('_', '-')} must be 0 (no limit) or positive")
+    for name in ("peer_burst", "principal_burst", "audit_streams_per_principal"):
+        if getattr(settings, name) < 1:
+            raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+    if not settings.refusal_audit_interval > 0:
+        raise SettingsError("--refusal-audit-interval must be a positive number of seconds")
+    if not settings.idempotency_retention_days >= 0:
+        raise SettingsError("--idempotency-retention-days must be 0 (keep forever) or positive")
+    if settings.metric_audiences < 0:
+        raise SettingsError("--metric-audiences must be 0 or more")
 
 
 def split_host_port(address: str, name: str) -> tuple[str, int]:
@@ -215,4 +243,15 @@ _HELP = {
     "audit_checkpoint_interval": "... or after this many seconds, if any event was written",
     "audit_retention_days": "delete audit events older than this, whole checkpointed ranges "
     "only (0 = keep forever)",
+    "max_request_bytes": "largest request message accepted (larger: RESOURCE_EXHAUSTED)",
+    "peer_rate": "calls per second a peer may make without a valid credential (0 = no limit)",
+    "peer_burst": "... at most this many at once",
+    "principal_rate": "calls per second per authenticated principal (0 = no limit)",
+    "principal_burst": "... at most this many at once",
+    "refusal_audit_interval": "seconds over which repeated refusals of one source for one "
+    "reason become one audit event with a count",
+    "audit_streams_per_principal": "StreamAudit streams one principal may hold open",
+    "metric_audiences": "distinct token audiences used as metric labels; the rest are 'other'",
+    "idempotency_retention_days": "forget the idempotency keys of runs ended this long ago "
+    "(checked hourly; 0 = keep forever)",
 }

@@ -20,6 +20,8 @@ from google.protobuf.struct_pb2 import Struct
 from tokenbroker.v1 import broker_pb2, types_pb2
 
 REPO = Path(__file__).resolve().parent.parent
+# A well-formed run id that no broker ever issued (ids are checked for their format first).
+UNKNOWN_RUN_ID = "r-" + "0" * 26
 
 
 @dataclass

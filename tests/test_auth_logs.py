@@ -15,7 +15,7 @@ from broker.api.server import create_server
 from broker.telemetry.logs import JsonFormatter
 from tests.accounts import bearer, policy_toml, sign_assertion, standard_accounts
 from tests.conftest import make_settings
-from tests.support import rpc_error, start_run_request
+from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
 from tokenbroker.credentials import AssertionSigner, dev_admin_credentials, local_channel
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -54,7 +54,9 @@ def test_no_credential_key_or_token_appears_in_the_logs(tmp_path: Path) -> None:
             with local_channel(server.target, dev_admin_credentials(data)) as channel:
                 stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
                 stub.StartRun(start_run_request(), timeout=5)
-                error = rpc_error(lambda: stub.GetRun(broker_pb2.GetRunRequest(run_id="r-no")))
+                error = rpc_error(
+                    lambda: stub.GetRun(broker_pb2.GetRunRequest(run_id=UNKNOWN_RUN_ID))
+                )
                 assert error.code() is grpc.StatusCode.NOT_FOUND
             with grpc.insecure_channel(server.target) as channel:
                 anonymous = broker_pb2_grpc.TokenBrokerServiceStub(channel)

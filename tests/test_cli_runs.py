@@ -12,6 +12,7 @@ import pytest
 
 from broker.api.server import BrokerServer
 from tests.cli_support import Result, local_broker, point_at, run_cli
+from tests.support import UNKNOWN_RUN_ID
 
 
 @pytest.fixture
@@ -198,7 +199,7 @@ def test_runs_renew_extends_a_lease_and_refuses_a_run_without_one(cli: CliRunner
 
 
 def test_runs_show_of_an_unknown_run_fails_with_exit_1_and_one_line(cli: CliRunner) -> None:
-    result = cli("runs", "show", "r-nosuchrun")
+    result = cli("runs", "show", UNKNOWN_RUN_ID)
     assert result.code == 1
     assert result.err.startswith("token-broker runs show: NOT_FOUND: ")
     assert result.out == ""

@@ -16,7 +16,7 @@ import pytest
 
 from broker.api.server import BrokerServer
 from tests.clientsupport import client_credentials
-from tests.support import REPO
+from tests.support import REPO, UNKNOWN_RUN_ID
 from tokenbroker import (
     BrokerClient,
     ConfigurationError,
@@ -129,8 +129,8 @@ def test_an_unknown_run_is_not_found_with_the_request_id_and_the_grpc_error_chai
     client: BrokerClient,
 ) -> None:
     with pytest.raises(NotFound) as raised:
-        client.get_run("r-does-not-exist")
-    assert "r-does-not-exist" in raised.value.message
+        client.get_run(UNKNOWN_RUN_ID)
+    assert UNKNOWN_RUN_ID in raised.value.message
     assert raised.value.request_id
     assert raised.value.request_id in str(raised.value)
     assert isinstance(raised.value.__cause__, grpc.RpcError)

@@ -10,6 +10,7 @@ import pytest
 
 from broker.api.server import BrokerServer
 from tests.clientsupport import client_credentials
+from tests.support import UNKNOWN_RUN_ID
 from tokenbroker import AsyncBrokerClient, InvalidRequest, NotFound, RunNotActive, aio
 from tokenbroker.v1 import types_pb2
 
@@ -50,11 +51,11 @@ def test_a_run_starts_mints_verifies_ends_and_shows_in_the_audit_log(
 def test_async_errors_map_to_the_same_exceptions(server: BrokerServer) -> None:
     async def scenario(client: AsyncBrokerClient) -> None:
         with pytest.raises(NotFound) as not_found:
-            await client.get_run("r-missing")
+            await client.get_run(UNKNOWN_RUN_ID)
         assert isinstance(not_found.value.__cause__, grpc.aio.AioRpcError)
         assert not_found.value.request_id
         with pytest.raises(InvalidRequest) as invalid:
-            await client.issue_token("has spaces", run_id="r-missing", ttl=1)
+            await client.issue_token("has spaces", run_id=UNKNOWN_RUN_ID, ttl=1)
         assert set(invalid.value.fields) == {"audience", "ttl"}
         run_id = (await client.start_run("acme", "web", "x", ceiling={"a": "read"})).run.run_id
         await client.revoke_run(run_id)

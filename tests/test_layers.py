@@ -13,7 +13,7 @@ import pytest
 BROKER = Path(__file__).resolve().parent.parent / "broker"
 
 DOMAIN = ("runs", "auth", "policy", "audit", "telemetry")
-SHARED = ("errors", "clock", "ids", "identity", "context", "settings")
+SHARED = ("errors", "clock", "ids", "identity", "context", "settings", "limits")
 TRANSPORTS = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "tokenbroker.v1")
 ABOVE_DOMAIN = ("broker.api", "broker.cli", "broker.app", "broker.bench")
 # What the store may know: the value types it stores and the shared value modules.

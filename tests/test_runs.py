@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.support import details, perms, pipeline, rpc_error, start_run_request
+from tests.support import UNKNOWN_RUN_ID, details, perms, pipeline, rpc_error, start_run_request
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -86,9 +86,11 @@ def test_malformed_start_run_names_each_bad_field(
 
 
 def test_unknown_run_is_not_found(stub: Stub) -> None:
-    error = rpc_error(lambda: stub.GetRun(broker_pb2.GetRunRequest(run_id="r-nope"), timeout=5))
+    error = rpc_error(
+        lambda: stub.GetRun(broker_pb2.GetRunRequest(run_id=UNKNOWN_RUN_ID), timeout=5)
+    )
     assert error.code() is grpc.StatusCode.NOT_FOUND
-    assert "r-nope" in details(error)
+    assert UNKNOWN_RUN_ID in details(error)
 
 
 def test_revoke_ends_a_run_once_and_reports_repeat_calls(stub: Stub) -> None:

@@ -21,6 +21,7 @@ from broker.store import (
     Committed,
     CreateRun,
     EndRun,
+    ForgetIdempotencyKeys,
     IdempotencyClaim,
     IdempotencyKeyTaken,
     Mutation,
@@ -114,6 +115,19 @@ def test_idempotency_key_is_claimed_once(store: Store) -> None:
     assert store.head_sequence() == 1
     assert store.find_idempotent_run("portal", "key-1") == ("r-1", "fp-a")
     assert store.find_idempotent_run("other", "key-1") is None
+
+
+def test_idempotency_keys_of_runs_ended_before_the_cutoff_are_forgotten(store: Store) -> None:
+    for run_id in ("r-1", "r-2"):
+        claim = IdempotencyClaim("portal", f"key-{run_id}", "fp")
+        store.commit(Write([event("run.started")], CreateRun(make_run(run_id), claim)))
+    store.commit(Write([event("run.ended")], EndRun("r-1", RunState.ENDED, 1100.0, "", "")))
+    store.commit(Write([event("idempotency.forgotten")], ForgetIdempotencyKeys(1100.0)))
+    assert store.find_idempotent_run("portal", "key-r-1") == ("r-1", "fp")  # not before
+    store.commit(Write([event("idempotency.forgotten")], ForgetIdempotencyKeys(5000.0)))
+    assert store.find_idempotent_run("portal", "key-r-1") is None
+    assert store.find_idempotent_run("portal", "key-r-2") == ("r-2", "fp")  # still active
+    assert store.get_run("r-1") is not None  # the run itself stays
 
 
 def test_concurrent_writers_each_get_their_own_result(store: Store) -> None:

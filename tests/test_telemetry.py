@@ -31,7 +31,7 @@ from broker.telemetry.otel import annotate_call
 from tests.accounts import root_channel
 from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
-from tests.support import rpc_error, start_run_request
+from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
 from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
@@ -185,7 +185,7 @@ def test_refused_call_records_its_status_code_without_blaming_the_server(
     traced_stub: Stub, sdk: InMemorySdk
 ) -> None:
     error = rpc_error(
-        lambda: traced_stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id="r-missing"), timeout=5)
+        lambda: traced_stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=UNKNOWN_RUN_ID), timeout=5)
     )
     assert error.code() is grpc.StatusCode.NOT_FOUND
     span = sdk.server_span("RevokeRun")

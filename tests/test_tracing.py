@@ -24,7 +24,7 @@ from broker.telemetry.otel import Telemetry
 from tests.accounts import root_channel
 from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
-from tests.support import rpc_error, start_run_request
+from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
 from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, executor_pb2, executor_pb2_grpc
 
@@ -93,7 +93,9 @@ def test_portal_client_span_and_broker_server_span_share_one_trace(
 def test_failed_call_marks_the_client_span_as_an_error(
     portal_stub: Stub, portal: InMemorySdk
 ) -> None:
-    rpc_error(lambda: portal_stub.GetRun(broker_pb2.GetRunRequest(run_id="r-none"), timeout=5))
+    rpc_error(
+        lambda: portal_stub.GetRun(broker_pb2.GetRunRequest(run_id=UNKNOWN_RUN_ID), timeout=5)
+    )
     span = client_span(portal, "/GetRun")
     assert span.status.status_code is StatusCode.ERROR
     assert attributes_of(span)["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
+from broker import limits
 from broker.audit import events as audit
 from broker.audit.events import AuditEvent
 from broker.errors import InvalidArgument
@@ -140,6 +141,19 @@ def run_pb(run: Run) -> types_pb2.Run:
     return message
 
 
+def runs_within(runs: list[Run], max_bytes: int) -> list[types_pb2.Run]:
+    """The leading runs whose messages fit in `max_bytes` together (always at least one)."""
+    page: list[types_pb2.Run] = []
+    total = 0
+    for run in runs:
+        message = run_pb(run)
+        total += message.ByteSize() + 8  # field tag and length prefix of each entry
+        if page and total > max_bytes:
+            break
+        page.append(message)
+    return page
+
+
 def struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     message.update(dict(data))
@@ -208,8 +222,8 @@ def verification_pb(result: CheckResult) -> broker_pb2.VerifyTokenResponse:
     response = broker_pb2.VerifyTokenResponse(
         active=result.active,
         status=TOKEN_STATUS_TO_PB[result.status],
-        reason=result.reason,
-        run_id=str(result.claims.get("run_id", "")),
+        reason=limits.shown(result.reason, 200),
+        run_id=limits.shown(str(result.claims.get("run_id", ""))),
     )
     if result.active:
         response.claims.CopyFrom(struct(result.claims))

@@ -14,6 +14,7 @@ import grpc
 
 from broker.api import interceptor as calls
 from broker.auth.authn import Authenticator, Presented
+from broker.auth.throttle import Throttle
 from broker.identity import Principal
 from tokenbroker.v1 import broker_pb2
 
@@ -37,15 +38,25 @@ def presented(context: grpc.ServicerContext) -> Presented:
     return Presented(authorization, sans, context.peer())
 
 
-def authenticator(authn: Authenticator) -> calls.Authenticator:
-    """The interceptor's hook: authenticate every call; only OPEN_METHODS allow anonymity."""
+def authenticator(authn: Authenticator, throttle: Throttle | None = None) -> calls.Authenticator:
+    """The interceptor's hook: authenticate every call; only OPEN_METHODS allow anonymity.
+
+    With a throttle, an authenticated call counts against its principal's rate and an
+    anonymous one against its peer's (a refused one already did, inside the authenticator):
+    over it, RESOURCE_EXHAUSTED.
+    """
 
     def authenticate(context: grpc.ServicerContext, method: str) -> Principal:
-        return authn.authenticate(
-            presented(context),
-            calls.current(),
-            method.rsplit("/", 1)[-1],
-            required=method not in OPEN_METHODS,
+        shown = presented(context)
+        name = method.rsplit("/", 1)[-1]
+        principal = authn.authenticate(
+            shown, calls.current(), name, required=method not in OPEN_METHODS
         )
+        if throttle is not None:
+            if principal.is_anonymous:
+                throttle.unauthenticated(calls.current(), shown.peer, name)
+            else:
+                throttle.authenticated(calls.current(), principal, name)
+        return principal
 
     return authenticate

@@ -16,7 +16,8 @@ from typing import Any
 
 import grpc
 
-from broker.api import status
+from broker import limits
+from broker.api import status, validation
 from broker.context import CallContext
 from broker.errors import BrokerError
 from broker.identity import ANONYMOUS, Principal
@@ -79,7 +80,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             )
         return handler
 
-    def _enter(self, context: grpc.ServicerContext, method: str) -> CallContext:
+    def _enter(self, context: grpc.ServicerContext, method: str, request: Any) -> CallContext:
         request_id = _request_id(context)
         context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         # Set a bare context first so an authentication failure is still correlated.
@@ -89,6 +90,9 @@ class CallInterceptor(grpc.ServerInterceptor):
         call = CallContext(principal=principal, request_id=request_id, trace_id=trace_id)
         _current.set(call)
         telemetry.annotate_call(call)
+        # Authenticated first (an anonymous call learns nothing about its request), then
+        # every field against its limit before the servicer or the domain sees it.
+        validation.check(request)
         return call
 
     def _wrap_unary(
@@ -97,7 +101,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             def run() -> Any:
                 try:
-                    self._enter(context, method)
+                    self._enter(context, method, request)
                     return behavior(request, context)
                 except BrokerError as error:
                     _abort(context, method, error)
@@ -114,7 +118,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             ctx = contextvars.copy_context()
             try:
-                ctx.run(self._enter, context, method)
+                ctx.run(self._enter, context, method, request)
                 responses = ctx.run(behavior, request, context)
                 while True:
                     try:
@@ -138,7 +142,7 @@ def _abort(context: grpc.ServicerContext, method: str, error: BrokerError) -> No
         extra={
             "method": method,
             "error": type(error).__name__,
-            "reason": error.message,
+            "reason": limits.shown(error.message, 512),
             "request_id": call.request_id if call else "",
             "principal": call.principal.name if call else "",
         },

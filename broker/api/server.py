@@ -28,7 +28,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from broker import limits
 from broker.api import credentials as authn
+from broker.api.decoding import DecodeGuard
 from broker.api.handoff import GrpcHandoff, traced_channel
 from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
@@ -200,8 +202,16 @@ def _bind_grpc(settings: Settings) -> tuple[grpc.Server, int, _LateInterceptors]
     interceptors = _LateInterceptors()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[interceptors],
-        options=[("grpc.so_reuseport", 0)],
+        # An undecodable body is refused first, before any span, authentication or audit.
+        interceptors=[DecodeGuard(), interceptors],
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Explicit, documented message limits: a request larger than any valid one is
+            # refused by gRPC itself (RESOURCE_EXHAUSTED) before it is read into memory, and
+            # no reply may exceed what a default gRPC client accepts (4 MiB).
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.max_send_message_length", limits.MAX_REPLY_BYTES),
+        ],
     )
     try:
         if credentials is None:
@@ -256,7 +266,7 @@ def create_server(
         tracing.ServerTracingInterceptor(
             broker.telemetry.tracer_provider, broker.telemetry.meter_provider
         ),
-        CallInterceptor(authenticate=authn.authenticator(broker.authn)),
+        CallInterceptor(authenticate=authn.authenticator(broker.authn, broker.throttle)),
     )
     broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(broker), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from broker import limits
 from broker.api import convert
 from broker.api import interceptor as calls
 from broker.app import Broker
@@ -108,12 +109,14 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             before=_decode_page_token(request.page_token),
         )
         runs = self._broker.runs.list(calls.current(), query)
+        # A page may hold fewer than page_size runs, with a next_page_token, when they are
+        # large: far below the 4 MiB a default client accepts, whatever the page size.
+        page = convert.runs_within(runs, limits.MAX_PAGE_BYTES)
         next_token = ""
-        if len(runs) == query.limit:
-            next_token = _encode_page_token(runs[-1].create_time, runs[-1].run_id)
-        return broker_pb2.ListRunsResponse(
-            runs=[convert.run_pb(r) for r in runs], next_page_token=next_token
-        )
+        if len(page) < len(runs) or len(runs) == query.limit:
+            last = runs[len(page) - 1]
+            next_token = _encode_page_token(last.create_time, last.run_id)
+        return broker_pb2.ListRunsResponse(runs=page, next_page_token=next_token)
 
     def GetSigningKeys(
         self, request: broker_pb2.GetSigningKeysRequest, context: grpc.ServicerContext

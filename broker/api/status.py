@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from broker import errors
+from broker import errors, limits
+
+# A status message is for people and may end up in logs: never longer than this.
+MAX_MESSAGE = 1024
 
 # Most specific first: the first matching type wins.
 STATUS_OF: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
@@ -18,6 +21,7 @@ STATUS_OF: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
@@ -35,7 +39,12 @@ def status_code_for(error: errors.BrokerError) -> grpc.StatusCode:
 def to_status(error: errors.BrokerError) -> grpc.Status:
     """A grpc.Status for `error`; BadRequest field violations ride in the details."""
     code = status_code_for(error)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message)
+    message = (
+        error.message
+        if len(error.message) <= MAX_MESSAGE
+        else limits.shown(error.message, MAX_MESSAGE)
+    )
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     if isinstance(error, errors.InvalidArgument):
         detail = any_pb2.Any()
         detail.Pack(
@@ -46,6 +55,12 @@ def to_status(error: errors.BrokerError) -> grpc.Status:
                 ]
             )
         )
+        status.details.append(detail)
+    if isinstance(error, errors.ResourceExhausted) and error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(max(1, round(error.retry_after * 1000)))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         status.details.append(detail)
     result: grpc.Status = rpc_status.to_status(status)
     return result

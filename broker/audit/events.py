@@ -46,6 +46,7 @@ class Action:
     TOKEN_VERIFY_FAILED = "token.verify_failed"
     AUTHN_DENIED = "authn.denied"
     AUTHZ_DENIED = "authz.denied"
+    CALL_THROTTLED = "call.throttled"
     KEY_CREATED = "key.created"
     KEY_ROTATED = "key.rotated"
     KEY_RETIRED = "key.retired"
@@ -53,6 +54,7 @@ class Action:
     POLICY_RELOAD_FAILED = "policy.reload_failed"
     BROKER_STARTED = "broker.started"
     AUDIT_PRUNED = "audit.pruned"
+    IDEMPOTENCY_FORGOTTEN = "idempotency.forgotten"
 
 
 @dataclass(frozen=True)

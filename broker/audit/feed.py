@@ -17,7 +17,7 @@ from broker.audit.events import AuditEvent
 from broker.auth.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
-from broker.errors import DataLoss, OutOfRange, Unavailable
+from broker.errors import DataLoss, OutOfRange, ResourceExhausted, Unavailable
 from broker.runs.model import PipelineRef, Run
 from broker.store import Store
 from broker.store.changes import ChangeFeed
@@ -77,6 +77,7 @@ class AuditFeed:
         find_run: Callable[[str], Run | None],
         observer: Observer = NULL_OBSERVER,
         max_subscribers: int = 32,
+        max_per_principal: int = 4,
         changes: ChangeFeed | None = None,
     ) -> None:
         self._store = store
@@ -84,6 +85,9 @@ class AuditFeed:
         # Each stream holds a server worker thread while it follows: cap them, so that
         # subscribers can never take every worker from the writers.
         self._max_subscribers = max_subscribers
+        # ... and per principal, so that one auditor cannot hold every slot.
+        self._max_per_principal = max_per_principal
+        self._per_principal: dict[str, int] = {}
         self._clock = clock
         self._authz = authorizer
         self._find_run = find_run
@@ -161,13 +165,8 @@ class AuditFeed:
                 f"after_sequence {after} is beyond the newest event ({head}); "
                 "was the cursor taken from another broker?"
             )
-        with self._lock:
-            if self._subscribers >= self._max_subscribers:
-                raise Unavailable(
-                    f"this broker already serves {self._subscribers} audit streams, its limit; "
-                    "retry later or resume from another replica"
-                )
-            self._subscribers += 1
+        who = ctx.principal.name
+        self._subscribe(who)
         try:
             yield from self._follow_pages(
                 after, event_filter, stop_at_head, heartbeat_every, cancelled
@@ -175,6 +174,25 @@ class AuditFeed:
         finally:
             with self._lock:
                 self._subscribers -= 1
+                self._per_principal[who] -= 1
+                if not self._per_principal[who]:
+                    del self._per_principal[who]
+
+    def _subscribe(self, who: str) -> None:
+        with self._lock:
+            if self._per_principal.get(who, 0) >= self._max_per_principal:
+                raise ResourceExhausted(
+                    f"{who} already has {self._max_per_principal} audit streams open, the limit "
+                    "per principal; close one (or resume it) before opening another",
+                    retry_after=1.0,
+                )
+            if self._subscribers >= self._max_subscribers:
+                raise Unavailable(
+                    f"this broker already serves {self._subscribers} audit streams, its limit; "
+                    "retry later or resume from another replica"
+                )
+            self._subscribers += 1
+            self._per_principal[who] = self._per_principal.get(who, 0) + 1
 
     def _follow_pages(
         self,

@@ -24,6 +24,7 @@ from jwt.exceptions import (
     MissingRequiredClaimError,
 )
 
+from broker import limits
 from broker.errors import Unauthenticated
 from broker.identity import STEP_TOKEN_TYP
 from broker.policy.model import ASSERTION_ALGORITHMS, AccountKey, Policy, ServiceAccount
@@ -75,8 +76,7 @@ def claimed_account(token: str) -> str:
 
 def shown(text: str) -> str:
     """Caller-supplied text made safe for messages and logs: printable and short."""
-    cleaned = "".join(c if c.isprintable() else "?" for c in text[:MAX_SHOWN])
-    return cleaned + ("…" if len(text) > MAX_SHOWN else "")
+    return limits.shown(text, MAX_SHOWN)
 
 
 def verify(token: str, policy: Policy, audience: str, now: float) -> VerifiedAssertion:

@@ -23,18 +23,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.audit.events import Action, Outcome, draft
+from broker.audit.refusals import RefusalLedger
 from broker.auth import assertions
+from broker.auth.throttle import peer_source
 from broker.clock import Clock
 from broker.context import CallContext
 from broker.errors import Unauthenticated
 from broker.identity import ANONYMOUS, RUN_CREDENTIAL_TYP, Principal, PrincipalKind
 from broker.policy.model import Policy, ServiceAccount
-from broker.store import Store, StoreUnavailable, Write
+from broker.store import Store
 
 log = logging.getLogger(__name__)
 
 # Given a run credential, return the run's principal or raise Unauthenticated.
 RunCredentialVerifier = Callable[[str], Principal]
+
+# Called with (call, peer, method) before a refusal is audited; may raise ResourceExhausted.
+RefusalHook = Callable[[CallContext, str, str], None]
 
 DEFAULT_CACHE_ENTRIES = 4096
 NO_CREDENTIAL = (
@@ -121,6 +126,8 @@ class Authenticator:
         clock: Clock,
         run_credentials: RunCredentialVerifier,
         cache: VerificationCache | None = None,
+        refusals: RefusalLedger | None = None,
+        before_refusal: RefusalHook = lambda ctx, peer, method: None,
     ) -> None:
         self._policy = policy
         self._audience = audience
@@ -128,6 +135,9 @@ class Authenticator:
         self._clock = clock
         self._run_credentials = run_credentials
         self.cache = cache if cache is not None else VerificationCache()
+        # Repeated refusals from one source for one reason are counted, not each written.
+        self._refusals = refusals if refusals is not None else RefusalLedger(store, clock)
+        self._before_refusal = before_refusal
 
     @property
     def audience(self) -> str:
@@ -143,6 +153,8 @@ class Authenticator:
             if required and principal.is_anonymous:
                 raise Unauthenticated(NO_CREDENTIAL)
         except Unauthenticated as refused:
+            # Over its peer's rate, the refusal is answered (and counted) as throttled instead.
+            self._before_refusal(ctx, presented.peer, method)
             self._audit_refusal(ctx, method, refused.message, attempt, presented.peer)
             raise
         return principal
@@ -217,11 +229,7 @@ class Authenticator:
             "peer": peer,
         }
         event = draft(ctx, self._clock(), Action.AUTHN_DENIED, Outcome.DENIED, details=details)
-        try:
-            self._store.commit(Write([event]))
-        except StoreUnavailable:
-            # The caller is refused either way; the log keeps what the audit could not.
-            log.exception("could not record an authentication refusal", extra=details)
+        self._refusals.record(event, source=peer_source(peer), reason=reason)
 
 
 def _bearer(value: str) -> str:

@@ -15,13 +15,14 @@ from types import MappingProxyType
 from typing import Protocol
 
 from broker.audit.events import Action, Outcome, draft
+from broker.audit.refusals import RefusalLedger
 from broker.clock import Clock
 from broker.context import CallContext
 from broker.errors import PermissionDenied
 from broker.identity import BROKER, Principal, PrincipalKind
 from broker.policy.model import EVERYTHING, WILDCARD, Policy, Role, ServiceAccount
 from broker.runs.model import PipelineRef, Run
-from broker.store import Store, StoreUnavailable, Write
+from broker.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,18 @@ def _check(
 class PolicyAuthorizer:
     """Decides against the policy in force; audits and raises each denial."""
 
-    def __init__(self, policy: Callable[[], Policy], store: Store, clock: Clock) -> None:
+    def __init__(
+        self,
+        policy: Callable[[], Policy],
+        store: Store,
+        clock: Clock,
+        refusals: RefusalLedger | None = None,
+    ) -> None:
         self._policy = policy
         self._store = store
         self._clock = clock
+        # Repeated denials of one principal for one reason are counted, not each written.
+        self._refusals = refusals if refusals is not None else RefusalLedger(store, clock)
 
     def require(
         self,
@@ -224,7 +233,4 @@ class PolicyAuthorizer:
         event = draft(ctx, self._clock(), Action.AUTHZ_DENIED, Outcome.DENIED, run, details)
         if run is None and pipeline is not None and WILDCARD not in str(pipeline):
             event = replace(event, pipeline=pipeline)
-        try:
-            self._store.commit(Write([event]))
-        except StoreUnavailable:
-            log.exception("could not record an authorization denial", extra=details)
+        self._refusals.record(event, source=ctx.principal.name, reason=reason)

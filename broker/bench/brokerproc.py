@@ -70,6 +70,13 @@ def start(
         str(data_dir),
         "--policy",
         str(policy),
+        # The benchmark is one client driving the broker as hard as it can, with one auditor
+        # holding many streams: the per-principal call rate and stream limits would measure
+        # themselves, not the hot path.
+        "--principal-rate",
+        "0",
+        "--audit-streams-per-principal",
+        "1000",
         *extra,
     ]
     # JSON logs: the "serving" line gives the ports chosen for port 0 and the issuer.

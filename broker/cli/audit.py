@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 
+from broker import limits
 from broker.audit import export as auditlog
 from broker.audit import verify as auditverify
 from broker.audit.checkpoints import PublishedKeys
@@ -404,7 +405,7 @@ def render(event: types_pb2.AuditEvent) -> str:
             name = _ALIASES.get(key, key.removesuffix("_us"))
             parts.append(f"{name}={text}")
     parts.append(f"seq={event.sequence}")
-    return " ".join(parts)
+    return limits.printable(" ".join(parts))  # one event, one line, whatever its fields hold
 
 
 def _value_text(key: str, value: Any) -> str:

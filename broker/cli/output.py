@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from broker import limits
 from tokenbroker.v1 import types_pb2
 
 _COLOURS = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33"}
@@ -49,12 +50,16 @@ class Output:
 
     def fields(self, pairs: Sequence[tuple[str, str]]) -> None:
         """`label: value` lines with the values aligned; empty values are left out."""
-        shown = [(label, value) for label, value in pairs if value]
+        # Values come from the broker's records, i.e. from callers: never let one add a line.
+        shown = [(label, limits.printable(value)) for label, value in pairs if value]
         width = max((len(label) for label, _ in shown), default=0) + 1
         for label, value in shown:
             self.line(f"{label + ':':<{width}} {value}")
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        # A newline or tab inside a cell would forge a row or a column: escaped, like every
+        # control character (`limits.printable`).
+        rows = [[limits.printable(cell) for cell in row] for row in rows]
         if not self.terminal:
             for row in rows:
                 self.line("\t".join(row))

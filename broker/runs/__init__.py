@@ -6,7 +6,8 @@ lifecycle and reaper pass (lifecycle), hot run state (registry), ExecuteOnBehalf
 IssueToken/VerifyToken (issuance), JWT minting and checking (tokens) and the signing key ring
 (keys).
 
-May import: the shared value modules (`broker.errors`, `clock`, `ids`, `identity`, `context`),
+May import: the shared value modules (`broker.errors`, `clock`, `ids`, `identity`, `context`,
+`limits`),
 `broker.store`, `broker.audit.events`, `broker.auth.authz` (the `Authorizer` it is handed) and
 `broker.telemetry.observer`. Never `grpc`, `broker.api` or `broker.cli`.
 """

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import jwt
 
+from broker import limits
 from broker.audit.events import Action, Outcome, draft
 from broker.auth.authz import Op
 from broker.clock import Clock
@@ -29,6 +30,7 @@ from broker.context import CallContext
 from broker.errors import (
     BrokerError,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     PermissionDenied,
     Unavailable,
@@ -110,12 +112,13 @@ def _sha256(data: str) -> str:
 
 
 def _domain(email: str) -> str:
+    """The domain of a checked address, lower-cased: domains compare case-insensitively."""
     return email.rpartition("@")[2].lower()
 
 
 def domain_allowed(domain: str, allowed: frozenset[str]) -> bool:
     """An email domain listed in the policy, or any domain where the policy says "*"."""
-    return "*" in allowed or domain in allowed
+    return "*" in allowed or domain.lower() in {d.lower() for d in allowed}
 
 
 def verify_id_token(token: str, rules: DelegationRules) -> Person:
@@ -130,7 +133,8 @@ def verify_id_token(token: str, rules: DelegationRules) -> Person:
     issuer = unverified.get("iss")
     idp = rules.idps.get(issuer) if isinstance(issuer, str) else None
     if idp is None:
-        raise Refused(f"this delegator may not act for people from issuer {issuer!r}")
+        shown = limits.shown(issuer) if isinstance(issuer, str) else type(issuer).__name__
+        raise Refused(f"this delegator may not act for people from issuer {shown!r}")
     alg = header.get("alg")
     key = idp.find_key(str(header.get("kid", "")))
     if alg not in ID_TOKEN_ALGORITHMS or key is None or key.alg != alg:
@@ -152,33 +156,49 @@ def verify_id_token(token: str, rules: DelegationRules) -> Person:
     except jwt.InvalidAudienceError:
         raise Refused(f"ID token is not for this broker's audience {idp.audience!r}") from None
     except jwt.InvalidTokenError as exc:
-        raise Refused(f"ID token rejected: {exc}") from None
+        raise Refused(f"ID token rejected: {limits.shown(str(exc), 200)}") from None
     return _person_from_claims(claims, idp, token)
 
 
 def _person_from_claims(claims: Mapping[str, Any], idp: TrustedIdp, token: str) -> Person:
+    # A trusted IdP's claims still become records people read: held to the request limits.
     email = claims.get("email", "")
-    if not isinstance(email, str):
+    if not isinstance(email, str) or (email and limits.parse_email(email) is None):
         raise Refused("ID token has a malformed email claim")
+    subject = claims["sub"]
+    if not isinstance(subject, str) or limits.SUBJECT.problem(subject) is not None:
+        raise Refused(f"ID token has a malformed sub claim ({limits.SUBJECT.rule})")
     if idp.email_is_identity:
         if not email:
             raise Refused("ID token carries no email, and this issuer identifies people by email")
         if claims.get("email_verified") is not True:
             raise Refused(f"the IdP has not verified the email address {email}")
     name = claims.get("name", "")
+    if not isinstance(name, str) or limits.DISPLAY_NAME.problem(name) is not None:
+        name = ""  # display only: a name that breaks the rules is dropped, not shown
     return Person(
-        subject=str(claims["sub"]),
+        subject=subject,
         issuer=idp.issuer,
         email=email,
-        display_name=name if isinstance(name, str) else "",
+        display_name=name,
         method=VerificationMethod.IDP_VERIFIED,
         evidence_sha256=_sha256(token),
     )
 
 
 def asserted_person(asserted: AssertedIdentity, rules: DelegationRules, caller: str) -> Person:
-    if not asserted.subject or not asserted.email or "@" not in asserted.email:
-        raise InvalidArgument.field("asserted", "subject and a full email address are required")
+    violations = [
+        FieldViolation(f"asserted.{name}", rule.rule)
+        for name, value, rule in (
+            ("subject", asserted.subject, limits.SUBJECT),
+            ("email", asserted.email, limits.EMAIL),
+        )
+        if not value or rule.problem(value) is not None
+    ]
+    if limits.DISPLAY_NAME.problem(asserted.display_name) is not None:
+        violations.append(FieldViolation("asserted.display_name", limits.DISPLAY_NAME.rule))
+    if violations:
+        raise InvalidArgument(violations)
     if not domain_allowed(_domain(asserted.email), rules.asserted_domains):
         raise Refused(
             f"this delegator may not assert identities in domain {_domain(asserted.email)!r}; "
@@ -208,7 +228,7 @@ def claimed(id_token: str | None, asserted: AssertedIdentity | None) -> dict[str
         claims = jwt.decode(id_token, options={"verify_signature": False})
     except jwt.InvalidTokenError:
         return None
-    return {key: str(claims.get(key, ""))[:256] for key in ("sub", "email", "iss")} | {
+    return {key: limits.shown(str(claims.get(key, "")), 256) for key in ("sub", "email", "iss")} | {
         "verified": "no"
     }
 

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from broker import limits
 from broker.audit.events import Action, Outcome, draft
 from broker.auth.authz import Authorizer, Op
 from broker.clock import Clock
@@ -139,7 +140,7 @@ class Issuance:
             raise InvalidArgument.field("run_id", "required (unless calling with a run credential)")
         run = self._registry.get(run_id)
         if run is None:
-            raise NotFound(f"run {run_id!r} not found")
+            raise NotFound(f"run {limits.shown(run_id)!r} not found")
         return run
 
     def _grant(
@@ -157,7 +158,8 @@ class Issuance:
         if inherited is None:
             raise InvalidArgument.field(
                 "inherit_from_service_account",
-                f"no service account {request.inherit_from!r} with permissions in the policy",
+                f"no service account {limits.shown(request.inherit_from)!r} with permissions "
+                "in the policy",
             )
         base = request.permissions if request.permissions else inherited
         return base.intersect(inherited).intersect(run.permission_ceiling)
@@ -184,7 +186,11 @@ class Issuance:
         result = self._tokens.check(token, audience=audience or None)
         self._observer.token_verified(result.status.name.lower())
         if result.status in SUSPICIOUS:
-            details = {"status": result.status.name.lower(), "reason": result.reason}
+            # The reason may quote the token's own header (alg, typ, kid): a short prefix only.
+            details = {
+                "status": result.status.name.lower(),
+                "reason": limits.shown(result.reason, 200),
+            }
             event = draft(
                 ctx, self._clock(), Action.TOKEN_VERIFY_FAILED, Outcome.DENIED, None, details
             )

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from broker import limits
 from broker.audit.events import Action, Outcome, draft
 from broker.auth.authz import Authorizer, Op
 from broker.clock import Clock
@@ -28,6 +29,7 @@ from broker.store import (
     Committed,
     CreateRun,
     EndRun,
+    ForgetIdempotencyKeys,
     IdempotencyClaim,
     IdempotencyKeyTaken,
     RenewLease,
@@ -46,8 +48,8 @@ MAX_DEADLINE = 24 * HOUR
 MIN_DEADLINE = 1.0
 MIN_LEASE = 1.0
 MAX_LEASE = HOUR
-MAX_IDEMPOTENCY_KEY = 128
-MAX_PAGE_SIZE = 500
+MAX_IDEMPOTENCY_KEY = limits.IDEMPOTENCY_KEY.max_chars
+MAX_PAGE_SIZE = limits.MAX_PAGE_SIZE
 DEFAULT_PAGE_SIZE = 50
 
 
@@ -184,8 +186,8 @@ class RunLifecycle:
         run_id, fingerprint = found
         if fingerprint != claim.fingerprint:
             raise AlreadyExists(
-                f"idempotency key {claim.key!r} was already used by this caller for run {run_id} "
-                "with different parameters; use a new key for a different run"
+                f"idempotency key {limits.shown(claim.key)!r} was already used by this caller "
+                f"for run {run_id} with different parameters; use a new key for a different run"
             )
         run = self._registry.get(run_id)
         assert run is not None, "idempotency key points at a missing run"
@@ -204,7 +206,7 @@ class RunLifecycle:
             raise InvalidArgument.field("run_id", "required")
         run = self._registry.get(run_id)
         if run is None:
-            raise NotFound(f"run {run_id!r} not found")
+            raise NotFound(f"run {limits.shown(run_id)!r} not found")
         return run
 
     def end(self, ctx: CallContext, run_id: str, reason: str) -> tuple[Run, bool]:
@@ -286,6 +288,15 @@ class RunLifecycle:
             expired.append(committed.run)
         self._registry.prune(now)
         return expired
+
+    def forget_idempotency_keys(self, ctx: CallContext, retention: float) -> None:
+        """Retention: forget the idempotency keys of runs that ended over `retention` seconds
+        ago, so that keys cannot pile up for ever (a retry that late starts a new run)."""
+        now = self._clock()
+        cutoff = now - retention
+        details = {"ended_before_us": round(cutoff * 1e6)}
+        event = draft(ctx, now, Action.IDEMPOTENCY_FORGOTTEN, Outcome.SUCCESS, details=details)
+        self._commit(Write([event], ForgetIdempotencyKeys(cutoff)))
 
     def list(self, ctx: CallContext, query: RunQuery) -> list[Run]:
         # What the query may return; "*" where it does not filter. The caller's scope must

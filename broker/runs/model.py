@@ -9,15 +9,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from broker import limits
 from broker.errors import FieldViolation, InvalidArgument
 from broker.identity import Person, VerificationMethod
 from broker.runs.permissions import PermissionSet
 
 SEGMENT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_INPUTS = 64
-MAX_INPUT_KEY = 128
-MAX_INPUT_VALUE = 4096
-MAX_REASON = 512
+MAX_INPUTS = limits.MAX_INPUTS
+MAX_INPUT_KEY = limits.INPUT_KEY.max_chars
+MAX_INPUT_VALUE = limits.INPUT_VALUE.max_chars
+MAX_INPUTS_BYTES = limits.MAX_INPUTS_BYTES
+MAX_REASON = limits.REASON.max_chars
 
 
 class RunState(enum.Enum):
@@ -95,34 +97,38 @@ def attribution(run: Run) -> tuple[str, str, str]:
     """(executed_by, triggered_via, one-line summary) for display.
 
     The stored identity is the person's subject + issuer; the email is shown when known.
+    Every part is passed through `limits.printable` (inputs were checked on the way in; this
+    is defence in depth): no field can add a line or a forged "Executed by" to the summary.
     """
     person = run.on_behalf_of
+    via = limits.printable(run.triggered_via)
     if person is None:
-        return run.triggered_via, run.triggered_via, f"Executed by: {run.triggered_via}"
+        return via, via, f"Executed by: {via}"
     if person.method is VerificationMethod.IDP_VERIFIED:
-        how = f"verified by {person.issuer}"
+        how = f"verified by {limits.printable(person.issuer)}"
     else:
-        how = f"asserted by {run.triggered_via}, not verified"
-    executed_by = person.label()
-    summary = f"Executed by: {executed_by} ({how}) · Triggered via: {run.triggered_via}"
-    return executed_by, run.triggered_via, summary
+        how = f"asserted by {via}, not verified"
+    executed_by = limits.printable(person.label())
+    summary = f"Executed by: {executed_by} ({how}) · Triggered via: {via}"
+    return executed_by, via, summary
 
 
 def validate_inputs(inputs: Mapping[str, str], field: str = "inputs") -> Mapping[str, str]:
     violations = []
     if len(inputs) > MAX_INPUTS:
         violations.append(FieldViolation(field, f"at most {MAX_INPUTS} entries"))
+    size = 0
     for key, value in inputs.items():
-        if not key or len(key) > MAX_INPUT_KEY:
-            violations.append(
-                FieldViolation(f"{field}[{key[:32]!r}]", f"keys must be 1-{MAX_INPUT_KEY} chars")
-            )
-        elif len(value) > MAX_INPUT_VALUE:
-            violations.append(
-                FieldViolation(
-                    f"{field}[{key!r}]", f"values must be at most {MAX_INPUT_VALUE} chars"
-                )
-            )
+        size += len(key.encode(errors="replace")) + len(value.encode(errors="replace"))
+        where = f"{field}[{limits.shown(key, 32)!r}]"
+        if limits.INPUT_KEY.problem(key) is not None or not key:
+            violations.append(FieldViolation(where, f"keys: {limits.INPUT_KEY.rule}"))
+        elif limits.INPUT_VALUE.problem(value) is not None:
+            violations.append(FieldViolation(where, f"values: {limits.INPUT_VALUE.rule}"))
+    if size > MAX_INPUTS_BYTES:
+        violations.append(
+            FieldViolation(field, f"keys and values together at most {MAX_INPUTS_BYTES} bytes")
+        )
     if violations:
         raise InvalidArgument(violations)
     return MappingProxyType(dict(sorted(inputs.items())))

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from broker import limits
 from broker.errors import FieldViolation, InvalidArgument
 
 DEFAULT_LADDER: tuple[str, ...] = ("none", "read", "write", "admin")
@@ -23,7 +24,7 @@ LADDERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 RESOURCE_PATTERN = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
-MAX_PERMISSIONS = 64
+MAX_PERMISSIONS = limits.MAX_PERMISSIONS
 
 
 def ladder_for(resource: str) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from broker import limits
 from broker.clock import Clock
 from broker.errors import Unauthenticated
 from broker.identity import (
@@ -144,6 +145,7 @@ class TokenService:
         """The run principal a run credential proves, or Unauthenticated saying why."""
         result = self.check(token, audience=self.issuer, typ=RUN_CREDENTIAL_TYP)
         if not result.active:
-            raise Unauthenticated(f"run credential rejected: {result.reason}")
+            # The reason may quote the credential's header: a short prefix only.
+            raise Unauthenticated(f"run credential rejected: {limits.shown(result.reason, 200)}")
         run_id = str(result.claims["run_id"])
         return Principal(PrincipalKind.RUN, f"run:{run_id}", run_id=run_id, auth_method="run")

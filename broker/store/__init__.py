@@ -115,7 +115,24 @@ class PruneAudit:
     through: int
 
 
-Mutation = CreateRun | EndRun | RenewLease | PublishKey | RetireKey | RecordCheckpoint | PruneAudit
+@dataclass(frozen=True)
+class ForgetIdempotencyKeys:
+    """Retention: forget the idempotency keys of runs that ended before `ended_before`; a
+    retry with such a key starts a new run. Keys of active runs are always kept."""
+
+    ended_before: float
+
+
+Mutation = (
+    CreateRun
+    | EndRun
+    | RenewLease
+    | PublishKey
+    | RetireKey
+    | RecordCheckpoint
+    | PruneAudit
+    | ForgetIdempotencyKeys
+)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from broker.store import (
     Conflict,
     CreateRun,
     EndRun,
+    ForgetIdempotencyKeys,
     IdempotencyKeyTaken,
     Mutation,
     PruneAudit,
@@ -134,7 +135,18 @@ class MemoryStore:
                 self._pruned_through = through
                 self._events = [e for e in self._events if e.sequence > through]
                 return None
+            case ForgetIdempotencyKeys(ended_before=cutoff):
+                self._idempotency = {
+                    claim: taken
+                    for claim, taken in self._idempotency.items()
+                    if not self._ended_before(taken[0], cutoff)
+                }
+                return None
         raise TypeError(f"unknown mutation {mutation!r}")
+
+    def _ended_before(self, run_id: str, cutoff: float) -> bool:
+        run = self._runs.get(run_id)
+        return run is not None and run.end_time is not None and run.end_time < cutoff
 
     def _check_checkpoint(self, checkpoint: CheckpointRecord) -> None:
         latest = self._checkpoints[-1].sequence if self._checkpoints else 0

@@ -39,6 +39,7 @@ from broker.store import (
     Conflict,
     CreateRun,
     EndRun,
+    ForgetIdempotencyKeys,
     IdempotencyKeyTaken,
     Mutation,
     NewerSchema,
@@ -553,6 +554,13 @@ def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | 
             return None
         case PruneAudit(through=through):
             _prune_audit(conn, through)
+            return None
+        case ForgetIdempotencyKeys(ended_before=cutoff):
+            conn.execute(
+                "DELETE FROM idempotency_keys WHERE run_id IN (SELECT run_id FROM runs "
+                "WHERE state <> 'active' AND end_time < %s)",
+                (cutoff,),
+            )
             return None
     raise TypeError(f"unknown mutation {mutation!r}")
 

@@ -35,6 +35,7 @@ from broker.store import (
     Conflict,
     CreateRun,
     EndRun,
+    ForgetIdempotencyKeys,
     IdempotencyKeyTaken,
     Mutation,
     PruneAudit,
@@ -440,6 +441,13 @@ class SqliteStore:
                 return None
             case PruneAudit(through=through):
                 _prune_audit(conn, through)
+                return None
+            case ForgetIdempotencyKeys(ended_before=cutoff):
+                conn.execute(
+                    "DELETE FROM idempotency_keys WHERE run_id IN (SELECT run_id FROM runs "
+                    "WHERE state != 'active' AND end_time < ?)",
+                    (cutoff,),
+                )
                 return None
         raise TypeError(f"unknown mutation {mutation!r}")
 

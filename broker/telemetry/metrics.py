@@ -1,12 +1,14 @@
 """The broker's metrics, through the OpenTelemetry metrics API.
 
-Labels are bounded sets (audience, outcome, result, state): never a run id, a token id or a
-person, which would give every run its own time series. RPC latency
+Labels are bounded sets (outcome, result, state, and the first `max_audiences` token
+audiences, then "other"): never a run id, a token id or a person, which would give every
+run its own time series. RPC latency
 (`rpc.server.call.duration`) is recorded by the server interceptor in tokenbroker.tracing.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -22,8 +24,33 @@ EXPIRY_REASON = "tokenbroker.run.expiry_reason"
 ALREADY_ENDED = "tokenbroker.revocation.already_ended"
 
 
+OTHER = "other"
+DEFAULT_MAX_AUDIENCES = 100
+
+
+class BoundedLabels:
+    """Label values taken from caller input, with bounded cardinality: the first `limit`
+    distinct values seen keep their name, every later one is counted as "other" — so a
+    caller inventing audiences cannot create time series without end."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_AUDIENCES) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._limit:
+                self._seen.add(value)
+                return value
+        return OTHER
+
+
 class BrokerMetrics:
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, max_audiences: int = DEFAULT_MAX_AUDIENCES) -> None:
+        self.audience_label = BoundedLabels(max_audiences)
         self.tokens_issued = meter.create_counter(
             "tokenbroker.tokens.issued", unit="{token}", description="Step tokens asked for"
         )

@@ -27,6 +27,7 @@ from broker.store import Committed, Mutation, Store
 from broker.telemetry.metrics import (
     ALREADY_ENDED,
     AUDIENCE,
+    DEFAULT_MAX_AUDIENCES,
     OUTCOME,
     VERIFICATION_RESULT,
     BrokerMetrics,
@@ -121,10 +122,13 @@ class Telemetry:
         self,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        max_audiences: int = DEFAULT_MAX_AUDIENCES,
     ) -> None:
         self.tracer_provider = tracer_provider or trace.NoOpTracerProvider()
         self.meter_provider = meter_provider or metrics.NoOpMeterProvider()
-        self.metrics = BrokerMetrics(self.meter_provider.get_meter("broker", __version__))
+        self.metrics = BrokerMetrics(
+            self.meter_provider.get_meter("broker", __version__), max_audiences
+        )
 
     def watch(
         self, store: Store, active_runs: Callable[[], list[Run]], subscribers: Callable[[], int]
@@ -157,7 +161,8 @@ class Telemetry:
 
     @_never_raises
     def token_issued(self, audience: str, outcome: str) -> None:
-        self.metrics.tokens_issued.add(1, {AUDIENCE: audience, OUTCOME: outcome})
+        label = self.metrics.audience_label(audience)
+        self.metrics.tokens_issued.add(1, {AUDIENCE: label, OUTCOME: outcome})
 
     @_never_raises
     def token_verified(self, result: str) -> None:

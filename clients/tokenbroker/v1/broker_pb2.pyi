@@ -143,7 +143,7 @@ class StartRunRequest(_message.Message):
 
     @_builtins.property
     def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form inputs recorded with the run (at most 64 entries)."""
+        """Free-form inputs recorded with the run (at most 64 entries, 8 KiB in all)."""
 
     def __init__(
         self,
@@ -211,7 +211,9 @@ class AssertedPerson(_message.Message):
     subject: _builtins.str
     """Identifier of the person in the caller's user directory."""
     email: _builtins.str
-    """Email address of the person; its domain must be one the policy lets the caller assert."""
+    """Email address of the person: one `local@domain` address; its domain (compared without
+    regard to case) must be one the policy lets the caller assert.
+    """
     display_name: _builtins.str
     """Human-readable name for display only."""
     def __init__(
@@ -287,7 +289,7 @@ class ExecuteOnBehalfOfRequest(_message.Message):
 
     @_builtins.property
     def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form inputs recorded with the run (at most 64 entries)."""
+        """Free-form inputs recorded with the run (at most 64 entries, 8 KiB in all)."""
 
     @_builtins.property
     def asserted(self) -> Global___AssertedPerson:
@@ -688,7 +690,9 @@ class ListRunsRequest(_message.Message):
     state: _types_pb2.RunState.ValueType
     """Only runs in this state."""
     page_size: _builtins.int
-    """Maximum runs per page: default 50, at most 500."""
+    """Maximum runs per page: default 50, at most 500. A page holds fewer, with a
+    next_page_token, when its runs are large: every reply stays under 4 MiB.
+    """
     page_token: _builtins.str
     """The next_page_token of the previous page; empty for the first page."""
     def __init__(

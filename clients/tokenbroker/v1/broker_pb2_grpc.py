@@ -32,6 +32,13 @@ class TokenBrokerServiceStub:
     Callers authenticate with `authorization: Bearer <credential>` metadata (a signed
     service-account assertion or a run credential) or with a client certificate.
     GetSigningKeys needs no credential.
+
+    Every field of every request has a limit (length and characters, count, or range), listed
+    in LIMITS.md beside this file (generated from broker/limits.py). A request that breaks one
+    is INVALID_ARGUMENT with a google.rpc.BadRequest field violation per broken rule; a body
+    that is not a valid encoding of the request message is INVALID_ARGUMENT too. Calls over a
+    rate limit (per peer without a valid credential, per principal with one) are
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to retry.
     """
 
     def __init__(self, channel):
@@ -104,6 +111,13 @@ class TokenBrokerServiceServicer:
     Callers authenticate with `authorization: Bearer <credential>` metadata (a signed
     service-account assertion or a run credential) or with a client certificate.
     GetSigningKeys needs no credential.
+
+    Every field of every request has a limit (length and characters, count, or range), listed
+    in LIMITS.md beside this file (generated from broker/limits.py). A request that breaks one
+    is INVALID_ARGUMENT with a google.rpc.BadRequest field violation per broken rule; a body
+    that is not a valid encoding of the request message is INVALID_ARGUMENT too. Calls over a
+    rate limit (per peer without a valid credential, per principal with one) are
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to retry.
     """
 
     def StartRun(self, request, context):
@@ -186,6 +200,7 @@ class TokenBrokerServiceServicer:
     def StreamAudit(self, request, context):
         """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
         and no duplicate. Role: auditor (or a run's credential for its own run's events).
+        A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -264,6 +279,13 @@ class TokenBrokerService:
     Callers authenticate with `authorization: Bearer <credential>` metadata (a signed
     service-account assertion or a run credential) or with a client certificate.
     GetSigningKeys needs no credential.
+
+    Every field of every request has a limit (length and characters, count, or range), listed
+    in LIMITS.md beside this file (generated from broker/limits.py). A request that breaks one
+    is INVALID_ARGUMENT with a google.rpc.BadRequest field violation per broken rule; a body
+    that is not a valid encoding of the request message is INVALID_ARGUMENT too. Calls over a
+    rate limit (per peer without a valid credential, per principal with one) are
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to retry.
     """
 
     @staticmethod

@@ -33,6 +33,13 @@ class TokenBrokerServiceStub:
     Callers authenticate with `authorization: Bearer <credential>` metadata (a signed
     service-account assertion or a run credential) or with a client certificate.
     GetSigningKeys needs no credential.
+
+    Every field of every request has a limit (length and characters, count, or range), listed
+    in LIMITS.md beside this file (generated from broker/limits.py). A request that breaks one
+    is INVALID_ARGUMENT with a google.rpc.BadRequest field violation per broken rule; a body
+    that is not a valid encoding of the request message is INVALID_ARGUMENT too. Calls over a
+    rate limit (per peer without a valid credential, per principal with one) are
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to retry.
     """
 
     @_typing.overload
@@ -76,6 +83,7 @@ class TokenBrokerServiceStub:
     StreamAudit: _grpc.UnaryStreamMultiCallable[_broker_pb2.StreamAuditRequest, _broker_pb2.StreamAuditResponse]
     """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
     and no duplicate. Role: auditor (or a run's credential for its own run's events).
+    A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
     """
 
 @_typing.type_check_only
@@ -86,6 +94,13 @@ class TokenBrokerServiceAsyncStub(TokenBrokerServiceStub):
     Callers authenticate with `authorization: Bearer <credential>` metadata (a signed
     service-account assertion or a run credential) or with a client certificate.
     GetSigningKeys needs no credential.
+
+    Every field of every request has a limit (length and characters, count, or range), listed
+    in LIMITS.md beside this file (generated from broker/limits.py). A request that breaks one
+    is INVALID_ARGUMENT with a google.rpc.BadRequest field violation per broken rule; a body
+    that is not a valid encoding of the request message is INVALID_ARGUMENT too. Calls over a
+    rate limit (per peer without a valid credential, per principal with one) are
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to retry.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -126,6 +141,7 @@ class TokenBrokerServiceAsyncStub(TokenBrokerServiceStub):
     StreamAudit: _aio.UnaryStreamMultiCallable[_broker_pb2.StreamAuditRequest, _broker_pb2.StreamAuditResponse]  # type: ignore[assignment]
     """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
     and no duplicate. Role: auditor (or a run's credential for its own run's events).
+    A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
     """
 
 class TokenBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -135,6 +151,13 @@ class TokenBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     Callers authenticate with `authorization: Bearer <credential>` metadata (a signed
     service-account assertion or a run credential) or with a client certificate.
     GetSigningKeys needs no credential.
+
+    Every field of every request has a limit (length and characters, count, or range), listed
+    in LIMITS.md beside this file (generated from broker/limits.py). A request that breaks one
+    is INVALID_ARGUMENT with a google.rpc.BadRequest field violation per broken rule; a body
+    that is not a valid encoding of the request message is INVALID_ARGUMENT too. Calls over a
+    rate limit (per peer without a valid credential, per principal with one) are
+    RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to retry.
     """
 
     @_abc_1.abstractmethod
@@ -239,6 +262,7 @@ class TokenBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_broker_pb2.StreamAuditResponse], _abc.AsyncIterator[_broker_pb2.StreamAuditResponse]]:
         """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
         and no duplicate. Role: auditor (or a run's credential for its own run's events).
+        A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
         """
 
 def add_TokenBrokerServiceServicer_to_server(servicer: TokenBrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
