@@ -102,8 +102,9 @@ class Issuance:
         self._authz.require(ctx, Op.ISSUE_TOKEN, run=run)
         self._observer.call_touched_run(run)
         now = self._clock()
-        if not run.is_active or run.lapsed_at() <= now:
-            reason = run.end_reason or "its deadline or lease has passed"
+        run = run.as_of(now)
+        if not run.is_active:
+            reason = run.end_reason or run.state.value
             raise FailedPrecondition(
                 f"run {run.run_id} is no longer active ({reason}); no new tokens"
             )
@@ -116,7 +117,9 @@ class Issuance:
             run,
             audience=request.audience,
             permissions=granted,
-            expire_time=min(now + request.ttl, run.deadline),
+            # Never beyond the lease it is issued under: an offline verifier, which cannot
+            # know of renewals, then rejects it once the run lapses (docs/design.md).
+            expire_time=min(now + request.ttl, run.lapsed_at()),
             step=request.step,
         )
         details = {

@@ -26,7 +26,7 @@ from typing import Any
 
 from broker.audit import events as audit
 from broker.audit.events import AuditEvent
-from broker.runs.model import Run
+from broker.runs.model import Run, RunState
 from broker.store import (
     CheckpointConflict,
     CheckpointRecord,
@@ -707,6 +707,14 @@ def _prune_audit(conn: sqlite3.Connection, through: int) -> None:
     conn.execute("DELETE FROM audit_events WHERE sequence<=?", (through,))
 
 
+# When an active run lapses (Run.lapsed_at, Run.as_of): its lease or deadline, whichever first.
+_LAPSE = "MIN(deadline, COALESCE(lease_expire_time, deadline))"
+_STATE_AS_OF = {
+    RunState.ACTIVE: f"(state='active' AND {_LAPSE} > ?)",
+    RunState.EXPIRED: f"(state='expired' OR (state='active' AND {_LAPSE} <= ?))",
+}
+
+
 def _run_filter(query: RunQuery) -> tuple[list[str], list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
@@ -715,7 +723,10 @@ def _run_filter(query: RunQuery) -> tuple[list[str], list[Any]]:
         if value:
             clauses.append(f"{column}=?")
             params.append(value)
-    if query.state is not None:
+    if query.state in _STATE_AS_OF and query.as_of is not None:
+        clauses.append(_STATE_AS_OF[query.state])
+        params.append(query.as_of)
+    elif query.state is not None:
         clauses.append("state=?")
         params.append(query.state.value)
     if query.before is not None:
