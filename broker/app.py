@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -31,7 +32,7 @@ from broker.runs.lifecycle import HOUR, MAX_DEADLINE, RunLifecycle
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import TokenService
 from broker.settings import Settings
-from broker.store import Store, StoreRefused, StoreUnavailable
+from broker.store import Store, StoreRefused, StoreUnavailable, headroom
 from broker.store.factory import OpenOptions
 from broker.store.factory import open_store as open_store_url
 from broker.telemetry.otel import Telemetry
@@ -112,6 +113,13 @@ class Broker:
             return
         self._next_forget = now + HOUR
         self.runs.forget_idempotency_keys(ctx, days * DAY)
+
+    def writes_ready(self) -> bool:
+        """Whether the store can be expected to take writes now: for readiness only; a
+        write that fails still fails closed on its own."""
+        # A file-backed store (sqlite) says where its file is; the others have no disk.
+        path = getattr(self.store, "path", None)
+        return headroom.can_write(path) if isinstance(path, Path) else True
 
     def close(self) -> None:
         self._stop.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from broker.runs.model import Run
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import MintedToken, TokenService
-from broker.store import Store, Write, durable
+from broker.store import Store, StoreUnavailable, Write, durable
 from broker.telemetry.observer import NULL_OBSERVER, Observer
 from tokenbroker.verification import CheckResult, TokenStatus
+
+log = logging.getLogger(__name__)
 
 MIN_TTL = 30.0
 MAX_TTL = 3600.0
@@ -197,7 +200,15 @@ class Issuance:
             event = draft(
                 ctx, self._clock(), Action.TOKEN_VERIFY_FAILED, Outcome.DENIED, None, details
             )
-            self._commit(Write([event]))
+            try:
+                self._store.commit(Write([event]))
+            except StoreUnavailable as exc:
+                # Whether a token is valid must not depend on disk space: the verdict stands
+                # (it changes nothing), and the log keeps what the audit could not.
+                log.error(
+                    "could not record a failed verification",
+                    extra={**details, "error": str(exc)},
+                )
         return result
 
     def _commit(self, write: Write) -> None:
