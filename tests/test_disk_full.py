@@ -39,7 +39,8 @@ def disk(tmp_path: Path) -> Iterator[SmallDisk]:
 
 def _health(channel: grpc.Channel, service: str) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
-    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return status
 
 
 def _eventually(condition: Callable[[], bool], within: float = 10.0) -> bool:
