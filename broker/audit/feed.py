@@ -125,7 +125,8 @@ class AuditFeed:
         heartbeat_every: float = 5.0,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Generator[AuditEvent | Heartbeat]:
-        """Events after `after` matching the filter, then live ones; close() to leave."""
+        """Events after `after` matching the filter, then live ones. close() ends every
+        follower with Unavailable (naming the sequence to resume after)."""
         run = self._find_run(event_filter.run_id) if event_filter.run_id else None
         # Events the filter may let through; "*" where it does not filter.
         selection = PipelineRef(event_filter.org or "*", event_filter.project or "*", "*")
@@ -198,6 +199,10 @@ class AuditFeed:
                 last_beat = self._clock()
                 yield Heartbeat(cursor, last_beat)
             self._wait_beyond(cursor, timeout=min(0.5, heartbeat_every))
+        if self._closed and not cancelled():
+            # Not the end of the log: the broker is stopping. Say so, so the subscriber
+            # resumes (from another replica or after the restart) instead of taking it as done.
+            raise Unavailable(f"the broker is shutting down; resume with after_sequence={cursor}")
 
     def _gap(self, cursor: int, found: int) -> NoReturn:
         oldest = self._store.oldest_sequence()
