@@ -38,6 +38,16 @@ class TlsOptions:
 Tls = bool | TlsOptions | None
 
 
+# gRPC waits up to 2 min (1 s × 1.6ⁿ) between reconnection attempts, and fails calls at once
+# while it waits: after a broker restart of a few seconds, the client's retries would all
+# fail without trying. Reconnect within a second instead; the retry policy paces the calls.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 def is_loopback_target(target: str) -> bool:
     """True for HOST:PORT targets whose host is a loopback address or `localhost`."""
     host = target.rpartition(":")[0].strip("[]") if ":" in target else target
@@ -75,8 +85,8 @@ def open_channel(
     """A synchronous channel to `target`."""
     secure = channel_credentials(target, credentials, tls)
     if secure is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, secure)
+        return grpc.insecure_channel(target, options=RECONNECT_OPTIONS)
+    return grpc.secure_channel(target, secure, options=RECONNECT_OPTIONS)
 
 
 def open_aio_channel(
@@ -85,8 +95,8 @@ def open_aio_channel(
     """An asyncio channel to `target` (create it inside the event loop that uses it)."""
     secure = channel_credentials(target, credentials, tls)
     if secure is None:
-        return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, secure)
+        return grpc.aio.insecure_channel(target, options=RECONNECT_OPTIONS)
+    return grpc.aio.secure_channel(target, secure, options=RECONNECT_OPTIONS)
 
 
 @dataclass(frozen=True)

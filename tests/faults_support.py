@@ -1,0 +1,209 @@
+"""Load and bookkeeping for the fault suites: a broker process on a fixed port that the test
+stops, kills and restarts, clients of the client library that retry, and a ledger of what
+the broker acknowledged, to check against afterwards."""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support import BrokerProcess, start_broker_process
+from tokenbroker import BrokerClient, RetryPolicy
+from tokenbroker.credentials import dev_admin_credentials
+from tokenbroker.errors import BrokerError
+
+AUDIENCE = "api.example.com"
+# Long enough to ride out a restart on a busy 2-core machine, short enough to fail a test.
+PATIENT = RetryPolicy(max_attempts=60, initial_backoff=0.05, max_backoff=0.5)
+PATIENT_TIMEOUT = 60.0
+
+
+def env_int(name: str, default: int) -> int:
+    """A size of a suite: `default` in `make test`, more through the environment."""
+    return int(os.environ.get(name, default))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RestartableBroker:
+    """`token-broker serve` on one data dir and one port, across stops, kills and restarts."""
+
+    def __init__(self, tmp_path: Path, extra: tuple[str, ...] = ()) -> None:
+        self.data_dir = tmp_path / "data"
+        self.log_dir = tmp_path
+        self.port = free_port()
+        # A fixed issuer: clients' assertions stay valid across restarts.
+        self.args = ("--listen", f"127.0.0.1:{self.port}", "--issuer", "http://broker.test", *extra)
+        self.process: BrokerProcess | None = None
+        self.starts = 0
+        self.downtimes: list[float] = []  # seconds from each stop or kill to serving again
+        self._down_since: float | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> BrokerProcess:
+        self.process = start_broker_process(self.data_dir, self.args, log_dir=self.log_dir)
+        self.starts += 1
+        if self._down_since is not None:
+            self.downtimes.append(time.monotonic() - self._down_since)
+            self._down_since = None
+        return self.process
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self._down_since = time.monotonic()
+        os.kill(self.process.process.pid, signal.SIGKILL)
+        self.process.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 15) -> int:
+        assert self.process is not None
+        self._down_since = time.monotonic()
+        return self.process.terminate_and_wait(timeout)
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(
+            self.target,
+            credentials=dev_admin_credentials(self.data_dir),
+            retry=PATIENT,
+            timeout=PATIENT_TIMEOUT,
+        )
+
+    def logs(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.log_dir.glob("broker-*.log")))
+
+
+@dataclass
+class Ledger:
+    """What the broker acknowledged (the call returned), and what failed, by operation."""
+
+    runs: set[str] = field(default_factory=set)
+    revoked: set[str] = field(default_factory=set)
+    tokens: dict[str, list[str]] = field(default_factory=lambda: collections.defaultdict(list))
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def call(self, op: str, action: Callable[[], object]) -> object | None:
+        """Run one call; count it, and its failure (returning None) if it failed."""
+        started = time.monotonic()
+        try:
+            result = action()
+        except BrokerError as error:
+            took = time.monotonic() - started
+            with self.lock:
+                self.failures[op] += 1
+                self.examples.setdefault(op, f"{type(error).__name__} after {took:.1f}s: {error}")
+            return None
+        with self.lock:
+            self.calls[op] += 1
+        return result
+
+    def summary(self) -> str:
+        return f"calls {dict(self.calls)}; failures {dict(self.failures)} e.g. {self.examples}"
+
+
+def pipeline_worker(client: BrokerClient, ledger: Ledger, stop: threading.Event) -> None:
+    """A pipeline, again and again: start (or be started for a person), mint a token, check
+    it, end the run. Every answer the broker acknowledged goes into the ledger."""
+    rng = random.Random()
+    while not stop.is_set():
+        if rng.random() < 0.25:
+            started = ledger.call(
+                "ExecuteOnBehalfOf",
+                lambda: client.execute_on_behalf_of(
+                    "acme",
+                    "web",
+                    "deploy",
+                    ceiling={"artifacts": "write"},
+                    asserted={"subject": "u-1", "email": "alice@example.com"},
+                ),
+            )
+        else:
+            key = f"k-{rng.getrandbits(64):x}"
+            started = ledger.call(
+                "StartRun",
+                lambda: client.start_run(
+                    "acme", "web", "deploy", ceiling={"artifacts": "write"}, idempotency_key=key
+                ),
+            )
+        if started is None:
+            continue
+        run_id = started.run.run_id  # type: ignore[attr-defined]
+        with ledger.lock:
+            ledger.runs.add(run_id)
+        issued = ledger.call(
+            "IssueToken",
+            lambda: client.issue_token(AUDIENCE, {"artifacts": "read"}, run_id=run_id),
+        )
+        if issued is not None:
+            token = issued.token  # type: ignore[attr-defined]
+            with ledger.lock:
+                ledger.tokens[run_id].append(token)
+            ledger.call("VerifyToken", lambda: client.verify_token(token, AUDIENCE))
+        if ledger.call("RevokeRun", lambda: client.revoke_run(run_id, "done")) is not None:
+            with ledger.lock:
+                ledger.revoked.add(run_id)
+
+
+class Subscriber:
+    """Follows the whole audit log through the client library, which resumes by itself."""
+
+    def __init__(self, client: BrokerClient) -> None:
+        self.sequences: list[int] = []
+        self.error: BaseException | None = None
+        self._stream = client.stream_audit(0, follow=True)
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def start(self) -> Subscriber:
+        self._thread.start()
+        return self
+
+    def _follow(self) -> None:
+        try:
+            for event in self._stream:
+                self.sequences.append(event.sequence)
+        except BaseException as exc:  # reported by the test, not lost in a thread
+            self.error = exc
+
+    def wait_for(self, sequence: int, within: float = 60.0) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and self.error is None:
+            if self.sequences and self.sequences[-1] >= sequence:
+                return True
+            time.sleep(0.05)
+        return bool(self.sequences) and self.sequences[-1] >= sequence
+
+    def stop(self) -> None:
+        self._stream.cancel()
+        self._thread.join(timeout=10)
+
+
+def run_threads(count: int, target: Callable[[], None]) -> list[threading.Thread]:
+    threads = [threading.Thread(target=target, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def process_usage(pid: int) -> tuple[int, int]:
+    """(resident memory in KiB, open file descriptors) of a process, from /proc."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
