@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.support import BrokerProcess, start_broker_process
 from tokenbroker import BrokerClient, RetryPolicy
@@ -98,11 +99,11 @@ class Ledger:
     examples: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def call(self, op: str, action: Callable[[], object]) -> object | None:
-        """Run one call; count it, and its failure (returning None) if it failed."""
+    def call(self, op: str, rpc: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`rpc(*args, **kwargs)`, counted; None (and a counted failure) if it failed."""
         started = time.monotonic()
         try:
-            result = action()
+            result = rpc(*args, **kwargs)
         except BrokerError as error:
             took = time.monotonic() - started
             with self.lock:
@@ -125,37 +126,36 @@ def pipeline_worker(client: BrokerClient, ledger: Ledger, stop: threading.Event)
         if rng.random() < 0.25:
             started = ledger.call(
                 "ExecuteOnBehalfOf",
-                lambda: client.execute_on_behalf_of(
-                    "acme",
-                    "web",
-                    "deploy",
-                    ceiling={"artifacts": "write"},
-                    asserted={"subject": "u-1", "email": "alice@example.com"},
-                ),
+                client.execute_on_behalf_of,
+                "acme",
+                "web",
+                "deploy",
+                ceiling={"artifacts": "write"},
+                asserted={"subject": "u-1", "email": "alice@example.com"},
             )
         else:
-            key = f"k-{rng.getrandbits(64):x}"
             started = ledger.call(
                 "StartRun",
-                lambda: client.start_run(
-                    "acme", "web", "deploy", ceiling={"artifacts": "write"}, idempotency_key=key
-                ),
+                client.start_run,
+                "acme",
+                "web",
+                "deploy",
+                ceiling={"artifacts": "write"},
+                idempotency_key=f"k-{rng.getrandbits(64):x}",
             )
         if started is None:
             continue
-        run_id = started.run.run_id  # type: ignore[attr-defined]
+        run_id = started.run.run_id
         with ledger.lock:
             ledger.runs.add(run_id)
         issued = ledger.call(
-            "IssueToken",
-            lambda: client.issue_token(AUDIENCE, {"artifacts": "read"}, run_id=run_id),
+            "IssueToken", client.issue_token, AUDIENCE, {"artifacts": "read"}, run_id=run_id
         )
         if issued is not None:
-            token = issued.token  # type: ignore[attr-defined]
             with ledger.lock:
-                ledger.tokens[run_id].append(token)
-            ledger.call("VerifyToken", lambda: client.verify_token(token, AUDIENCE))
-        if ledger.call("RevokeRun", lambda: client.revoke_run(run_id, "done")) is not None:
+                ledger.tokens[run_id].append(issued.token)
+            ledger.call("VerifyToken", client.verify_token, issued.token, AUDIENCE)
+        if ledger.call("RevokeRun", client.revoke_run, run_id, "done") is not None:
             with ledger.lock:
                 ledger.revoked.add(run_id)
 

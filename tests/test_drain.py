@@ -17,7 +17,6 @@ from tests.faults_support import (
     RestartableBroker,
     env_int,
     pipeline_worker,
-    run_threads,
 )
 from tokenbroker.v1 import types_pb2
 
@@ -35,7 +34,12 @@ def test_every_revoke_run_of_a_retrying_client_ends_its_run_across_sigterm_resta
     ledger = Ledger()
     stop = threading.Event()
     clients = [broker.client() for _ in range(CLIENTS)]
-    workers = [run_threads(1, lambda c=c: pipeline_worker(c, ledger, stop))[0] for c in clients]
+    workers = [
+        threading.Thread(target=pipeline_worker, args=(c, ledger, stop), daemon=True)
+        for c in clients
+    ]
+    for worker in workers:
+        worker.start()
     restarts = env_int("TOKEN_BROKER_DRAIN_RESTARTS", 5)
     try:
         for _ in range(restarts):
