@@ -97,6 +97,7 @@ class Ledger:
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def call(self, op: str, rpc: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -112,7 +113,19 @@ class Ledger:
             return None
         with self.lock:
             self.calls[op] += 1
+            self.seconds[op] += time.monotonic() - started
         return result
+
+    def merged(self, other: Ledger) -> Ledger:
+        """Both ledgers' counts (for figures over several phases)."""
+        merged = Ledger()
+        for ledger in (self, other):
+            merged.calls.update(ledger.calls)
+            merged.failures.update(ledger.failures)
+            for op, seconds in ledger.seconds.items():
+                merged.seconds[op] += seconds
+        merged.examples = {**other.examples, **self.examples}
+        return merged
 
     def summary(self) -> str:
         return f"calls {dict(self.calls)}; failures {dict(self.failures)} e.g. {self.examples}"
@@ -200,10 +213,44 @@ def run_threads(count: int, target: Callable[[], None]) -> list[threading.Thread
     return threads
 
 
-def process_usage(pid: int) -> tuple[int, int]:
-    """(resident memory in KiB, open file descriptors) of a process, from /proc."""
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+@dataclass(frozen=True)
+class Usage:
+    """What a process holds: resident memory (KiB), threads, open fds and how many are sockets."""
+
+    rss_kib: int
+    threads: int
+    fds: int
+    sockets: int
+    database: int  # the SQLite database and its WAL, open once per connection
+
+    @property
+    def other(self) -> int:
+        """Descriptors that are neither sockets nor the database."""
+        return self.fds - self.sockets - self.database
+
+    def __str__(self) -> str:
+        return (
+            f"RSS {self.rss_kib // 1024} MiB, {self.threads} threads, {self.fds} fds "
+            f"({self.sockets} sockets, {self.database} database, {self.other} other)"
+        )
+
+
+def process_usage(pid: int) -> Usage:
+    """A process's usage now, from /proc."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    fd_dir = Path(f"/proc/{pid}/fd")
+    targets = []
+    for fd in os.listdir(fd_dir):
+        try:
+            targets.append(os.readlink(fd_dir / fd))
+        except OSError:
+            continue  # closed meanwhile
+    return Usage(
+        rss_kib=int(status["VmRSS"].split()[0]),
+        threads=int(status["Threads"]),
+        fds=len(targets),
+        sockets=sum(t.startswith("socket:") for t in targets),
+        database=sum(t.endswith(("/broker.db", "/broker.db-wal")) for t in targets),
+    )

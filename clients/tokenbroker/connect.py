@@ -41,9 +41,9 @@ Tls = bool | TlsOptions | None
 # gRPC waits up to 2 min (1 s × 1.6ⁿ) between reconnection attempts, and fails calls at once
 # while it waits: after a broker restart of a few seconds, the client's retries would all
 # fail without trying. Reconnect within a second instead; the retry policy paces the calls.
+# (Not grpc.min_reconnect_backoff_ms: that is also the connect timeout, 20 s by default.)
 RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
