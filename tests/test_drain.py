@@ -65,3 +65,8 @@ def test_every_revoke_run_of_a_retrying_client_ends_its_run_across_sigterm_resta
         assert broker.terminate() == 0
     # Every call either succeeded or was retried until it did.
     assert sum(ledger.failures.values()) == 0, f"{ledger.summary()} downtimes {broker.downtimes}"
+    print(  # the figures docs/reliability.md quotes (pytest -s shows them)
+        f"drain: {restarts} SIGTERM restarts, {sum(ledger.calls.values())} calls, 0 failed, "
+        f"{len(ledger.revoked)} revokes each ended its run; restarts took "
+        f"{min(broker.downtimes):.1f}-{max(broker.downtimes):.1f}s"
+    )

@@ -38,13 +38,15 @@ class TlsOptions:
 Tls = bool | TlsOptions | None
 
 
-# gRPC waits up to 2 min (1 s × 1.6ⁿ) between reconnection attempts, and fails calls at once
-# while it waits: after a broker restart of a few seconds, the client's retries would all
-# fail without trying. Reconnect within a second instead; the retry policy paces the calls.
-# (Not grpc.min_reconnect_backoff_ms: that is also the connect timeout, 20 s by default.)
+# gRPC waits up to 2 min (1 s × 1.6ⁿ) between reconnection attempts and gives an attempt
+# 20 s to complete its handshake, failing every call at once meanwhile: across a broker
+# restart of a few seconds the client's retries all failed without trying. Reconnect
+# within a second, and give up on a handshake after 2 s (min_reconnect_backoff is that
+# timeout); the retry policy paces the calls.
 RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 2000),
 )
 
 
