@@ -103,11 +103,16 @@ class BrokerServer:
             self.probe_writes()
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight unary calls finish, end streams, close the store."""
+        """Report NOT_SERVING, refuse new calls, let in-flight unary calls finish within
+        `grace`, end live audit streams (UNAVAILABLE, saying where to resume), close the store.
+
+        gRPC cancels what it had queued but not handed to a handler, and what is still
+        running when the grace ends: clients see CANCELLED, which the client library
+        retries like UNAVAILABLE where that is safe (tokenbroker.retry)."""
         grace = self.broker.settings.shutdown_grace if grace is None else grace
         self._stopping.set()
         self.health.enter_graceful_shutdown()
-        self.broker.feed.close()  # followers return: their streams end cleanly
+        self.broker.feed.close()  # followers end with UNAVAILABLE: resume elsewhere or later
         self.grpc_server.stop(grace).wait()
         if self.http is not None:
             self.http.stop()
