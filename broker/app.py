@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -31,7 +32,7 @@ from broker.runs.lifecycle import HOUR, MAX_DEADLINE, RunLifecycle
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import TokenService
 from broker.settings import Settings
-from broker.store import Store, StoreRefused, StoreUnavailable
+from broker.store import Store, StoreRefused, StoreUnavailable, headroom
 from broker.store.changes import ChangeFeed
 from broker.store.factory import OpenOptions
 from broker.store.factory import open_store as open_store_url
@@ -115,6 +116,13 @@ class Broker:
             return
         self._next_forget = now + HOUR
         self.runs.forget_idempotency_keys(ctx, days * DAY)
+
+    def writes_ready(self) -> bool:
+        """Whether the store can be expected to take writes now: for readiness only; a
+        write that fails still fails closed on its own."""
+        # A file-backed store (sqlite) says where its file is; the others have no disk.
+        path = getattr(self.store, "path", None)
+        return headroom.can_write(path) if isinstance(path, Path) else True
 
     def close(self) -> None:
         self._stop.set()
@@ -201,7 +209,7 @@ def _assemble(
     # The committed audit log is the one change feed: registry, audit feed, keeper and key
     # ring learn of every change from it, whichever process or replica made it.
     changes = ChangeFeed(store)
-    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL, changes=changes)
+    registry = RunRegistry(store, clock=clock, token_horizon=MAX_TTL, changes=changes)
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
     refusals = RefusalLedger(store, clock, settings.refusal_audit_interval)

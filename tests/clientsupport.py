@@ -36,9 +36,17 @@ class FlakyBroker(broker_pb2_grpc.TokenBrokerServiceServicer):
     otherwise like a call that never reached it.
     """
 
-    def __init__(self, failures: int, *, answered: bool = False) -> None:
+    def __init__(
+        self,
+        failures: int,
+        *,
+        answered: bool = False,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    ) -> None:
+        """`code`: what the failures answer (CANCELLED: as a broker shutting down does)."""
         self.failures = failures
         self.answered = answered
+        self.code = code
         self.requests: dict[str, list[Message]] = {}
 
     def attempts(self, method: str) -> int:
@@ -49,7 +57,7 @@ class FlakyBroker(broker_pb2_grpc.TokenBrokerServiceServicer):
         if self.attempts(method) <= self.failures:
             if self.answered:
                 context.send_initial_metadata((("x-request-id", "fake-broker"),))
-            context.abort(grpc.StatusCode.UNAVAILABLE, "briefly unavailable")
+            context.abort(self.code, "briefly unavailable")
 
     def GetRun(
         self, request: broker_pb2.GetRunRequest, context: grpc.ServicerContext

@@ -46,9 +46,13 @@ class BrokerProcess:
 
 
 def start_broker_process(
-    data_dir: Path, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
+    data_dir: Path,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
 ) -> BrokerProcess:
-    log_path = data_dir.parent / f"broker-{time.monotonic_ns()}.log"
+    """`log_dir`: where the log goes (default beside the data dir, e.g. not on a full disk)."""
+    log_path = (log_dir or data_dir.parent) / f"broker-{time.monotonic_ns()}.log"
     with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
         process = _popen(data_dir, log_file, extra_args, env)
     deadline = time.monotonic() + 30

@@ -198,7 +198,9 @@ def test_an_expired_run_credential_is_refused_in_one_line_with_exit_1(
     server, clock = broker
     with BrokerClient.local(server.target, server.broker.settings.data_dir) as client:
         started = client.start_run("acme", "web", "deploy", ceiling={"api": "read"}, deadline=600)
-    clock.now += 3600  # past the run's deadline, and so its credential's expiry
+    # Past the run's deadline; its credential (exp = the deadline) is within the 30 s
+    # leeway still, so the refusal names the run. (Later it would be the credential's expiry.)
+    clock.now += 610
     env = {
         "TOKEN_BROKER_TARGET": server.target,
         "TOKEN_BROKER_RUN_ID": started.run.run_id,

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import grpc
 import pytest
 
 from tests.clientsupport import FAST_RETRY, FlakyBroker, serving
 from tokenbroker import AsyncBrokerClient, BrokerClient, RetryPolicy, Unavailable
-from tokenbroker.retry import Attempts, Retry, rule_for
+from tokenbroker.retry import Attempts, Retry, retryable, rule_for
 from tokenbroker.v1 import broker_pb2
 
 
@@ -172,3 +173,46 @@ def test_requests_for_different_rpcs_get_the_documented_rules() -> None:
     assert rule_for(broker_pb2.ExecuteOnBehalfOfRequest()) is Retry.IF_NOT_RECEIVED
     assert rule_for(broker_pb2.RotateSigningKeyRequest()) is Retry.NEVER
     assert rule_for(broker_pb2.RevokeRunRequest()) is Retry.ON_UNAVAILABLE
+
+
+@pytest.mark.parametrize("method", sorted(RETRIED_AFTER_UNAVAILABLE))
+def test_a_call_the_server_cancelled_while_draining_is_retried_like_unavailable(
+    method: str,
+) -> None:
+    flaky = FlakyBroker(failures=1, code=grpc.StatusCode.CANCELLED)
+    with serving(flaky) as target, BrokerClient(target, retry=FAST_RETRY) as client:
+        RETRIED_AFTER_UNAVAILABLE[method](client)
+    assert flaky.attempts(method) == 2
+
+
+def test_a_call_the_server_cancelled_is_not_retried_where_unavailable_would_not_be() -> None:
+    flaky = FlakyBroker(failures=1, code=grpc.StatusCode.CANCELLED)
+    with (
+        serving(flaky) as target,
+        BrokerClient(target, retry=FAST_RETRY) as client,
+        pytest.raises(Exception, match="briefly unavailable"),
+    ):
+        client.start_run("acme", "web", "deploy", ceiling={"artifacts": "write"})
+    assert flaky.attempts("StartRun") == 1
+
+
+class _Cancelled(grpc.RpcError):
+    def __init__(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> None:
+        return None
+
+
+def test_a_call_this_process_cancelled_itself_is_never_retried() -> None:
+    for local in ("Locally cancelled by application!", "Channel closed!"):
+        assert not retryable(Retry.ON_UNAVAILABLE, _Cancelled(local))
+    assert retryable(Retry.ON_UNAVAILABLE, _Cancelled("CANCELLED"))
+    assert retryable(Retry.IF_NOT_RECEIVED, _Cancelled("CANCELLED"))
+    assert not retryable(Retry.NEVER, _Cancelled("CANCELLED"))

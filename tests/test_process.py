@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.support import REPO, start_broker_process, start_run_request
@@ -28,9 +29,13 @@ def test_sigterm_during_open_audit_stream_exits_zero_within_five_seconds(tmp_pat
         stub.StartRun(start_run_request(), timeout=10)
         stream = stub.StreamAudit(broker_pb2.StreamAuditRequest(), timeout=30)
 
+        ended_with: list[grpc.StatusCode] = []
+
         def consume() -> None:
             try:
                 received.extend(stream)
+            except grpc.RpcError as error:
+                ended_with.append(error.code())
             finally:
                 stream_ended.set()
 
@@ -44,6 +49,8 @@ def test_sigterm_during_open_audit_stream_exits_zero_within_five_seconds(tmp_pat
         code = broker.process.wait(timeout=10)
         elapsed = time.monotonic() - started
         assert stream_ended.wait(5), "the client's stream ended"
+        # Not a clean end: the log did not end, the broker did; the client should resume.
+        assert ended_with == [grpc.StatusCode.UNAVAILABLE]
     assert code == 0, broker.logs()
     assert elapsed < 5, f"took {elapsed:.1f}s"
     assert "token-broker stopped" in broker.logs()

@@ -180,6 +180,27 @@ def test_list_runs_pages_newest_first_with_filters(store: Store) -> None:
     assert [r.run_id for r in acme] == ["r-6", "r-4", "r-2", "r-0"]
 
 
+def test_listing_by_state_as_of_a_time_counts_a_lapsed_active_run_as_expired(
+    store: Store,
+) -> None:
+    # make_run: lease until created + 30, deadline created + 600.
+    store.commit(Write([], CreateRun(make_run("r-lapsed", created=1000.0))))
+    store.commit(Write([], CreateRun(make_run("r-live", created=1020.0))))
+    store.commit(Write([], CreateRun(make_run("r-ended", created=1010.0))))
+    store.commit(Write([], EndRun("r-ended", RunState.ENDED, 1015.0, "", "")))
+    store.commit(Write([], RenewLease("r-live", 1500.0)))
+
+    def listed(state: RunState, as_of: float | None) -> list[str]:
+        return [r.run_id for r in store.list_runs(RunQuery(state=state, as_of=as_of))]
+
+    assert listed(RunState.ACTIVE, 1030.0) == ["r-live"]
+    assert listed(RunState.EXPIRED, 1030.0) == ["r-lapsed"]
+    assert listed(RunState.ENDED, 1030.0) == ["r-ended"]
+    assert listed(RunState.EXPIRED, 1029.9) == []
+    assert listed(RunState.ACTIVE, 1600.0) == []  # past the renewed lease too
+    assert listed(RunState.ACTIVE, None) == ["r-live", "r-lapsed"]  # as recorded
+
+
 def test_live_runs_are_active_ones_and_recently_ended_ones(store: Store) -> None:
     for i in range(3):
         store.commit(Write([], CreateRun(make_run(f"r-{i}"))))

@@ -279,10 +279,12 @@ def test_metrics_count_runs_revocations_and_latency_but_never_label_a_run(
 def test_expired_runs_are_counted_by_reason(traced_stub: Stub, sdk: InMemorySdk) -> None:
     request = start_run_request(deadline=duration_pb2.Duration(seconds=1))
     run_id = traced_stub.StartRun(request, timeout=5).run.run_id
+    state = traced_stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5).run.state
+    assert state == types_pb2.RUN_STATE_ACTIVE
+    # GetRun says EXPIRED from the deadline on; the count comes when the reaper records it.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        state = traced_stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5).run.state
-        if state != types_pb2.RUN_STATE_ACTIVE:
+        if sdk.total("tokenbroker.runs.expired", **{"tokenbroker.run.expiry_reason": "deadline"}):
             break
         time.sleep(0.1)
     assert (

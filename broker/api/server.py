@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -47,6 +47,10 @@ from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"].full_name
+# Health name for "takes writes": NOT_SERVING while storage refuses them (a full disk), when
+# "" and SERVICE_NAME stay SERVING because reads and verification still work.
+WRITES_HEALTH_NAME = "tokenbroker.v1.writes"
+WRITES_PROBE_INTERVAL = 1.0
 
 
 class ListenError(OSError):
@@ -60,6 +64,8 @@ class BrokerServer:
     broker: Broker
     health: health.HealthServicer
     http: WellKnownServer | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _writes_ready: bool | None = None
 
     @property
     def target(self) -> str:
@@ -72,12 +78,41 @@ class BrokerServer:
         self.broker.start_background()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.probe_writes()
+        threading.Thread(target=self._watch_writes, name="writes-probe", daemon=True).start()
+
+    def probe_writes(self) -> bool:
+        """Set the writes health status from the storage's state now; log each change."""
+        ready = self.broker.writes_ready()
+        if ready != self._writes_ready and not self._stopping.is_set():
+            self._writes_ready = ready
+            if ready:
+                self.health.set(WRITES_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+                log.info("storage takes writes", extra={"health": WRITES_HEALTH_NAME})
+            else:
+                self.health.set(WRITES_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+                log.error(
+                    "storage cannot take writes (disk full or read-only): serving reads and "
+                    "verification only; writes fail with UNAVAILABLE until it can",
+                    extra={"health": WRITES_HEALTH_NAME},
+                )
+        return ready
+
+    def _watch_writes(self) -> None:
+        while not self._stopping.wait(WRITES_PROBE_INTERVAL):
+            self.probe_writes()
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight unary calls finish, end streams, close the store."""
+        """Report NOT_SERVING, refuse new calls, let in-flight unary calls finish within
+        `grace`, end live audit streams (UNAVAILABLE, saying where to resume), close the store.
+
+        gRPC cancels what it had queued but not handed to a handler, and what is still
+        running when the grace ends: clients see CANCELLED, which the client library
+        retries like UNAVAILABLE where that is safe (tokenbroker.retry)."""
         grace = self.broker.settings.shutdown_grace if grace is None else grace
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
-        self.broker.feed.close()  # followers return: their streams end cleanly
+        self.broker.feed.close()  # followers end with UNAVAILABLE: resume elsewhere or later
         self.grpc_server.stop(grace).wait()
         if self.http is not None:
             self.http.stop()

@@ -120,7 +120,8 @@ class AuditFeed:
         heartbeat_every: float = 5.0,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Generator[AuditEvent | Heartbeat]:
-        """Events after `after` matching the filter, then live ones; close() to leave."""
+        """Events after `after` matching the filter, then live ones. close() ends every
+        follower with Unavailable (naming the sequence to resume after)."""
         for item in self.follow_pages(
             ctx,
             after,
@@ -226,6 +227,14 @@ class AuditFeed:
                 last_beat = self._clock()
                 yield Heartbeat(cursor, last_beat)
             self._wait_beyond(cursor, timeout=min(0.5, heartbeat_every))
+        if self._closed.is_set() and not cancelled():
+            # Not the end of the log: the broker is stopping. Say so, so the subscriber
+            # resumes (from another replica or after the restart) instead of taking it as done.
+            raise Unavailable(f"the broker is shutting down; resume with after_sequence={cursor}")
+        if self._closed and not cancelled():
+            # Not the end of the log: the broker is stopping. Say so, so the subscriber
+            # resumes (from another replica or after the restart) instead of taking it as done.
+            raise Unavailable(f"the broker is shutting down; resume with after_sequence={cursor}")
 
     def _gap(self, cursor: int, found: int) -> NoReturn:
         oldest = self._store.oldest_sequence()

@@ -66,10 +66,30 @@ def ensure(data_dir: Path, audience: str) -> Path:
             "(account dev-admin may do everything); use --policy FILE in production",
             extra={"policy": str(policy_path), "key_file": str(key_path)},
         )
-    # Rewritten each start: the audience follows the broker's issuer setting.
-    client = {"account": ACCOUNT, "key_file": KEY_FILE, "key_id": KEY_ID, "audience": audience}
-    _write_private(data_dir / CLIENT_FILE, json.dumps(client, indent=2) + "\n")
+    _update_client_file(data_dir / CLIENT_FILE, audience)
     return policy_path
+
+
+def _update_client_file(path: Path, audience: str) -> None:
+    """Keep dev-admin.json's audience in step with the broker's issuer setting.
+
+    Written only when it changes, and a failure to write it does not stop the broker: after
+    a crash on a full disk the broker must still start and serve reads and verification."""
+    client = {"account": ACCOUNT, "key_file": KEY_FILE, "key_id": KEY_ID, "audience": audience}
+    text = json.dumps(client, indent=2) + "\n"
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass  # missing or unreadable: write it
+    try:
+        _write_private(path, text)
+    except OSError as exc:
+        log.error(
+            "could not update the development client file; local clients may use a stale "
+            "audience until it is written",
+            extra={"path": str(path), "error": str(exc)},
+        )
 
 
 def _create(policy_path: Path, key_path: Path) -> None:
@@ -97,8 +117,12 @@ def _write_private(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written file behind
+        raise

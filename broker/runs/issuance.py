@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from broker.runs.model import Run
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import MintedToken, TokenService
-from broker.store import Store, Write, durable
+from broker.store import Store, StoreUnavailable, Write, durable
 from broker.telemetry.observer import NULL_OBSERVER, Observer
 from tokenbroker.verification import CheckResult, TokenStatus
+
+log = logging.getLogger(__name__)
 
 MIN_TTL = 30.0
 MAX_TTL = 3600.0
@@ -102,8 +105,9 @@ class Issuance:
         self._authz.require(ctx, Op.ISSUE_TOKEN, run=run)
         self._observer.call_touched_run(run)
         now = self._clock()
-        if not run.is_active or run.lapsed_at() <= now:
-            reason = run.end_reason or "its deadline or lease has passed"
+        run = run.as_of(now)
+        if not run.is_active:
+            reason = run.end_reason or run.state.value
             raise FailedPrecondition(
                 f"run {run.run_id} is no longer active ({reason}); no new tokens"
             )
@@ -116,7 +120,9 @@ class Issuance:
             run,
             audience=request.audience,
             permissions=granted,
-            expire_time=min(now + request.ttl, run.deadline),
+            # Never beyond the lease it is issued under: an offline verifier, which cannot
+            # know of renewals, then rejects it once the run lapses (docs/design.md).
+            expire_time=min(now + request.ttl, run.lapsed_at()),
             step=request.step,
         )
         details = {
@@ -194,7 +200,15 @@ class Issuance:
             event = draft(
                 ctx, self._clock(), Action.TOKEN_VERIFY_FAILED, Outcome.DENIED, None, details
             )
-            self._commit(Write([event]))
+            try:
+                self._store.commit(Write([event]))
+            except StoreUnavailable as exc:
+                # Whether a token is valid must not depend on disk space: the verdict stands
+                # (it changes nothing), and the log keeps what the audit could not.
+                log.error(
+                    "could not record a failed verification",
+                    extra={**details, "error": str(exc)},
+                )
         return result
 
     def _commit(self, write: Write) -> None:

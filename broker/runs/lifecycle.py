@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from broker import limits
@@ -267,11 +267,10 @@ class RunLifecycle:
         expired = []
         now = self._clock()
         for run in self._registry.due(now):
-            if run.lease_expire_time is not None and run.lease_expire_time < run.deadline:
-                reason = "lease lapsed"
-            else:
-                reason = "deadline passed"
-            mutation = EndRun(run.run_id, RunState.EXPIRED, now, reason, "")
+            reason = run.lapse_reason()
+            # The run ended when it lapsed, not when this pass noticed: recorded as every
+            # reader was already told (Run.as_of).
+            mutation = EndRun(run.run_id, RunState.EXPIRED, run.lapsed_at(), reason, "")
             event = draft(
                 ctx,
                 now,
@@ -305,7 +304,9 @@ class RunLifecycle:
         self._authz.require(ctx, Op.LIST_RUNS, pipeline=selection)
         if not 1 <= query.limit <= MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
-        return self._store.list_runs(query)
+        # States as of one instant, in the filter and in the answer alike (see Run.as_of).
+        now = self._clock()
+        return [run.as_of(now) for run in self._store.list_runs(replace(query, as_of=now))]
 
     def _commit(self, write: Write) -> Committed:
         return durable.commit(self._store, write, "nothing was changed")

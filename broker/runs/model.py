@@ -20,6 +20,8 @@ MAX_INPUT_KEY = limits.INPUT_KEY.max_chars
 MAX_INPUT_VALUE = limits.INPUT_VALUE.max_chars
 MAX_INPUTS_BYTES = limits.MAX_INPUTS_BYTES
 MAX_REASON = limits.REASON.max_chars
+LEASE_LAPSED = "lease lapsed"
+DEADLINE_PASSED = "deadline passed"
 
 
 class RunState(enum.Enum):
@@ -84,6 +86,24 @@ class Run:
         if self.lease_expire_time is None:
             return self.deadline
         return min(self.deadline, self.lease_expire_time)
+
+    def lapse_reason(self) -> str:
+        """Why the run expires (or expired) by itself: its lease or its deadline."""
+        if self.lease_expire_time is not None and self.lease_expire_time < self.deadline:
+            return LEASE_LAPSED
+        return DEADLINE_PASSED
+
+    def as_of(self, now: float) -> Run:
+        """The run as it stands at `now`: an active run past its deadline or lease *is*
+        expired, whether or not the reaper has recorded it yet.
+
+        Every answer about a run — GetRun, ListRuns, VerifyToken, IssueToken, RenewRun,
+        RevokeRun — reads it through here, so none can call a lapsed run active in the
+        moments before the reaper commits its expiry (which records the same end time
+        and reason)."""
+        if self.state is not RunState.ACTIVE or now < self.lapsed_at():
+            return self
+        return self.ended(RunState.EXPIRED, self.lapsed_at(), self.lapse_reason(), "")
 
     def ended(self, state: RunState, at: float, reason: str, by: str) -> Run:
         return replace(self, state=state, end_time=at, end_reason=reason, ended_by=by)

@@ -7,6 +7,9 @@ commits also arrive on the fast path (`on_commit`, before the store acknowledges
 a run is ended in memory before `RevokeRun` returns here, and within the change feed's wake-up
 latency on every other replica. Ended runs are pruned once no token of
 theirs can still be unexpired, which keeps memory bounded by live work, not history.
+
+`get` answers with the run as it stands now (`Run.as_of`): a run past its deadline or lease
+reads as expired before the reaper has committed it, so every caller agrees with the clock.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from broker.audit.events import Action, AuditEvent
+from broker.clock import Clock
 from broker.runs.model import Run
 from broker.store import Committed, Mutation, Store
 from broker.store.changes import ChangeFeed
@@ -36,16 +40,17 @@ class RunRegistry:
         self,
         store: Store,
         *,
-        now: float,
+        clock: Clock,
         token_horizon: float,
         changes: ChangeFeed | None = None,
     ) -> None:
         """`token_horizon`: the longest a token may outlive the end of its run (max TTL)."""
         self._store = store
+        self._clock = clock
         self._horizon = token_horizon
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
-        for run in store.live_runs(ended_since=now - token_horizon):
+        for run in store.live_runs(ended_since=clock() - token_horizon):
             self._runs[run.run_id] = run
         changes = changes if changes is not None else ChangeFeed(store)
         changes.subscribe(pages=self.on_events, local=self.on_commit)
@@ -71,20 +76,23 @@ class RunRegistry:
                 return
             self._runs[run.run_id] = run
 
-    def get(self, run_id: str) -> Run | None:
-        """The run from memory, or from the store for runs pruned from memory."""
+    def get(self, run_id: str, now: float | None = None) -> Run | None:
+        """The run as it stands at `now` (default: the clock's now), from memory, or from
+        the store for runs pruned from memory."""
         with self._lock:
             run = self._runs.get(run_id)
-        if run is not None:
-            return run
-        return self._store.get_run(run_id)
+        if run is None:
+            run = self._store.get_run(run_id)
+        if run is None:
+            return None
+        return run.as_of(self._clock() if now is None else now)
 
     def active(self) -> list[Run]:
         with self._lock:
             return [run for run in self._runs.values() if run.is_active]
 
     def due(self, now: float) -> list[Run]:
-        """Active runs past their deadline or lease."""
+        """Runs recorded as active that are past their deadline or lease (for the reaper)."""
         return [run for run in self.active() if run.lapsed_at() <= now]
 
     def prune(self, now: float) -> int:

@@ -117,7 +117,11 @@ class TokenService:
         return MintedToken(token, token_id, int(run.deadline), kid, run.permission_ceiling)
 
     def check(self, token: str, *, audience: str | None, typ: str = STEP_TOKEN_TYP) -> CheckResult:
-        """Signature, type, time, issuer, audience — and the run still active."""
+        """Signature, type, time, issuer, audience — and the run still active.
+
+        The token's time claims and its run's state are judged at one instant of the
+        broker's clock, the same instant GetRun would report the run at."""
+        now = self._clock()
         result = self._checked.check(
             token,
             find_key=self._keys.find,
@@ -125,19 +129,20 @@ class TokenService:
             audience=audience,
             expected_typ=typ,
             leeway=LEEWAY,
+            now=now,
         )
         if not result.active:
             return result
-        return self._check_run(result)
+        return self._check_run(result, now)
 
-    def _check_run(self, result: CheckResult) -> CheckResult:
+    def _check_run(self, result: CheckResult, now: float) -> CheckResult:
         run_id = str(result.claims["run_id"])
-        run = self._registry.get(run_id)
+        run = self._registry.get(run_id, now)
         if run is None:
             return CheckResult(TokenStatus.UNKNOWN_RUN, f"run {run_id} is not known", result.claims)
         if run.state is RunState.ENDED:
             return CheckResult(TokenStatus.RUN_ENDED, "run ended", result.claims)
-        if run.state is RunState.EXPIRED or run.lapsed_at() <= self._clock():
+        if run.state is RunState.EXPIRED:
             return CheckResult(TokenStatus.RUN_EXPIRED, "run expired", result.claims)
         return result
 

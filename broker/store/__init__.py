@@ -231,6 +231,9 @@ class RunQuery:
     pipeline: str = ""
     state: RunState | None = None
     limit: int = 50
+    # Filter by state as it stands at this time: an active run past its deadline or lease
+    # counts as EXPIRED (Run.as_of), whether or not its expiry is recorded yet.
+    as_of: float | None = None
     # Keyset cursor: runs strictly older than (create_time, run_id).
     before: tuple[float, str] | None = None
 

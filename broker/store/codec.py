@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -11,6 +12,7 @@ from broker.audit.events import AuditEvent, from_record
 from broker.identity import Person, VerificationMethod
 from broker.runs.model import PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
+from broker.store import RunQuery
 
 
 def person_to_json(person: Person | None) -> str | None:
@@ -117,3 +119,44 @@ def run_from_row(row: tuple[Any, ...] | Mapping[str, Any]) -> Run:
 def event_from_row(record: str, prev_hash: str, hash_: str) -> AuditEvent:
     data = json.loads(record)
     return AuditEvent(data["sequence"], from_record(data), prev_hash, hash_)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the SQL backends in the SQL they share."""
+
+    mark: str  # the driver's placeholder
+    least: str  # the scalar minimum of two values
+
+
+SQLITE = Dialect(mark="?", least="MIN")
+POSTGRESQL = Dialect(mark="%s", least="LEAST")
+
+
+def run_filter(query: RunQuery, dialect: Dialect) -> tuple[list[str], list[Any]]:
+    """WHERE clauses and their parameters for a run query."""
+    mark = dialect.mark
+    # When an active run lapses (Run.lapsed_at, Run.as_of): its lease or deadline, whichever
+    # first, whether or not the reaper has recorded its expiry yet.
+    lapse = f"{dialect.least}(deadline, COALESCE(lease_expire_time, deadline))"
+    state_as_of = {
+        RunState.ACTIVE: f"(state='active' AND {lapse} > {mark})",
+        RunState.EXPIRED: f"(state='expired' OR (state='active' AND {lapse} <= {mark}))",
+    }
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column in ("org", "project", "pipeline"):
+        value = getattr(query, column)
+        if value:
+            clauses.append(f"{column}={mark}")
+            params.append(value)
+    if query.state in state_as_of and query.as_of is not None:
+        clauses.append(state_as_of[query.state])
+        params.append(query.as_of)
+    elif query.state is not None:
+        clauses.append(f"state={mark}")
+        params.append(query.state.value)
+    if query.before is not None:
+        clauses.append(f"(create_time < {mark} OR (create_time = {mark} AND run_id < {mark}))")
+        params.extend([query.before[0], query.before[0], query.before[1]])
+    return clauses, params

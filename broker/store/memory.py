@@ -252,6 +252,8 @@ def _matches(run: Run, query: RunQuery) -> bool:
         return False
     if query.pipeline and run.pipeline.pipeline != query.pipeline:
         return False
-    if query.state is not None and run.state is not query.state:
-        return False
+    if query.state is not None:
+        state = run.state if query.as_of is None else run.as_of(query.as_of).state
+        if state is not query.state:
+            return False
     return query.before is None or (run.create_time, run.run_id) < query.before

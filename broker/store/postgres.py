@@ -59,7 +59,14 @@ from broker.store import (
     UnknownRun,
     Write,
 )
-from broker.store.codec import RUN_COLUMNS, event_from_row, run_from_row, run_to_row
+from broker.store.codec import (
+    POSTGRESQL,
+    RUN_COLUMNS,
+    event_from_row,
+    run_filter,
+    run_from_row,
+    run_to_row,
+)
 from broker.store.factory import OpenOptions, StoreUrl
 
 log = logging.getLogger(__name__)
@@ -377,7 +384,7 @@ class PostgresStore:
         return (rows[0][0], rows[0][1]) if rows else None
 
     def list_runs(self, query: RunQuery) -> list[Run]:
-        clauses, params = _run_filter(query)
+        clauses, params = run_filter(query, POSTGRESQL)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         text = (
             f"SELECT {RUN_COLUMNS} FROM runs {where} "  # noqa: S608
@@ -615,20 +622,3 @@ def _prune_audit(conn: psycopg.Connection[Any], through: int) -> None:
         raise PruneConflict(f"sequence {through} is not checkpointed")
     conn.execute("UPDATE audit_retention SET pruned_through=%s WHERE id=1", (through,))
     conn.execute("DELETE FROM audit_events WHERE sequence<=%s", (through,))
-
-
-def _run_filter(query: RunQuery) -> tuple[list[str], list[Any]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column in ("org", "project", "pipeline"):
-        value = getattr(query, column)
-        if value:
-            clauses.append(f"{column}=%s")
-            params.append(value)
-    if query.state is not None:
-        clauses.append("state=%s")
-        params.append(query.state.value)
-    if query.before is not None:
-        clauses.append("(create_time < %s OR (create_time = %s AND run_id < %s))")
-        params.extend([query.before[0], query.before[0], query.before[1]])
-    return clauses, params

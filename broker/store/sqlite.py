@@ -55,7 +55,14 @@ from broker.store import (
     Write,
 )
 from broker.store import sqlite_guard as guard
-from broker.store.codec import RUN_COLUMNS, event_from_row, run_from_row, run_to_row
+from broker.store.codec import (
+    RUN_COLUMNS,
+    SQLITE,
+    event_from_row,
+    run_filter,
+    run_from_row,
+    run_to_row,
+)
 from broker.store.factory import OpenOptions, StoreUrl
 
 log = logging.getLogger(__name__)
@@ -509,7 +516,7 @@ class SqliteStore:
         return (rows[0][0], rows[0][1]) if rows else None
 
     def list_runs(self, query: RunQuery) -> list[Run]:
-        clauses, params = _run_filter(query)
+        clauses, params = run_filter(query, SQLITE)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = (
             f"SELECT {RUN_COLUMNS} FROM runs {where} "  # noqa: S608
@@ -723,20 +730,3 @@ def _prune_audit(conn: sqlite3.Connection, through: int) -> None:
     # Raise the boundary first: the delete trigger allows deleting only up to it.
     conn.execute("UPDATE audit_retention SET pruned_through=? WHERE id=1", (through,))
     conn.execute("DELETE FROM audit_events WHERE sequence<=?", (through,))
-
-
-def _run_filter(query: RunQuery) -> tuple[list[str], list[Any]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column in ("org", "project", "pipeline"):
-        value = getattr(query, column)
-        if value:
-            clauses.append(f"{column}=?")
-            params.append(value)
-    if query.state is not None:
-        clauses.append("state=?")
-        params.append(query.state.value)
-    if query.before is not None:
-        clauses.append("(create_time < ? OR (create_time = ? AND run_id < ?))")
-        params.extend([query.before[0], query.before[0], query.before[1]])
-    return clauses, params

@@ -44,6 +44,18 @@ class TlsOptions:
 Tls = bool | TlsOptions | None
 
 
+# gRPC waits up to 2 min (1 s × 1.6ⁿ) between reconnection attempts and gives an attempt
+# 20 s to complete its handshake, failing every call at once meanwhile: across a broker
+# restart of a few seconds the client's retries all failed without trying. Reconnect
+# within a second, and give up on a handshake after 2 s (min_reconnect_backoff is that
+# timeout); the retry policy paces the calls.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 2000),
+)
+
+
 _ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -123,8 +135,8 @@ def open_channel(
     secure = channel_credentials(target, credentials, tls)
     address, options = grpc_target(target)
     if secure is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, secure, options=options)
+        return grpc.insecure_channel(address, options=[*RECONNECT_OPTIONS, *options])
+    return grpc.secure_channel(address, secure, options=[*RECONNECT_OPTIONS, *options])
 
 
 def open_aio_channel(
@@ -134,8 +146,8 @@ def open_aio_channel(
     secure = channel_credentials(target, credentials, tls)
     address, options = grpc_target(target)
     if secure is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, secure, options=options)
+        return grpc.aio.insecure_channel(address, options=[*RECONNECT_OPTIONS, *options])
+    return grpc.aio.secure_channel(address, secure, options=[*RECONNECT_OPTIONS, *options])
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """When a failed call may be tried again, and how long to wait: shared by both clients.
 
 Only UNAVAILABLE is retried — the broker (or the way to it) is briefly unable to serve —
-and only where a second attempt cannot do something twice that the caller asked once:
+and a CANCELLED that the *server* sent, which means the same: a broker shutting down
+cancels the calls it had queued but not yet handed to a handler, and those it could not
+finish within its grace period (a cancellation by this process — `cancel()`, a closed
+channel — is never retried). Both only where a second attempt cannot do something twice
+that the caller asked once:
 
 - reads: GetRun, ListRuns (page by page), GetSigningKeys, VerifyToken;
 - RevokeRun (ending an ended run reports `already_ended`) and RenewRun (a lease renewed
@@ -140,8 +144,29 @@ class Attempts:
         self.made = min(self.made, 1)
 
 
+# What grpc says when this process cancelled the call itself (grpc._channel, grpc.aio._call).
+_LOCAL_CANCELLATIONS = frozenset(
+    {
+        "Locally cancelled by application!",
+        "Channel closed!",
+        "Cancelled upon garbage collection!",
+    }
+)
+
+
 def retryable(rule: Retry, error: grpc.RpcError) -> bool:
     """Whether `error` may be retried under `rule`."""
-    if rule is Retry.NEVER or status_code(error) is not grpc.StatusCode.UNAVAILABLE:
+    if rule is Retry.NEVER or not _unavailable(error):
         return False
     return rule is Retry.ON_UNAVAILABLE or not broker_answered(error)
+
+
+def _unavailable(error: grpc.RpcError) -> bool:
+    """UNAVAILABLE, or CANCELLED by the server (a broker draining on SIGTERM)."""
+    code = status_code(error)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return True
+    if code is not grpc.StatusCode.CANCELLED:
+        return False
+    details = error.details() if hasattr(error, "details") else None
+    return details not in _LOCAL_CANCELLATIONS

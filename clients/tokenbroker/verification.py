@@ -83,8 +83,13 @@ def check_token(
     audience: str | None,
     expected_typ: str,
     leeway: float = DEFAULT_LEEWAY,
+    now: float | None = None,
 ) -> CheckResult:
-    """Verify signature, type, time, issuer and audience. Run state is the caller's job."""
+    """Verify signature, type, time, issuer and audience. Run state is the caller's job.
+
+    `now` (POSIX seconds, default the wall clock) is the time the time claims are judged
+    at: the broker passes its own clock, so that a token and its run are judged at one
+    instant."""
     header = read_header(token)
     if header is None:
         return _fail(TokenStatus.MALFORMED, "not a JWS compact serialization")
@@ -110,23 +115,58 @@ def check_token(
             issuer=issuer,
             audience=audience,
             leeway=leeway,
-            options={"require": list(REQUIRED_CLAIMS), "verify_aud": audience is not None},
+            # Time is judged below, against `now`: PyJWT reads only the wall clock.
+            options={
+                "require": list(REQUIRED_CLAIMS),
+                "verify_aud": audience is not None,
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
         )
     except jwt.InvalidSignatureError:
         return _fail(TokenStatus.BAD_SIGNATURE)
-    except jwt.ExpiredSignatureError:
-        return _fail(TokenStatus.EXPIRED, claims=_unverified(token))
-    except jwt.ImmatureSignatureError:
-        return _fail(TokenStatus.NOT_YET_VALID, claims=_unverified(token))
     except jwt.InvalidIssuerError:
         return _fail(TokenStatus.WRONG_ISSUER)
     except jwt.InvalidAudienceError:
         return _fail(TokenStatus.WRONG_AUDIENCE, f"not issued for audience {audience!r}")
     except jwt.InvalidTokenError as exc:
         return _fail(TokenStatus.MALFORMED, str(exc))
+    times = time_claims(claims)
+    if times is None:
+        return _fail(TokenStatus.MALFORMED, "iat, nbf and exp must be integers")
+    status = times.status_at(time.time() if now is None else now, leeway)
+    if status is not TokenStatus.ACTIVE:
+        # Reported for what it is (run id, exp), not as valid claims.
+        return _fail(status, claims={k: claims[k] for k in ("run_id", "exp") if k in claims})
     if not isinstance(claims.get("run_id"), str):
         return _fail(TokenStatus.MALFORMED, "run_id claim is not a string")
     return CheckResult(TokenStatus.ACTIVE, "active", claims, header)
+
+
+@dataclass(frozen=True)
+class TimeClaims:
+    """A token's iat, nbf and exp, judged exactly as PyJWT judges them, at a given time."""
+
+    iat: int
+    nbf: int
+    exp: int
+
+    def status_at(self, now: float, leeway: float) -> TokenStatus:
+        # PyJWT's comparisons (jwt.api_jwt._validate_iat/_nbf/_exp), with a clock passed in.
+        if self.iat > now + leeway or self.nbf > now + leeway:
+            return TokenStatus.NOT_YET_VALID
+        if self.exp <= now - leeway:
+            return TokenStatus.EXPIRED
+        return TokenStatus.ACTIVE
+
+
+def time_claims(claims: Mapping[str, Any]) -> TimeClaims | None:
+    """The time claims as integers the way PyJWT reads them; None when one is not a number."""
+    try:
+        return TimeClaims(int(claims["iat"]), int(claims["nbf"]), int(claims["exp"]))
+    except (ValueError, TypeError, OverflowError):
+        return None
 
 
 def read_header(token: str) -> dict[str, Any] | None:
@@ -143,15 +183,6 @@ def read_header(token: str) -> dict[str, Any] | None:
     return header if isinstance(header, dict) else None
 
 
-def _unverified(token: str) -> dict[str, Any]:
-    """Claims of a correctly signed but time-invalid token, for reporting only (run id, exp)."""
-    try:
-        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    except jwt.InvalidTokenError:
-        return {}
-    return {k: claims[k] for k in ("run_id", "exp") if k in claims}
-
-
 @dataclass(frozen=True)
 class _Checked:
     """What stays true of a token that passed `check_token` once: its signature by `key`,
@@ -159,9 +190,7 @@ class _Checked:
 
     result: CheckResult
     key: PublicKey
-    iat: int
-    nbf: int
-    exp: int
+    times: TimeClaims
 
     def holds(self, find_key: Callable[[str], PublicKey | None], now: float, leeway: float) -> bool:
         key = find_key(self.key.kid)
@@ -169,8 +198,7 @@ class _Checked:
             return False
         if key.key is not self.key.key and key.key != self.key.key:
             return False
-        # PyJWT's own comparisons (jwt.api_jwt._validate_iat/_nbf/_exp), with its clock.
-        return self.iat <= now + leeway and self.nbf <= now + leeway and self.exp > now - leeway
+        return self.times.status_at(now, leeway) is TokenStatus.ACTIVE
 
 
 class CheckCache:
@@ -203,12 +231,14 @@ class CheckCache:
         audience: str | None,
         expected_typ: str,
         leeway: float = DEFAULT_LEEWAY,
+        now: float | None = None,
     ) -> CheckResult:
         """As `check_token`, with the same verdicts."""
+        now = time.time() if now is None else now
         digest = hashlib.sha256(token.encode()).digest()
         cache_key = (digest, issuer, audience, expected_typ, leeway)
         known = self._entries.get(cache_key)
-        if known is not None and known.holds(find_key, time.time(), leeway):
+        if known is not None and known.holds(find_key, now, leeway):
             return known.result
         result = check_token(
             token,
@@ -217,9 +247,10 @@ class CheckCache:
             audience=audience,
             expected_typ=expected_typ,
             leeway=leeway,
+            now=now,
         )
         if result.active:
-            self._remember(cache_key, result, find_key, leeway)
+            self._remember(cache_key, result, find_key, now - leeway)
         return result
 
     def _remember(
@@ -227,20 +258,19 @@ class CheckCache:
         cache_key: tuple[Any, ...],
         result: CheckResult,
         find_key: Callable[[str], PublicKey | None],
-        leeway: float,
+        expired_before: float,
     ) -> None:
         key = find_key(str(result.header["kid"]))
-        if key is None:
+        times = time_claims(result.claims)
+        if key is None or times is None:
             return
-        claims = result.claims
-        checked = _Checked(result, key, int(claims["iat"]), int(claims["nbf"]), int(claims["exp"]))
         with self._lock:
             if len(self._entries) >= self._max:
-                self._evict(time.time() - leeway)
-            self._entries[cache_key] = checked
+                self._evict(expired_before)
+            self._entries[cache_key] = _Checked(result, key, times)
 
     def _evict(self, expired_before: float) -> None:
-        for cache_key in [k for k, v in self._entries.items() if v.exp <= expired_before]:
+        for cache_key in [k for k, v in self._entries.items() if v.times.exp <= expired_before]:
             del self._entries[cache_key]
         if len(self._entries) >= self._max:
             oldest = list(self._entries)[: max(self._max // 8, 1)]

@@ -264,12 +264,16 @@ class TokenVerifier:
         keys: JwksCache,
         revocations: RevocationFollower | None = None,
         leeway: float = DEFAULT_LEEWAY,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`leeway`: seconds of clock skew tolerated on the time claims. `clock`: the time
+        tokens are judged at (POSIX seconds), the wall clock unless a test passes its own."""
         self._issuer = issuer
         self._audience = audience
         self._keys = keys
         self._revocations = revocations
         self._leeway = leeway
+        self._clock = clock
 
     def check(self, token: str) -> CheckResult:
         """The verdict, as a value (never raises for a bad token)."""
@@ -280,6 +284,7 @@ class TokenVerifier:
             audience=self._audience,
             expected_typ=STEP_TOKEN_TYP,
             leeway=self._leeway,
+            now=self._clock(),
         )
         if result.active and self._revocations is not None:
             ended = self._revocations.status_of(str(result.claims["run_id"]))

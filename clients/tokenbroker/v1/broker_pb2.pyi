@@ -435,7 +435,9 @@ class IssueTokenRequest(_message.Message):
 
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
-        """Token lifetime: default 10 min, allowed 30 s to 1 h; never past the run's deadline."""
+        """Token lifetime: default 10 min, allowed 30 s to 1 h; never past the run's deadline
+        nor past its current lease expiry (renew the lease, then ask again).
+        """
 
     def __init__(
         self,
