@@ -9,11 +9,19 @@ The person comes from one of:
   → `asserted_by_caller`, never shown as verified;
 - for a child run started with a delegated run's credential: the parent run's person,
   unchanged, with the actor chain extended (RFC 8693 `act` nesting) up to a depth limit.
+
+A child run is confined by its chain's *root*: the delegator account that started the first
+run, as the policy describes it *now* (a reload narrowing or removing it applies to the next
+child at once). The child's pipeline must lie in the root's scopes (and in its parent's
+project or pipeline where the root's `child_runs` says so), its person in the root's user
+domains, its ceiling within its parent's; its deadline and lease are cut to its parent's
+(`RunLifecycle.start`), and it ends with its parent (`EndRun` cascades in the store).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -37,7 +45,7 @@ from broker.errors import (
 )
 from broker.identity import Person, PrincipalKind, VerificationMethod
 from broker.runs.lifecycle import RunLifecycle, RunSpec, Started
-from broker.runs.model import Run
+from broker.runs.model import PipelineRef, Run
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import MintedToken, TokenService
 from broker.store import Store, Write, durable
@@ -61,6 +69,18 @@ class TrustedIdp:
     email_is_identity: bool = True
 
 
+class ChildScope(enum.Enum):
+    """Where a child run may run, besides inside its root delegator's scopes."""
+
+    IN_SCOPE = "in_scope"
+    SAME_PROJECT = "same_project"
+    SAME_PIPELINE = "same_pipeline"
+
+
+def _nowhere(pipeline: PipelineRef) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class DelegationRules:
     """What one delegator account may do on people's behalf (from the policy)."""
@@ -69,6 +89,10 @@ class DelegationRules:
     user_domains: frozenset[str] = frozenset()
     asserted_domains: frozenset[str] = frozenset()
     max_chain_depth: int = DEFAULT_CHAIN_DEPTH
+    # The delegator's scopes, for the child runs of its chains.
+    covers: Callable[[PipelineRef], bool] = _nowhere
+    scope_text: str = "none"
+    child_scope: ChildScope = ChildScope.IN_SCOPE
 
 
 @dataclass(frozen=True)
@@ -233,6 +257,28 @@ def claimed(id_token: str | None, asserted: AssertedIdentity | None) -> dict[str
     }
 
 
+def _check_child_pipeline(
+    target: PipelineRef, parent: Run, root: str, rules: DelegationRules
+) -> None:
+    if target.org != parent.pipeline.org:
+        raise Refused("a child run must stay in its parent's organisation")
+    if not rules.covers(target):
+        raise Refused(
+            f"a child run must stay within the scopes of {root}, which started its chain: "
+            f"{target} is outside them ({rules.scope_text})"
+        )
+    if rules.child_scope is ChildScope.SAME_PROJECT and target.project != parent.pipeline.project:
+        raise Refused(
+            f"the policy keeps child runs of {root}'s chains in their parent's project "
+            f"({parent.pipeline.org}/{parent.pipeline.project})"
+        )
+    if rules.child_scope is ChildScope.SAME_PIPELINE and target != parent.pipeline:
+        raise Refused(
+            f"the policy keeps child runs of {root}'s chains in their parent's pipeline "
+            f"({parent.pipeline})"
+        )
+
+
 class Delegation:
     def __init__(
         self,
@@ -269,21 +315,21 @@ class Delegation:
             raise InvalidArgument.field("idempotency_key", "required for ExecuteOnBehalfOf")
         person: Person | None = None
         try:
+            parent: Run | None = None
             if ctx.principal.kind is PrincipalKind.RUN:
                 parent = self._parent_run(ctx, spec, id_token, asserted)
                 person = parent.on_behalf_of
                 chain = (*parent.actor_chain, ctx.principal.name)
-                parent_id = parent.run_id
             else:
                 rules = self._rules(ctx)
                 person = self._establish(ctx, rules, id_token, asserted)
                 self._check_domain(rules, person)
-                chain, parent_id = (ctx.principal.name,), ""
+                chain = (ctx.principal.name,)
             started = self._runs.start(
                 ctx,
                 spec,
                 person=person,
-                parent_run_id=parent_id,
+                parent=parent,
                 actor_chain=chain,
                 action=Action.RUN_EXECUTED_ON_BEHALF,
                 op=Op.EXECUTE_ON_BEHALF,
@@ -328,7 +374,12 @@ class Delegation:
         asserted: AssertedIdentity | None,
     ) -> Run:
         parent = self._registry.get(ctx.principal.run_id)
-        if parent is None or not parent.is_active or parent.on_behalf_of is None:
+        if (
+            parent is None
+            or not parent.is_active
+            or self._registry.lapsed_at(parent) <= self._clock()
+            or parent.on_behalf_of is None
+        ):
             raise FailedPrecondition(
                 "only an active run started on behalf of a person can start child runs for them"
             )
@@ -336,13 +387,20 @@ class Delegation:
             raise InvalidArgument.field(
                 "person", "a child run keeps its parent's person; do not send another"
             )
-        root = parent.actor_chain[0] if parent.actor_chain else parent.triggered_via
+        root = parent.root_account()
         rules = self._rules_for(root)
-        depth = rules.max_chain_depth if rules else DEFAULT_CHAIN_DEPTH
-        if len(parent.actor_chain) + 1 > depth:
-            raise Refused(f"delegation chain would exceed the limit of {depth} actors")
-        if spec.pipeline.org != parent.pipeline.org:
-            raise Refused("a child run must stay in its parent's organisation")
+        if rules is None:
+            raise Refused(
+                f"{root}, which started this delegation chain, is no longer a delegator in the "
+                "policy in force: its runs can start no child runs"
+            )
+        if len(parent.actor_chain) + 1 > rules.max_chain_depth:
+            raise Refused(
+                f"delegation chain would exceed the limit of {rules.max_chain_depth} actors"
+            )
+        _check_child_pipeline(spec.pipeline, parent, root, rules)
+        assert parent.on_behalf_of is not None
+        self._check_domain(rules, parent.on_behalf_of)
         excess = spec.ceiling.excess_over(parent.permission_ceiling)
         if excess:
             raise Refused("a child run cannot exceed its parent's ceiling: " + "; ".join(excess))

@@ -26,15 +26,16 @@ class RunRegistry:
         store.add_listener(self.on_commit)
 
     def on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
-        run = committed.run
-        if run is None:
-            return
+        changed = list(committed.cascaded)
+        if committed.run is not None:
+            changed.insert(0, committed.run)
         with self._lock:
-            known = self._runs.get(run.run_id)
-            # Never let a late or replayed update resurrect an ended run.
-            if known is not None and not known.is_active and run.is_active:
-                return
-            self._runs[run.run_id] = run
+            for run in changed:
+                known = self._runs.get(run.run_id)
+                # Never let a late or replayed update resurrect an ended run.
+                if known is not None and not known.is_active and run.is_active:
+                    continue
+                self._runs[run.run_id] = run
 
     def get(self, run_id: str) -> Run | None:
         """The run from memory, or from the store for runs pruned from memory."""
@@ -44,13 +45,32 @@ class RunRegistry:
             return run
         return self._store.get_run(run_id)
 
+    def lapsed_at(self, run: Run) -> float:
+        """When `run` stops being usable: its own deadline or lease, or an ancestor's, or the
+        time an ancestor ended (a child never outlives its parent, even before the reaper
+        records the parent's expiry)."""
+        lapse = run.lapsed_at() if run.is_active else (run.end_time or run.create_time)
+        seen = {run.run_id}
+        parent_id = run.parent_run_id
+        while parent_id and parent_id not in seen:
+            seen.add(parent_id)
+            parent = self.get(parent_id)
+            if parent is None:
+                return run.create_time  # an orphan: nothing vouches for it any more
+            own = parent.lapsed_at() if parent.is_active else (parent.end_time or 0.0)
+            lapse = min(lapse, own)
+            parent_id = parent.parent_run_id
+        return lapse
+
     def active(self) -> list[Run]:
         with self._lock:
             return [run for run in self._runs.values() if run.is_active]
 
     def due(self, now: float) -> list[Run]:
-        """Active runs past their deadline or lease."""
-        return [run for run in self.active() if run.lapsed_at() <= now]
+        """Active runs past their deadline or lease, parents before their children (a
+        parent's expiry ends its descendants with it)."""
+        due = [run for run in self.active() if self.lapsed_at(run) <= now]
+        return sorted(due, key=lambda run: (len(run.actor_chain), run.create_time))
 
     def prune(self, now: float) -> int:
         """Forget ended runs whose every token has expired; return how many."""
