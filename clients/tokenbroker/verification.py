@@ -41,6 +41,9 @@ PARSE_ERRORS: tuple[type[BaseException], ...] = (
     RecursionError,
 )
 MAX_SHOWN = 48
+TIME_CLAIMS = ("exp", "iat", "nbf")
+# Beyond this many seconds a time claim is nonsense (and no longer exact as a float).
+MAX_TIME = 2**53
 
 
 class TokenStatus(enum.Enum):
@@ -96,6 +99,13 @@ def shown(value: Any) -> str:
     text = repr(value) if not isinstance(value, str) else repr(value[: MAX_SHOWN + 1])
     text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "…"
+
+
+def _is_time(value: Any) -> bool:
+    """A finite number of seconds that any consumer can hold as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return -MAX_TIME < value < MAX_TIME  # False for NaN and the infinities too
 
 
 def header_problem(header: Mapping[str, Any]) -> str | None:
@@ -169,6 +179,9 @@ def check_token(
         return _fail(TokenStatus.MALFORMED, "unreadable claims")
     if not isinstance(claims.get("run_id"), str):
         return _fail(TokenStatus.MALFORMED, "run_id claim is not a string")
+    for name in TIME_CLAIMS:
+        if not _is_time(claims[name]):
+            return _fail(TokenStatus.MALFORMED, f"{name} claim is not a time in seconds")
     return CheckResult(TokenStatus.ACTIVE, "active", claims, header)
 
 
