@@ -194,7 +194,7 @@ def _assemble(
         first_policy = load_policy(policy_path)
     # Read what must be read (the live runs) before the first write (policy.loaded), so that
     # a store that cannot be read at start is refused before anything is added to it.
-    registry = RunRegistry(store, now=clock(), token_horizon=MAX_TTL)
+    registry = RunRegistry(store, clock=clock, token_horizon=MAX_TTL)
     policy = PolicySource(policy_path, first_policy, store, clock)
     policy.record_in_force()
     refusals = RefusalLedger(store, clock, settings.refusal_audit_interval)

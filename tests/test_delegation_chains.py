@@ -21,6 +21,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
+from broker.context import CallContext
+from broker.identity import BROKER
 from broker.runs.model import PipelineRef
 from tests.accounts import Account, Callers, new_account, write_policy
 from tests.conftest import make_settings
@@ -94,7 +96,12 @@ class World:
         return [item.event for item in self.auditor.StreamAudit(request, timeout=10)]
 
 
-def make_world(tmp_path: Path, child_runs: str = "in_scope", scope: str = "acme/web/*") -> World:
+def make_world(
+    tmp_path: Path,
+    child_runs: str = "in_scope",
+    scope: str = "acme/web/*",
+    reap_interval: float = 0.1,
+) -> World:
     accounts = {
         "portal": new_account(
             "deploy-portal", ["delegator"], [scope], extra_toml=portal_toml(child_runs)
@@ -106,7 +113,7 @@ def make_world(tmp_path: Path, child_runs: str = "in_scope", scope: str = "acme/
         "builder": new_account("builder", ["orchestrator"]),  # no permissions to inherit
     }
     policy_path = write_policy(tmp_path / "policy.toml", accounts.values())
-    settings = make_settings(tmp_path / "data", policy=policy_path)
+    settings = make_settings(tmp_path / "data", policy=policy_path, reap_interval=reap_interval)
     clock = MovableClock()
     server = create_server(settings, broker=build_broker(settings, clock=clock))
     server.start()
@@ -456,6 +463,35 @@ def test_ending_a_run_ends_all_its_descendants_online_and_offline(
             assert verifier.check(token).status is expected
     finally:
         follower.stop()
+
+
+def test_a_child_is_expired_the_moment_its_parent_lapses_before_the_reaper_records_it(
+    tmp_path: Path,
+) -> None:
+    world = make_world(tmp_path, reap_interval=3600)  # the test runs the reaper's pass itself
+    try:
+        chain = start_chain(world, 3, lease=10)
+        tokens = [step_token(world, link) for link in chain]
+        world.clock.offset += 11  # the root's lease has lapsed; nothing is recorded yet
+        assert world.server.broker.store.get_run(chain[2].run.run_id).is_active  # type: ignore[union-attr]
+        for link, token in zip(chain, tokens, strict=True):
+            assert token_status(world, token) == broker_pb2.TOKEN_STATUS_RUN_EXPIRED
+            assert rpc_error(lambda link=link: step_token(world, link)).code() in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        grandchild = world.get_run(chain[2].run.run_id)
+        assert grandchild.state == types_pb2.RUN_STATE_EXPIRED
+        assert chain[0].run.run_id in grandchild.end_reason
+
+        expired = world.server.broker.runs.expire_due(CallContext(principal=BROKER))
+        assert [run.run_id for run in expired] == [chain[0].run.run_id]  # one commit for all
+        recorded = [world.server.broker.store.get_run(link.run.run_id) for link in chain]
+        assert all(run is not None and not run.is_active for run in recorded)
+    finally:
+        world.anonymous.close()
+        world.callers.close()
+        world.server.stop(grace=0.5)
 
 
 def test_a_child_started_while_its_parent_is_revoked_ends_with_it_or_is_refused(

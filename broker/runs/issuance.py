@@ -112,7 +112,7 @@ class Issuance:
         self._authz.require(ctx, Op.ISSUE_TOKEN, run=run)
         self._observer.call_touched_run(run)
         now = self._clock()
-        if not run.is_active or self._registry.lapsed_at(run) <= now:
+        if not run.is_active or run.lapsed_at() <= now:
             reason = run.end_reason or "its deadline or lease has passed"
             raise FailedPrecondition(
                 f"run {run.run_id} is no longer active ({reason}); no new tokens"

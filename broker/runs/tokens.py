@@ -137,7 +137,7 @@ class TokenService:
             return CheckResult(TokenStatus.UNKNOWN_RUN, f"run {run_id} is not known", result.claims)
         if run.state is RunState.ENDED:
             return CheckResult(TokenStatus.RUN_ENDED, "run ended", result.claims)
-        if run.state is RunState.EXPIRED or self._registry.lapsed_at(run) <= self._clock():
+        if run.state is RunState.EXPIRED or run.lapsed_at() <= self._clock():
             return CheckResult(TokenStatus.RUN_EXPIRED, "run expired", result.claims)
         return result
 
