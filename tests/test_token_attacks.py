@@ -38,15 +38,16 @@ from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
 from broker.auth.authn import Presented
 from broker.context import CallContext
-from broker.errors import Unauthenticated
+from broker.errors import BrokerError, Unauthenticated
 from broker.identity import BROKER, RUN_CREDENTIAL_TYP, STEP_TOKEN_TYP
+from broker.runs.delegation import DelegationRules, TrustedIdp, verify_id_token
 from broker.runs.keys import load_private_key
 from tests.accounts import Account, bearer, new_account, sign_assertion, write_policy
 from tests.conftest import make_settings
 from tests.forge import b64, flip_bit, forge, segment, sign
 from tests.support import perms, pipeline
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
-from tokenbroker.verification import TokenStatus, check_token
+from tokenbroker.verification import PublicKey, TokenStatus, check_token
 from tokenbroker.verifier import JwksCache, TokenVerifier, jwks_from_broker
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -605,3 +606,50 @@ def test_any_header_or_claim_of_any_json_type_is_refused_never_raised(
     except Unauthenticated as refused:
         # A precise reason, not the backstop's catch-all: every case is handled on purpose.
         assert refused.message != "malformed credential"
+
+
+def _id_token_rules(key: Any) -> DelegationRules:
+    public = PublicKey("idp-1", "ES256", key.public_key())
+    idp = TrustedIdp(
+        "https://idp.example", "portal", lambda kid: public if kid == "idp-1" else None
+    )
+    return DelegationRules(idps={idp.issuer: idp}, user_domains=frozenset({"example.com"}))
+
+
+ID_TOKEN_CLAIMS = {
+    "iss": "https://idp.example",
+    "sub": "u-1",
+    "aud": "portal",
+    "email": "alice@example.com",
+    "email_verified": True,
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "header", "claims_text"),
+    [
+        ("crit", {"crit": ["x"]}, ""),
+        ("kid not a string", {"kid": 5}, ""),
+        ("jku", {"jku": "http://127.0.0.1:9/keys"}, ""),
+        ("exp 1e400", {}, '"exp":1e400'),
+        ("exp NaN", {}, '"exp":NaN'),
+        ("claims nested 1100 deep", {}, '"x":' + "[" * 1100 + "]" * 1100),
+        ("header nested 1100 deep", {"x": "DEEP"}, ""),
+    ],
+)
+def test_a_malformed_id_token_is_refused_never_raised(
+    case: str, header: dict[str, Any], claims_text: str
+) -> None:
+    """The person's ID token in ExecuteOnBehalfOf is hostile input too (domain-level check)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = int(time.time())
+    full_header = {"alg": "ES256", "typ": "JWT", "kid": "idp-1", **header}
+    claims = json.dumps({**ID_TOKEN_CLAIMS, "iat": now, "exp": now + 300})
+    if claims_text:
+        claims = claims[:-1] + "," + claims_text + "}"
+    header_json = json.dumps(full_header).replace('"DEEP"', "[" * 1100 + "]" * 1100)
+    signing_input = f"{b64(header_json.encode())}.{b64(claims.encode())}"
+    token = f"{signing_input}.{b64(sign(signing_input.encode(), key, 'ES256'))}"
+    with pytest.raises(BrokerError) as refused:
+        verify_id_token(token, _id_token_rules(key))
+    assert refused.value.message
