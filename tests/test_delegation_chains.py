@@ -9,6 +9,7 @@ and the end of a run ending every run below it, online and offline.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
 from broker.context import CallContext
 from broker.identity import BROKER
+from broker.policy.file import PolicyError, load_policy
 from broker.runs.model import PipelineRef
 from tests.accounts import Account, Callers, new_account, write_policy
 from tests.conftest import make_settings
@@ -609,3 +611,17 @@ def test_a_token_for_the_brokers_own_issuer_is_refused(world: World, variant: st
     error = rpc_error(lambda: world.as_run(link.credential).IssueToken(request, timeout=5))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "own issuer" in details(error)
+
+
+@pytest.mark.parametrize("value", ["in_scope", "same_project", "same_pipeline", "anywhere", 3])
+def test_child_runs_in_the_policy_takes_one_of_three_rules(tmp_path: Path, value: object) -> None:
+    toml = portal_toml().replace('child_runs = "in_scope"', f"child_runs = {json.dumps(value)}")
+    portal = new_account("deploy-portal", ["delegator"], ["acme/web/*"], extra_toml=toml)
+    path = write_policy(tmp_path / "policy.toml", [portal])
+    if value in ("in_scope", "same_project", "same_pipeline"):
+        account = load_policy(path).account("deploy-portal")
+        assert account is not None and account.delegation.child_runs.value == value
+        return
+    with pytest.raises(PolicyError) as invalid:
+        load_policy(path)
+    assert "accounts.deploy-portal.delegation.child_runs: must be one of" in str(invalid.value)
