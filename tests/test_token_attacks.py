@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ from broker.errors import BrokerError, Unauthenticated
 from broker.identity import BROKER, RUN_CREDENTIAL_TYP, STEP_TOKEN_TYP
 from broker.runs.delegation import DelegationRules, TrustedIdp, verify_id_token
 from broker.runs.keys import load_private_key
-from broker.settings import Settings
 from tests.accounts import Account, bearer, new_account, sign_assertion, write_policy
 from tests.conftest import make_settings
 from tests.forge import b64, flip_bit, forge, segment, sign
@@ -95,13 +94,6 @@ class Listener:
         self._stop.set()
         self._thread.join(2)
         self._socket.close()
-
-
-def _no_peer_rate_limit() -> dict[str, float]:
-    """The suite makes a few hundred refused calls from one loopback peer in seconds: where the
-    build limits refused calls per peer (`peer_rate`, 0 = no limit), each attack must still be
-    answered on its own merits, not throttled."""
-    return {"peer_rate": 0.0} if "peer_rate" in {f.name for f in fields(Settings)} else {}
 
 
 @dataclass
@@ -379,7 +371,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("attacks")
     account = new_account("ci-orchestrator", ["orchestrator", "auditor"])
     policy = write_policy(tmp / "policy.toml", [account])
-    settings = make_settings(tmp / "data", policy=policy, **_no_peer_rate_limit())
+    # Hundreds of refused calls from one loopback peer in seconds: each attack must be
+    # answered on its own merits, not throttled (0 = no per-peer limit).
+    settings = make_settings(tmp / "data", policy=policy, peer_rate=0.0)
     clock = MovableClock()
     broker = build_broker(settings, clock=clock)
     retired = broker.keys.active
