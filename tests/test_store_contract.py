@@ -25,6 +25,7 @@ from broker.store import (
     IdempotencyClaim,
     IdempotencyKeyTaken,
     Mutation,
+    ParentNotActive,
     PruneAudit,
     PruneConflict,
     RecordCheckpoint,
@@ -45,8 +46,9 @@ def store(store_url: str, tmp_path: Path) -> Iterator[Store]:
     backend.close()
 
 
-def make_run(run_id: str, created: float = 1000.0, org: str = "acme") -> Run:
+def make_run(run_id: str, created: float = 1000.0, org: str = "acme", parent: str = "") -> Run:
     return Run(
+        parent_run_id=parent,
         run_id=run_id,
         pipeline=PipelineRef(org, "web", "ci"),
         state=RunState.ACTIVE,
@@ -96,6 +98,94 @@ def test_ending_an_ended_run_conflicts_and_writes_no_event(store: Store) -> None
     assert store.head_sequence() == 2
     with pytest.raises(UnknownRun):
         store.commit(Write([event("run.ended")], EndRun("r-x", RunState.ENDED, 1.0, "", "")))
+
+
+def make_tree(store: Store) -> None:
+    """p ─┬─ c1 ── g1        u (unrelated)
+    └─ c2"""
+    for run_id, parent in (("p", ""), ("c1", "p"), ("c2", "p"), ("g1", "c1"), ("u", "")):
+        store.commit(
+            Write([event("run.started", run_id)], CreateRun(make_run(run_id, parent=parent)))
+        )
+
+
+def test_ending_a_run_ends_every_active_descendant_in_the_same_transaction(store: Store) -> None:
+    make_tree(store)
+    store.commit(Write([event("run.ended", "c2")], EndRun("c2", RunState.ENDED, 1001.0, "", "")))
+    head = store.head_sequence()
+    seen: list[Committed] = []
+    store.add_listener(lambda committed, mutation: seen.append(committed))
+    template = AuditDraft(time=1002.0, action="run.expired", outcome=Outcome.SUCCESS, principal="")
+    end = EndRun("p", RunState.EXPIRED, 1002.0, "lease lapsed", "", descendant_event=template)
+    committed = store.commit(Write([event("run.expired", "p")], end))
+
+    # c2 had ended already; the rest of the tree ends now, parents before children.
+    assert [r.run_id for r in committed.cascaded] == ["c1", "g1"]
+    for run_id in ("p", "c1", "g1"):
+        run = store.get_run(run_id)
+        assert run is not None and run.state is RunState.EXPIRED and run.end_time == 1002.0
+    assert store.get_run("c1").end_reason == "ancestor run p expired: lease lapsed"  # type: ignore[union-attr]
+    assert store.get_run("u").is_active  # type: ignore[union-attr]
+    # One event per run, sealed in the same write, each located on its own run.
+    assert [(e.draft.action, e.draft.run_id) for e in committed.events] == [
+        ("run.expired", "p"),
+        ("run.expired", "c1"),
+        ("run.expired", "g1"),
+    ]
+    assert committed.events[1].draft.details["ended_with"] == "p"
+    assert [e.sequence for e in committed.events] == [head + 1, head + 2, head + 3]
+    assert seen == [committed]
+    rows = [(s.sequence, s.record, s.prev_hash, s.hash) for s in store.stored_events(0, 100)]
+    assert audit.verify_chain(rows, start_prev_hash=audit.GENESIS_HASH) is None
+
+
+def test_a_child_is_created_only_while_its_parent_is_active(store: Store) -> None:
+    store.commit(Write([], CreateRun(make_run("p"))))  # lease until 1030
+    for parent, created in (("unknown", 1001.0), ("p", 1030.0)):
+        with pytest.raises(ParentNotActive):
+            child = make_run(f"child-of-{parent}", created=created, parent=parent)
+            store.commit(Write([event("run.started")], CreateRun(child)))
+    store.commit(Write([], EndRun("p", RunState.ENDED, 1001.0, "", "")))
+    with pytest.raises(ParentNotActive):
+        store.commit(Write([event("run.started")], CreateRun(make_run("late", parent="p"))))
+    assert store.head_sequence() == 0
+    assert store.get_run("late") is None and store.get_run("child-of-p") is None
+
+
+def test_a_child_created_concurrently_with_its_parents_end_ends_with_it_or_is_refused(
+    store: Store,
+) -> None:
+    store.commit(Write([], CreateRun(make_run("p"))))
+    created: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(17)
+
+    def create(i: int) -> None:
+        start.wait()
+        try:
+            store.commit(Write([event("run.started")], CreateRun(make_run(f"c{i}", parent="p"))))
+        except ParentNotActive:
+            return
+        with lock:
+            created.append(f"c{i}")
+
+    def end() -> None:
+        start.wait()
+        store.commit(Write([event("run.ended", "p")], EndRun("p", RunState.ENDED, 1001.0, "", "")))
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(16)]
+    threads.append(threading.Thread(target=end))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    children = [store.get_run(f"c{i}") for i in range(16)]
+    assert sorted(r.run_id for r in children if r is not None) == sorted(created)
+    assert all(not r.is_active for r in children if r is not None)
+    ended_events = [
+        e.draft.run_id for e in store.read_events(0, 100) if e.draft.action == "run.ended"
+    ]
+    assert sorted(ended_events) == sorted(["p", *created])
 
 
 def test_renewing_moves_the_lease_of_an_active_run(store: Store) -> None:

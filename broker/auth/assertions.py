@@ -11,12 +11,12 @@ credential.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 from jwt.exceptions import (
-    DecodeError,
     InvalidAudienceError,
     InvalidIssuerError,
     InvalidSignatureError,
@@ -28,7 +28,7 @@ from broker import limits
 from broker.errors import Unauthenticated
 from broker.identity import STEP_TOKEN_TYP
 from broker.policy.model import ASSERTION_ALGORITHMS, AccountKey, Policy, ServiceAccount
-from tokenbroker.verification import read_header
+from tokenbroker.verification import PARSE_ERRORS, header_problem, read_claims, read_header
 
 MAX_LIFETIME = 300.0
 CLOCK_SKEW = 30.0
@@ -45,14 +45,17 @@ class VerifiedAssertion:
     key: AccountKey
 
 
+# Seconds since the epoch beyond which a time claim is nonsense (and floats lose precision).
+MAX_TIME = 2**53
+
+
 def unverified_header(token: str) -> dict[str, Any]:
     """The JOSE header, read without verifying anything (to route and to pick a key)."""
     if len(token) > MAX_CREDENTIAL_LENGTH:
         raise Unauthenticated(f"credential longer than {MAX_CREDENTIAL_LENGTH} characters")
-    try:
-        header = jwt.get_unverified_header(token)
-    except DecodeError:
-        raise Unauthenticated("malformed credential: not a JWT") from None
+    header = read_header(token)
+    if header is None or read_claims(token) is None:  # three segments, two JSON objects
+        raise Unauthenticated("malformed credential: not a JWT")
     return header
 
 
@@ -66,12 +69,14 @@ def routing_typ(token: str) -> str | None:
 
 def claimed_account(token: str) -> str:
     """The unverified `iss`, for the audit record of a refusal ("" when unreadable)."""
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except InvalidTokenError:
-        return ""
+    claims = read_claims(token) or {}
     iss = claims.get("iss")
     return shown(iss) if isinstance(iss, str) else ""
+
+
+def _shown(value: Any) -> str:
+    """A header value of any type, quoted safely for a message."""
+    return repr(shown(value)) if isinstance(value, str) else shown(repr(value))
 
 
 def shown(text: str) -> str:
@@ -81,15 +86,20 @@ def shown(text: str) -> str:
 
 def verify(token: str, policy: Policy, audience: str, now: float) -> VerifiedAssertion:
     header = unverified_header(token)
+    problem = header_problem(header)
+    if problem is not None:
+        raise Unauthenticated(f"assertion refused: {problem}")
     alg = header.get("alg")
-    if alg not in ASSERTION_ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ASSERTION_ALGORITHMS:
         allowed = ", ".join(ASSERTION_ALGORITHMS)
-        raise Unauthenticated(f"algorithm {shown(str(alg))!r} is not allowed (use {allowed})")
+        raise Unauthenticated(f"algorithm {_shown(alg)} is not allowed (use {allowed})")
+    if "kid" in header and not isinstance(header["kid"], str):
+        raise Unauthenticated("the kid header must be a string")
     typ = header.get("typ")
     if typ == STEP_TOKEN_TYP:
         raise Unauthenticated("a step token cannot authenticate a caller")
     if typ not in ACCEPTED_TYPES:
-        raise Unauthenticated(f"credential type {shown(str(typ))!r} is not an assertion")
+        raise Unauthenticated(f"credential type {_shown(typ)} is not an assertion")
     account = _account(token, policy)
     key = None
     claims: dict[str, Any] = {}
@@ -109,10 +119,9 @@ def verify(token: str, policy: Policy, audience: str, now: float) -> VerifiedAss
 
 
 def _account(token: str, policy: Policy) -> ServiceAccount:
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except InvalidTokenError:
-        raise Unauthenticated("malformed credential: unreadable claims") from None
+    claims = read_claims(token)
+    if claims is None:
+        raise Unauthenticated("malformed credential: unreadable claims")
     iss, sub = claims.get("iss"), claims.get("sub")
     if not isinstance(iss, str) or not iss:
         raise Unauthenticated("assertion lacks the iss claim (the service account name)")
@@ -131,7 +140,7 @@ def _candidate_keys(account: ServiceAccount, header: dict[str, Any], alg: str) -
         keys = [k for k in keys if k.kid == kid]
         if not keys:
             raise Unauthenticated(
-                f"unknown key id {shown(str(kid))!r} for service account {account.name}"
+                f"unknown key id {_shown(kid)} for service account {account.name}"
             )
     keys = [k for k in keys if k.alg == alg]
     if not keys:
@@ -167,6 +176,8 @@ def _decode(token: str, key: AccountKey, alg: str, audience: str, account: str) 
         raise Unauthenticated("assertion iss does not name the service account") from None
     except InvalidTokenError:
         raise Unauthenticated("malformed assertion") from None
+    except PARSE_ERRORS:
+        raise Unauthenticated("malformed assertion: unreadable claims") from None
     return claims
 
 
@@ -185,7 +196,14 @@ def _check_times(claims: dict[str, Any], now: float) -> float:
 
 
 def _seconds(claims: dict[str, Any], name: str) -> float:
+    """A time claim as a finite number of seconds (NaN would pass every comparison, and an
+    assertion that never expires is exactly what the 5-minute rule forbids)."""
     value = claims.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Unauthenticated(f"assertion {name} must be a number of seconds")
-    return float(value)
+    if isinstance(value, int) and not -MAX_TIME < value < MAX_TIME:
+        raise Unauthenticated(f"assertion {name} is out of range")
+    seconds = float(value)
+    if not math.isfinite(seconds) or abs(seconds) >= MAX_TIME:
+        raise Unauthenticated(f"assertion {name} must be a finite number of seconds")
+    return seconds

@@ -32,6 +32,7 @@ from broker.errors import Unauthenticated
 from broker.identity import ANONYMOUS, RUN_CREDENTIAL_TYP, Principal, PrincipalKind
 from broker.policy.model import Policy, ServiceAccount
 from broker.store import Store
+from tokenbroker.verification import PARSE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class Authenticator:
         """The caller's principal; Unauthenticated (audited) if it proves nothing valid."""
         attempt = _Attempt()
         try:
-            principal = self._identify(presented, attempt)
+            principal = self._identify_safely(presented, attempt)
             if required and principal.is_anonymous:
                 raise Unauthenticated(NO_CREDENTIAL)
         except Unauthenticated as refused:
@@ -158,6 +159,19 @@ class Authenticator:
             self._audit_refusal(ctx, method, refused.message, attempt, presented.peer)
             raise
         return principal
+
+    def _identify_safely(self, presented: Presented, attempt: _Attempt) -> Principal:
+        """`_identify`, with a backstop: whatever a credential's bytes make a parser raise is a
+        malformed credential (UNAUTHENTICATED, audited), never an internal error. The precise
+        checks come first; this only keeps a parser's surprise from becoming a crash."""
+        try:
+            return self._identify(presented, attempt)
+        except PARSE_ERRORS as exc:
+            log.warning(
+                "credential could not be parsed",
+                extra={"error": type(exc).__name__, "mechanism": attempt.mechanism},
+            )
+            raise Unauthenticated("malformed credential") from None
 
     def _identify(self, presented: Presented, attempt: _Attempt) -> Principal:
         if len(presented.authorization) > 1:

@@ -92,6 +92,7 @@ def _account_json(account: ServiceAccount) -> dict[str, Any]:
             "asserted_identities": delegation.asserted_identities,
             "asserted_domains": sorted(delegation.asserted_domains),
             "max_chain_depth": delegation.max_chain_depth,
+            "child_runs": delegation.child_runs.value,
         },
     }
 

@@ -30,6 +30,7 @@ from broker.policy.model import (
     DEFAULT_MAX_CHAIN_DEPTH,
     WILDCARD,
     AccountKey,
+    ChildRuns,
     Delegation,
     IdentityProvider,
     Policy,
@@ -52,6 +53,7 @@ DELEGATION_KEYS = (
     "asserted_identities",
     "asserted_domains",
     "max_chain_depth",
+    "child_runs",
 )
 IDP_KEYS = ("issuer", "audience", "jwks_file", "jwks_url")
 
@@ -317,7 +319,15 @@ class _Parser:
                 f"must be a whole number from 1 to {MAX_CHAIN_DEPTH}",
             )
             depth = DEFAULT_MAX_CHAIN_DEPTH
+        child_runs = table.get("child_runs", ChildRuns.IN_SCOPE.value)
+        if not isinstance(child_runs, str) or child_runs not in {c.value for c in ChildRuns}:
+            self.problem(
+                _join(where, "child_runs"),
+                "must be one of " + ", ".join(repr(c.value) for c in ChildRuns),
+            )
+            child_runs = ChildRuns.IN_SCOPE.value
         return Delegation(
+            child_runs=ChildRuns(child_runs),
             identity_providers=tuple(providers),
             user_domains=frozenset(
                 self.domains(table.get("user_domains", []), _join(where, "user_domains"))

@@ -91,6 +91,14 @@ class IdentityProvider:
     jwks_json: str = ""  # the content of jwks_file, read and checked at load
 
 
+class ChildRuns(enum.Enum):
+    """Where a child run of a delegator's chain may run, besides inside the delegator's scopes."""
+
+    IN_SCOPE = "in_scope"  # anywhere in the scopes of the delegator that started the chain
+    SAME_PROJECT = "same_project"  # and in its parent's org/project
+    SAME_PIPELINE = "same_pipeline"  # and in its parent's very pipeline
+
+
 @dataclass(frozen=True)
 class Delegation:
     """For whom a delegator may act, and how it may establish who that is."""
@@ -100,6 +108,7 @@ class Delegation:
     asserted_identities: bool = False
     asserted_domains: frozenset[str] = frozenset()
     max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
+    child_runs: ChildRuns = ChildRuns.IN_SCOPE
 
 
 @dataclass(frozen=True)

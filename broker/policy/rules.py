@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from broker.policy.model import IdentityProvider, Policy, Role
-from broker.runs.delegation import DelegationRules, TrustedIdp
+from broker.runs.delegation import ChildScope, DelegationRules, TrustedIdp
 from broker.runs.permissions import PermissionSet
 from tokenbroker.verifier import JwksCache, JwksFetcher, jwks_from_url
 
@@ -43,6 +43,9 @@ class PolicyRules:
             user_domains=d.user_domains,
             asserted_domains=d.asserted_domains if d.asserted_identities else frozenset(),
             max_chain_depth=d.max_chain_depth,
+            covers=account.covers,
+            scope_text=account.scope_text(),
+            child_scope=ChildScope(d.child_runs.value),
         )
 
     def _trusted(self, idp: IdentityProvider) -> TrustedIdp:

@@ -9,11 +9,19 @@ The person comes from one of:
   → `asserted_by_caller`, never shown as verified;
 - for a child run started with a delegated run's credential: the parent run's person,
   unchanged, with the actor chain extended (RFC 8693 `act` nesting) up to a depth limit.
+
+A child run is confined by its chain's *root*: the delegator account that started the first
+run, as the policy describes it *now* (a reload narrowing or removing it applies to the next
+child at once). The child's pipeline must lie in the root's scopes (and in its parent's
+project or pipeline where the root's `child_runs` says so), its person in the root's user
+domains, its ceiling within its parent's; its deadline and lease are cut to its parent's
+(`RunLifecycle.start`), and it ends with its parent (`EndRun` cascades in the store).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -37,12 +45,18 @@ from broker.errors import (
 )
 from broker.identity import Person, PrincipalKind, VerificationMethod
 from broker.runs.lifecycle import RunLifecycle, RunSpec, Started
-from broker.runs.model import Run
+from broker.runs.model import PipelineRef, Run
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import MintedToken, TokenService
 from broker.store import Store, Write, durable
 from broker.telemetry.observer import NULL_OBSERVER, Observer
-from tokenbroker.verification import PublicKey
+from tokenbroker.verification import (
+    PARSE_ERRORS,
+    PublicKey,
+    header_problem,
+    read_claims,
+    read_header,
+)
 
 ID_TOKEN_ALGORITHMS = ("RS256", "ES256", "PS256", "EdDSA")
 ID_TOKEN_LEEWAY = 60.0
@@ -61,6 +75,18 @@ class TrustedIdp:
     email_is_identity: bool = True
 
 
+class ChildScope(enum.Enum):
+    """Where a child run may run, besides inside its root delegator's scopes."""
+
+    IN_SCOPE = "in_scope"
+    SAME_PROJECT = "same_project"
+    SAME_PIPELINE = "same_pipeline"
+
+
+def _nowhere(pipeline: PipelineRef) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class DelegationRules:
     """What one delegator account may do on people's behalf (from the policy)."""
@@ -69,6 +95,10 @@ class DelegationRules:
     user_domains: frozenset[str] = frozenset()
     asserted_domains: frozenset[str] = frozenset()
     max_chain_depth: int = DEFAULT_CHAIN_DEPTH
+    # The delegator's scopes, for the child runs of its chains.
+    covers: Callable[[PipelineRef], bool] = _nowhere
+    scope_text: str = "none"
+    child_scope: ChildScope = ChildScope.IN_SCOPE
 
 
 @dataclass(frozen=True)
@@ -125,18 +155,19 @@ def verify_id_token(token: str, rules: DelegationRules) -> Person:
     """The person an ID token proves, or Refused saying precisely why not."""
     if not token or len(token) > MAX_ID_TOKEN_LENGTH:
         raise InvalidArgument.field("id_token", f"required, at most {MAX_ID_TOKEN_LENGTH} chars")
-    try:
-        header = jwt.get_unverified_header(token)
-        unverified = jwt.decode(token, options={"verify_signature": False})
-    except jwt.InvalidTokenError:
-        raise InvalidArgument.field("id_token", "not a JWT (JWS compact serialization)") from None
+    header, unverified = read_header(token), read_claims(token)
+    if header is None or unverified is None:
+        raise InvalidArgument.field("id_token", "not a JWT (JWS compact serialization)")
     issuer = unverified.get("iss")
     idp = rules.idps.get(issuer) if isinstance(issuer, str) else None
     if idp is None:
         shown = limits.shown(issuer) if isinstance(issuer, str) else type(issuer).__name__
         raise Refused(f"this delegator may not act for people from issuer {shown!r}")
-    alg = header.get("alg")
-    key = idp.find_key(str(header.get("kid", "")))
+    alg, kid = header.get("alg"), header.get("kid", "")
+    problem = header_problem(header)
+    if problem is not None:
+        raise Refused(f"ID token refused: {problem}")
+    key = idp.find_key(kid) if isinstance(kid, str) else None
     if alg not in ID_TOKEN_ALGORITHMS or key is None or key.alg != alg:
         raise Refused(f"ID token from {issuer} is not signed by a key of that issuer")
     try:
@@ -157,6 +188,8 @@ def verify_id_token(token: str, rules: DelegationRules) -> Person:
         raise Refused(f"ID token is not for this broker's audience {idp.audience!r}") from None
     except jwt.InvalidTokenError as exc:
         raise Refused(f"ID token rejected: {limits.shown(str(exc), 200)}") from None
+    except PARSE_ERRORS:  # NaN or 1e400 in a time claim, deep nesting, ...
+        raise Refused("ID token rejected: unreadable claims") from None
     return _person_from_claims(claims, idp, token)
 
 
@@ -224,13 +257,34 @@ def claimed(id_token: str | None, asserted: AssertedIdentity | None) -> dict[str
         return {"subject": asserted.subject, "email": asserted.email, "verified": "no"}
     if not id_token:
         return None
-    try:
-        claims = jwt.decode(id_token, options={"verify_signature": False})
-    except jwt.InvalidTokenError:
+    claims = read_claims(id_token) if len(id_token) <= MAX_ID_TOKEN_LENGTH else None
+    if claims is None:
         return None
     return {key: limits.shown(str(claims.get(key, "")), 256) for key in ("sub", "email", "iss")} | {
         "verified": "no"
     }
+
+
+def _check_child_pipeline(
+    target: PipelineRef, parent: Run, root: str, rules: DelegationRules
+) -> None:
+    if target.org != parent.pipeline.org:
+        raise Refused("a child run must stay in its parent's organisation")
+    if not rules.covers(target):
+        raise Refused(
+            f"a child run must stay within the scopes of {root}, which started its chain: "
+            f"{target} is outside them ({rules.scope_text})"
+        )
+    if rules.child_scope is ChildScope.SAME_PROJECT and target.project != parent.pipeline.project:
+        raise Refused(
+            f"the policy keeps child runs of {root}'s chains in their parent's project "
+            f"({parent.pipeline.org}/{parent.pipeline.project})"
+        )
+    if rules.child_scope is ChildScope.SAME_PIPELINE and target != parent.pipeline:
+        raise Refused(
+            f"the policy keeps child runs of {root}'s chains in their parent's pipeline "
+            f"({parent.pipeline})"
+        )
 
 
 class Delegation:
@@ -269,21 +323,21 @@ class Delegation:
             raise InvalidArgument.field("idempotency_key", "required for ExecuteOnBehalfOf")
         person: Person | None = None
         try:
+            parent: Run | None = None
             if ctx.principal.kind is PrincipalKind.RUN:
                 parent = self._parent_run(ctx, spec, id_token, asserted)
                 person = parent.on_behalf_of
                 chain = (*parent.actor_chain, ctx.principal.name)
-                parent_id = parent.run_id
             else:
                 rules = self._rules(ctx)
                 person = self._establish(ctx, rules, id_token, asserted)
                 self._check_domain(rules, person)
-                chain, parent_id = (ctx.principal.name,), ""
+                chain = (ctx.principal.name,)
             started = self._runs.start(
                 ctx,
                 spec,
                 person=person,
-                parent_run_id=parent_id,
+                parent=parent,
                 actor_chain=chain,
                 action=Action.RUN_EXECUTED_ON_BEHALF,
                 op=Op.EXECUTE_ON_BEHALF,
@@ -328,7 +382,12 @@ class Delegation:
         asserted: AssertedIdentity | None,
     ) -> Run:
         parent = self._registry.get(ctx.principal.run_id)
-        if parent is None or not parent.is_active or parent.on_behalf_of is None:
+        if (
+            parent is None
+            or not parent.is_active
+            or self._registry.lapsed_at(parent) <= self._clock()
+            or parent.on_behalf_of is None
+        ):
             raise FailedPrecondition(
                 "only an active run started on behalf of a person can start child runs for them"
             )
@@ -336,13 +395,20 @@ class Delegation:
             raise InvalidArgument.field(
                 "person", "a child run keeps its parent's person; do not send another"
             )
-        root = parent.actor_chain[0] if parent.actor_chain else parent.triggered_via
+        root = parent.root_account()
         rules = self._rules_for(root)
-        depth = rules.max_chain_depth if rules else DEFAULT_CHAIN_DEPTH
-        if len(parent.actor_chain) + 1 > depth:
-            raise Refused(f"delegation chain would exceed the limit of {depth} actors")
-        if spec.pipeline.org != parent.pipeline.org:
-            raise Refused("a child run must stay in its parent's organisation")
+        if rules is None:
+            raise Refused(
+                f"{root}, which started this delegation chain, is no longer a delegator in the "
+                "policy in force: its runs can start no child runs"
+            )
+        if len(parent.actor_chain) + 1 > rules.max_chain_depth:
+            raise Refused(
+                f"delegation chain would exceed the limit of {rules.max_chain_depth} actors"
+            )
+        _check_child_pipeline(spec.pipeline, parent, root, rules)
+        assert parent.on_behalf_of is not None
+        self._check_domain(rules, parent.on_behalf_of)
         excess = spec.ceiling.excess_over(parent.permission_ceiling)
         if excess:
             raise Refused("a child run cannot exceed its parent's ceiling: " + "; ".join(excess))

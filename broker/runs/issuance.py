@@ -19,6 +19,7 @@ from broker.errors import (
     NotFound,
     PermissionDenied,
 )
+from broker.identity import PrincipalKind
 from broker.runs.model import Run
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
@@ -81,6 +82,10 @@ class TokenRequest:
             raise InvalidArgument(violations)
 
 
+def _same_issuer(audience: str, issuer: str) -> bool:
+    return audience.rstrip("/").lower() == issuer.rstrip("/").lower()
+
+
 class Issuance:
     def __init__(
         self,
@@ -101,6 +106,11 @@ class Issuance:
         self._observer = observer
 
     def issue(self, ctx: CallContext, request: TokenRequest) -> MintedToken:
+        if _same_issuer(request.audience, self._tokens.issuer):
+            # A step token must never look like a credential for the broker itself.
+            raise InvalidArgument.field(
+                "audience", "cannot be this broker's own issuer: step tokens are for other APIs"
+            )
         run = self._run_for(ctx, request.run_id)
         self._authz.require(ctx, Op.ISSUE_TOKEN, run=run)
         self._observer.call_touched_run(run)
@@ -160,15 +170,35 @@ class Issuance:
             )
         if not request.inherit_from:
             return request.permissions
+        return self._inherited(ctx, run, request)
+
+    def _inherited(self, ctx: CallContext, run: Run, request: TokenRequest) -> PermissionSet:
+        """Permissions inherited from a service account: only the caller's own, or those of
+        the account that started the run's chain; never an empty token."""
+        allowed = {run.root_account()}
+        if ctx.principal.kind is PrincipalKind.SERVICE_ACCOUNT:
+            allowed.add(ctx.principal.name)
+        if request.inherit_from not in allowed:
+            raise PermissionDenied(
+                "inherit_from_service_account may name only the caller itself or the account "
+                f"that started the run ({' or '.join(sorted(allowed))})"
+            )
         inherited = self._account_permissions(request.inherit_from)
-        if inherited is None:
-            raise InvalidArgument.field(
-                "inherit_from_service_account",
-                f"no service account {limits.shown(request.inherit_from)!r} with permissions "
-                "in the policy",
+        if not inherited:
+            raise FailedPrecondition(
+                f"service account {limits.shown(request.inherit_from)!r} has no permissions in "
+                "the policy "
+                "in force to inherit"
             )
         base = request.permissions if request.permissions else inherited
-        return base.intersect(inherited).intersect(run.permission_ceiling)
+        granted = base.intersect(inherited).intersect(run.permission_ceiling)
+        if not granted:
+            raise FailedPrecondition(
+                f"nothing to grant: the permissions of {limits.shown(request.inherit_from)!r}, "
+                "the request and "
+                "the run's ceiling have nothing in common"
+            )
+        return granted
 
     def _refuse(
         self, ctx: CallContext, run: Run, now: float, reason: str, excess: list[str]

@@ -32,6 +32,7 @@ from broker.store import (
     ForgetIdempotencyKeys,
     IdempotencyClaim,
     IdempotencyKeyTaken,
+    ParentNotActive,
     RenewLease,
     RunNotActive,
     RunQuery,
@@ -124,13 +125,18 @@ class RunLifecycle:
         spec: RunSpec,
         *,
         person: Person | None = None,
-        parent_run_id: str = "",
+        parent: Run | None = None,
         actor_chain: tuple[str, ...] = (),
         action: str = Action.RUN_STARTED,
         op: Op = Op.START_RUN,
     ) -> Started:
+        """Start a run; a child run (`parent` given) is cut to its parent's deadline and lease.
+
+        The caller has checked everything else a child needs (see `broker.runs.delegation`);
+        the store refuses it if the parent ends first."""
         self._authz.require(ctx, op, pipeline=spec.pipeline)
         now = self._clock()
+        parent_run_id = "" if parent is None else parent.run_id
         claim = None
         if spec.idempotency_key:
             claim = IdempotencyClaim(
@@ -142,18 +148,24 @@ class RunLifecycle:
             if replay is not None:
                 self._observer.call_started_run(replay.run)
                 return replay
+        deadline = now + spec.deadline_seconds
+        lease_expire_time = None if spec.lease_seconds is None else now + spec.lease_seconds
+        if parent is not None:
+            deadline, lease_expire_time = self._within_parent(
+                parent, now, deadline, lease_expire_time
+            )
         run = Run(
             run_id=new_run_id(),
             pipeline=spec.pipeline,
             state=RunState.ACTIVE,
             create_time=now,
-            deadline=now + spec.deadline_seconds,
+            deadline=deadline,
             triggered_via=ctx.principal.name,
             permission_ceiling=spec.ceiling,
             on_behalf_of=person,
             inputs=spec.inputs,
             lease_seconds=spec.lease_seconds,
-            lease_expire_time=None if spec.lease_seconds is None else now + spec.lease_seconds,
+            lease_expire_time=lease_expire_time,
             parent_run_id=parent_run_id,
             actor_chain=actor_chain,
         )
@@ -165,9 +177,15 @@ class RunLifecycle:
             "actor_chain": list(actor_chain),
             "idempotency_key": spec.idempotency_key,
         }
+        if parent is not None and run.deadline < now + spec.deadline_seconds:
+            details["deadline_cut_to_parent"] = True
         event = draft(ctx, now, action, Outcome.SUCCESS, details=details, run=run)
         try:
             committed = self._commit(Write([event], CreateRun(run, claim)))
+        except ParentNotActive:
+            raise FailedPrecondition(
+                f"parent run {parent_run_id} has ended; it can start no child runs"
+            ) from None
         except IdempotencyKeyTaken:
             # A concurrent duplicate won the race; answer with its run.
             assert claim is not None
@@ -178,6 +196,20 @@ class RunLifecycle:
         assert committed.run is not None
         self._observer.call_started_run(committed.run)
         return Started(committed.run, replayed=False)
+
+    def _within_parent(
+        self, parent: Run, now: float, deadline: float, lease_expire_time: float | None
+    ) -> tuple[float, float | None]:
+        """A child's deadline and lease, cut so that neither outlives its parent's."""
+        parent_lapse = self._registry.lapsed_at(parent)
+        if not parent.is_active or parent_lapse <= now:
+            raise FailedPrecondition(
+                f"parent run {parent.run_id} has ended; it can start no child runs"
+            )
+        deadline = min(deadline, parent.deadline)
+        if lease_expire_time is not None:
+            lease_expire_time = min(lease_expire_time, parent_lapse)
+        return deadline, lease_expire_time
 
     def _replay(self, claim: IdempotencyClaim) -> Started | None:
         found = self._store.find_idempotent_run(claim.scope, claim.key)
@@ -223,7 +255,14 @@ class RunLifecycle:
             self._observer.run_revoked(run, already_ended=True)
             return run, True
         now = self._clock()
-        mutation = EndRun(run.run_id, RunState.ENDED, now, reason, ctx.principal.name)
+        mutation = EndRun(
+            run.run_id,
+            RunState.ENDED,
+            now,
+            reason,
+            ctx.principal.name,
+            descendant_event=draft(ctx, now, Action.RUN_ENDED, Outcome.SUCCESS),
+        )
         event = draft(
             ctx, now, Action.RUN_ENDED, Outcome.SUCCESS, run=run, details={"reason": reason}
         )
@@ -244,9 +283,14 @@ class RunLifecycle:
         if run.lease_seconds is None:
             raise FailedPrecondition(f"run {run_id} was started without a lease; nothing to renew")
         now = self._clock()
-        if not run.is_active or run.lapsed_at() <= now:
+        lapse = self._registry.lapsed_at(run)
+        if not run.is_active or lapse <= now:
             raise FailedPrecondition(f"run {run_id} is no longer active ({run.state.value})")
         expires = min(run.deadline, now + run.lease_seconds)
+        if run.parent_run_id:
+            # A child's lease never outlives its parent's (nor any ancestor's).
+            parent = self._registry.get(run.parent_run_id)
+            expires = min(expires, lapse if parent is None else self._registry.lapsed_at(parent))
         event = draft(
             ctx,
             now,
@@ -267,10 +311,18 @@ class RunLifecycle:
         expired = []
         now = self._clock()
         for run in self._registry.due(now):
-            reason = run.lapse_reason()
-            # The run ended when it lapsed, not when this pass noticed: recorded as every
-            # reader was already told (Run.as_of).
-            mutation = EndRun(run.run_id, RunState.EXPIRED, run.lapsed_at(), reason, "")
+            own_lapse = run.lapsed_at() <= now
+            reason = run.lapse_reason() if own_lapse else "an ancestor run ended"
+            # The run ended when it (or an ancestor) lapsed, not when this pass noticed:
+            # recorded as every reader was already told (Run.as_of, RunRegistry.get).
+            mutation = EndRun(
+                run.run_id,
+                RunState.EXPIRED,
+                self._registry.lapsed_at(run),
+                reason,
+                "",
+                descendant_event=draft(ctx, now, Action.RUN_EXPIRED, Outcome.SUCCESS),
+            )
             event = draft(
                 ctx,
                 now,

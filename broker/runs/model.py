@@ -108,6 +108,11 @@ class Run:
     def ended(self, state: RunState, at: float, reason: str, by: str) -> Run:
         return replace(self, state=state, end_time=at, end_reason=reason, ended_by=by)
 
+    def root_account(self) -> str:
+        """The service account that started this run's chain: itself for a run started by an
+        account, the first actor for delegated runs and their child runs."""
+        return self.actor_chain[0] if self.actor_chain else self.triggered_via
+
     def subject(self) -> str:
         """The `sub` of this run's tokens."""
         return f"run:{self.pipeline}:{self.run_id}"

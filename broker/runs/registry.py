@@ -10,6 +10,9 @@ theirs can still be unexpired, which keeps memory bounded by live work, not hist
 
 `get` answers with the run as it stands now (`Run.as_of`): a run past its deadline or lease
 reads as expired before the reaper has committed it, so every caller agrees with the clock.
+A child run never outlives its parent: a run whose ancestor has ended, or is past its deadline
+or lease, reads as ended with it — before the reaper has recorded it (its commit then ends the
+whole subtree in one transaction; see `broker.store.EndRun`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 
 from broker.audit.events import Action, AuditEvent
 from broker.clock import Clock
-from broker.runs.model import Run
+from broker.runs.model import Run, RunState
 from broker.store import Committed, Mutation, Store
 from broker.store.changes import ChangeFeed
 
@@ -58,6 +61,8 @@ class RunRegistry:
     def on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
         if committed.run is not None:
             self._learn(committed.run)
+        for descendant in committed.cascaded:  # ended with it, in the same transaction
+            self._learn(descendant)
 
     def on_events(self, events: Sequence[AuditEvent]) -> None:
         changed = {
@@ -78,22 +83,68 @@ class RunRegistry:
 
     def get(self, run_id: str, now: float | None = None) -> Run | None:
         """The run as it stands at `now` (default: the clock's now), from memory, or from
-        the store for runs pruned from memory."""
-        with self._lock:
-            run = self._runs.get(run_id)
-        if run is None:
-            run = self._store.get_run(run_id)
+        the store for runs pruned from memory; a child run reads as ended once an ancestor
+        has ended or lapsed."""
+        run = self._recorded(run_id)
         if run is None:
             return None
-        return run.as_of(self._clock() if now is None else now)
+        now = self._clock() if now is None else now
+        run = run.as_of(now)
+        if not run.is_active or not run.parent_run_id:
+            return run
+        return self._within_ancestors(run, now)
+
+    def _recorded(self, run_id: str) -> Run | None:
+        with self._lock:
+            run = self._runs.get(run_id)
+        return run if run is not None else self._store.get_run(run_id)
+
+    def _within_ancestors(self, run: Run, now: float) -> Run:
+        for ancestor in self._ancestors(run):
+            if ancestor.is_active and ancestor.lapsed_at() > now:
+                continue
+            state = ancestor.state if not ancestor.is_active else RunState.EXPIRED
+            at = ancestor.end_time if ancestor.end_time is not None else ancestor.lapsed_at()
+            reason = ancestor.end_reason or (
+                "lease lapsed" if ancestor.lapsed_at() < ancestor.deadline else "deadline passed"
+            )
+            why = f"ancestor run {ancestor.run_id} {state.value}: {reason}"
+            return run.ended(state, at, why[:512], ancestor.ended_by)
+        return run
+
+    def _ancestors(self, run: Run) -> list[Run]:
+        """Parent first, root last; an unknown ancestor ends the walk."""
+        found: list[Run] = []
+        seen = {run.run_id}
+        parent_id = run.parent_run_id
+        while parent_id and parent_id not in seen:
+            seen.add(parent_id)
+            parent = self._recorded(parent_id)
+            if parent is None:
+                break
+            found.append(parent)
+            parent_id = parent.parent_run_id
+        return found
+
+    def lapsed_at(self, run: Run) -> float:
+        """When `run` stops being usable: its own deadline or lease, an ancestor's, or the
+        time an ancestor ended, whichever comes first."""
+        lapse = run.lapsed_at() if run.is_active else (run.end_time or run.create_time)
+        for ancestor in self._ancestors(run):
+            own = ancestor.lapsed_at() if ancestor.is_active else (ancestor.end_time or 0.0)
+            lapse = min(lapse, own)
+        return lapse
 
     def active(self) -> list[Run]:
         with self._lock:
             return [run for run in self._runs.values() if run.is_active]
 
     def due(self, now: float) -> list[Run]:
-        """Runs recorded as active that are past their deadline or lease (for the reaper)."""
-        return [run for run in self.active() if run.lapsed_at() <= now]
+        """Runs recorded as active that are past their deadline or lease, or an ancestor's
+        (for the reaper), parents before their children: a parent's expiry ends its
+        descendants with it."""
+        due = [run for run in self.active() if self.lapsed_at(run) <= now]
+        return sorted(due, key=lambda run: (len(run.actor_chain), run.create_time))
 
     def prune(self, now: float) -> int:
         """Forget ended runs whose every token has expired; return how many."""

@@ -20,10 +20,11 @@ and the shared value modules; nothing above them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any, Protocol
 
-from broker.audit.events import AuditDraft, AuditEvent
+from broker.audit.events import Action, AuditDraft, AuditEvent, Outcome
 from broker.runs.model import Run, RunState
 
 
@@ -38,19 +39,52 @@ class IdempotencyClaim:
 
 @dataclass(frozen=True)
 class CreateRun:
+    """Create a run. A child run (`run.parent_run_id` set) is created only while its parent
+    is active and not past its deadline or lease at the child's `create_time`, checked in the
+    same transaction (`ParentNotActive` otherwise): a child never outlives a parent that
+    ended first, and one created first is found by the parent's `EndRun`."""
+
     run: Run
     idempotency: IdempotencyClaim | None = None
 
 
 @dataclass(frozen=True)
 class EndRun:
-    """End an active run (state ENDED or EXPIRED). Conflict if it is no longer active."""
+    """End an active run (state ENDED or EXPIRED). Conflict if it is no longer active.
+
+    Every active descendant (the child runs started with its credential, theirs, ...) ends
+    in the same transaction, in the same state, each with its own audit event: a copy of
+    `descendant_event` located on that run (see `descendant_end`), sealed after the write's
+    own events. `Committed.cascaded` lists them.
+    """
 
     run_id: str
     state: RunState
     end_time: float
     reason: str
     ended_by: str
+    descendant_event: AuditDraft | None = None
+
+
+def descendant_end(end: EndRun, run: Run) -> tuple[Run, AuditDraft]:
+    """The run `end` ends along with its ancestor, and the event that records it."""
+    reason = f"ancestor run {end.run_id} {end.state.value}: {end.reason}"[:512]
+    ended = run.ended(end.state, end.end_time, reason, end.ended_by)
+    template = end.descendant_event or AuditDraft(
+        time=end.end_time,
+        action=Action.RUN_ENDED if end.state is RunState.ENDED else Action.RUN_EXPIRED,
+        outcome=Outcome.SUCCESS,
+        principal=end.ended_by,
+    )
+    details = {**template.details, "reason": reason, "ended_with": end.run_id}
+    event = replace(
+        template,
+        run_id=run.run_id,
+        pipeline=run.pipeline,
+        on_behalf_of=run.on_behalf_of,
+        details=MappingProxyType(details),
+    )
+    return ended, event
 
 
 @dataclass(frozen=True)
@@ -143,10 +177,12 @@ class Write:
 
 @dataclass(frozen=True)
 class Committed:
-    """What a write became: the run it created or changed (if any) and its sealed events."""
+    """What a write became: the run it created or changed (if any), the descendants an
+    `EndRun` ended with it, and its sealed events."""
 
     run: Run | None
     events: Sequence[AuditEvent]
+    cascaded: Sequence[Run] = ()
 
 
 class Conflict(Exception):
@@ -162,6 +198,14 @@ class RunNotActive(Conflict):
 class UnknownRun(Conflict):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"run {run_id} does not exist")
+        self.run_id = run_id
+
+
+class ParentNotActive(Conflict):
+    """A child run's parent has ended, or is past its deadline or lease."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"parent run {run_id} is not active")
         self.run_id = run_id
 
 

@@ -160,3 +160,30 @@ def run_filter(query: RunQuery, dialect: Dialect) -> tuple[list[str], list[Any]]
         clauses.append(f"(create_time < {mark} OR (create_time = {mark} AND run_id < {mark}))")
         params.extend([query.before[0], query.before[0], query.before[1]])
     return clauses, params
+
+
+def descendants_query(dialect: Dialect) -> str:
+    """Every active run below one (parameter: its run id), nearest first: a recursive walk
+    of parent_run_id, through ended runs too."""
+    columns = ", ".join("runs." + c.strip() for c in RUN_COLUMNS.split(","))
+    return f"""
+WITH RECURSIVE below(run_id, depth) AS (
+    SELECT run_id, 1 FROM runs WHERE parent_run_id = {dialect.mark}
+    UNION ALL
+    SELECT runs.run_id, below.depth + 1 FROM runs JOIN below ON runs.parent_run_id = below.run_id
+)
+SELECT {columns}
+FROM runs JOIN below ON runs.run_id = below.run_id
+WHERE runs.state = 'active'
+ORDER BY below.depth, runs.create_time, runs.run_id
+"""  # noqa: S608
+
+
+def live_parent_query(dialect: Dialect) -> str:
+    """A row when the parent (parameters: its run id, then the child's create time twice) is
+    active and neither past its deadline nor its lease at that time."""
+    mark = dialect.mark
+    return (
+        f"SELECT 1 FROM runs WHERE run_id={mark} AND state='active' AND deadline>{mark} "  # noqa: S608
+        f"AND (lease_expire_time IS NULL OR lease_expire_time>{mark})"
+    )

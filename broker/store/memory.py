@@ -21,6 +21,7 @@ from broker.store import (
     ForgetIdempotencyKeys,
     IdempotencyKeyTaken,
     Mutation,
+    ParentNotActive,
     PruneAudit,
     PruneConflict,
     PublicKeyRecord,
@@ -34,6 +35,7 @@ from broker.store import (
     StoreUrlInvalid,
     UnknownRun,
     Write,
+    descendant_end,
 )
 from broker.store.factory import OpenOptions, StoreUrl
 
@@ -71,13 +73,20 @@ class MemoryStore:
     def commit(self, write: Write) -> Committed:
         with self._lock:
             run = self._check_and_apply(write.mutation) if write.mutation else None
+            cascaded, cascade_events = [], []
+            if isinstance(write.mutation, EndRun):
+                for descendant in self._active_descendants(write.mutation.run_id):
+                    ended, draft = descendant_end(write.mutation, descendant)
+                    self._runs[ended.run_id] = ended
+                    cascaded.append(ended)
+                    cascade_events.append(draft)
             events = []
-            for draft in write.events:
+            for draft in [*write.events, *cascade_events]:
                 event = audit.seal(draft, self._head[0] + 1, self._head[1])
                 self._events.append(event)
                 self._head = (event.sequence, event.hash)
                 events.append(event)
-            committed = Committed(run, events)
+            committed = Committed(run, events, tuple(cascaded))
             for listener in self._listeners:
                 listener(committed, write.mutation)
             if events:
@@ -95,6 +104,12 @@ class MemoryStore:
             case CreateRun(run=run, idempotency=claim):
                 if run.run_id in self._runs:
                     raise Conflict(f"run {run.run_id} exists")
+                if run.parent_run_id:
+                    parent = self._runs.get(run.parent_run_id)
+                    if parent is None or not parent.is_active:
+                        raise ParentNotActive(run.parent_run_id)
+                    if parent.lapsed_at() <= run.create_time:
+                        raise ParentNotActive(run.parent_run_id)
                 if claim is not None:
                     taken = self._idempotency.get((claim.scope, claim.key))
                     if taken is not None:
@@ -167,6 +182,19 @@ class MemoryStore:
             raise PruneConflict(f"events through {self._pruned_through} are already pruned")
         if all(c.sequence != through for c in self._checkpoints):
             raise PruneConflict(f"sequence {through} is not checkpointed")
+
+    def _active_descendants(self, run_id: str) -> list[Run]:
+        """Active runs below `run_id`, parents before children (through ended ones too)."""
+        found: list[Run] = []
+        frontier = [run_id]
+        while frontier:
+            below = sorted(
+                (r for r in self._runs.values() if r.parent_run_id in frontier),
+                key=lambda r: (r.create_time, r.run_id),
+            )
+            found.extend(r for r in below if r.is_active)
+            frontier = [r.run_id for r in below]
+        return found
 
     def _active(self, run_id: str) -> Run:
         run = self._runs.get(run_id)

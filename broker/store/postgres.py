@@ -43,6 +43,7 @@ from broker.store import (
     IdempotencyKeyTaken,
     Mutation,
     NewerSchema,
+    ParentNotActive,
     PruneAudit,
     PruneConflict,
     PublicKeyRecord,
@@ -58,11 +59,14 @@ from broker.store import (
     StoreUrlInvalid,
     UnknownRun,
     Write,
+    descendant_end,
 )
 from broker.store.codec import (
     POSTGRESQL,
     RUN_COLUMNS,
+    descendants_query,
     event_from_row,
+    live_parent_query,
     run_filter,
     run_from_row,
     run_to_row,
@@ -302,8 +306,19 @@ class PostgresStore:
         self, conn: psycopg.Connection[Any], write: Write, head: tuple[int, str]
     ) -> tuple[Committed, tuple[int, str]]:
         run = _apply_mutation(conn, write.mutation) if write.mutation else None
+        cascaded: list[Run] = []
+        drafts = list(write.events)
+        if isinstance(write.mutation, EndRun):
+            # Under the head lock every replica's writes are serialised, so a child created
+            # concurrently is either found here or refused by its parent check.
+            rows = conn.execute(descendants_query(POSTGRESQL).encode(), (write.mutation.run_id,))
+            for descendant in [run_from_row(row) for row in rows.fetchall()]:
+                ended, draft = descendant_end(write.mutation, descendant)
+                _end_run(conn, ended)
+                cascaded.append(ended)
+                drafts.append(draft)
         events = []
-        for draft in write.events:
+        for draft in drafts:
             sequence = head[0] + 1
             event, body = audit.seal_with_record(draft, sequence, head[1])
             conn.execute(
@@ -322,7 +337,7 @@ class PostgresStore:
             )
             head = (sequence, event.hash)
             events.append(event)
-        return Committed(run, events), head
+        return Committed(run, events, tuple(cascaded)), head
 
     # -- following -----------------------------------------------------------------------
 
@@ -506,6 +521,10 @@ def _checkpoint(row: tuple[Any, ...]) -> CheckpointRecord:
 def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | None:
     match mutation:
         case CreateRun(run=run, idempotency=claim):
+            if run.parent_run_id:
+                params = (run.parent_run_id, run.create_time, run.create_time)
+                if conn.execute(live_parent_query(POSTGRESQL).encode(), params).fetchone() is None:
+                    raise ParentNotActive(run.parent_run_id)
             if claim is not None:
                 taken = conn.execute(
                     "SELECT run_id, fingerprint FROM idempotency_keys WHERE scope=%s AND key=%s",
@@ -570,6 +589,14 @@ def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | 
             )
             return None
     raise TypeError(f"unknown mutation {mutation!r}")
+
+
+def _end_run(conn: psycopg.Connection[Any], run: Run) -> None:
+    conn.execute(
+        "UPDATE runs SET state=%s, end_time=%s, end_reason=%s, ended_by=%s "
+        "WHERE run_id=%s AND state='active'",
+        (run.state.value, run.end_time, run.end_reason, run.ended_by, run.run_id),
+    )
 
 
 def _changed_run(conn: psycopg.Connection[Any], rowcount: int, run_id: str) -> Run:

@@ -38,6 +38,7 @@ from broker.store import (
     ForgetIdempotencyKeys,
     IdempotencyKeyTaken,
     Mutation,
+    ParentNotActive,
     PruneAudit,
     PruneConflict,
     PublicKeyRecord,
@@ -53,12 +54,15 @@ from broker.store import (
     StoreUrlInvalid,
     UnknownRun,
     Write,
+    descendant_end,
 )
 from broker.store import sqlite_guard as guard
 from broker.store.codec import (
     RUN_COLUMNS,
     SQLITE,
+    descendants_query,
     event_from_row,
+    live_parent_query,
     run_filter,
     run_from_row,
     run_to_row,
@@ -367,8 +371,16 @@ class SqliteStore:
 
     def _apply(self, conn: sqlite3.Connection, write: Write) -> Committed:
         run = self._apply_mutation(conn, write.mutation) if write.mutation else None
+        cascaded: list[Run] = []
+        drafts = list(write.events)
+        if isinstance(write.mutation, EndRun):
+            for descendant in _active_descendants(conn, write.mutation.run_id):
+                ended, draft = descendant_end(write.mutation, descendant)
+                _end_run(conn, ended)
+                cascaded.append(ended)
+                drafts.append(draft)
         events = []
-        for draft in write.events:
+        for draft in drafts:
             sequence = self._head_seq + 1
             event, body = audit.seal_with_record(draft, sequence, self._head_hash)
             conn.execute(
@@ -387,11 +399,13 @@ class SqliteStore:
             )
             self._head_seq, self._head_hash = sequence, event.hash
             events.append(event)
-        return Committed(run, events)
+        return Committed(run, events, tuple(cascaded))
 
     def _apply_mutation(self, conn: sqlite3.Connection, mutation: Mutation) -> Run | None:
         match mutation:
             case CreateRun(run=run, idempotency=claim):
+                if run.parent_run_id:
+                    _require_live_parent(conn, run)
                 if claim is not None:
                     taken = conn.execute(
                         "SELECT run_id, fingerprint FROM idempotency_keys WHERE scope=? AND key=?",
@@ -692,6 +706,26 @@ def _json_object(text: object) -> dict[str, Any]:
 
 
 CHECKPOINT_COLUMNS = "sequence, hash, time, kid, jws, prev_sequence"
+
+
+def _active_descendants(conn: sqlite3.Connection, run_id: str) -> list[Run]:
+    return [run_from_row(row) for row in conn.execute(descendants_query(SQLITE), (run_id,))]
+
+
+def _end_run(conn: sqlite3.Connection, run: Run) -> None:
+    conn.execute(
+        "UPDATE runs SET state=?, end_time=?, end_reason=?, ended_by=? "
+        "WHERE run_id=? AND state='active'",
+        (run.state.value, run.end_time, run.end_reason, run.ended_by, run.run_id),
+    )
+
+
+def _require_live_parent(conn: sqlite3.Connection, child: Run) -> None:
+    """The conditional check that makes a child and its parent's end race-free: both are
+    decided inside the writer's transaction, so one of them sees the other."""
+    params = (child.parent_run_id, child.create_time, child.create_time)
+    if conn.execute(live_parent_query(SQLITE), params).fetchone() is None:
+        raise ParentNotActive(child.parent_run_id)
 
 
 def _record_checkpoint(conn: sqlite3.Connection, checkpoint: CheckpointRecord) -> None:

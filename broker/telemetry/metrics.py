@@ -90,9 +90,9 @@ class BrokerMetrics:
             self.runs_started.add(1, {DELEGATED: run.on_behalf_of is not None})
         elif isinstance(mutation, EndRun) and run.state is RunState.EXPIRED:
             reason = "lease" if "lease" in mutation.reason else "deadline"
-            self.runs_expired.add(1, {EXPIRY_REASON: reason})
+            self.runs_expired.add(1 + len(committed.cascaded), {EXPIRY_REASON: reason})
         elif isinstance(mutation, EndRun):
-            self.runs_ended.add(1)
+            self.runs_ended.add(1 + len(committed.cascaded))
 
     def observe(self, active_runs: Callable[[], list[Run]], subscribers: Callable[[], int]) -> None:
         """Gauges read at collection time: active runs, open audit streams."""

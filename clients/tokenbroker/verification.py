@@ -25,6 +25,25 @@ ALLOWED_ALGORITHMS = frozenset({"ES256", "RS256"})
 DEFAULT_LEEWAY = 30.0
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "nbf", "jti", "run_id")
+# Broker tokens are a few hundred bytes; anything this long is refused unread.
+MAX_TOKEN_LENGTH = 16 * 1024
+# Header parameters that would bring their own key or key location (RFC 8725 §3.10, RFC 7515
+# §4.1.2-6): keys come only from the published set, so a token naming one is refused outright.
+KEY_BEARING_HEADERS = ("jku", "jwk", "x5u", "x5c")
+# What parsing hostile input may raise besides PyJWT's own errors (deep nesting, huge numbers,
+# non-UTF-8 bytes, values of unexpected types): each is a malformed token, never a crash.
+PARSE_ERRORS: tuple[type[BaseException], ...] = (
+    jwt.PyJWTError,
+    ValueError,
+    TypeError,
+    KeyError,
+    OverflowError,
+    RecursionError,
+)
+MAX_SHOWN = 48
+TIME_CLAIMS = ("exp", "iat", "nbf")
+# Beyond this many seconds a time claim is nonsense (and no longer exact as a float).
+MAX_TIME = 2**53
 
 
 class TokenStatus(enum.Enum):
@@ -75,6 +94,31 @@ def _fail(
     return CheckResult(status, reason or status.value, claims or {})
 
 
+def shown(value: Any) -> str:
+    """A value read from a token, made safe to put in a reason: its repr, printable and short."""
+    text = repr(value) if not isinstance(value, str) else repr(value[: MAX_SHOWN + 1])
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "…"
+
+
+def _is_time(value: Any) -> bool:
+    """A finite number of seconds that any consumer can hold as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return -MAX_TIME < value < MAX_TIME  # False for NaN and the infinities too
+
+
+def header_problem(header: Mapping[str, Any]) -> str | None:
+    """Why a header is refused before any key is looked up, or None: critical extensions (we
+    understand none, so RFC 7515 §4.1.11 says reject) and key-bearing parameters."""
+    if "crit" in header:
+        return "critical header extensions (crit) are not supported"
+    for name in KEY_BEARING_HEADERS:
+        if name in header:
+            return f"header parameter {name!r} is not accepted: keys come from the published set"
+    return None
+
+
 def check_token(
     token: str,
     *,
@@ -89,23 +133,29 @@ def check_token(
 
     `now` (POSIX seconds, default the wall clock) is the time the time claims are judged
     at: the broker passes its own clock, so that a token and its run are judged at one
-    instant."""
+    instant. Never raises for a bad token: whatever the bytes, the answer is a status and a
+    reason."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        return _fail(TokenStatus.MALFORMED, f"longer than {MAX_TOKEN_LENGTH} characters")
     header = read_header(token)
-    if header is None:
+    if header is None or token.count(".") != 2:
         return _fail(TokenStatus.MALFORMED, "not a JWS compact serialization")
+    problem = header_problem(header)
+    if problem is not None:
+        return _fail(TokenStatus.MALFORMED, problem)
     alg, kid, typ = header.get("alg"), header.get("kid"), header.get("typ")
-    if alg not in ALLOWED_ALGORITHMS:
-        return _fail(TokenStatus.DISALLOWED_ALGORITHM, f"algorithm {alg!r} is not accepted")
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+        return _fail(TokenStatus.DISALLOWED_ALGORITHM, f"algorithm {shown(alg)} is not accepted")
     if typ != expected_typ:
-        return _fail(TokenStatus.WRONG_TYPE, f"typ {typ!r} is not {expected_typ!r}")
+        return _fail(TokenStatus.WRONG_TYPE, f"typ {shown(typ)} is not {expected_typ!r}")
     if not isinstance(kid, str) or not kid:
         return _fail(TokenStatus.UNKNOWN_KEY, "no key id (kid) in the header")
     key = find_key(kid)
     if key is None:
-        return _fail(TokenStatus.UNKNOWN_KEY, f"no published key with id {kid!r}")
+        return _fail(TokenStatus.UNKNOWN_KEY, f"no published key with id {shown(kid)}")
     if key.alg != alg:
         return _fail(
-            TokenStatus.DISALLOWED_ALGORITHM, f"key {kid!r} signs with {key.alg}, not {alg}"
+            TokenStatus.DISALLOWED_ALGORITHM, f"key {shown(kid)} signs with {key.alg}, not {alg}"
         )
     try:
         claims = jwt.decode(
@@ -129,9 +179,14 @@ def check_token(
     except jwt.InvalidIssuerError:
         return _fail(TokenStatus.WRONG_ISSUER)
     except jwt.InvalidAudienceError:
-        return _fail(TokenStatus.WRONG_AUDIENCE, f"not issued for audience {audience!r}")
+        return _fail(TokenStatus.WRONG_AUDIENCE, f"not issued for audience {shown(audience)}")
     except jwt.InvalidTokenError as exc:
-        return _fail(TokenStatus.MALFORMED, str(exc))
+        return _fail(TokenStatus.MALFORMED, str(exc)[:200])
+    except PARSE_ERRORS:
+        return _fail(TokenStatus.MALFORMED, "unreadable claims")
+    for name in TIME_CLAIMS:
+        if not _is_time(claims[name]):
+            return _fail(TokenStatus.MALFORMED, f"{name} claim is not a time in seconds")
     times = time_claims(claims)
     if times is None:
         return _fail(TokenStatus.MALFORMED, "iat, nbf and exp must be integers")
@@ -174,13 +229,26 @@ def read_header(token: str) -> dict[str, Any] | None:
     verifies it (the signature covers these very bytes). Cheaper than get_unverified_header,
     which decodes every segment, on the hot path. None when the header does not parse."""
     segment, dot, _ = token.partition(".")
-    if not dot or not _BASE64URL.fullmatch(segment):
+    if not dot or len(segment) > MAX_TOKEN_LENGTH or not _BASE64URL.fullmatch(segment):
         return None
+    return _json_segment(segment)
+
+
+def read_claims(token: str) -> dict[str, Any] | None:
+    """The claims, read without verifying anything (for the record of a refusal, or to find
+    the claimed account's keys). None when they do not parse as a JSON object."""
+    parts = token.split(".")
+    if len(parts) != 3 or len(token) > MAX_TOKEN_LENGTH or not _BASE64URL.fullmatch(parts[1]):
+        return None
+    return _json_segment(parts[1])
+
+
+def _json_segment(segment: str) -> dict[str, Any] | None:
     try:
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except ValueError:
+        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, RecursionError):  # bad base64, bad UTF-8, bad JSON, deep nesting
         return None
-    return header if isinstance(header, dict) else None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)
