@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.context import CallContext
-from broker.identity import Person, VerificationMethod
+from broker.identity import Person
 from broker.runs.model import PipelineRef, Run
 
 GENESIS_HASH = "0" * 64
@@ -106,19 +106,6 @@ def draft(
     )
 
 
-def _person_dict(person: Person | None) -> dict[str, str] | None:
-    if person is None:
-        return None
-    return {
-        "subject": person.subject,
-        "issuer": person.issuer,
-        "email": person.email,
-        "display_name": person.display_name,
-        "method": person.method.value,
-        "evidence_sha256": person.evidence_sha256,
-    }
-
-
 def time_us(time: float) -> int:
     """An event time as stored and hashed: integer microseconds."""
     return round(time * 1_000_000)
@@ -134,7 +121,7 @@ def to_record(sequence: int, draft: AuditDraft) -> dict[str, Any]:
         "action": draft.action,
         "outcome": draft.outcome.value,
         "principal": draft.principal,
-        "on_behalf_of": _person_dict(draft.on_behalf_of),
+        "on_behalf_of": None if draft.on_behalf_of is None else draft.on_behalf_of.as_record(),
         "run_id": draft.run_id,
         "pipeline": None
         if pipeline is None
@@ -178,16 +165,7 @@ def from_record(record: Mapping[str, Any]) -> AuditDraft:
         action=record["action"],
         outcome=Outcome(record["outcome"]),
         principal=record["principal"],
-        on_behalf_of=None
-        if person is None
-        else Person(
-            subject=person["subject"],
-            issuer=person["issuer"],
-            email=person["email"],
-            display_name=person["display_name"],
-            method=VerificationMethod(person["method"]),
-            evidence_sha256=person["evidence_sha256"],
-        ),
+        on_behalf_of=None if person is None else Person.from_record(person),
         run_id=record["run_id"],
         pipeline=None if pipeline is None else PipelineRef(**pipeline),
         trace_id=record["trace_id"],
