@@ -52,7 +52,6 @@ class Action:
     KEY_RETIRED = "key.retired"
     POLICY_LOADED = "policy.loaded"
     POLICY_RELOAD_FAILED = "policy.reload_failed"
-    BROKER_STARTED = "broker.started"
     AUDIT_PRUNED = "audit.pruned"
     IDEMPOTENCY_FORGOTTEN = "idempotency.forgotten"
 
@@ -194,7 +193,6 @@ class ChainWalker:
         self.expected_sequence = start_sequence
         self.expected_prev = start_prev_hash
         self.last_sequence: int | None = None
-        self.last_hash: str | None = None
         self.broken: ChainBreak | None = None
 
     def step(
@@ -205,7 +203,7 @@ class ChainWalker:
             self.broken = self._check(sequence, record, prev_hash, stored_hash)
             if self.broken is None:
                 self.expected_sequence = sequence + 1
-                self.expected_prev = self.last_hash = stored_hash
+                self.expected_prev = stored_hash
                 self.last_sequence = sequence
         return self.broken
 

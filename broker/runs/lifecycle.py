@@ -267,10 +267,7 @@ class RunLifecycle:
         expired = []
         now = self._clock()
         for run in self._registry.due(now):
-            if run.lease_expire_time is not None and run.lease_expire_time < run.deadline:
-                reason = "lease lapsed"
-            else:
-                reason = "deadline passed"
+            reason = run.expiry_reason().value
             mutation = EndRun(run.run_id, RunState.EXPIRED, now, reason, "")
             event = draft(
                 ctx,

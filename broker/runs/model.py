@@ -30,6 +30,19 @@ class RunState(enum.Enum):
     EXPIRED = "expired"
 
 
+class ExpiryReason(enum.Enum):
+    """Why a run expired without anyone ending it. The value is the run's stored `end_reason`;
+    never reword."""
+
+    LEASE_LAPSED = "lease lapsed"
+    DEADLINE_PASSED = "deadline passed"
+
+    @property
+    def label(self) -> str:
+        """A short, bounded name for metrics: "lease" or "deadline"."""
+        return "lease" if self is ExpiryReason.LEASE_LAPSED else "deadline"
+
+
 @dataclass(frozen=True)
 class PipelineRef:
     org: str
@@ -84,6 +97,12 @@ class Run:
         if self.lease_expire_time is None:
             return self.deadline
         return min(self.deadline, self.lease_expire_time)
+
+    def expiry_reason(self) -> ExpiryReason:
+        """Which of the two `lapsed_at` is: the lease, when it runs out before the deadline."""
+        if self.lease_expire_time is not None and self.lease_expire_time < self.deadline:
+            return ExpiryReason.LEASE_LAPSED
+        return ExpiryReason.DEADLINE_PASSED
 
     def ended(self, state: RunState, at: float, reason: str, by: str) -> Run:
         return replace(self, state=state, end_time=at, end_reason=reason, ended_by=by)

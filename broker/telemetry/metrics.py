@@ -89,8 +89,7 @@ class BrokerMetrics:
         if isinstance(mutation, CreateRun):
             self.runs_started.add(1, {DELEGATED: run.on_behalf_of is not None})
         elif isinstance(mutation, EndRun) and run.state is RunState.EXPIRED:
-            reason = "lease" if "lease" in mutation.reason else "deadline"
-            self.runs_expired.add(1, {EXPIRY_REASON: reason})
+            self.runs_expired.add(1, {EXPIRY_REASON: run.expiry_reason().label})
         elif isinstance(mutation, EndRun):
             self.runs_ended.add(1)
 
