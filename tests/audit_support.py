@@ -29,12 +29,12 @@ from broker.store import PublishKey, Store, Write
 from tests.accounts import standard_accounts
 from tests.support import BrokerProcess
 from tokenbroker.credentials import (
-    DEV_CLIENT_FILE,
     AssertionSigner,
     assertion_credentials,
     dev_admin_credentials,
     signer_credentials,
 )
+from tokenbroker.defaults import DEV_CLIENT_FILE
 from tokenbroker.v1 import broker_pb2_grpc
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub

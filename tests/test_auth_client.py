@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from broker.api.server import create_server
 from broker.cli import main as cli
+from broker.policy import dev
 from tests.accounts import Account, bearer, callers_of, policy_toml, private_pem
 from tests.conftest import make_settings
 from tests.support import start_run_request
@@ -93,11 +94,11 @@ def test_cli_prints_a_dev_admin_assertion_a_local_broker_accepts(
     try:
         assert cli.main(["assertion", "--data-dir", str(data)]) == 0
         token = capsys.readouterr().out.strip()
-        assert jwt.get_unverified_header(token)["kid"] == "dev-admin-1"
+        assert jwt.get_unverified_header(token)["kid"] == dev.KEY_ID
         with grpc.insecure_channel(server.target) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
             run = stub.StartRun(start_run_request(), metadata=bearer(token), timeout=5).run
-        assert run.triggered_via == "dev-admin"
+        assert run.triggered_via == dev.ACCOUNT
     finally:
         server.stop(grace=0.5)
 

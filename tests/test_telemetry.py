@@ -33,6 +33,7 @@ from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
 from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
 from tokenbroker import tracing
+from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -45,7 +46,7 @@ SPOOFED_BAGGAGE = ("baggage", "enduser.id=mallory%40evil.example,cicd.pipeline.r
 
 @pytest.fixture
 def sdk() -> Iterator[InMemorySdk]:
-    recorded = in_memory_sdk("token-broker")
+    recorded = in_memory_sdk(SERVICE_NAME)
     yield recorded
     recorded.shutdown()
 
@@ -98,7 +99,7 @@ def test_start_run_span_follows_rpc_conventions_and_names_the_run(
     assert attributes["tokenbroker.principal"] == "root"
     assert "enduser.id" not in attributes, "StartRun runs have no person"
     assert span.status.status_code is StatusCode.UNSET
-    assert span.resource.attributes["service.name"] == "token-broker"
+    assert span.resource.attributes["service.name"] == SERVICE_NAME
     # The caller learns the run's trace context with the answer.
     assert tracing.run_baggage_of(call.trailing_metadata()) == {
         "cicd.pipeline.run.id": response.run.run_id,

@@ -27,6 +27,7 @@ from tests.conftest import make_settings
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
 from tokenbroker import BrokerClient, tracing
 from tokenbroker.credentials import assertion_credentials, local_channel
+from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.samples.api import SampleApi, call_api
 from tokenbroker.samples.executor import Execution, SampleExecutor
 from tokenbroker.samples.idp import TestIdentityProvider
@@ -118,7 +119,7 @@ def services(tmp_path: Path) -> Iterator[Services]:
     sdks = {
         # The portal and the broker take nothing from baggage onto their spans...
         "portal": in_memory_sdk("deploy-portal"),
-        "broker": in_memory_sdk("token-broker"),
+        "broker": in_memory_sdk(SERVICE_NAME),
         # ...the services that receive a run's context stamp its run entries on theirs.
         "executor": in_memory_sdk("sample-executor", [tracing.baggage_span_processor()]),
         "api": in_memory_sdk("sample-api", [tracing.baggage_span_processor()]),

@@ -26,6 +26,7 @@ from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
 from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
 from tokenbroker import tracing
+from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, executor_pb2, executor_pb2_grpc
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -40,7 +41,7 @@ def portal() -> Iterator[InMemorySdk]:
 
 @pytest.fixture
 def broker_sdk() -> Iterator[InMemorySdk]:
-    recorded = in_memory_sdk("token-broker")
+    recorded = in_memory_sdk(SERVICE_NAME)
     yield recorded
     recorded.shutdown()
 

@@ -20,11 +20,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tokenbroker.defaults import DEV_CLIENT_FILE
+
 log = logging.getLogger(__name__)
 
 POLICY_FILE = "dev-policy.toml"
 KEY_FILE = "dev-admin-key.pem"
-CLIENT_FILE = "dev-admin.json"
 ACCOUNT = "dev-admin"
 KEY_ID = "dev-admin-1"
 
@@ -68,7 +69,7 @@ def ensure(data_dir: Path, audience: str) -> Path:
         )
     # Rewritten each start: the audience follows the broker's issuer setting.
     client = {"account": ACCOUNT, "key_file": KEY_FILE, "key_id": KEY_ID, "audience": audience}
-    _write_private(data_dir / CLIENT_FILE, json.dumps(client, indent=2) + "\n")
+    _write_private(data_dir / DEV_CLIENT_FILE, json.dumps(client, indent=2) + "\n")
     return policy_path
 
 
