@@ -27,7 +27,7 @@ from broker.context import CallContext
 from broker.runs.model import PipelineRef, Run
 from broker.store import PublishKey, Store, Write
 from tests.accounts import standard_accounts
-from tests.support import BrokerProcess
+from tests.support import BrokerProcess, FakeClock
 from tokenbroker.credentials import (
     AssertionSigner,
     assertion_credentials,
@@ -115,14 +115,6 @@ def keeper(
         prune_batch=prune_batch,
     )
     return AuditKeeper(store, clock, signer, settings)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def draft(action: str = "run.started", run_id: str = "", time: float = 1000.0) -> AuditDraft:

@@ -7,8 +7,10 @@ import grpc
 import pytest
 
 from broker.api.server import BrokerServer, create_server
+from broker.app import build_broker
 from broker.settings import Settings
 from tests.accounts import Callers, callers_of, standard_accounts, write_policy
+from tests.support import ShiftedClock
 from tokenbroker.v1 import broker_pb2_grpc
 
 
@@ -36,14 +38,22 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[BrokerServer]:
-    """A broker on the SQLite default, on a loopback port, in this process.
+def clock() -> ShiftedClock:
+    """The clock of the `server` fixture's broker: the wall clock until the test moves it
+    (`clock.advance(seconds)`) past a deadline or lease; `tests.support.reap` then expires
+    what is due, as the reaper would."""
+    return ShiftedClock()
+
+
+@pytest.fixture
+def server(tmp_path: Path, clock: ShiftedClock) -> Iterator[BrokerServer]:
+    """A broker on the SQLite default, on a loopback port, in this process, on `clock`.
 
     Its policy knows the standard accounts: ci-orchestrator, deploy-portal (delegator) and
     siem (auditor), each scoped to "acme/*/*"; ops-admin (admin); root (every role, "*/*/*").
     """
     settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
-    running = create_server(settings)
+    running = create_server(settings, broker=build_broker(settings, clock=clock))
     running.start()
     yield running
     running.stop(grace=0.5)

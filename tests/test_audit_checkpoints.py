@@ -22,7 +22,6 @@ from broker.settings import SettingsError
 from broker.store import Store, Write
 from broker.store.factory import OpenOptions, open_store
 from tests.audit_support import (
-    FakeClock,
     draft,
     keeper,
     make_signer,
@@ -30,7 +29,7 @@ from tests.audit_support import (
     publish,
 )
 from tests.conftest import make_settings
-from tests.support import start_run_request
+from tests.support import FakeClock, start_run_request
 
 
 @pytest.fixture

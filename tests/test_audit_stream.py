@@ -25,7 +25,6 @@ from broker.store.sqlite import SqliteStore
 from tests.audit_support import (
     AllowAll,
     Broker,
-    FakeClock,
     auditor,
     draft,
     keeper,
@@ -33,7 +32,7 @@ from tests.audit_support import (
     orchestrator,
 )
 from tests.conftest import make_settings
-from tests.support import details, perms, pipeline, rpc_error, start_run_request
+from tests.support import FakeClock, details, perms, pipeline, rpc_error, start_run_request
 from tokenbroker.v1 import broker_pb2
 
 WRITERS = 8

@@ -18,13 +18,13 @@ from broker.cli import main as cli
 from broker.store import Write
 from broker.store.sqlite import SqliteStore
 from tests.audit_support import (
-    FakeClock,
     attacker_connection,
     draft,
     keeper,
     make_signer,
     publish,
 )
+from tests.support import FakeClock
 
 
 @dataclass

@@ -15,17 +15,9 @@ from broker.cli import main as cli
 from broker.policy import dev
 from tests.accounts import Account, bearer, callers_of, policy_toml, private_pem
 from tests.conftest import make_settings
-from tests.support import start_run_request
+from tests.support import FakeClock, start_run_request
 from tokenbroker.credentials import AssertionSigner
 from tokenbroker.v1 import broker_pb2_grpc
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _claims(token: str) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,10 +30,10 @@ from broker.telemetry.otel import annotate_call
 from tests.accounts import root_channel
 from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
-from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
+from tests.support import UNKNOWN_RUN_ID, ShiftedClock, reap, rpc_error, start_run_request
 from tokenbroker import tracing
 from tokenbroker.defaults import SERVICE_NAME
-from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
 
@@ -52,12 +51,15 @@ def sdk() -> Iterator[InMemorySdk]:
 
 
 @pytest.fixture
-def traced(tmp_path: Path, sdk: InMemorySdk) -> Iterator[BrokerServer]:
-    server = create_server(
-        make_settings(tmp_path / "data", policy=standard_policy(tmp_path)),
+def traced(tmp_path: Path, sdk: InMemorySdk, clock: ShiftedClock) -> Iterator[BrokerServer]:
+    settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
+    broker = build_broker(
+        settings,
+        clock=clock,
         tracer_provider=sdk.tracer_provider,
         meter_provider=sdk.meter_provider,
     )
+    server = create_server(settings, broker=broker)
     server.start()
     yield server
     server.stop(grace=0.5)
@@ -277,18 +279,18 @@ def test_metrics_count_runs_revocations_and_latency_but_never_label_a_run(
     assert run.run_id not in labels
 
 
-def test_expired_runs_are_counted_by_reason(traced_stub: Stub, sdk: InMemorySdk) -> None:
-    request = start_run_request(deadline=duration_pb2.Duration(seconds=1))
-    run_id = traced_stub.StartRun(request, timeout=5).run.run_id
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        state = traced_stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5).run.state
-        if state != types_pb2.RUN_STATE_ACTIVE:
-            break
-        time.sleep(0.1)
-    assert (
-        sdk.total("tokenbroker.runs.expired", **{"tokenbroker.run.expiry_reason": "deadline"}) == 1
-    )
+def test_expired_runs_are_counted_by_reason(
+    traced_stub: Stub, traced: BrokerServer, sdk: InMemorySdk, clock: ShiftedClock
+) -> None:
+    second = duration_pb2.Duration(seconds=1)
+    traced_stub.StartRun(start_run_request(deadline=second), timeout=5)
+    traced_stub.StartRun(start_run_request(lease=second), timeout=5)
+    traced_stub.StartRun(start_run_request(lease=second), timeout=5)
+    clock.advance(1.5)
+    reap(traced)
+    expired = "tokenbroker.runs.expired"
+    assert sdk.total(expired, **{"tokenbroker.run.expiry_reason": "deadline"}) == 1
+    assert sdk.total(expired, **{"tokenbroker.run.expiry_reason": "lease"}) == 2
 
 
 def test_audit_subscribers_and_lag_are_observed(traced_stub: Stub, sdk: InMemorySdk) -> None:
