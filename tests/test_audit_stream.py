@@ -32,7 +32,15 @@ from tests.audit_support import (
     orchestrator,
 )
 from tests.conftest import make_settings
-from tests.support import FakeClock, details, perms, pipeline, rpc_error, start_run_request
+from tests.support import (
+    FakeClock,
+    details,
+    eventually,
+    perms,
+    pipeline,
+    rpc_error,
+    start_run_request,
+)
 from tokenbroker.v1 import broker_pb2
 
 WRITERS = 8
@@ -85,10 +93,11 @@ class Subscriber:
                     self.error = error
 
     def wait_for(self, count: int, within: float = 60) -> None:
-        deadline = time.monotonic() + within
-        while len(self.received) < count and self.error is None:
-            assert time.monotonic() < deadline, f"got {len(self.received)} of {count} events"
-            time.sleep(0.01)
+        eventually(
+            lambda: len(self.received) >= count or self.error is not None,
+            within=within,
+            what=f"{count} events (got {len(self.received)})",
+        )
 
     def stop(self) -> None:
         self._call.cancel()
@@ -285,11 +294,11 @@ def test_a_stalled_subscriber_holds_one_page_and_blocks_neither_writers_nor_othe
 
 def _settle(value: Callable[[], int]) -> int:
     """The value once it stopped changing for a few polls."""
-    last, stable = -1, 0
-    deadline = time.monotonic() + 10
-    while stable < 5 and time.monotonic() < deadline:
-        current = value()
-        stable = stable + 1 if current == last else 0
-        last = current
-        time.sleep(0.05)
-    return last
+    seen: list[int] = []
+
+    def unchanged_for_five_polls() -> bool:
+        seen.append(value())
+        return len(seen) >= 5 and len(set(seen[-5:])) == 1
+
+    eventually(unchanged_for_five_polls, interval=0.05, what="the value to stop changing")
+    return seen[-1]

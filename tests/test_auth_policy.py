@@ -32,7 +32,7 @@ from tests.accounts import (
     standard_accounts,
 )
 from tests.conftest import make_settings
-from tests.support import REPO, start_broker_process, start_run_request
+from tests.support import REPO, eventually, start_broker_process, start_run_request
 from tokenbroker.credentials import assertion_credentials, dev_admin_credentials, local_channel
 from tokenbroker.defaults import DEV_CLIENT_FILE
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -335,10 +335,10 @@ def test_sighup_reloads_the_policy_of_a_running_broker(tmp_path: Path) -> None:
         newcomer = new_account("newcomer", ["orchestrator"])
         policy_path.write_text(policy_toml([ROOT, newcomer]))
         os.kill(broker.process.pid, signal.SIGHUP)
-        _wait_for(lambda: broker.logs().count('"policy loaded"') >= 2)
+        eventually(lambda: broker.logs().count('"policy loaded"') >= 2, what="a reload")
         policy_path.write_text("[accounts.broken\n")
         os.kill(broker.process.pid, signal.SIGHUP)
-        _wait_for(lambda: "policy reload failed" in broker.logs())
+        eventually(lambda: "policy reload failed" in broker.logs(), what="a failed reload")
         as_newcomer = assertion_credentials(
             newcomer.name, newcomer.private_pem, "https://broker.test", key_id=newcomer.kid
         )
@@ -360,14 +360,6 @@ def test_sighup_reloads_the_policy_of_a_running_broker(tmp_path: Path) -> None:
         assert not (tmp_path / "data" / dev.POLICY_FILE).exists()
     finally:
         assert broker.terminate_and_wait() == 0
-
-
-def _wait_for(condition: object, within: float = 10) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
