@@ -16,6 +16,7 @@ from tests.support import (
     UNKNOWN_RUN_ID,
     ShiftedClock,
     details,
+    eventually,
     perms,
     pipeline,
     reap,
@@ -131,6 +132,17 @@ def test_run_past_its_deadline_expires_without_anyone_ending_it(
     assert run.end_reason == ExpiryReason.DEADLINE_PASSED.value
     events = _audit(auditor_stub, run_id)
     assert [e.action for e in events] == ["run.started", "run.expired"]
+
+
+def test_the_reaper_thread_expires_due_runs_by_itself(stub: Stub, clock: ShiftedClock) -> None:
+    second = duration_pb2.Duration(seconds=1)
+    run_id = stub.StartRun(start_run_request(deadline=second), timeout=5).run.run_id
+    clock.advance(1.5)  # nobody calls the expiry pass: the broker's reaper does, every 0.1 s
+
+    def state() -> int:
+        return stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5).run.state
+
+    eventually(lambda: state() == types_pb2.RUN_STATE_EXPIRED, what="the reaper's pass")
 
 
 def test_lease_lapses_unless_renewed(stub: Stub, server: BrokerServer, clock: ShiftedClock) -> None:
