@@ -11,7 +11,10 @@ from broker.app import build_broker
 from broker.settings import Settings
 from tests.accounts import Callers, callers_of, standard_accounts, write_policy
 from tests.support import ShiftedClock
+from tokenbroker.samples.idp import TestIdentityProvider
 from tokenbroker.v1 import broker_pb2_grpc
+
+IDP_ISSUER = "https://idp.example.com"
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -107,3 +110,22 @@ def root_stub(callers: Callers) -> broker_pb2_grpc.TokenBrokerServiceStub:
 def anonymous_stub(channel: grpc.Channel) -> broker_pb2_grpc.TokenBrokerServiceStub:
     """A stub presenting no credential at all."""
     return broker_pb2_grpc.TokenBrokerServiceStub(channel)
+
+
+@pytest.fixture
+def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerServer]:
+    """A broker as `make run` starts one (a development policy and admin key written into its
+    data dir), which the CLI under test talks to: TOKEN_BROKER_TARGET and
+    TOKEN_BROKER_DATA_DIR point at it."""
+    running = create_server(make_settings(tmp_path / "data"))
+    running.start()
+    monkeypatch.setenv("TOKEN_BROKER_TARGET", running.target)
+    monkeypatch.setenv("TOKEN_BROKER_DATA_DIR", str(running.broker.settings.data_dir))
+    yield running
+    running.stop(grace=0.5)
+
+
+@pytest.fixture(scope="module")
+def idp() -> TestIdentityProvider:
+    """A test OIDC identity provider, https://idp.example.com, that signs people's ID tokens."""
+    return TestIdentityProvider(IDP_ISSUER)
