@@ -4,9 +4,8 @@ the broker's clock), and every wait for real asynchrony goes through `eventually
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 TESTS = Path(__file__).resolve().parent
 MAX_SLEEP = 0.1  # seconds: a pause between polls or to let threads interleave, never a wait
@@ -49,19 +48,21 @@ def hand_rolled_waits(source: str, filename: str) -> list[str]:
     ]
 
 
-TEST_FILES = sorted(TESTS.glob("*.py"))
+def offences(check: Callable[[str, str], list[str]], skip: Path | None = None) -> list[str]:
+    return [
+        f"{path.name} {offence}"
+        for path in sorted(TESTS.glob("*.py"))
+        if path != skip
+        for offence in check(path.read_text(), str(path))
+    ]
 
 
-@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
-def test_no_test_sleeps_longer_than_a_tenth_of_a_second(path: Path) -> None:
-    assert long_sleeps(path.read_text(), str(path)) == []
+def test_no_test_sleeps_longer_than_a_tenth_of_a_second() -> None:
+    assert offences(long_sleeps) == []
 
 
-@pytest.mark.parametrize(
-    "path", [p for p in TEST_FILES if p != POLLING_HELPERS], ids=lambda p: p.name
-)
-def test_waits_for_real_asynchrony_go_through_eventually(path: Path) -> None:
-    assert hand_rolled_waits(path.read_text(), str(path)) == []
+def test_waits_for_real_asynchrony_go_through_eventually() -> None:
+    assert offences(hand_rolled_waits, skip=POLLING_HELPERS) == []
 
 
 def test_the_checks_catch_what_they_are_for() -> None:
