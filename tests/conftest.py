@@ -10,7 +10,9 @@ from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
 from broker.settings import Settings
 from tests.accounts import Callers, callers_of, standard_accounts, write_policy
+from tests.otel_support import InMemorySdk, in_memory_sdk
 from tests.support import ShiftedClock
+from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.samples.idp import TestIdentityProvider
 from tokenbroker.v1 import broker_pb2_grpc
 
@@ -129,3 +131,27 @@ def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerSe
 def idp() -> TestIdentityProvider:
     """A test OIDC identity provider, https://idp.example.com, that signs people's ID tokens."""
     return TestIdentityProvider(IDP_ISSUER)
+
+
+@pytest.fixture
+def broker_sdk() -> Iterator[InMemorySdk]:
+    """An OpenTelemetry SDK recording in memory what the `traced` broker exports."""
+    recorded = in_memory_sdk(SERVICE_NAME)
+    yield recorded
+    recorded.shutdown()
+
+
+@pytest.fixture
+def traced(tmp_path: Path, broker_sdk: InMemorySdk, clock: ShiftedClock) -> Iterator[BrokerServer]:
+    """The `server` fixture's broker, its spans and metrics recorded in `broker_sdk`."""
+    settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
+    broker = build_broker(
+        settings,
+        clock=clock,
+        tracer_provider=broker_sdk.tracer_provider,
+        meter_provider=broker_sdk.meter_provider,
+    )
+    running = create_server(settings, broker=broker)
+    running.start()
+    yield running
+    running.stop(grace=0.5)

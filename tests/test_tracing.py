@@ -26,7 +26,6 @@ from tests.conftest import make_settings, standard_policy
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
 from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
 from tokenbroker import tracing
-from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, executor_pb2, executor_pb2_grpc
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -37,25 +36,6 @@ def portal() -> Iterator[InMemorySdk]:
     recorded = in_memory_sdk("deploy-portal")
     yield recorded
     recorded.shutdown()
-
-
-@pytest.fixture
-def broker_sdk() -> Iterator[InMemorySdk]:
-    recorded = in_memory_sdk(SERVICE_NAME)
-    yield recorded
-    recorded.shutdown()
-
-
-@pytest.fixture
-def traced(tmp_path: Path, broker_sdk: InMemorySdk) -> Iterator[BrokerServer]:
-    server = create_server(
-        make_settings(tmp_path / "data", policy=standard_policy(tmp_path)),
-        tracer_provider=broker_sdk.tracer_provider,
-        meter_provider=broker_sdk.meter_provider,
-    )
-    server.start()
-    yield server
-    server.stop(grace=0.5)
 
 
 @pytest.fixture
