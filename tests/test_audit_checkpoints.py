@@ -148,7 +148,7 @@ def test_a_large_backlog_is_pruned_in_bounded_steps_of_whole_ranges(store: Store
         write(store, 10)
         keep.checkpoint()  # at 10, 20, 30
     write(store, 5)  # 31..35: old, but no checkpoint closes their range yet
-    clock.now += 61
+    clock.advance(61)
     assert keep.prune() == 30
     pruned = [e for e in store.read_events(0, 100) if e.draft.action == audit.Action.AUDIT_PRUNED]
     assert [e.draft.details["pruned_through"] for e in pruned] == [10, 20, 30]

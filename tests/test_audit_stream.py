@@ -202,7 +202,7 @@ def test_a_cursor_older_than_retention_is_out_of_range_naming_the_oldest_sequenc
             stub.StartRun(start_run_request(), timeout=5)
         old = server.broker.store.head_sequence()
         assert server.broker.keeper.checkpoint() is not None  # at `old`
-        clock.now += 86400 + 1
+        clock.advance(86400 + 1)
         stub.StartRun(start_run_request(), timeout=5)  # old + 1, young
     assert server.broker.keeper.prune() == old  # and old + 2 is the audit.pruned event
     young = old + 1
@@ -227,7 +227,7 @@ def test_retention_overtaking_a_slow_subscriber_ends_its_stream_out_of_range() -
     feed = AuditFeed(store, clock, AllowAll(), lambda run_id: None)
     following = feed.follow(CallContext(), 0, AuditFilter())
     got = [next(following)]
-    clock.now += 61
+    clock.advance(61)
     store.commit(Write([draft(time=clock.now)]))
     assert keep.prune() == PAGE_SIZE + 100
     with pytest.raises(OutOfRange, match=f"oldest available sequence is {PAGE_SIZE + 101}"):

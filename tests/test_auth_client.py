@@ -34,9 +34,9 @@ def test_signer_reuses_an_assertion_and_replaces_it_a_minute_before_expiry() -> 
     assert claims["aud"] == "https://broker.test"
     assert claims["exp"] - claims["iat"] == 300
     assert jwt.get_unverified_header(first) == {"alg": "EdDSA", "typ": "JWT", "kid": "k7"}
-    clock.now += 239
+    clock.advance(239)
     assert signer.assertion() == first
-    clock.now += 1
+    clock.advance(1)
     second = signer.assertion()
     assert second != first
     assert _claims(second)["jti"] != claims["jti"]
