@@ -44,7 +44,7 @@ from google.protobuf.message import Message
 from tokenbroker import messages
 from tokenbroker.connect import RunEnvironment, Tls, open_channel
 from tokenbroker.credentials import bearer_credentials, dev_admin_credentials
-from tokenbroker.defaults import DEFAULT_TARGET
+from tokenbroker.defaults import DEFAULT_TARGET as DEFAULT_TARGET  # still importable from here
 from tokenbroker.errors import REQUEST_ID_HEADER, ConfigurationError, Unavailable, from_rpc_error
 from tokenbroker.messages import Asserted, Permissions, Seconds
 from tokenbroker.retry import Attempts, Retry, RetryPolicy, rule_for

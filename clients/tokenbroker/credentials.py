@@ -28,7 +28,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tokenbroker.defaults import DEV_CLIENT_FILE
+from tokenbroker.defaults import DEV_CLIENT_FILE as DEV_CLIENT_FILE  # still importable from here
 
 MAX_LIFETIME = 300.0  # the broker refuses assertions that live longer
 DEFAULT_REFRESH_BEFORE = 60.0
