@@ -27,7 +27,8 @@ from broker.context import CallContext
 from broker.runs.model import PipelineRef, Run
 from broker.store import PublishKey, Store, Write
 from tests.accounts import standard_accounts
-from tests.support import BrokerProcess, FakeClock
+from tests.support import BrokerProcess
+from tests.support import FakeClock as FakeClock  # still importable from here
 from tokenbroker.credentials import (
     AssertionSigner,
     assertion_credentials,
