@@ -84,7 +84,8 @@ def test_the_keeper_thread_checkpoints_every_n_events_and_once_more_at_close(
     try:
         for _ in range(25):
             write(store, 1)
-        eventually(lambda: checkpointed(store) >= 20, what="a checkpoint after 20 events")
+        # Wherever its checkpoints landed while events arrived, it ends fewer than 10 behind.
+        eventually(lambda: checkpointed(store) > 25 - 10, what="a checkpoint within 10 events")
     finally:
         running.close()
     latest = store.latest_checkpoint()
