@@ -89,7 +89,8 @@ class ShiftedClock:
 
     A broker on this clock behaves as on the real one (its tokens and callers' assertions,
     checked against the wall clock, stay valid), and a test passes a run's deadline or lease
-    with `advance` instead of sleeping. Keep shifts well under the 30 s token leeway.
+    with `advance` instead of sleeping. Token signatures and times are checked against the
+    wall clock with 30 s of leeway, callers' assertions live 5 minutes: shift less than that.
     """
 
     def __init__(self) -> None:

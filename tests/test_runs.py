@@ -146,12 +146,14 @@ def test_the_reaper_thread_expires_due_runs_by_itself(stub: Stub, clock: Shifted
 
 
 def test_lease_lapses_unless_renewed(stub: Stub, server: BrokerServer, clock: ShiftedClock) -> None:
-    lease = duration_pb2.Duration(seconds=1)
+    lease = duration_pb2.Duration(seconds=10)
     renewed_id = stub.StartRun(start_run_request(lease=lease), timeout=5).run.run_id
     lapsing_id = stub.StartRun(start_run_request(lease=lease), timeout=5).run.run_id
-    for _ in range(6):  # several lease periods
+    # Renewed every 6 s of broker time (the clock also runs with the wall clock: the margin
+    # of 4 s is for a slow machine), over several lease periods.
+    for _ in range(5):
         stub.RenewRun(broker_pb2.RenewRunRequest(run_id=renewed_id), timeout=5)
-        clock.advance(0.6)
+        clock.advance(6)
         reap(server)
     renewed = stub.GetRun(broker_pb2.GetRunRequest(run_id=renewed_id), timeout=5).run
     assert renewed.state == types_pb2.RUN_STATE_ACTIVE
