@@ -76,7 +76,3 @@ class Unavailable(BrokerError):
 
 class DataLoss(BrokerError):
     """Stored data is missing or corrupt (e.g. a gap in the audit chain)."""
-
-
-class Unimplemented(BrokerError):
-    """The RPC exists in the contract but this build does not serve it yet."""

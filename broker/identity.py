@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class VerificationMethod(enum.Enum):
@@ -32,6 +34,30 @@ class Person:
 
     def label(self) -> str:
         return self.email or self.subject
+
+    def as_record(self) -> dict[str, str]:
+        """The person as stored: in audit records (whose hash covers these exact keys and
+        values) and in the runs table. The one serialiser; keys are stored, never rename."""
+        return {
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "email": self.email,
+            "display_name": self.display_name,
+            "method": self.method.value,
+            "evidence_sha256": self.evidence_sha256,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Person:
+        """The inverse of `as_record`."""
+        return cls(
+            subject=record["subject"],
+            issuer=record["issuer"],
+            email=record["email"],
+            display_name=record["display_name"],
+            method=VerificationMethod(record["method"]),
+            evidence_sha256=record["evidence_sha256"],
+        )
 
 
 @dataclass(frozen=True)

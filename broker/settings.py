@@ -13,6 +13,7 @@ from pathlib import Path
 
 from broker import limits
 from broker.store import StoreUrlInvalid, factory
+from tokenbroker.defaults import DEFAULT_HTTP_TARGET, DEFAULT_TARGET
 
 ENV_PREFIX = "TOKEN_BROKER_"
 
@@ -23,8 +24,8 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    listen: str = "127.0.0.1:50051"
-    http_listen: str = "127.0.0.1:50052"
+    listen: str = DEFAULT_TARGET
+    http_listen: str = DEFAULT_HTTP_TARGET
     data_dir: Path = Path("var")
     store: str = "sqlite:"
     init_store: bool = False
@@ -133,7 +134,7 @@ def _check_limits(settings: Settings) -> None:
 def split_host_port(address: str, name: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SettingsError(f"{name} must be HOST:PORT (e.g. 127.0.0.1:50051), not {address!r}")
+        raise SettingsError(f"{name} must be HOST:PORT (e.g. {DEFAULT_TARGET}), not {address!r}")
     return host.strip("[]"), int(port)
 
 

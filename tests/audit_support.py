@@ -28,13 +28,14 @@ from broker.runs.model import PipelineRef, Run
 from broker.store import PublishKey, Store, Write
 from tests.accounts import standard_accounts
 from tests.support import BrokerProcess
+from tests.support import FakeClock as FakeClock  # still importable from here
 from tokenbroker.credentials import (
-    DEV_CLIENT_FILE,
     AssertionSigner,
     assertion_credentials,
     dev_admin_credentials,
     signer_credentials,
 )
+from tokenbroker.defaults import DEV_CLIENT_FILE
 from tokenbroker.v1 import broker_pb2_grpc
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -115,14 +116,6 @@ def keeper(
         prune_batch=prune_batch,
     )
     return AuditKeeper(store, clock, signer, settings)
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def draft(action: str = "run.started", run_id: str = "", time: float = 1000.0) -> AuditDraft:

@@ -8,10 +8,17 @@ import grpc
 import pytest
 
 from broker.api.server import BrokerServer, create_server
+from broker.app import build_broker
 from broker.settings import Settings
 from tests.accounts import Callers, callers_of, standard_accounts, write_policy
+from tests.otel_support import InMemorySdk, in_memory_sdk
 from tests.pgcluster import Cluster, create_database, running_cluster
+from tests.support import ShiftedClock
+from tokenbroker.defaults import SERVICE_NAME
+from tokenbroker.samples.idp import TestIdentityProvider
 from tokenbroker.v1 import broker_pb2_grpc
+
+IDP_ISSUER = "https://idp.example.com"
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -63,14 +70,22 @@ def pg_dsn(pg_cluster: Cluster) -> str:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[BrokerServer]:
-    """A broker on the SQLite default, on a loopback port, in this process.
+def clock() -> ShiftedClock:
+    """The clock of the `server` fixture's broker: the wall clock until the test moves it
+    (`clock.advance(seconds)`) past a deadline or lease; `tests.support.reap` then expires
+    what is due, as the reaper would."""
+    return ShiftedClock()
+
+
+@pytest.fixture
+def server(tmp_path: Path, clock: ShiftedClock) -> Iterator[BrokerServer]:
+    """A broker on the SQLite default, on a loopback port, in this process, on `clock`.
 
     Its policy knows the standard accounts: ci-orchestrator, deploy-portal (delegator) and
     siem (auditor), each scoped to "acme/*/*"; ops-admin (admin); root (every role, "*/*/*").
     """
     settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
-    running = create_server(settings)
+    running = create_server(settings, broker=build_broker(settings, clock=clock))
     running.start()
     yield running
     running.stop(grace=0.5)
@@ -124,3 +139,46 @@ def root_stub(callers: Callers) -> broker_pb2_grpc.TokenBrokerServiceStub:
 def anonymous_stub(channel: grpc.Channel) -> broker_pb2_grpc.TokenBrokerServiceStub:
     """A stub presenting no credential at all."""
     return broker_pb2_grpc.TokenBrokerServiceStub(channel)
+
+
+@pytest.fixture
+def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerServer]:
+    """A broker as `make run` starts one (a development policy and admin key written into its
+    data dir), which the CLI under test talks to: TOKEN_BROKER_TARGET and
+    TOKEN_BROKER_DATA_DIR point at it."""
+    running = create_server(make_settings(tmp_path / "data"))
+    running.start()
+    monkeypatch.setenv("TOKEN_BROKER_TARGET", running.target)
+    monkeypatch.setenv("TOKEN_BROKER_DATA_DIR", str(running.broker.settings.data_dir))
+    yield running
+    running.stop(grace=0.5)
+
+
+@pytest.fixture(scope="module")
+def idp() -> TestIdentityProvider:
+    """A test OIDC identity provider, https://idp.example.com, that signs people's ID tokens."""
+    return TestIdentityProvider(IDP_ISSUER)
+
+
+@pytest.fixture
+def broker_sdk() -> Iterator[InMemorySdk]:
+    """An OpenTelemetry SDK recording in memory what the `traced` broker exports."""
+    recorded = in_memory_sdk(SERVICE_NAME)
+    yield recorded
+    recorded.shutdown()
+
+
+@pytest.fixture
+def traced(tmp_path: Path, broker_sdk: InMemorySdk, clock: ShiftedClock) -> Iterator[BrokerServer]:
+    """The `server` fixture's broker, its spans and metrics recorded in `broker_sdk`."""
+    settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
+    broker = build_broker(
+        settings,
+        clock=clock,
+        tracer_provider=broker_sdk.tracer_provider,
+        meter_provider=broker_sdk.meter_provider,
+    )
+    running = create_server(settings, broker=broker)
+    running.start()
+    yield running
+    running.stop(grace=0.5)

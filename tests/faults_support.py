@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import BrokerProcess, start_broker_process
+from tests.support import BrokerProcess, reached, start_broker_process
 from tokenbroker import BrokerClient, RetryPolicy
 from tokenbroker.credentials import dev_admin_credentials
 from tokenbroker.errors import BrokerError
@@ -194,12 +194,11 @@ class Subscriber:
             self.error = exc
 
     def wait_for(self, sequence: int, within: float = 60.0) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline and self.error is None:
-            if self.sequences and self.sequences[-1] >= sequence:
-                return True
-            time.sleep(0.05)
-        return bool(self.sequences) and self.sequences[-1] >= sequence
+        def caught_up() -> bool:
+            return bool(self.sequences) and self.sequences[-1] >= sequence
+
+        reached(lambda: self.error is not None or caught_up(), within=within)
+        return caught_up()
 
     def stop(self) -> None:
         self._stream.cancel()

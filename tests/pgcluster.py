@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +110,6 @@ def running_cluster() -> Iterator[Cluster]:
                 " -c max_connections=200 -c fsync=on",
             ]
         )
-        _wait_until_accepting(port)
         yield Cluster(port, data_dir)
     except ClusterError as exc:
         log = base / "server.log"
@@ -121,16 +119,6 @@ def running_cluster() -> Iterator[Cluster]:
         with contextlib.suppress(ClusterError):
             _run([str(bindir / "pg_ctl"), "-D", str(data_dir), "-m", "immediate", "-w", "stop"])
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _wait_until_accepting(port: int) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        if time.monotonic() > deadline:
-            raise ClusterError(f"PostgreSQL did not accept connections on port {port}")
-        time.sleep(0.05)
 
 
 def create_database(cluster: Cluster, name: str) -> str:

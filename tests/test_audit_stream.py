@@ -26,7 +26,6 @@ from tests.accounts import callers_of, standard_accounts
 from tests.audit_support import (
     AllowAll,
     Broker,
-    FakeClock,
     auditor,
     draft,
     keeper,
@@ -34,7 +33,15 @@ from tests.audit_support import (
     orchestrator,
 )
 from tests.conftest import make_settings
-from tests.support import details, perms, pipeline, rpc_error, start_run_request
+from tests.support import (
+    FakeClock,
+    details,
+    eventually,
+    perms,
+    pipeline,
+    rpc_error,
+    start_run_request,
+)
 from tokenbroker.v1 import broker_pb2
 
 WRITERS = 8
@@ -87,10 +94,11 @@ class Subscriber:
                     self.error = error
 
     def wait_for(self, count: int, within: float = 60) -> None:
-        deadline = time.monotonic() + within
-        while len(self.received) < count and self.error is None:
-            assert time.monotonic() < deadline, f"got {len(self.received)} of {count} events"
-            time.sleep(0.01)
+        eventually(
+            lambda: len(self.received) >= count or self.error is not None,
+            within=within,
+            what=f"{count} events (got {len(self.received)})",
+        )
 
     def stop(self) -> None:
         self._call.cancel()
@@ -195,7 +203,7 @@ def test_a_cursor_older_than_retention_is_out_of_range_naming_the_oldest_sequenc
             stub.StartRun(start_run_request(), timeout=5)
         old = server.broker.store.head_sequence()
         assert server.broker.keeper.checkpoint() is not None  # at `old`
-        clock.now += 86400 + 1
+        clock.advance(86400 + 1)
         stub.StartRun(start_run_request(), timeout=5)  # old + 1, young
     assert server.broker.keeper.prune() == old  # and old + 2 is the audit.pruned event
     young = old + 1
@@ -220,7 +228,7 @@ def test_retention_overtaking_a_slow_subscriber_ends_its_stream_out_of_range() -
     feed = AuditFeed(store, clock, AllowAll(), lambda run_id: None)
     following = feed.follow(CallContext(), 0, AuditFilter())
     got = [next(following)]
-    clock.now += 61
+    clock.advance(61)
     store.commit(Write([draft(time=clock.now)]))
     assert keep.prune() == PAGE_SIZE + 100
     with pytest.raises(OutOfRange, match=f"oldest available sequence is {PAGE_SIZE + 101}"):
@@ -287,14 +295,14 @@ def test_a_stalled_subscriber_holds_one_page_and_blocks_neither_writers_nor_othe
 
 def _settle(value: Callable[[], int]) -> int:
     """The value once it stopped changing for a few polls."""
-    last, stable = -1, 0
-    deadline = time.monotonic() + 10
-    while stable < 5 and time.monotonic() < deadline:
-        current = value()
-        stable = stable + 1 if current == last else 0
-        last = current
-        time.sleep(0.05)
-    return last
+    seen: list[int] = []
+
+    def unchanged_for_five_polls() -> bool:
+        seen.append(value())
+        return len(seen) >= 5 and len(set(seen[-5:])) == 1
+
+    eventually(unchanged_for_five_polls, interval=0.05, what="the value to stop changing")
+    return seen[-1]
 
 
 def test_pages_carry_exactly_the_events_of_the_one_event_stream_in_order(

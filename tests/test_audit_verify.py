@@ -18,13 +18,13 @@ from broker.cli import main as cli
 from broker.store import Write
 from broker.store.sqlite import SqliteStore
 from tests.audit_support import (
-    FakeClock,
     attacker_connection,
     draft,
     keeper,
     make_signer,
     publish,
 )
+from tests.support import FakeClock
 
 
 @dataclass
@@ -49,7 +49,7 @@ def build_log(data_dir: Path, *, retention_seconds: float = 0.0, prune: bool = F
             store.commit(Write([draft(action, f"r-{store.head_sequence() + 1}")]))
         keep.checkpoint()
     if prune:
-        clock.now += retention_seconds + 1
+        clock.advance(retention_seconds + 1)
         keep.prune()
     store.close()
 

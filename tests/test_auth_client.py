@@ -12,19 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from broker.api.server import create_server
 from broker.cli import main as cli
+from broker.policy import dev
 from tests.accounts import Account, bearer, callers_of, policy_toml, private_pem
 from tests.conftest import make_settings
-from tests.support import start_run_request
+from tests.support import FakeClock, start_run_request
 from tokenbroker.credentials import AssertionSigner
 from tokenbroker.v1 import broker_pb2_grpc
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _claims(token: str) -> dict[str, Any]:
@@ -41,9 +34,9 @@ def test_signer_reuses_an_assertion_and_replaces_it_a_minute_before_expiry() -> 
     assert claims["aud"] == "https://broker.test"
     assert claims["exp"] - claims["iat"] == 300
     assert jwt.get_unverified_header(first) == {"alg": "EdDSA", "typ": "JWT", "kid": "k7"}
-    clock.now += 239
+    clock.advance(239)
     assert signer.assertion() == first
-    clock.now += 1
+    clock.advance(1)
     second = signer.assertion()
     assert second != first
     assert _claims(second)["jti"] != claims["jti"]
@@ -93,11 +86,11 @@ def test_cli_prints_a_dev_admin_assertion_a_local_broker_accepts(
     try:
         assert cli.main(["assertion", "--data-dir", str(data)]) == 0
         token = capsys.readouterr().out.strip()
-        assert jwt.get_unverified_header(token)["kid"] == "dev-admin-1"
+        assert jwt.get_unverified_header(token)["kid"] == dev.KEY_ID
         with grpc.insecure_channel(server.target) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
             run = stub.StartRun(start_run_request(), metadata=bearer(token), timeout=5).run
-        assert run.triggered_via == "dev-admin"
+        assert run.triggered_via == dev.ACCOUNT
     finally:
         server.stop(grace=0.5)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from broker.api.server import create_server
+from broker.policy import dev
 from broker.telemetry.logs import JsonFormatter
 from tests.accounts import bearer, policy_toml, sign_assertion, standard_accounts
 from tests.conftest import make_settings
@@ -66,8 +67,8 @@ def test_no_credential_key_or_token_appears_in_the_logs(tmp_path: Path) -> None:
                     sign_assertion(orchestrator, "https://elsewhere.example"),
                     "Zm9yZ2VkLWFwaS1rZXktdGhhdC1pcy1ub3QtYS1qd3Q",
                 ]
-                dev_key = (data / "dev-admin-key.pem").read_bytes()
-                accepted = AssertionSigner("dev-admin", dev_key, audience).assertion()
+                dev_key = (data / dev.KEY_FILE).read_bytes()
+                accepted = AssertionSigner(dev.ACCOUNT, dev_key, audience).assertion()
                 anonymous.StartRun(start_run_request(), metadata=bearer(accepted), timeout=5)
                 used.append(accepted)
                 for token in refused:
@@ -88,7 +89,7 @@ def test_no_credential_key_or_token_appears_in_the_logs(tmp_path: Path) -> None:
     assert "created a DEVELOPMENT policy" in text and "policy reload failed" in text
     assert "call refused" in text, "refusals were logged, so the scan means something"
     leaks = [*used, *(t.split(".")[-1] for t in used if t.count(".") == 2)]
-    leaks += secrets_of((data / "dev-admin-key.pem").read_bytes())
+    leaks += secrets_of((data / dev.KEY_FILE).read_bytes())
     leaks += secrets_of(orchestrator.private_pem)
     for secret in leaks:
         assert secret not in text

@@ -19,6 +19,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from broker.api.server import create_server
 from broker.app import build_broker
+from broker.policy import dev
 from broker.policy.file import PolicyError, load_policy
 from broker.policy.model import Role, Scope
 from broker.runs.model import PipelineRef
@@ -31,8 +32,9 @@ from tests.accounts import (
     standard_accounts,
 )
 from tests.conftest import make_settings
-from tests.support import REPO, start_broker_process, start_run_request
+from tests.support import REPO, eventually, start_broker_process, start_run_request
 from tokenbroker.credentials import assertion_credentials, dev_admin_credentials, local_channel
+from tokenbroker.defaults import DEV_CLIENT_FILE
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 ORCHESTRATOR = standard_accounts()["orchestrator"]
@@ -228,14 +230,14 @@ def test_first_start_without_a_policy_writes_a_dev_policy_and_key_a_local_client
     server = create_server(make_settings(data))
     server.start()
     try:
-        for name in ("dev-policy.toml", "dev-admin-key.pem", "dev-admin.json"):
+        for name in (dev.POLICY_FILE, dev.KEY_FILE, DEV_CLIENT_FILE):
             assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
         assert "created a DEVELOPMENT policy" in caplog.text
-        assert (data / "dev-admin-key.pem").read_text() not in caplog.text
+        assert (data / dev.KEY_FILE).read_text() not in caplog.text
         with local_channel(server.target, dev_admin_credentials(data)) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
             run = stub.StartRun(start_run_request(), timeout=5).run
-            assert run.triggered_via == "dev-admin"
+            assert run.triggered_via == dev.ACCOUNT
             events = list(
                 stub.StreamAudit(broker_pb2.StreamAuditRequest(stop_at_head=True), timeout=5)
             )
@@ -243,10 +245,10 @@ def test_first_start_without_a_policy_writes_a_dev_policy_and_key_a_local_client
             assert actions == ["policy.loaded", "key.created", "run.started"]
     finally:
         server.stop(grace=0.5)
-    key_before = (data / "dev-admin-key.pem").read_bytes()
+    key_before = (data / dev.KEY_FILE).read_bytes()
     again = create_server(make_settings(data))
     again.stop(grace=0)
-    assert (data / "dev-admin-key.pem").read_bytes() == key_before, "reused, not replaced"
+    assert (data / dev.KEY_FILE).read_bytes() == key_before, "reused, not replaced"
 
 
 def test_invalid_policy_at_start_opens_nothing(tmp_path: Path) -> None:
@@ -333,10 +335,10 @@ def test_sighup_reloads_the_policy_of_a_running_broker(tmp_path: Path) -> None:
         newcomer = new_account("newcomer", ["orchestrator"])
         policy_path.write_text(policy_toml([ROOT, newcomer]))
         os.kill(broker.process.pid, signal.SIGHUP)
-        _wait_for(lambda: broker.logs().count('"policy loaded"') >= 2)
+        eventually(lambda: broker.logs().count('"policy loaded"') >= 2, what="a reload")
         policy_path.write_text("[accounts.broken\n")
         os.kill(broker.process.pid, signal.SIGHUP)
-        _wait_for(lambda: "policy reload failed" in broker.logs())
+        eventually(lambda: "policy reload failed" in broker.logs(), what="a failed reload")
         as_newcomer = assertion_credentials(
             newcomer.name, newcomer.private_pem, "https://broker.test", key_id=newcomer.kid
         )
@@ -355,17 +357,9 @@ def test_sighup_reloads_the_policy_of_a_running_broker(tmp_path: Path) -> None:
             "policy.reload_failed",
             "run.started",
         ]
-        assert not (tmp_path / "data" / "dev-policy.toml").exists()
+        assert not (tmp_path / "data" / dev.POLICY_FILE).exists()
     finally:
         assert broker.terminate_and_wait() == 0
-
-
-def _wait_for(condition: object, within: float = 10) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.mark.slow

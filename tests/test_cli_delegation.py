@@ -66,11 +66,6 @@ ORCHESTRATOR = new_account(
 AUDITOR = new_account("siem", ["auditor"])
 
 
-@pytest.fixture(scope="module")
-def idp() -> TestIdentityProvider:
-    return TestIdentityProvider(IDP_ISSUER)
-
-
 @pytest.fixture
 def portal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], idp: TestIdentityProvider

@@ -22,10 +22,9 @@ import pytest
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
-from tests.audit_support import FakeClock
 from tests.cli_support import closed_port
 from tests.conftest import make_settings
-from tests.support import REPO
+from tests.support import REPO, FakeClock
 from tokenbroker import BrokerClient
 
 pytestmark = pytest.mark.slow

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from broker.api.server import BrokerServer
-from tests.cli_support import local_broker, point_at, run_cli
-
-
-@pytest.fixture
-def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerServer]:
-    with local_broker(tmp_path / "data") as running:
-        point_at(monkeypatch, running)
-        yield running
+from tests.cli_support import run_cli
 
 
 def test_keys_list_needs_no_credential_and_shows_the_active_key_and_issuer(

@@ -5,21 +5,12 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from broker.api.server import BrokerServer
-from tests.cli_support import Result, local_broker, point_at, run_cli
+from tests.cli_support import Result, run_cli
 from tests.support import UNKNOWN_RUN_ID
-
-
-@pytest.fixture
-def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerServer]:
-    with local_broker(tmp_path / "data") as running:
-        point_at(monkeypatch, running)
-        yield running
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -16,15 +15,8 @@ import jwt
 import pytest
 
 from broker.api.server import BrokerServer
-from tests.cli_support import Result, local_broker, point_at, run_cli
+from tests.cli_support import Result, run_cli
 from tests.support import REPO
-
-
-@pytest.fixture
-def broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerServer]:
-    with local_broker(tmp_path / "data") as running:
-        point_at(monkeypatch, running)
-        yield running
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> Result:

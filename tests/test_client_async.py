@@ -10,7 +10,7 @@ import pytest
 
 from broker.api.server import BrokerServer
 from tests.clientsupport import client_credentials
-from tests.support import UNKNOWN_RUN_ID
+from tests.support import UNKNOWN_RUN_ID, eventually_async
 from tokenbroker import AsyncBrokerClient, InvalidRequest, NotFound, RunNotActive, aio
 from tokenbroker.v1 import types_pb2
 
@@ -76,10 +76,7 @@ def test_an_async_audit_stream_follows_live_until_cancelled(server: BrokerServer
 
         reader = asyncio.ensure_future(read())
         started = await client.start_run("acme", "web", "deploy", ceiling={"a": "read"})
-        for _ in range(500):
-            if seen:
-                break
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: seen, what="the stream to deliver the run's event")
         stream.cancel()  # while the reader waits for the next event
         await asyncio.wait_for(reader, timeout=5)
         assert seen == [started.run.run_id]

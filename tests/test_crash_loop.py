@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from tests.faults_support import (
     env_int,
     pipeline_worker,
 )
+from tests.support import hold_load
 from tokenbroker.v1 import broker_pb2, types_pb2
 
 pytestmark = pytest.mark.slow
@@ -51,10 +51,10 @@ def test_acknowledged_writes_survive_sigkill_at_random_moments_under_load(
     kills = env_int("TOKEN_BROKER_CRASH_KILLS", 10)
     try:
         for _ in range(kills):
-            time.sleep(random.uniform(0.2, 1.2))  # a random moment under load
+            hold_load(random.uniform(0.2, 1.2))  # a random moment under load
             broker.kill()
             broker.start()
-        time.sleep(0.5)
+        hold_load(0.5)
     finally:
         stop.set()
         for worker in workers:

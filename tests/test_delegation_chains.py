@@ -28,7 +28,7 @@ from broker.policy.file import PolicyError, load_policy
 from broker.runs.model import PipelineRef
 from tests.accounts import Account, Callers, new_account, write_policy
 from tests.conftest import make_settings
-from tests.support import details, perms, pipeline, rpc_error
+from tests.support import details, eventually, perms, pipeline, rpc_error
 from tokenbroker.credentials import assertion_credentials
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from tokenbroker.verification import TokenStatus
@@ -203,10 +203,7 @@ def token_status(world: World, token: str) -> int:
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll for something another thread does (the reaper); bounded."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
+    eventually(condition, within=timeout, interval=0.02)
 
 
 # --- scope: the root delegator's, as the policy says now --------------------------------------

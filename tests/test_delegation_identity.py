@@ -23,11 +23,6 @@ AUDIENCE = "token-broker"
 
 
 @pytest.fixture(scope="module")
-def idp() -> TestIdentityProvider:
-    return TestIdentityProvider("https://idp.example.com")
-
-
-@pytest.fixture(scope="module")
 def rules(idp: TestIdentityProvider) -> DelegationRules:
     keys = JwksCache(idp.jwks)
     trusted = TrustedIdp(idp.issuer, AUDIENCE, keys.find)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from broker.cli import main as cli
 from tests.accounts import callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.disk_support import SmallDisk, small_disk
-from tests.support import details, rpc_error, start_broker_process, start_run_request
+from tests.support import details, reached, rpc_error, start_broker_process, start_run_request
 from tokenbroker.credentials import dev_admin_credentials, local_channel
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
@@ -44,12 +43,7 @@ def _health(channel: grpc.Channel, service: str) -> int:
 
 
 def _eventually(condition: Callable[[], bool], within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
+    return reached(condition, within=within)
 
 
 def _tampered(token: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from tests.faults_support import (
     env_int,
     pipeline_worker,
 )
+from tests.support import hold_load
 from tokenbroker.v1 import types_pb2
 
 pytestmark = pytest.mark.slow
@@ -43,10 +43,10 @@ def test_every_revoke_run_of_a_retrying_client_ends_its_run_across_sigterm_resta
     restarts = env_int("TOKEN_BROKER_DRAIN_RESTARTS", 5)
     try:
         for _ in range(restarts):
-            time.sleep(random.uniform(0.3, 1.0))  # under load for a random while
+            hold_load(random.uniform(0.3, 1.0))  # under load for a random while
             assert broker.terminate() == 0, broker.logs()
             broker.start()
-        time.sleep(0.5)
+        hold_load(0.5)
     finally:
         stop.set()
         for worker in workers:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,9 @@ from broker.identity import Person, VerificationMethod
 from broker.runs.model import PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
 from tests.accounts import Callers, callers_of, standard_accounts
-from tests.audit_support import FakeClock
 from tests.conftest import make_settings, standard_policy
 from tests.otel_support import in_memory_sdk
-from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
+from tests.support import UNKNOWN_RUN_ID, FakeClock, eventually, rpc_error, start_run_request
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -39,14 +38,6 @@ def retry_delay(error: grpc.RpcError) -> float:
         if detail.Unpack(info):
             return float(info.retry_delay.ToMilliseconds()) / 1000
     raise AssertionError("no RetryInfo")
-
-
-def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait (bounded) for something another thread does, e.g. a stream letting go."""
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from tests.conftest import make_settings, standard_policy
 from tests.otel_support import OtlpReceiver, otlp_attributes, start_otlp_receiver
 from tests.support import start_broker_process, start_run_request
 from tokenbroker.credentials import dev_admin_credentials, local_channel
+from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.v1 import broker_pb2_grpc
 
 START_RUN = "tokenbroker.v1.TokenBrokerService/StartRun"
@@ -72,7 +73,7 @@ def test_spans_and_metrics_reach_the_otlp_endpoint_from_the_environment(
         server.stop(grace=0.5)
         providers.shutdown(timeout=10)  # flushes both exporters
     resource, span = receiver.wait_for_span(START_RUN)
-    assert resource["service.name"] == "token-broker"
+    assert resource["service.name"] == SERVICE_NAME
     assert resource["service.version"] == __version__
     assert resource["deployment.environment"] == "test"
     attributes = otlp_attributes(span.attributes)
@@ -99,6 +100,6 @@ def test_served_broker_exports_spans_to_the_configured_endpoint(
         assert broker.terminate_and_wait() == 0, broker.logs()
     # Shutdown flushed the batch: the span is there without waiting for the schedule.
     resource, span = receiver.wait_for_span(START_RUN, timeout=5)
-    assert resource["service.name"] == "token-broker"
+    assert resource["service.name"] == SERVICE_NAME
     assert otlp_attributes(span.attributes)["cicd.pipeline.run.id"] == run.run.run_id
     assert not receiver.metric_names()

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.support import REPO, start_broker_process, start_run_request
+from tests.support import REPO, eventually, start_broker_process, start_run_request
 from tokenbroker.credentials import dev_admin_credentials, local_channel
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
@@ -40,10 +40,7 @@ def test_sigterm_during_open_audit_stream_exits_zero_within_five_seconds(tmp_pat
                 stream_ended.set()
 
         threading.Thread(target=consume, daemon=True).start()
-        deadline = time.monotonic() + 10
-        while not received and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert received, "the stream delivered the stored event before shutdown"
+        eventually(lambda: received, what="the stream to deliver the stored event")
         started = time.monotonic()
         broker.process.send_signal(signal.SIGTERM)
         code = broker.process.wait(timeout=10)

@@ -10,7 +10,19 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.support import UNKNOWN_RUN_ID, details, perms, pipeline, rpc_error, start_run_request
+from broker.api.server import BrokerServer
+from broker.runs.model import ExpiryReason
+from tests.support import (
+    UNKNOWN_RUN_ID,
+    ShiftedClock,
+    details,
+    eventually,
+    perms,
+    pipeline,
+    reap,
+    rpc_error,
+    start_run_request,
+)
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -108,33 +120,46 @@ def test_revoke_ends_a_run_once_and_reports_repeat_calls(stub: Stub) -> None:
 
 
 def test_run_past_its_deadline_expires_without_anyone_ending_it(
-    stub: Stub, auditor_stub: Stub
+    stub: Stub, auditor_stub: Stub, server: BrokerServer, clock: ShiftedClock
 ) -> None:
     run_id = stub.StartRun(
         start_run_request(deadline=duration_pb2.Duration(seconds=1)), timeout=5
     ).run.run_id
-    run = _wait_for_state(stub, run_id, types_pb2.RUN_STATE_EXPIRED, within=5)
-    assert run.end_reason == "deadline passed"
-    # Expired for readers at the deadline; recorded when the reaper next passes.
-    deadline = time.monotonic() + 5
-    while len(events := _audit(auditor_stub, run_id)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    clock.advance(1.5)
+    reap(server)
+    run = stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5).run
+    assert run.state == types_pb2.RUN_STATE_EXPIRED
+    assert run.end_reason == ExpiryReason.DEADLINE_PASSED.value
+    events = _audit(auditor_stub, run_id)
     assert [e.action for e in events] == ["run.started", "run.expired"]
 
 
-def test_lease_lapses_unless_renewed(stub: Stub) -> None:
-    lease = duration_pb2.Duration(seconds=1)
+def test_the_reaper_thread_expires_due_runs_by_itself(stub: Stub, clock: ShiftedClock) -> None:
+    second = duration_pb2.Duration(seconds=1)
+    run_id = stub.StartRun(start_run_request(deadline=second), timeout=5).run.run_id
+    clock.advance(1.5)  # nobody calls the expiry pass: the broker's reaper does, every 0.1 s
+
+    def state() -> int:
+        return stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5).run.state
+
+    eventually(lambda: state() == types_pb2.RUN_STATE_EXPIRED, what="the reaper's pass")
+
+
+def test_lease_lapses_unless_renewed(stub: Stub, server: BrokerServer, clock: ShiftedClock) -> None:
+    lease = duration_pb2.Duration(seconds=10)
     renewed_id = stub.StartRun(start_run_request(lease=lease), timeout=5).run.run_id
     lapsing_id = stub.StartRun(start_run_request(lease=lease), timeout=5).run.run_id
-    finish = time.monotonic() + 3.5  # several lease periods
-    while time.monotonic() < finish:
+    # Renewed every 6 s of broker time (the clock also runs with the wall clock: the margin
+    # of 4 s is for a slow machine), over several lease periods.
+    for _ in range(5):
         stub.RenewRun(broker_pb2.RenewRunRequest(run_id=renewed_id), timeout=5)
-        time.sleep(0.3)
+        clock.advance(6)
+        reap(server)
     renewed = stub.GetRun(broker_pb2.GetRunRequest(run_id=renewed_id), timeout=5).run
     assert renewed.state == types_pb2.RUN_STATE_ACTIVE
     lapsed = stub.GetRun(broker_pb2.GetRunRequest(run_id=lapsing_id), timeout=5).run
     assert lapsed.state == types_pb2.RUN_STATE_EXPIRED
-    assert lapsed.end_reason == "lease lapsed"
+    assert lapsed.end_reason == ExpiryReason.LEASE_LAPSED.value
     error = rpc_error(lambda: stub.RenewRun(broker_pb2.RenewRunRequest(run_id=lapsing_id)))
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
 
@@ -169,16 +194,6 @@ def test_every_response_carries_a_request_id_and_echoes_a_valid_one(stub: Stub) 
     assert any(
         k == "x-request-id" and str(v).startswith("req-") for k, v in call.initial_metadata()
     )
-
-
-def _wait_for_state(stub: Stub, run_id: str, state: int, within: float) -> types_pb2.Run:
-    deadline = time.monotonic() + within
-    while True:
-        run = stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5).run
-        if run.state == state or time.monotonic() > deadline:
-            assert run.state == state
-            return run
-        time.sleep(0.05)
 
 
 def _audit(stub: Stub, run_id: str) -> list[types_pb2.AuditEvent]:

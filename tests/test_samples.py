@@ -3,7 +3,6 @@ that verifies offline, the run ends, and the same token is then refused with "ru
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from broker.api.server import BrokerServer, create_server
 from tests.accounts import standard_accounts
 from tests.clientsupport import client_credentials
 from tests.conftest import make_settings, standard_policy
+from tests.support import eventually
 from tokenbroker import BrokerClient
 from tokenbroker.credentials import assertion_credentials
 from tokenbroker.errors import RunNotActive, Unavailable
@@ -68,12 +68,14 @@ def hand_over(
 
 def answer_once_refused(api: SampleApi, token: str, within: float = 2.0) -> ApiAnswer:
     """The API's answer, polled until it refuses the token (revocations arrive by stream)."""
-    deadline = time.monotonic() + within
-    answer = call_api(api.url, token)
-    while answer.status == 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
-        answer = call_api(api.url, token)
-    return answer
+    answers: list[ApiAnswer] = []
+
+    def refused() -> bool:
+        answers.append(call_api(api.url, token))
+        return answers[-1].status != 200
+
+    eventually(refused, within=within, what="the API to refuse the token")
+    return answers[-1]
 
 
 def test_the_sample_executor_runs_a_step_against_the_api_and_then_ends_the_run(

@@ -25,6 +25,7 @@ from tests.faults_support import (
     env_int,
     process_usage,
 )
+from tests.support import hold_load, reached
 from tokenbroker import BrokerClient
 from tokenbroker.errors import PermissionDenied, RunNotActive
 from tokenbroker.v1 import broker_pb2
@@ -171,12 +172,8 @@ def _load(broker: RestartableBroker, seconds: float) -> tuple[Ledger, collection
 
 def _settled(pid: int, sockets_at_most: int, within: float = 15.0) -> Usage:
     """The process's usage once its sockets came down to `sockets_at_most` (or time ran out)."""
-    deadline = time.monotonic() + within
-    usage = process_usage(pid)
-    while usage.sockets > sockets_at_most and time.monotonic() < deadline:
-        time.sleep(0.1)
-        usage = process_usage(pid)
-    return usage
+    reached(lambda: process_usage(pid).sockets <= sockets_at_most, within=within, interval=0.1)
+    return process_usage(pid)
 
 
 def test_sixty_four_clients_mixing_every_rpc_see_no_error_and_leave_no_fd_or_memory_behind(
@@ -189,7 +186,7 @@ def test_sixty_four_clients_mixing_every_rpc_see_no_error_and_leave_no_fd_or_mem
         # Warm-up with the same mix: worker threads, their SQLite readers and the caches
         # exist from here on; the baseline is taken once it has gone quiet.
         _load(broker, WARM_UP)
-        time.sleep(1.0)
+        hold_load(1.0)  # quiet: the warm-up connections close
         baseline = process_usage(process.process.pid)
         first, first_denials = _load(broker, seconds / 2)
         middle = _settled(process.process.pid, sockets_at_most=baseline.sockets)

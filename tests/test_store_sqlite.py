@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ from broker.store.factory import OpenOptions, StoreUrl, open_store, parse
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import DB_FILENAME, SqliteStore, migrations
 from tests.storage_support import holding_write_lock
+from tests.support import eventually
 from tests.test_store_contract import checkpoint_of, event, make_run
 
 
@@ -223,9 +223,11 @@ def test_writes_queued_behind_a_commit_share_one_transaction_and_a_conflict_undo
     writers = [threading.Thread(target=write, args=(name,)) for name in names]
     for thread in writers:
         thread.start()
-    deadline = time.monotonic() + 10
-    while store._queue.qsize() < len(names) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    eventually(
+        lambda: store._queue.qsize() >= len(names),
+        interval=0.005,
+        what="every writer queued behind the held commit",
+    )
     transactions.clear()
     release.set()
     for thread in (first, *writers):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +29,11 @@ from broker.telemetry.logs import JsonFormatter, TraceContext
 from broker.telemetry.otel import annotate_call
 from tests.accounts import root_channel
 from tests.conftest import make_settings, standard_policy
-from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
-from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
+from tests.otel_support import InMemorySdk, attributes_of, trace_id_of
+from tests.support import UNKNOWN_RUN_ID, ShiftedClock, reap, rpc_error, start_run_request
 from tokenbroker import tracing
-from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+from tokenbroker.defaults import SERVICE_NAME
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
 
@@ -41,25 +41,6 @@ CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN_ID = "00f067aa0ba902b7"
 TRACEPARENT = ("traceparent", f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01")
 SPOOFED_BAGGAGE = ("baggage", "enduser.id=mallory%40evil.example,cicd.pipeline.run.id=r-forged")
-
-
-@pytest.fixture
-def sdk() -> Iterator[InMemorySdk]:
-    recorded = in_memory_sdk("token-broker")
-    yield recorded
-    recorded.shutdown()
-
-
-@pytest.fixture
-def traced(tmp_path: Path, sdk: InMemorySdk) -> Iterator[BrokerServer]:
-    server = create_server(
-        make_settings(tmp_path / "data", policy=standard_policy(tmp_path)),
-        tracer_provider=sdk.tracer_provider,
-        meter_provider=sdk.meter_provider,
-    )
-    server.start()
-    yield server
-    server.stop(grace=0.5)
 
 
 @pytest.fixture
@@ -83,10 +64,10 @@ def alice() -> Person:
 
 
 def test_start_run_span_follows_rpc_conventions_and_names_the_run(
-    traced_stub: Stub, sdk: InMemorySdk
+    traced_stub: Stub, broker_sdk: InMemorySdk
 ) -> None:
     response, call = traced_stub.StartRun.with_call(start_run_request(), timeout=5)
-    span = sdk.server_span("StartRun")
+    span = broker_sdk.server_span("StartRun")
     attributes = attributes_of(span)
     assert attributes["rpc.system"] == "grpc"
     assert attributes["rpc.service"] == "tokenbroker.v1.TokenBrokerService"
@@ -98,7 +79,7 @@ def test_start_run_span_follows_rpc_conventions_and_names_the_run(
     assert attributes["tokenbroker.principal"] == "root"
     assert "enduser.id" not in attributes, "StartRun runs have no person"
     assert span.status.status_code is StatusCode.UNSET
-    assert span.resource.attributes["service.name"] == "token-broker"
+    assert span.resource.attributes["service.name"] == SERVICE_NAME
     # The caller learns the run's trace context with the answer.
     assert tracing.run_baggage_of(call.trailing_metadata()) == {
         "cicd.pipeline.run.id": response.run.run_id,
@@ -107,18 +88,20 @@ def test_start_run_span_follows_rpc_conventions_and_names_the_run(
     }
 
 
-def test_revoke_run_span_names_the_run_it_ended(traced_stub: Stub, sdk: InMemorySdk) -> None:
+def test_revoke_run_span_names_the_run_it_ended(traced_stub: Stub, broker_sdk: InMemorySdk) -> None:
     run = traced_stub.StartRun(start_run_request(), timeout=5).run
     traced_stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run.run_id), timeout=5)
-    attributes = attributes_of(sdk.server_span("RevokeRun"))
+    attributes = attributes_of(broker_sdk.server_span("RevokeRun"))
     assert attributes["cicd.pipeline.run.id"] == run.run_id
     assert attributes["cicd.pipeline.name"] == "acme/payments/deploy"
     assert attributes["rpc.grpc.status_code"] == 0
 
 
-def test_audit_events_carry_the_trace_id_of_the_call(traced_stub: Stub, sdk: InMemorySdk) -> None:
+def test_audit_events_carry_the_trace_id_of_the_call(
+    traced_stub: Stub, broker_sdk: InMemorySdk
+) -> None:
     run = traced_stub.StartRun(start_run_request(), metadata=(TRACEPARENT,), timeout=5).run
-    span = sdk.server_span("StartRun")
+    span = broker_sdk.server_span("StartRun")
     assert trace_id_of(span) == CALLER_TRACE_ID
     assert span.parent is not None and format_span_id(span.parent.span_id) == CALLER_SPAN_ID
     (started,) = [e.event for e in audit_events(traced_stub) if e.event.run_id == run.run_id]
@@ -134,7 +117,7 @@ def test_audit_events_carry_the_callers_trace_id_even_with_telemetry_off(
 
 
 def test_spoofed_baggage_person_reaches_no_record_no_audit_event_and_no_span(
-    traced_stub: Stub, sdk: InMemorySdk
+    traced_stub: Stub, broker_sdk: InMemorySdk
 ) -> None:
     response, call = traced_stub.StartRun.with_call(
         start_run_request(), metadata=(SPOOFED_BAGGAGE,), timeout=5
@@ -150,17 +133,17 @@ def test_spoofed_baggage_person_reaches_no_record_no_audit_event_and_no_span(
     assert events
     assert all(not e.event.HasField("on_behalf_of") for e in events)
     assert "mallory" not in str(events)
-    for span in sdk.spans():
+    for span in broker_sdk.spans():
         assert "mallory" not in repr(attributes_of(span)), span.name
         assert "r-forged" not in repr(attributes_of(span)), span.name
-    assert attributes_of(sdk.server_span("StartRun"))["cicd.pipeline.run.id"] == run_id
+    assert attributes_of(broker_sdk.server_span("StartRun"))["cicd.pipeline.run.id"] == run_id
     reply = tracing.baggage_of(call.trailing_metadata())
     assert reply["cicd.pipeline.run.id"] == run_id
     assert "enduser.id" not in reply
 
 
 def test_person_on_the_span_comes_from_the_run_record_not_from_baggage(
-    traced: BrokerServer, traced_stub: Stub, sdk: InMemorySdk
+    traced: BrokerServer, traced_stub: Stub, broker_sdk: InMemorySdk
 ) -> None:
     portal = Principal(PrincipalKind.SERVICE_ACCOUNT, "deploy-portal")
     spec = RunSpec(PipelineRef("acme", "web", "deploy"), PermissionSet.of({"artifacts": "read"}))
@@ -174,7 +157,7 @@ def test_person_on_the_span_comes_from_the_run_record_not_from_baggage(
     traced_stub.GetRun(
         broker_pb2.GetRunRequest(run_id=run.run_id), metadata=(SPOOFED_BAGGAGE,), timeout=5
     )
-    attributes = attributes_of(sdk.server_span("GetRun"))
+    attributes = attributes_of(broker_sdk.server_span("GetRun"))
     assert attributes["enduser.id"] == "alice@example.com"
     assert attributes["tokenbroker.verification_method"] == "idp_verified"
     assert attributes["tokenbroker.triggered_via"] == "deploy-portal"
@@ -182,13 +165,13 @@ def test_person_on_the_span_comes_from_the_run_record_not_from_baggage(
 
 
 def test_refused_call_records_its_status_code_without_blaming_the_server(
-    traced_stub: Stub, sdk: InMemorySdk
+    traced_stub: Stub, broker_sdk: InMemorySdk
 ) -> None:
     error = rpc_error(
         lambda: traced_stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=UNKNOWN_RUN_ID), timeout=5)
     )
     assert error.code() is grpc.StatusCode.NOT_FOUND
-    span = sdk.server_span("RevokeRun")
+    span = broker_sdk.server_span("RevokeRun")
     assert attributes_of(span)["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
     assert attributes_of(span)["error.type"] == "NOT_FOUND"
     # Semantic conventions: a client's mistake is not a server error.
@@ -201,14 +184,14 @@ class BrokenStore(MemoryStore):
 
 
 def test_internal_error_marks_the_span_and_its_log_line_carries_the_trace(
-    tmp_path: Path, sdk: InMemorySdk
+    tmp_path: Path, broker_sdk: InMemorySdk
 ) -> None:
     settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
     broker = build_broker(
         settings,
         store=BrokenStore(),
-        tracer_provider=sdk.tracer_provider,
-        meter_provider=sdk.meter_provider,
+        tracer_provider=broker_sdk.tracer_provider,
+        meter_provider=broker_sdk.meter_provider,
     )
     server = create_server(settings, broker=broker)
     server.start()
@@ -221,7 +204,7 @@ def test_internal_error_marks_the_span_and_its_log_line_carries_the_trace(
         finally:
             server.stop(grace=0.5)
     assert error.code() is grpc.StatusCode.INTERNAL
-    span = sdk.server_span("ListRuns")
+    span = broker_sdk.server_span("ListRuns")
     assert span.status.status_code is StatusCode.ERROR
     assert attributes_of(span)["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
     (failed,) = [line for line in lines() if line["msg"] == "call failed"]
@@ -230,39 +213,45 @@ def test_internal_error_marks_the_span_and_its_log_line_carries_the_trace(
 
 
 def test_stream_audit_span_ends_with_the_stream_and_names_the_filtered_run(
-    traced_stub: Stub, sdk: InMemorySdk
+    traced_stub: Stub, broker_sdk: InMemorySdk
 ) -> None:
     run = traced_stub.StartRun(start_run_request(), timeout=5).run
     request = broker_pb2.StreamAuditRequest(
         stop_at_head=True, filter=broker_pb2.AuditFilter(run_id=run.run_id)
     )
     assert len(list(traced_stub.StreamAudit(request, timeout=5))) == 1
-    attributes = attributes_of(sdk.server_span("StreamAudit"))
+    attributes = attributes_of(broker_sdk.server_span("StreamAudit"))
     assert attributes["cicd.pipeline.run.id"] == run.run_id
     assert attributes["rpc.grpc.status_code"] == 0
 
 
 def test_metrics_count_runs_revocations_and_latency_but_never_label_a_run(
-    traced_stub: Stub, sdk: InMemorySdk
+    traced_stub: Stub, broker_sdk: InMemorySdk
 ) -> None:
     run = traced_stub.StartRun(start_run_request(), timeout=5).run
     for _ in range(2):
         traced_stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run.run_id), timeout=5)
     traced_stub.GetRun(broker_pb2.GetRunRequest(run_id=run.run_id), timeout=5)
 
-    assert sdk.total("tokenbroker.runs.started", **{"tokenbroker.run.delegated": False}) == 1
-    assert sdk.total("tokenbroker.runs.ended") == 1
+    assert broker_sdk.total("tokenbroker.runs.started", **{"tokenbroker.run.delegated": False}) == 1
+    assert broker_sdk.total("tokenbroker.runs.ended") == 1
     assert (
-        sdk.total("tokenbroker.runs.revocations", **{"tokenbroker.revocation.already_ended": False})
+        broker_sdk.total(
+            "tokenbroker.runs.revocations", **{"tokenbroker.revocation.already_ended": False}
+        )
         == 1
     )
     assert (
-        sdk.total("tokenbroker.runs.revocations", **{"tokenbroker.revocation.already_ended": True})
+        broker_sdk.total(
+            "tokenbroker.runs.revocations", **{"tokenbroker.revocation.already_ended": True}
+        )
         == 1
     )
-    latency = {p.attributes["rpc.method"]: p.count for p in sdk.points("rpc.server.call.duration")}
+    latency = {
+        p.attributes["rpc.method"]: p.count for p in broker_sdk.points("rpc.server.call.duration")
+    }
     assert latency == {"StartRun": 1, "RevokeRun": 2, "GetRun": 1}
-    data = sdk.reader.get_metrics_data()
+    data = broker_sdk.reader.get_metrics_data()
     assert data is not None
     labels = repr(
         [
@@ -276,69 +265,69 @@ def test_metrics_count_runs_revocations_and_latency_but_never_label_a_run(
     assert run.run_id not in labels
 
 
-def test_expired_runs_are_counted_by_reason(traced_stub: Stub, sdk: InMemorySdk) -> None:
-    request = start_run_request(deadline=duration_pb2.Duration(seconds=1))
-    run_id = traced_stub.StartRun(request, timeout=5).run.run_id
-    state = traced_stub.GetRun(broker_pb2.GetRunRequest(run_id=run_id), timeout=5).run.state
-    assert state == types_pb2.RUN_STATE_ACTIVE
-    # GetRun says EXPIRED from the deadline on; the count comes when the reaper records it.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if sdk.total("tokenbroker.runs.expired", **{"tokenbroker.run.expiry_reason": "deadline"}):
-            break
-        time.sleep(0.1)
-    assert (
-        sdk.total("tokenbroker.runs.expired", **{"tokenbroker.run.expiry_reason": "deadline"}) == 1
-    )
+def test_expired_runs_are_counted_by_reason(
+    traced_stub: Stub, traced: BrokerServer, broker_sdk: InMemorySdk, clock: ShiftedClock
+) -> None:
+    second = duration_pb2.Duration(seconds=1)
+    traced_stub.StartRun(start_run_request(deadline=second), timeout=5)
+    traced_stub.StartRun(start_run_request(lease=second), timeout=5)
+    traced_stub.StartRun(start_run_request(lease=second), timeout=5)
+    clock.advance(1.5)
+    reap(traced)
+    expired = "tokenbroker.runs.expired"
+    assert broker_sdk.total(expired, **{"tokenbroker.run.expiry_reason": "deadline"}) == 1
+    assert broker_sdk.total(expired, **{"tokenbroker.run.expiry_reason": "lease"}) == 2
 
 
-def test_audit_subscribers_and_lag_are_observed(traced_stub: Stub, sdk: InMemorySdk) -> None:
+def test_audit_subscribers_and_lag_are_observed(traced_stub: Stub, broker_sdk: InMemorySdk) -> None:
     traced_stub.StartRun(start_run_request(), timeout=5)
     request = broker_pb2.StreamAuditRequest(filter=broker_pb2.AuditFilter(actions=["run.started"]))
     stream = traced_stub.StreamAudit(request, timeout=10)
     try:
         assert next(stream).event.action == "run.started"
-        assert sdk.total("tokenbroker.audit.subscribers") == 1
+        assert broker_sdk.total("tokenbroker.audit.subscribers") == 1
     finally:
         stream.cancel()
-    (lag,) = sdk.points("tokenbroker.audit.stream.lag")
+    (lag,) = broker_sdk.points("tokenbroker.audit.stream.lag")
     assert lag.count == 1 and lag.sum == 0
 
 
 def test_token_helpers_count_by_audience_outcome_and_result(
-    traced: BrokerServer, sdk: InMemorySdk
+    traced: BrokerServer, broker_sdk: InMemorySdk
 ) -> None:
     telemetry = traced.broker.telemetry
     telemetry.token_issued("payments-api", "issued")
     telemetry.token_issued("payments-api", "refused")
     telemetry.token_verified("expired")
     issued = {"tokenbroker.token.audience": "payments-api", "tokenbroker.token.outcome": "issued"}
-    assert sdk.total("tokenbroker.tokens.issued", **issued) == 1
-    assert sdk.total("tokenbroker.tokens.issued") == 2
+    assert broker_sdk.total("tokenbroker.tokens.issued", **issued) == 1
+    assert broker_sdk.total("tokenbroker.tokens.issued") == 2
     assert (
-        sdk.total(
+        broker_sdk.total(
             "tokenbroker.tokens.verifications", **{"tokenbroker.verification.result": "expired"}
         )
         == 1
     )
 
 
-def test_principal_name_and_method_are_recorded_from_authentication(sdk: InMemorySdk) -> None:
-    tracer = sdk.tracer_provider.get_tracer("test")
+def test_principal_name_and_method_are_recorded_from_authentication(
+    broker_sdk: InMemorySdk,
+) -> None:
+    tracer = broker_sdk.tracer_provider.get_tracer("test")
     portal = Principal(PrincipalKind.SERVICE_ACCOUNT, "deploy-portal", auth_method="mtls")
     with tracer.start_as_current_span("call"):
         annotate_call(CallContext(principal=portal, request_id="req-1"))
-    attributes = attributes_of(sdk.spans()[0])
+    attributes = attributes_of(broker_sdk.spans()[0])
     assert attributes["tokenbroker.principal"] == "deploy-portal"
     assert attributes["tokenbroker.principal.kind"] == "service_account"
     assert attributes["tokenbroker.principal.auth_method"] == "mtls"
     assert attributes["tokenbroker.request_id"] == "req-1"
 
 
-def test_log_lines_carry_the_trace_and_span_of_the_active_span(sdk: InMemorySdk) -> None:
+def test_log_lines_carry_the_trace_and_span_of_the_active_span(broker_sdk: InMemorySdk) -> None:
     log = logging.getLogger("tests.telemetry.logs")
     with captured_json_logs("tests.telemetry.logs") as lines:
-        with sdk.tracer_provider.get_tracer("test").start_as_current_span("work") as span:
+        with broker_sdk.tracer_provider.get_tracer("test").start_as_current_span("work") as span:
             log.info("inside")
         log.info("outside")
     inside, outside = lines()

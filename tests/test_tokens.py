@@ -6,7 +6,6 @@ import base64
 import hashlib
 import hmac
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +18,15 @@ from google.protobuf import duration_pb2
 from broker.api.server import BrokerServer, create_server
 from tests.accounts import callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
-from tests.support import as_dict, details, perms, rpc_error, start_run_request
+from tests.support import (
+    ShiftedClock,
+    as_dict,
+    details,
+    perms,
+    reap,
+    rpc_error,
+    start_run_request,
+)
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -88,29 +95,29 @@ def test_ended_run_mints_no_more_tokens(stub: Stub) -> None:
     assert "no longer active" in details(error)
 
 
-def test_token_of_run_past_its_deadline_is_rejected_with_run_expired(stub: Stub) -> None:
-    run = start(stub, deadline=duration_pb2.Duration(seconds=1)).run
+def test_token_of_run_past_its_deadline_is_rejected_with_run_expired(
+    stub: Stub, server: BrokerServer, clock: ShiftedClock
+) -> None:
+    run = start(stub, deadline=duration_pb2.Duration(seconds=10)).run
     token = issue(stub, run.run_id, ttl=duration_pb2.Duration(seconds=60)).token
-    time.sleep(1.2)
+    assert verify(stub, token).active
+    clock.advance(15)
+    reap(server)
     result = verify(stub, token)
-    # Expired either by the reaper or, before it runs, by the deadline check itself.
-    assert result.status == broker_pb2.TOKEN_STATUS_RUN_EXPIRED or (
-        result.status == broker_pb2.TOKEN_STATUS_EXPIRED
-    )
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        state = stub.GetRun(broker_pb2.GetRunRequest(run_id=run.run_id), timeout=5).run.state
-        if state == types_pb2.RUN_STATE_EXPIRED:
-            break
-        time.sleep(0.05)
+    assert result.status == broker_pb2.TOKEN_STATUS_RUN_EXPIRED
+    assert result.reason == "run expired"
+    state = stub.GetRun(broker_pb2.GetRunRequest(run_id=run.run_id), timeout=5).run.state
     assert state == types_pb2.RUN_STATE_EXPIRED
 
 
-def test_token_of_run_whose_lease_lapsed_is_rejected(stub: Stub) -> None:
-    run = start(stub, lease=duration_pb2.Duration(seconds=1)).run
+def test_token_of_run_whose_lease_lapsed_is_rejected(
+    stub: Stub, server: BrokerServer, clock: ShiftedClock
+) -> None:
+    run = start(stub, lease=duration_pb2.Duration(seconds=10)).run
     token = issue(stub, run.run_id).token
     assert verify(stub, token).active
-    time.sleep(1.3)
+    clock.advance(15)
+    reap(server)
     assert verify(stub, token).status == broker_pb2.TOKEN_STATUS_RUN_EXPIRED
 
 

@@ -9,7 +9,6 @@ baggage changes nothing — not a span, not an audit event, not a token.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,10 @@ from broker.api.server import BrokerServer, create_server
 from tests.accounts import Account, new_account, write_policy
 from tests.conftest import make_settings
 from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
+from tests.support import eventually
 from tokenbroker import BrokerClient, tracing
 from tokenbroker.credentials import assertion_credentials, local_channel
+from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.samples.api import SampleApi, call_api
 from tokenbroker.samples.executor import Execution, SampleExecutor
 from tokenbroker.samples.idp import TestIdentityProvider
@@ -118,7 +119,7 @@ def services(tmp_path: Path) -> Iterator[Services]:
     sdks = {
         # The portal and the broker take nothing from baggage onto their spans...
         "portal": in_memory_sdk("deploy-portal"),
-        "broker": in_memory_sdk("token-broker"),
+        "broker": in_memory_sdk(SERVICE_NAME),
         # ...the services that receive a run's context stamp its run entries on theirs.
         "executor": in_memory_sdk("sample-executor", [tracing.baggage_span_processor()]),
         "api": in_memory_sdk("sample-api", [tracing.baggage_span_processor()]),
@@ -195,12 +196,12 @@ def deploy_for_alice(services: Services, portal_baggage: Mapping[str, str]) -> D
 def api_spans_named(services: Services, name: str) -> list[ReadableSpan]:
     """The API's spans called `name`, waiting briefly for one: the API ends its span just
     after sending the answer, which its caller may already have read."""
-    deadline = time.monotonic() + 5
-    while True:
-        found = [s for s in services.sdks["api"].spans() if s.name == name]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.005)
+    return eventually(
+        lambda: [s for s in services.sdks["api"].spans() if s.name == name],
+        within=5,
+        interval=0.005,
+        what=f"the API's span {name!r}",
+    )
 
 
 def spans_of_the_run(services: Services) -> dict[str, list[ReadableSpan]]:

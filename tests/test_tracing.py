@@ -39,25 +39,6 @@ def portal() -> Iterator[InMemorySdk]:
 
 
 @pytest.fixture
-def broker_sdk() -> Iterator[InMemorySdk]:
-    recorded = in_memory_sdk("token-broker")
-    yield recorded
-    recorded.shutdown()
-
-
-@pytest.fixture
-def traced(tmp_path: Path, broker_sdk: InMemorySdk) -> Iterator[BrokerServer]:
-    server = create_server(
-        make_settings(tmp_path / "data", policy=standard_policy(tmp_path)),
-        tracer_provider=broker_sdk.tracer_provider,
-        meter_provider=broker_sdk.meter_provider,
-    )
-    server.start()
-    yield server
-    server.stop(grace=0.5)
-
-
-@pytest.fixture
 def portal_stub(traced: BrokerServer, portal: InMemorySdk) -> Iterator[Stub]:
     """The portal's stub: its channel goes through the client interceptor."""
     with root_channel(traced) as channel:

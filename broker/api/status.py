@@ -24,7 +24,6 @@ STATUS_OF: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
-    (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (errors.BrokerError, grpc.StatusCode.INTERNAL),
 )
 

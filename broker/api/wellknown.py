@@ -11,6 +11,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tokenbroker.defaults import SERVICE_NAME
+
 log = logging.getLogger(__name__)
 
 JWKS_PATH = "/.well-known/jwks.json"
@@ -52,7 +54,7 @@ class WellKnownServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            server_version = "token-broker"
+            server_version = SERVICE_NAME
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.context import CallContext
-from broker.identity import Person, VerificationMethod
+from broker.identity import Person
 from broker.runs.model import PipelineRef, Run
 
 GENESIS_HASH = "0" * 64
@@ -52,7 +52,6 @@ class Action:
     KEY_RETIRED = "key.retired"
     POLICY_LOADED = "policy.loaded"
     POLICY_RELOAD_FAILED = "policy.reload_failed"
-    BROKER_STARTED = "broker.started"
     AUDIT_PRUNED = "audit.pruned"
     IDEMPOTENCY_FORGOTTEN = "idempotency.forgotten"
 
@@ -106,19 +105,6 @@ def draft(
     )
 
 
-def _person_dict(person: Person | None) -> dict[str, str] | None:
-    if person is None:
-        return None
-    return {
-        "subject": person.subject,
-        "issuer": person.issuer,
-        "email": person.email,
-        "display_name": person.display_name,
-        "method": person.method.value,
-        "evidence_sha256": person.evidence_sha256,
-    }
-
-
 def time_us(time: float) -> int:
     """An event time as stored and hashed: integer microseconds."""
     return round(time * 1_000_000)
@@ -134,7 +120,7 @@ def to_record(sequence: int, draft: AuditDraft) -> dict[str, Any]:
         "action": draft.action,
         "outcome": draft.outcome.value,
         "principal": draft.principal,
-        "on_behalf_of": _person_dict(draft.on_behalf_of),
+        "on_behalf_of": None if draft.on_behalf_of is None else draft.on_behalf_of.as_record(),
         "run_id": draft.run_id,
         "pipeline": None
         if pipeline is None
@@ -178,16 +164,7 @@ def from_record(record: Mapping[str, Any]) -> AuditDraft:
         action=record["action"],
         outcome=Outcome(record["outcome"]),
         principal=record["principal"],
-        on_behalf_of=None
-        if person is None
-        else Person(
-            subject=person["subject"],
-            issuer=person["issuer"],
-            email=person["email"],
-            display_name=person["display_name"],
-            method=VerificationMethod(person["method"]),
-            evidence_sha256=person["evidence_sha256"],
-        ),
+        on_behalf_of=None if person is None else Person.from_record(person),
         run_id=record["run_id"],
         pipeline=None if pipeline is None else PipelineRef(**pipeline),
         trace_id=record["trace_id"],
@@ -216,7 +193,6 @@ class ChainWalker:
         self.expected_sequence = start_sequence
         self.expected_prev = start_prev_hash
         self.last_sequence: int | None = None
-        self.last_hash: str | None = None
         self.broken: ChainBreak | None = None
 
     def step(
@@ -227,7 +203,7 @@ class ChainWalker:
             self.broken = self._check(sequence, record, prev_hash, stored_hash)
             if self.broken is None:
                 self.expected_sequence = sequence + 1
-                self.expected_prev = self.last_hash = stored_hash
+                self.expected_prev = stored_hash
                 self.last_sequence = sequence
         return self.broken
 

@@ -19,8 +19,6 @@ from typing import Any, TextIO
 from broker.audit import events as audit
 from broker.store import CheckpointRecord, StoredEvent
 
-CHAIN_FIELDS = ("prev_hash", "hash")
-
 
 class MalformedLine(Exception):
     """A line of an exported file is not an exported audit event or checkpoint."""

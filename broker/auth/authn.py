@@ -252,8 +252,3 @@ def _bearer(value: str) -> str:
     if scheme.lower() != "bearer" or not credential:
         raise Unauthenticated("authorization metadata must be 'Bearer <credential>'")
     return credential
-
-
-def unsupported_run_credentials(token: str) -> Principal:
-    """Stand-in verifier until broker-issued run credentials exist."""
-    raise Unauthenticated("run credentials are not supported by this build yet")

@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 
 from broker.cli import common
-from tokenbroker.credentials import DEV_CLIENT_FILE, AssertionSigner
+from tokenbroker.credentials import AssertionSigner
+from tokenbroker.defaults import DEV_CLIENT_FILE
 
 
 def add_command(commands: common.Commands) -> None:

@@ -32,9 +32,10 @@ import grpc
 
 from broker import errors as domain
 from broker.policy.file import PolicyError
-from tokenbroker.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, BrokerClient, local_credentials
+from tokenbroker.client import DEFAULT_TIMEOUT, BrokerClient, local_credentials
 from tokenbroker.connect import ENV_TARGET, RunEnvironment, Tls, TlsOptions
 from tokenbroker.credentials import assertion_credentials, bearer_credentials
+from tokenbroker.defaults import DEFAULT_TARGET
 from tokenbroker.errors import (
     BrokerError,
     ConfigurationError,

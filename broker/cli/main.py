@@ -7,18 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker import __version__, settings
-from broker.bench import add_command as add_bench_command
-from broker.cli import assertion as assertioncmd
-from broker.cli import audit as cli_audit
-from broker.cli import common as cli_common
-from broker.cli import demo
-from broker.cli import execute as cli_execute
-from broker.cli import keys as cli_keys
-from broker.cli import policy as cli_policy
-from broker.cli import runs as cli_runs
-from broker.cli import token as cli_token
+from broker import __version__, bench, settings
+from broker.cli import assertion, audit, common, demo, execute, keys, policy, runs, token
 from broker.telemetry import logs
+from tokenbroker.defaults import DEFAULT_TARGET, SERVICE_NAME
 
 EPILOG = f"""\
 examples:
@@ -29,13 +21,13 @@ examples:
   token-broker audit verify --data-dir ./var
 
 Commands that call a broker take --target (env TOKEN_BROKER_TARGET, default
-127.0.0.1:50051) and sign in as the development admin of a local broker (--data-dir)
+{DEFAULT_TARGET}) and sign in as the development admin of a local broker (--data-dir)
 unless given --account NAME --key FILE or --cert/--key. Each has --json and --help.
 
-{cli_common.EXIT_CODES_HELP}"""
+{common.EXIT_CODES_HELP}"""
 
 
-SERVE_EPILOG = """\
+SERVE_EPILOG = f"""\
 environment:
   Every flag also reads TOKEN_BROKER_<FLAG>, its name in capitals with _ for -:
   --data-dir is TOKEN_BROKER_DATA_DIR, --insecure is TOKEN_BROKER_INSECURE=true.
@@ -49,7 +41,7 @@ telemetry (OpenTelemetry's standard variables; without them nothing is exported)
   OTEL_EXPORTER_OTLP_PROTOCOL           grpc, the only one supported
   OTEL_EXPORTER_OTLP_HEADERS            headers for the collector (key=value,...)
   OTEL_EXPORTER_OTLP_INSECURE           true: plaintext to an endpoint without a scheme
-  OTEL_SERVICE_NAME                     service.name (default token-broker)
+  OTEL_SERVICE_NAME                     service.name (default {SERVICE_NAME})
   OTEL_RESOURCE_ATTRIBUTES              more resource attributes (key=value,...)
   OTEL_TRACES_EXPORTER=none             no spans
   OTEL_METRICS_EXPORTER=none            no metrics
@@ -58,7 +50,7 @@ telemetry (OpenTelemetry's standard variables; without them nothing is exported)
   OTEL_BSP_*, OTEL_TRACES_SAMPLER       batching and sampling, read by the SDK
 
 examples:
-  token-broker serve --data-dir ./var --listen 127.0.0.1:50051
+  token-broker serve --data-dir ./var --listen {DEFAULT_TARGET}
   TOKEN_BROKER_LISTEN=127.0.0.1:7000 token-broker serve
   make run ARGS="--listen 127.0.0.1:7000 --http-listen 127.0.0.1:7001"
 
@@ -78,17 +70,17 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return serve(config)
     except ListenError as exc:  # not a usage error: the same flags work once it is free
-        raise cli_common.CliError(str(exc), cli_common.EXIT_FAILED) from None
+        raise common.CliError(str(exc), common.EXIT_FAILED) from None
     except StoreRefused as exc:  # the store is left as it was; the message says why
-        raise cli_common.CliError(str(exc), cli_common.EXIT_FAILED) from None
+        raise common.CliError(str(exc), common.EXIT_FAILED) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = cli_common.CliParser(
+    parser: argparse.ArgumentParser = common.CliParser(
         prog="token-broker",
         description="Short-lived, run-scoped tokens for CI/CD pipelines.",
         epilog=EPILOG,
-        formatter_class=cli_common.HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"token-broker {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -99,19 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
         "flag also reads TOKEN_BROKER_<FLAG>. Before it writes anything into the data dir, it "
         "checks the settings, the policy file and the TLS files and binds both addresses.",
         epilog=SERVE_EPILOG,
-        formatter_class=cli_common.HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     settings.add_arguments(serve, os.environ)
     serve.set_defaults(handler=_serve)
-    assertioncmd.add_command(commands)
-    cli_audit.add_commands(commands)
-    cli_runs.add_commands(commands)
-    cli_token.add_commands(commands)
-    cli_execute.add_command(commands)
-    cli_keys.add_commands(commands)
-    cli_policy.add_commands(commands)
+    assertion.add_command(commands)
+    audit.add_commands(commands)
+    runs.add_commands(commands)
+    token.add_commands(commands)
+    execute.add_command(commands)
+    keys.add_commands(commands)
+    policy.add_commands(commands)
     demo.add_command(commands)
-    add_bench_command(commands)
+    bench.add_command(commands)
     _name_commands(parser)
     return parser
 
@@ -130,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         _discard_stdout()
-        return cli_common.EXIT_BROKEN_PIPE
+        return common.EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        return cli_common.EXIT_INTERRUPTED
+        return common.EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -141,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise
     except Exception as exc:
-        return cli_common.report(args.command, exc, cli_common.target_of(args))
+        return common.report(args.command, exc, common.target_of(args))
 
 
 def _discard_stdout() -> None:

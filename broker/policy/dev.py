@@ -20,11 +20,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tokenbroker.defaults import DEV_CLIENT_FILE
+
 log = logging.getLogger(__name__)
 
 POLICY_FILE = "dev-policy.toml"
 KEY_FILE = "dev-admin-key.pem"
-CLIENT_FILE = "dev-admin.json"
 ACCOUNT = "dev-admin"
 KEY_ID = "dev-admin-1"
 
@@ -66,7 +67,7 @@ def ensure(data_dir: Path, audience: str) -> Path:
             "(account dev-admin may do everything); use --policy FILE in production",
             extra={"policy": str(policy_path), "key_file": str(key_path)},
         )
-    _update_client_file(data_dir / CLIENT_FILE, audience)
+    _update_client_file(data_dir / DEV_CLIENT_FILE, audience)
     return policy_path
 
 

@@ -312,7 +312,7 @@ class RunLifecycle:
         now = self._clock()
         for run in self._registry.due(now):
             own_lapse = run.lapsed_at() <= now
-            reason = run.lapse_reason() if own_lapse else "an ancestor run ended"
+            reason = run.expiry_reason().value if own_lapse else "an ancestor run ended"
             # The run ended when it (or an ancestor) lapsed, not when this pass noticed:
             # recorded as every reader was already told (Run.as_of, RunRegistry.get).
             mutation = EndRun(

@@ -20,8 +20,6 @@ MAX_INPUT_KEY = limits.INPUT_KEY.max_chars
 MAX_INPUT_VALUE = limits.INPUT_VALUE.max_chars
 MAX_INPUTS_BYTES = limits.MAX_INPUTS_BYTES
 MAX_REASON = limits.REASON.max_chars
-LEASE_LAPSED = "lease lapsed"
-DEADLINE_PASSED = "deadline passed"
 
 
 class RunState(enum.Enum):
@@ -30,6 +28,19 @@ class RunState(enum.Enum):
     ACTIVE = "active"
     ENDED = "ended"
     EXPIRED = "expired"
+
+
+class ExpiryReason(enum.Enum):
+    """Why a run expired without anyone ending it. The value is the run's stored `end_reason`;
+    never reword."""
+
+    LEASE_LAPSED = "lease lapsed"
+    DEADLINE_PASSED = "deadline passed"
+
+    @property
+    def label(self) -> str:
+        """A short, bounded name for metrics: "lease" or "deadline"."""
+        return "lease" if self is ExpiryReason.LEASE_LAPSED else "deadline"
 
 
 @dataclass(frozen=True)
@@ -87,11 +98,11 @@ class Run:
             return self.deadline
         return min(self.deadline, self.lease_expire_time)
 
-    def lapse_reason(self) -> str:
-        """Why the run expires (or expired) by itself: its lease or its deadline."""
+    def expiry_reason(self) -> ExpiryReason:
+        """Which of the two `lapsed_at` is: the lease, when it runs out before the deadline."""
         if self.lease_expire_time is not None and self.lease_expire_time < self.deadline:
-            return LEASE_LAPSED
-        return DEADLINE_PASSED
+            return ExpiryReason.LEASE_LAPSED
+        return ExpiryReason.DEADLINE_PASSED
 
     def as_of(self, now: float) -> Run:
         """The run as it stands at `now`: an active run past its deadline or lease *is*
@@ -103,7 +114,7 @@ class Run:
         and reason)."""
         if self.state is not RunState.ACTIVE or now < self.lapsed_at():
             return self
-        return self.ended(RunState.EXPIRED, self.lapsed_at(), self.lapse_reason(), "")
+        return self.ended(RunState.EXPIRED, self.lapsed_at(), self.expiry_reason().value, "")
 
     def ended(self, state: RunState, at: float, reason: str, by: str) -> Run:
         return replace(self, state=state, end_time=at, end_reason=reason, ended_by=by)

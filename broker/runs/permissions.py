@@ -109,6 +109,3 @@ class PermissionSet:
             theirs = other.level_of(resource)
             result[resource] = min(level, theirs, key=lambda lvl: rank(resource, lvl))
         return PermissionSet.of(result)
-
-    def within(self, ceiling: PermissionSet) -> bool:
-        return not self.excess_over(ceiling)

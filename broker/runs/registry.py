@@ -105,9 +105,7 @@ class RunRegistry:
                 continue
             state = ancestor.state if not ancestor.is_active else RunState.EXPIRED
             at = ancestor.end_time if ancestor.end_time is not None else ancestor.lapsed_at()
-            reason = ancestor.end_reason or (
-                "lease lapsed" if ancestor.lapsed_at() < ancestor.deadline else "deadline passed"
-            )
+            reason = ancestor.end_reason or ancestor.expiry_reason().value
             why = f"ancestor run {ancestor.run_id} {state.value}: {reason}"
             return run.ended(state, at, why[:512], ancestor.ended_by)
         return run

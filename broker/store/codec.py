@@ -9,40 +9,18 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.audit.events import AuditEvent, from_record
-from broker.identity import Person, VerificationMethod
+from broker.identity import Person
 from broker.runs.model import PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
 from broker.store import RunQuery
 
 
 def person_to_json(person: Person | None) -> str | None:
-    if person is None:
-        return None
-    return json.dumps(
-        {
-            "subject": person.subject,
-            "issuer": person.issuer,
-            "email": person.email,
-            "display_name": person.display_name,
-            "method": person.method.value,
-            "evidence_sha256": person.evidence_sha256,
-        },
-        sort_keys=True,
-    )
+    return None if person is None else json.dumps(person.as_record(), sort_keys=True)
 
 
 def person_from_json(text: str | None) -> Person | None:
-    if text is None:
-        return None
-    data = json.loads(text)
-    return Person(
-        subject=data["subject"],
-        issuer=data["issuer"],
-        email=data["email"],
-        display_name=data["display_name"],
-        method=VerificationMethod(data["method"]),
-        evidence_sha256=data["evidence_sha256"],
-    )
+    return None if text is None else Person.from_record(json.loads(text))
 
 
 RUN_COLUMNS = (

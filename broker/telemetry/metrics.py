@@ -89,8 +89,9 @@ class BrokerMetrics:
         if isinstance(mutation, CreateRun):
             self.runs_started.add(1, {DELEGATED: run.on_behalf_of is not None})
         elif isinstance(mutation, EndRun) and run.state is RunState.EXPIRED:
-            reason = "lease" if "lease" in mutation.reason else "deadline"
-            self.runs_expired.add(1 + len(committed.cascaded), {EXPIRY_REASON: reason})
+            # Descendants ended with it count under the same reason as the run that lapsed.
+            label = run.expiry_reason().label
+            self.runs_expired.add(1 + len(committed.cascaded), {EXPIRY_REASON: label})
         elif isinstance(mutation, EndRun):
             self.runs_ended.add(1 + len(committed.cascaded))
 

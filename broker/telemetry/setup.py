@@ -20,10 +20,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 
 from broker import __version__
 from broker.settings import Settings
+from tokenbroker.defaults import SERVICE_NAME
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "token-broker"
 
 
 @dataclass

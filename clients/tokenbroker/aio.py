@@ -24,9 +24,10 @@ import grpc
 from google.protobuf.message import Message
 
 from tokenbroker import messages
-from tokenbroker.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, local_credentials
+from tokenbroker.client import DEFAULT_TIMEOUT, local_credentials
 from tokenbroker.connect import RunEnvironment, Tls, open_aio_channel
 from tokenbroker.credentials import bearer_credentials
+from tokenbroker.defaults import DEFAULT_TARGET
 from tokenbroker.errors import REQUEST_ID_HEADER, ConfigurationError, Unavailable, from_rpc_error
 from tokenbroker.messages import Asserted, Permissions, Seconds
 from tokenbroker.retry import Attempts, Retry, RetryPolicy, rule_for

@@ -45,13 +45,13 @@ from google.protobuf.message import Message
 from tokenbroker import messages
 from tokenbroker.connect import RunEnvironment, Tls, open_channel
 from tokenbroker.credentials import bearer_credentials, dev_admin_credentials
+from tokenbroker.defaults import DEFAULT_TARGET as DEFAULT_TARGET  # still importable from here
 from tokenbroker.errors import REQUEST_ID_HEADER, ConfigurationError, Unavailable, from_rpc_error
 from tokenbroker.messages import Asserted, Permissions, Seconds
 from tokenbroker.retry import Attempts, Retry, RetryPolicy, rule_for
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 DEFAULT_TIMEOUT = 10.0
-DEFAULT_TARGET = "127.0.0.1:50051"
 
 Request = TypeVar("Request", bound=Message)
 Response = TypeVar("Response", bound=Message)

@@ -28,9 +28,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from tokenbroker.defaults import DEV_CLIENT_FILE as DEV_CLIENT_FILE  # still importable from here
+
 MAX_LIFETIME = 300.0  # the broker refuses assertions that live longer
 DEFAULT_REFRESH_BEFORE = 60.0
-DEV_CLIENT_FILE = "dev-admin.json"
 
 
 def _algorithm(private_key: Any) -> str:
