@@ -63,8 +63,9 @@ breaking: install
 contract-baseline: install
 	$(BIN)/buf build --exclude-source-info -o $(BASELINE)
 
+# On every core; PYTEST_ARGS="-n0" runs in one process (e.g. to debug with -x or pdb).
 pytest: install
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n auto $(PYTEST_ARGS)
 
 # Stubs are committed so that an editable install needs no code generation; `make protos`
 # regenerates them and `check-protos` (part of `make test`) proves they match the .proto files.
