@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from broker import __version__, bench, settings
-from broker.cli import assertion, audit, common, demo, execute, keys, policy, runs, token
+from broker.cli import assertion, audit, common, demo, execute, keys, policy, runs, store, token
 from broker.telemetry import logs
 from tokenbroker.defaults import DEFAULT_TARGET, SERVICE_NAME
 
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     execute.add_command(commands)
     keys.add_commands(commands)
     policy.add_commands(commands)
+    store.add_commands(commands)
     demo.add_command(commands)
     bench.add_command(commands)
     _name_commands(parser)

@@ -23,6 +23,9 @@ def person_from_json(text: str | None) -> Person | None:
     return None if text is None else Person.from_record(json.loads(text))
 
 
+CHECKPOINT_COLUMNS = "sequence, hash, time, kid, jws, prev_sequence"
+EVENT_COLUMNS = "sequence, record, prev_hash, hash, action, run_id, principal, time_us"
+
 RUN_COLUMNS = (
     "run_id, org, project, pipeline, state, create_time, deadline, triggered_via, on_behalf_of, "
     "permission_ceiling, inputs, lease_seconds, lease_expire_time, parent_run_id, actor_chain, "
@@ -165,3 +168,27 @@ def live_parent_query(dialect: Dialect) -> str:
         f"SELECT 1 FROM runs WHERE run_id={mark} AND state='active' AND deadline>{mark} "  # noqa: S608
         f"AND (lease_expire_time IS NULL OR lease_expire_time>{mark})"
     )
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table both SQL backends keep alike, copied row by row by `store migrate`."""
+
+    name: str
+    columns: str
+    order: str
+
+
+# In the order a copy loads them: runs before the keys that name them, checkpoints before
+# the retention boundary that must sit on one.
+TABLES = (
+    Table("signing_keys", "kid, alg, public_jwk, create_time, retire_time", "kid"),
+    Table("runs", "", "create_time, run_id"),
+    Table("idempotency_keys", "scope, key, run_id, fingerprint", "scope, key"),
+    Table("audit_checkpoints", CHECKPOINT_COLUMNS, "sequence"),
+    Table("audit_events", EVENT_COLUMNS, "sequence"),
+)
+
+
+def columns_of(table: Table) -> str:
+    return table.columns or RUN_COLUMNS

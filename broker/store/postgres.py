@@ -62,8 +62,11 @@ from broker.store import (
     descendant_end,
 )
 from broker.store.codec import (
+    CHECKPOINT_COLUMNS,
     POSTGRESQL,
     RUN_COLUMNS,
+    Table,
+    columns_of,
     descendants_query,
     event_from_row,
     live_parent_query,
@@ -80,7 +83,6 @@ MAX_BATCH = 256
 # One key for the advisory lock that serialises migrations of replicas starting together.
 _MIGRATION_LOCK = 0x746F6B656E62
 _STOP = object()
-CHECKPOINT_COLUMNS = "sequence, hash, time, kid, jws, prev_sequence"
 _RUN_PLACEHOLDERS = ", ".join(["%s"] * len(RUN_COLUMNS.split(",")))
 
 
@@ -386,6 +388,32 @@ class PostgresStore:
     def _query(self, text: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with self._reader() as conn:
             return conn.execute(text.encode(), params).fetchall()
+
+    # -- bulk copy (`token-broker store migrate`) ------------------------------------------
+
+    def table_rows(self, table: Table, batch: int = 2000) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row of a table, as stored, in batches (one read snapshot)."""
+        sql = f"SELECT {columns_of(table)} FROM {table.name} ORDER BY {table.order}"  # noqa: S608
+        with self._reader() as conn, conn.transaction(), conn.cursor(name="copy") as cursor:
+            cursor.execute(sql.encode())
+            while rows := cursor.fetchmany(batch):
+                yield [tuple(row) for row in rows]
+
+    def load_rows(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
+        """Insert rows as they are (a copy into an empty store; the chain is not re-sealed)."""
+        marks = ", ".join(["%s"] * len(columns_of(table).split(",")))
+        sql = f"INSERT INTO {table.name} ({columns_of(table)}) VALUES ({marks})"  # noqa: S608
+        with self._reader() as conn, conn.transaction(), conn.cursor() as cursor:
+            cursor.executemany(sql.encode(), rows)
+
+    def finish_load(self, pruned_through: int, head: tuple[int, str]) -> None:
+        """After a copy: the chain's head row and the retention boundary."""
+        with self._reader() as conn, conn.transaction():
+            conn.execute("UPDATE audit_head SET sequence=%s, hash=%s WHERE id=1", head)
+            if pruned_through:
+                conn.execute(
+                    "UPDATE audit_retention SET pruned_through=%s WHERE id=1", (pruned_through,)
+                )
 
     def get_run(self, run_id: str) -> Run | None:
         rows = self._query(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=%s", (run_id,))  # noqa: S608

@@ -18,7 +18,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -58,8 +58,11 @@ from broker.store import (
 )
 from broker.store import sqlite_guard as guard
 from broker.store.codec import (
+    CHECKPOINT_COLUMNS,
     RUN_COLUMNS,
     SQLITE,
+    Table,
+    columns_of,
     descendants_query,
     event_from_row,
     live_parent_query,
@@ -519,6 +522,42 @@ class SqliteStore:
         with self._reader() as conn:
             return conn.execute(sql, params).fetchall()
 
+    # -- bulk copy (`token-broker store migrate`) ------------------------------------------
+
+    def table_rows(self, table: Table, batch: int = 2000) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row of a table, as stored, in batches (one read snapshot)."""
+        sql = f"SELECT {columns_of(table)} FROM {table.name} ORDER BY {table.order}"  # noqa: S608
+        with self._reader() as conn:
+            cursor = conn.execute(sql)
+            while rows := cursor.fetchmany(batch):
+                yield [tuple(row) for row in rows]
+
+    def load_rows(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
+        """Insert rows as they are (a copy into an empty store; the chain is not re-sealed)."""
+        marks = ", ".join("?" * len(columns_of(table).split(",")))
+        sql = f"INSERT INTO {table.name} ({columns_of(table)}) VALUES ({marks})"  # noqa: S608
+        self._bulk(lambda conn: conn.executemany(sql, rows))
+
+    def finish_load(self, pruned_through: int, head: tuple[int, str]) -> None:
+        """After a copy: the retention boundary (the head is read from the rows)."""
+        if pruned_through:
+            self._bulk(
+                lambda conn: conn.execute(
+                    "UPDATE audit_retention SET pruned_through=? WHERE id=1", (pruned_through,)
+                )
+            )
+
+    def _bulk(self, work: Callable[[sqlite3.Connection], object]) -> None:
+        conn = _configure(_connect(self.path, self._busy_timeout))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            work(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"storage refused the copy: {exc}") from exc
+        finally:
+            conn.close()
+
     def get_run(self, run_id: str) -> Run | None:
         rows = self._query(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=?", (run_id,))  # noqa: S608
         return run_from_row(rows[0]) if rows else None
@@ -703,9 +742,6 @@ def _json_object(text: object) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-CHECKPOINT_COLUMNS = "sequence, hash, time, kid, jws, prev_sequence"
 
 
 def _active_descendants(conn: sqlite3.Connection, run_id: str) -> list[Run]:
