@@ -9,10 +9,10 @@ import pytest
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
+from broker.bench.pgcluster import Cluster, create_database, running_cluster
 from broker.settings import Settings
 from tests.accounts import Callers, callers_of, standard_accounts, write_policy
 from tests.otel_support import InMemorySdk, in_memory_sdk
-from tests.pgcluster import Cluster, create_database, running_cluster
 from tests.support import ShiftedClock
 from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.samples.idp import TestIdentityProvider

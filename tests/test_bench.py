@@ -31,6 +31,13 @@ EXPECTED_FIGURES = [
     "StreamAudit catch-up, pages of 500",
     "live fan-out, 16 subscribers",
     "broker RSS, large vs small",
+    "IssueToken, sqlite, 1 process",
+    "VerifyToken, sqlite, 1 process",
+    "IssueToken, postgresql, 1 replica",
+    "VerifyToken, postgresql, 1 replica",
+    "IssueToken, postgresql, 2 replicas",
+    "VerifyToken, postgresql, 2 replicas",
+    "revocation A → B, postgresql, 2 replicas",
 ]
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from broker.audit import events as audit
+from broker.bench.pgcluster import Cluster
 from broker.runs.model import RunState
 from broker.store import (
     CreateRun,
@@ -22,7 +23,6 @@ from broker.store import (
 from broker.store.changes import ChangeFeed
 from broker.store.factory import OpenOptions
 from broker.store.postgres import PostgresStore
-from tests.pgcluster import Cluster
 from tests.test_store_contract import event, make_run
 
 

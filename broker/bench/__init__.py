@@ -36,7 +36,9 @@ def add_command(commands: Any) -> None:
     parser.add_argument("--out", default="bench-results", help="directory for the JSON result")
     parser.add_argument("--work-dir", default=None, help="keep data dirs and logs here")
     parser.add_argument(
-        "--only", default="", help="comma-separated sections: unary,offline,revocation,audit"
+        "--only",
+        default="",
+        help="comma-separated sections: unary,offline,revocation,audit,replicas",
     )
     parser.set_defaults(handler=_run)
 

@@ -31,13 +31,13 @@ from typing import Any
 
 import grpc
 
-from broker.bench import accounts, brokerproc, report, worker
+from broker.bench import accounts, brokerproc, replicas, report, worker
 from broker.bench.prefill import prefill
 from broker.bench.report import Figure
 from broker.store.sqlite import DB_FILENAME
 from tokenbroker.messages import EVENTS_PER_MESSAGE
 
-SECTIONS = ("unary", "offline", "revocation", "audit")
+SECTIONS = ("unary", "offline", "revocation", "audit", "replicas")
 SMALL = "small"
 LARGE = "large"
 NOOP_DESCRIPTION = (
@@ -166,6 +166,10 @@ class Workers:
 def run(plan: Plan, work: Path, out_dir: Path) -> int:
     began = time.monotonic()
     policy = accounts.write_policy(work / "policy")
+    if set(plan.sections) == {"replicas"}:  # its own brokers only: no pre-filled stores
+        alone = replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
+        print(report.table(alone, [f"replicas, {plan.seconds * plan.rounds:g} s per figure"]))
+        return 0
     say(f"pre-filling {plan.small_events:,} and {plan.large_events:,} stored events")
     fill_seconds = {
         SMALL: prefill(work / SMALL, plan.small_events),
@@ -189,6 +193,9 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
         for b in brokers.values():
             b.stop()
     figures += _memory_figures(memory)
+    if "replicas" in plan.sections:
+        say("replicas: sqlite with one process, postgresql with one and two replicas")
+        figures += replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
     meta = _meta(plan, fill_seconds, memory, time.monotonic() - began)
     print(report.table(figures, _header(plan, meta)))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")

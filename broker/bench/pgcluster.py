@@ -1,5 +1,6 @@
-"""A throw-away PostgreSQL cluster for the tests: a temporary directory, a loopback port, no
-password (trust on 127.0.0.1 only), stopped and deleted when the session ends.
+"""A throw-away PostgreSQL cluster for the tests and `token-broker bench`: a temporary
+directory, a loopback port, no password (trust on 127.0.0.1 only), stopped and deleted when
+the session ends.
 
 PostgreSQL refuses to run as root, so as root (CI) the cluster runs as the `postgres` user
 through `runuser`. The server binaries are found through `pg_config --bindir` or Debian's
@@ -42,7 +43,7 @@ def server_bindir() -> Path:
             return candidate
     pg_config = shutil.which("pg_config")
     if pg_config:
-        bindir = Path(subprocess.check_output([pg_config, "--bindir"], text=True).strip())
+        bindir = Path(subprocess.check_output([pg_config, "--bindir"], text=True).strip())  # noqa: S603
         if (bindir / "initdb").exists():
             return bindir
     raise ClusterError(
@@ -68,7 +69,8 @@ def _free_port() -> int:
 
 
 def _run(argv: list[str]) -> None:
-    done = subprocess.run(_as_cluster_owner(argv), capture_output=True, text=True, check=False)
+    # Our own argv: the server binaries found above, a temporary directory and a port.
+    done = subprocess.run(_as_cluster_owner(argv), capture_output=True, text=True, check=False)  # noqa: S603
     if done.returncode != 0:
         raise ClusterError(f"{Path(argv[0]).name} failed: {done.stderr.strip() or done.stdout}")
 
