@@ -224,7 +224,7 @@ def test_writes_queued_behind_a_commit_share_one_transaction_and_a_conflict_undo
     for thread in writers:
         thread.start()
     eventually(
-        lambda: store._queue.qsize() >= len(names),
+        lambda: store._writes.waiting() >= len(names),
         interval=0.005,
         what="every writer queued behind the held commit",
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -75,14 +74,13 @@ from broker.store.codec import (
     run_to_row,
 )
 from broker.store.factory import OpenOptions, StoreUrl
+from broker.store.groupcommit import Pending, WriteQueue
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "tokenbroker_audit"
-MAX_BATCH = 256
 # One key for the advisory lock that serialises migrations of replicas starting together.
 _MIGRATION_LOCK = 0x746F6B656E62
-_STOP = object()
 _RUN_PLACEHOLDERS = ", ".join(["%s"] * len(RUN_COLUMNS.split(",")))
 
 
@@ -160,29 +158,6 @@ def open_url(url: StoreUrl, options: OpenOptions) -> PostgresStore:
         raise StoreRefused(str(exc)) from exc
 
 
-class _Pending:
-    """A queued write and, once the writer settled it, its outcome (see SqliteStore)."""
-
-    __slots__ = ("_settled", "outcome", "write")
-
-    def __init__(self, write: Write) -> None:
-        self.write = write
-        self.outcome: Committed | BaseException | None = None
-        self._settled = threading.Lock()
-        self._settled.acquire()
-
-    def settle(self, outcome: Committed | BaseException) -> None:
-        self.outcome = outcome
-        self._settled.release()
-
-    def wait(self) -> Committed:
-        self._settled.acquire()
-        if isinstance(self.outcome, BaseException):
-            raise self.outcome
-        assert self.outcome is not None
-        return self.outcome
-
-
 class PostgresStore:
     """The `Store` on a PostgreSQL database named by a libpq URL (postgresql://…)."""
 
@@ -218,14 +193,13 @@ class PostgresStore:
             self._writer.close()
             raise
         self._listeners: list[CommitListener] = []
-        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._writes = WriteQueue(self._apply_batch, "pg-writer")
         self._closed = False
         self._notified = threading.Condition()
         self._notified_head = 0
-        self._thread = threading.Thread(target=self._write_loop, name="pg-writer", daemon=True)
         self._listener = threading.Thread(target=self._listen_loop, name="pg-listen", daemon=True)
         if not read_only:
-            self._thread.start()
+            self._writes.start()
             self._listener.start()
 
     # -- writes --------------------------------------------------------------------------
@@ -236,34 +210,15 @@ class PostgresStore:
     def commit(self, write: Write) -> Committed:
         if self._closed or self.read_only:
             raise StoreUnavailable("store is closed" if self._closed else "store is read-only")
-        pending = _Pending(write)
-        self._queue.put(pending)
-        return pending.wait()
-
-    def _write_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    self._queue.put(_STOP)
-                    break
-                batch.append(item)
-            self._apply_batch([p for p in batch if isinstance(p, _Pending)])
+        return self._writes.submit(write)
 
     def _writer_connection(self) -> psycopg.Connection[Any]:
         if self._writer.closed or self._writer.broken:
             self._writer = psycopg.connect(self.dsn, autocommit=True)
         return self._writer
 
-    def _apply_batch(self, batch: list[_Pending]) -> None:
-        outcomes: list[tuple[_Pending, Committed | BaseException]] = []
+    def _apply_batch(self, batch: list[Pending]) -> None:
+        outcomes: list[tuple[Pending, Committed | BaseException]] = []
         try:
             conn = self._writer_connection()
             with conn.transaction():
@@ -504,9 +459,7 @@ class PostgresStore:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._writes.stop()
         if self._listener.is_alive():
             self._listener.join(timeout=5)
         self._pool.close()

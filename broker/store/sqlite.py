@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -71,16 +70,15 @@ from broker.store.codec import (
     run_to_row,
 )
 from broker.store.factory import OpenOptions, StoreUrl
+from broker.store.groupcommit import Pending, WriteQueue
 
 log = logging.getLogger(__name__)
 
 DB_FILENAME = "broker.db"
-MAX_BATCH = 256
 # How long a write waits for a write lock held by another process (a backup tool, an
 # sqlite3 shell) before it fails as UNAVAILABLE. Within one broker writes never contend.
 BUSY_TIMEOUT = 5.0
 MAX_BUSY_TIMEOUT = 600.0
-_STOP = object()
 
 
 def check_url(url: StoreUrl) -> None:
@@ -204,33 +202,6 @@ def _statements(sql: str) -> Iterator[str]:
         raise ValueError("migration ends with an incomplete statement")
 
 
-class _Pending:
-    """A queued write and, once the writer settled it, its outcome.
-
-    The caller waits on a bare lock that the writer releases: the cheapest hand-off between
-    two threads in CPython (a Future's condition variable costs the single writer several
-    times as much per write, and every write in a group commit passes through it)."""
-
-    __slots__ = ("_settled", "outcome", "write")
-
-    def __init__(self, write: Write) -> None:
-        self.write = write
-        self.outcome: Committed | BaseException | None = None
-        self._settled = threading.Lock()
-        self._settled.acquire()
-
-    def settle(self, outcome: Committed | BaseException) -> None:
-        self.outcome = outcome
-        self._settled.release()
-
-    def wait(self) -> Committed:
-        self._settled.acquire()
-        if isinstance(self.outcome, BaseException):
-            raise self.outcome
-        assert self.outcome is not None
-        return self.outcome
-
-
 class SqliteStore:
     """The `Store` on one SQLite file: `database`, by default `data_dir`/broker.db.
 
@@ -256,12 +227,11 @@ class SqliteStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._listeners: list[CommitListener] = []
-        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._writes = WriteQueue(self._apply_batch, "sqlite-writer")
         self._committed = threading.Condition()
         self._closed = False
         self._lock: guard.StoreLock | None = None
         self._snapshot: sqlite3.Connection | None = None
-        self._thread: threading.Thread | None = None
         if read_only:
             self._snapshot, self.schema_version, self._tables = _open_snapshot(self.path)
             return
@@ -279,8 +249,7 @@ class SqliteStore:
         except BaseException:
             self._abandon()
             raise
-        self._thread = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
-        self._thread.start()
+        self._writes.start()
 
     def _abandon(self) -> None:
         writer: sqlite3.Connection | None = getattr(self, "_writer", None)
@@ -299,30 +268,11 @@ class SqliteStore:
             raise StoreUnavailable("store is closed")
         if self.read_only:
             raise StoreUnavailable("store is opened read-only")
-        pending = _Pending(write)
-        self._queue.put(pending)
-        return pending.wait()
+        return self._writes.submit(write)
 
-    def _write_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    self._queue.put(_STOP)  # finish this batch, then stop
-                    break
-                batch.append(item)
-            self._apply_batch([p for p in batch if isinstance(p, _Pending)])
-
-    def _apply_batch(self, batch: list[_Pending]) -> None:
+    def _apply_batch(self, batch: list[Pending]) -> None:
         conn = self._writer
-        outcomes: list[tuple[_Pending, Committed | BaseException]] = []
+        outcomes: list[tuple[Pending, Committed | BaseException]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             # The head is read inside the writing transaction, never trusted across
@@ -652,9 +602,7 @@ class SqliteStore:
         if self._snapshot is not None:
             self._snapshot.close()
             return
-        self._queue.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._writes.stop()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
