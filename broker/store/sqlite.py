@@ -311,8 +311,8 @@ class SqliteStore:
         # This process's commits wake waiters at once; a commit by another process on the
         # same file is seen when the wait times out and the head is read again.
         with self._committed:
-            if self._head_seq <= after:
-                self._committed.wait(timeout)
+            if self._head_seq > after or self._committed.wait(timeout):
+                return self._head_seq  # known from this process's own commit: no query
         return self.head_sequence()
 
     def _notify(self, committed: Committed, mutation: Mutation | None) -> None:
