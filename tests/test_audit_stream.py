@@ -334,3 +334,22 @@ def test_pages_carry_exactly_the_events_of_the_one_event_stream_in_order(
             broker_pb2.StreamAuditRequest(stop_at_head=True, max_events_per_message=10**6)
         )
         assert sum(len(r.page.events) for r in huge) == len(singles)
+
+
+def test_a_stream_to_the_head_reads_past_what_the_change_feed_remembers(
+    server: BrokerServer,
+) -> None:
+    """The feed's memory lags the store (it gathers before reading): a subscriber that stops
+    at the head must still get every committed event, not only the remembered ones."""
+    server.broker.changes.close()  # its thread would catch up by itself; this test moves it
+    with orchestrator(server) as stub:
+        stub.StartRun(writer_pipeline(0), timeout=10)
+        server.broker.changes.catch_up()  # the feed remembers up to here, and no further
+        for i in range(1, 6):
+            stub.StartRun(writer_pipeline(i), timeout=10)
+    head = server.broker.store.head_sequence()
+    with callers_of(server) as callers:
+        root = callers.stub(standard_accounts()["root"])
+        responses = root.StreamAudit(broker_pb2.StreamAuditRequest(stop_at_head=True))
+        sequences = [r.event.sequence for r in responses if r.HasField("event")]
+    assert sequences == list(range(1, head + 1))

@@ -205,10 +205,11 @@ class AuditFeed:
     ) -> Iterator[list[AuditEvent] | Heartbeat]:
         last_beat = self._clock()
         while not self._closed.is_set() and not cancelled():
-            # Live subscribers read what the change feed already decoded, shared by all.
-            page = self._changes.recent(cursor, PAGE_SIZE) or self._store.read_events(
-                cursor, PAGE_SIZE
-            )
+            # Live subscribers read what the change feed already decoded, shared by all. The
+            # feed's memory may lag the store: only a short read *from the store* means the
+            # subscriber has caught up with the log.
+            remembered = self._changes.recent(cursor, PAGE_SIZE)
+            page = remembered or self._store.read_events(cursor, PAGE_SIZE)
             matching: list[AuditEvent] = []
             for event in page:
                 if event.sequence != cursor + 1:  # sequences are gapless: never skip one
@@ -219,7 +220,7 @@ class AuditFeed:
             if matching:
                 self._observer.audit_delivered(self._changes.head - matching[-1].sequence)
                 yield matching
-            if len(page) == PAGE_SIZE:
+            if len(page) == PAGE_SIZE or remembered:
                 continue
             if stop_at_head:
                 return
