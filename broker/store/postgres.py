@@ -28,7 +28,6 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from broker.audit import events as audit
-from broker.audit.events import AuditEvent
 from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
@@ -45,13 +44,11 @@ from broker.store import (
     ParentNotActive,
     PruneAudit,
     PruneConflict,
-    PublicKeyRecord,
     PublishKey,
     RecordCheckpoint,
     RenewLease,
     RetireKey,
     RunNotActive,
-    RunQuery,
     StoredEvent,
     StoreRefused,
     StoreUnavailable,
@@ -67,14 +64,13 @@ from broker.store.codec import (
     Table,
     columns_of,
     descendants_query,
-    event_from_row,
     live_parent_query,
-    run_filter,
     run_from_row,
     run_to_row,
 )
 from broker.store.factory import OpenOptions, StoreUrl
 from broker.store.groupcommit import Pending, WriteQueue
+from broker.store.sqlreads import SqlReads
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +154,10 @@ def open_url(url: StoreUrl, options: OpenOptions) -> PostgresStore:
         raise StoreRefused(str(exc)) from exc
 
 
-class PostgresStore:
+class PostgresStore(SqlReads):
     """The `Store` on a PostgreSQL database named by a libpq URL (postgresql://…)."""
+
+    dialect = POSTGRESQL
 
     def __init__(self, dsn: str, pool_size: int = 8, *, read_only: bool = False) -> None:
         """`read_only` (offline tools): no migration, no writer, every session read-only."""
@@ -370,42 +368,6 @@ class PostgresStore:
                     "UPDATE audit_retention SET pruned_through=%s WHERE id=1", (pruned_through,)
                 )
 
-    def get_run(self, run_id: str) -> Run | None:
-        rows = self._query(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=%s", (run_id,))  # noqa: S608
-        return run_from_row(rows[0]) if rows else None
-
-    def find_idempotent_run(self, scope: str, key: str) -> tuple[str, str] | None:
-        rows = self._query(
-            "SELECT run_id, fingerprint FROM idempotency_keys WHERE scope=%s AND key=%s",
-            (scope, key),
-        )
-        return (rows[0][0], rows[0][1]) if rows else None
-
-    def list_runs(self, query: RunQuery) -> list[Run]:
-        clauses, params = run_filter(query, POSTGRESQL)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        text = (
-            f"SELECT {RUN_COLUMNS} FROM runs {where} "  # noqa: S608
-            "ORDER BY create_time DESC, run_id DESC LIMIT %s"
-        )
-        return [run_from_row(row) for row in self._query(text, (*params, query.limit))]
-
-    def live_runs(self, ended_since: float) -> list[Run]:
-        rows = self._query(
-            f"SELECT {RUN_COLUMNS} FROM runs WHERE state='active' "  # noqa: S608
-            f"UNION ALL SELECT {RUN_COLUMNS} FROM runs WHERE state<>'active' AND end_time>=%s",
-            (ended_since,),
-        )
-        return [run_from_row(row) for row in rows]
-
-    def read_events(self, after: int, limit: int) -> list[AuditEvent]:
-        rows = self._query(
-            "SELECT record, prev_hash, hash FROM audit_events WHERE sequence>%s "
-            "ORDER BY sequence LIMIT %s",
-            (after, limit),
-        )
-        return [event_from_row(*row) for row in rows]
-
     def stored_events(self, after: int, limit: int) -> list[StoredEvent]:
         rows = self._query(
             "SELECT sequence, record, prev_hash, hash FROM audit_events WHERE sequence>%s "
@@ -417,43 +379,6 @@ class PostgresStore:
     def head_sequence(self) -> int:
         with self._reader() as conn:
             return _head_of(conn)
-
-    def oldest_sequence(self) -> int:
-        row = self._query("SELECT MIN(sequence) FROM audit_events")[0]
-        return int(row[0]) if row[0] is not None else self.head_sequence() + 1
-
-    def public_keys(self) -> list[PublicKeyRecord]:
-        rows = self._query(
-            "SELECT kid, alg, public_jwk, create_time, retire_time FROM signing_keys "
-            "ORDER BY create_time DESC"
-        )
-        return [PublicKeyRecord(*row) for row in rows]
-
-    def latest_checkpoint(self, at_most: int | None = None) -> CheckpointRecord | None:
-        bound = (1 << 62) if at_most is None else at_most
-        rows = self._query(
-            f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence<=%s "  # noqa: S608
-            "ORDER BY sequence DESC LIMIT 1",
-            (bound,),
-        )
-        return _checkpoint(rows[0]) if rows else None
-
-    def checkpoints(self, after: int, limit: int) -> list[CheckpointRecord]:
-        rows = self._query(
-            f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence>%s "  # noqa: S608
-            "ORDER BY sequence LIMIT %s",
-            (after, limit),
-        )
-        return [_checkpoint(row) for row in rows]
-
-    def pruned_through(self) -> int:
-        return int(self._query("SELECT pruned_through FROM audit_retention WHERE id=1")[0][0])
-
-    def first_sequence_since(self, time: float) -> int | None:
-        row = self._query(
-            "SELECT MIN(sequence) FROM audit_events WHERE time_us>=%s", (round(time * 1_000_000),)
-        )[0]
-        return None if row[0] is None else int(row[0])
 
     def close(self) -> None:
         if self._closed:
@@ -492,11 +417,6 @@ def _lock_head(conn: psycopg.Connection[Any]) -> tuple[int, str]:
 def _head_of(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute("SELECT sequence FROM audit_head WHERE id=1").fetchone()
     return int(row[0]) if row else 0
-
-
-def _checkpoint(row: tuple[Any, ...]) -> CheckpointRecord:
-    sequence, hash_, time_, kid, jws, prev = row
-    return CheckpointRecord(int(sequence), hash_, time_, kid, jws, int(prev))
 
 
 def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from broker.audit import events as audit
-from broker.audit.events import AuditEvent
 from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
@@ -40,13 +39,11 @@ from broker.store import (
     ParentNotActive,
     PruneAudit,
     PruneConflict,
-    PublicKeyRecord,
     PublishKey,
     RecordCheckpoint,
     RenewLease,
     RetireKey,
     RunNotActive,
-    RunQuery,
     StoredEvent,
     StoreNotFound,
     StoreUnavailable,
@@ -63,14 +60,13 @@ from broker.store.codec import (
     Table,
     columns_of,
     descendants_query,
-    event_from_row,
     live_parent_query,
-    run_filter,
     run_from_row,
     run_to_row,
 )
 from broker.store.factory import OpenOptions, StoreUrl
 from broker.store.groupcommit import Pending, WriteQueue
+from broker.store.sqlreads import SqlReads
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +198,15 @@ def _statements(sql: str) -> Iterator[str]:
         raise ValueError("migration ends with an incomplete statement")
 
 
-class SqliteStore:
+class SqliteStore(SqlReads):
     """The `Store` on one SQLite file: `database`, by default `data_dir`/broker.db.
 
     `create` allows an empty store where `history` (or the store's own marks) shows that
     one was kept before; `read_only` opens one snapshot for offline tools. Raises
     StoreRefused, leaving the file untouched, when the file must not be served.
     """
+
+    dialect = SQLITE
 
     def __init__(
         self,
@@ -508,41 +506,6 @@ class SqliteStore:
         finally:
             conn.close()
 
-    def get_run(self, run_id: str) -> Run | None:
-        rows = self._query(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id=?", (run_id,))  # noqa: S608
-        return run_from_row(rows[0]) if rows else None
-
-    def find_idempotent_run(self, scope: str, key: str) -> tuple[str, str] | None:
-        rows = self._query(
-            "SELECT run_id, fingerprint FROM idempotency_keys WHERE scope=? AND key=?", (scope, key)
-        )
-        return (rows[0][0], rows[0][1]) if rows else None
-
-    def list_runs(self, query: RunQuery) -> list[Run]:
-        clauses, params = run_filter(query, SQLITE)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = (
-            f"SELECT {RUN_COLUMNS} FROM runs {where} "  # noqa: S608
-            "ORDER BY create_time DESC, run_id DESC LIMIT ?"
-        )
-        return [run_from_row(row) for row in self._query(sql, (*params, query.limit))]
-
-    def live_runs(self, ended_since: float) -> list[Run]:
-        rows = self._query(
-            f"SELECT {RUN_COLUMNS} FROM runs WHERE state='active' "  # noqa: S608
-            f"UNION ALL SELECT {RUN_COLUMNS} FROM runs WHERE state!='active' AND end_time>=?",
-            (ended_since,),
-        )
-        return [run_from_row(row) for row in rows]
-
-    def read_events(self, after: int, limit: int) -> list[AuditEvent]:
-        rows = self._query(
-            "SELECT record, prev_hash, hash FROM audit_events WHERE sequence>? "
-            "ORDER BY sequence LIMIT ?",
-            (after, limit),
-        )
-        return [event_from_row(*row) for row in rows]
-
     def stored_events(self, after: int, limit: int) -> list[StoredEvent]:
         rows = self._query(
             "SELECT sequence, record, prev_hash, hash FROM audit_events WHERE sequence>? "
@@ -554,46 +517,8 @@ class SqliteStore:
     def head_sequence(self) -> int:
         return int(self._query("SELECT COALESCE(MAX(sequence), 0) FROM audit_events")[0][0])
 
-    def oldest_sequence(self) -> int:
-        row = self._query("SELECT MIN(sequence), MAX(sequence) FROM audit_events")[0]
-        return int(row[0]) if row[0] is not None else self.head_sequence() + 1
-
-    def public_keys(self) -> list[PublicKeyRecord]:
-        rows = self._query(
-            "SELECT kid, alg, public_jwk, create_time, retire_time FROM signing_keys "
-            "ORDER BY create_time DESC"
-        )
-        return [PublicKeyRecord(*row) for row in rows]
-
-    def latest_checkpoint(self, at_most: int | None = None) -> CheckpointRecord | None:
-        if "audit_checkpoints" not in self._tables:  # read-only, on a schema before 0002
-            return None
-        bound = (1 << 62) if at_most is None else at_most
-        rows = self._query(
-            f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence<=? "  # noqa: S608
-            "ORDER BY sequence DESC LIMIT 1",
-            (bound,),
-        )
-        return CheckpointRecord(*rows[0]) if rows else None
-
-    def checkpoints(self, after: int, limit: int) -> list[CheckpointRecord]:
-        if "audit_checkpoints" not in self._tables:
-            return []
-        rows = self._query(
-            f"SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE sequence>? "  # noqa: S608
-            "ORDER BY sequence LIMIT ?",
-            (after, limit),
-        )
-        return [CheckpointRecord(*row) for row in rows]
-
-    def pruned_through(self) -> int:
-        return int(self._query("SELECT pruned_through FROM audit_retention WHERE id=1")[0][0])
-
-    def first_sequence_since(self, time: float) -> int | None:
-        row = self._query(
-            "SELECT MIN(sequence) FROM audit_events WHERE time_us>=?", (round(time * 1_000_000),)
-        )[0]
-        return None if row[0] is None else int(row[0])
+    def _keeps_checkpoints(self) -> bool:
+        return "audit_checkpoints" in self._tables  # read-only, on a schema before 0002
 
     def close(self) -> None:
         if self._closed:
