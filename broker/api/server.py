@@ -32,10 +32,10 @@ from broker import limits
 from broker.api import credentials as authn
 from broker.api.decoding import DecodeGuard
 from broker.api.handoff import GrpcHandoff, traced_channel
+from broker.api.http import HttpServer, broker_routes
 from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
-from broker.api.wellknown import WellKnownServer
 from broker.app import Broker, build_broker
 from broker.policy.file import load_policy
 from broker.runs.keys import load_private_key
@@ -63,7 +63,7 @@ class BrokerServer:
     port: int
     broker: Broker
     health: health.HealthServicer
-    http: WellKnownServer | None = None
+    http: HttpServer | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _writes_ready: bool | None = None
 
@@ -136,18 +136,17 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def _bind_http(settings: Settings) -> tuple[WellKnownServer | None, str]:
+def _bind_http(settings: Settings) -> tuple[HttpServer | None, str]:
     """Bind the discovery endpoint first: with port 0 the issuer URL depends on it."""
     if not settings.http_listen:
         return None, settings.effective_issuer
     host, port = split_host_port(settings.http_listen, "--http-listen")
     try:
-        http = WellKnownServer(host, port, jwks=lambda: {"keys": []})
+        http = HttpServer(host, port)
     except OSError as exc:
         raise _listen_error(settings.http_listen, "--http-listen", exc) from None
     shown = f"[{host}]" if ":" in host else host
     issuer = settings.issuer.rstrip("/") or f"http://{shown}:{http.port}"
-    http.issuer = issuer
     return http, issuer
 
 
@@ -295,7 +294,7 @@ def create_server(
                 http.stop()
             raise
     if http is not None:
-        http.set_jwks_source(broker.keys.jwks)
+        http.mount(broker_routes(broker, issuer))
     # Tracing outermost: the call context and its errors happen inside the server span.
     interceptors.install(
         tracing.ServerTracingInterceptor(

@@ -1,0 +1,43 @@
+"""HTTP discovery for standard verifiers: `/.well-known/openid-configuration` and
+`/.well-known/jwks.json`, so PyJWT's PyJWKClient or a cloud's workload-identity federation
+verify broker tokens with no broker-specific code."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from broker.api.http.routes import Request, Response, Routes
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+
+JWKS_PATH = "/.well-known/jwks.json"
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+# Verifiers cache these; a minute keeps a rotation visible quickly without a fetch per token.
+_CACHE = (("Cache-Control", "public, max-age=60"),)
+
+
+def discovery_document(issuer: str, algorithms: list[str]) -> dict[str, Any]:
+    return {
+        "issuer": issuer,
+        "jwks_uri": issuer + JWKS_PATH,
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": algorithms,
+        "claims_supported": [
+            "iss", "sub", "aud", "exp", "iat", "nbf", "jti", "run_id", "org", "project",
+            "pipeline", "step", "permissions", "on_behalf_of", "act",
+        ],
+    }  # fmt: skip
+
+
+def register(routes: Routes, broker: Broker, issuer: str) -> None:
+    def jwks(request: Request) -> Response:
+        return Response.json(200, broker.keys.jwks(), _CACHE)
+
+    def discovery(request: Request) -> Response:
+        algorithms = sorted({key["alg"] for key in broker.keys.jwks()["keys"]})
+        return Response.json(200, discovery_document(issuer, algorithms), _CACHE)
+
+    routes.add("GET", JWKS_PATH, jwks)
+    routes.add("GET", DISCOVERY_PATH, discovery)
