@@ -10,20 +10,22 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/tokenbroker/v1/*.proto)
 GEN_DIR := clients
 
-.PHONY: install postgres-server run test lint typecheck buflint breaking contract-baseline protos check-protos limits-doc pytest bench demo clean
+.PHONY: install postgres-server run test wheels lint typecheck buflint breaking contract-baseline protos check-protos limits-doc pytest bench demo clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Two distributions from one checkout, both editable: the client library (clients/, with
+# its tracing extra) and the server, which depends on it.
+$(STAMP): pyproject.toml clients/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e './clients[tracing]' -e '.[dev]'
 	@touch $@
 
 run: install
 	$(BIN)/token-broker serve $(ARGS)
 
-test: install postgres-server check-protos lint typecheck buflint breaking pytest
+test: install postgres-server check-protos lint typecheck buflint breaking wheels pytest
 
 # The PostgreSQL tests start a throw-away server of their own (tests/pgcluster.py); they need
 # the server binaries. On a machine without them, as root, this installs Debian's package.
@@ -62,6 +64,15 @@ breaking: install
 
 contract-baseline: install
 	$(BIN)/buf build --exclude-source-info -o $(BASELINE)
+
+# Both distributions build as wheels (into build/wheels, not committed); the tests install
+# the client's into an empty virtualenv (tests/test_client_wheel.py).
+WHEELS := build/wheels
+
+wheels: install
+	@rm -rf $(WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(WHEELS) ./clients .
+	@ls $(WHEELS)
 
 # On every core; PYTEST_ARGS="-n0" runs in one process (e.g. to debug with -x or pdb).
 pytest: install

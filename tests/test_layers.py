@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 
 BROKER = Path(__file__).resolve().parent.parent / "broker"
+CLIENT = BROKER.parent / "clients" / "tokenbroker"
 
 DOMAIN = ("runs", "auth", "policy", "audit", "telemetry")
 SHARED = ("errors", "clock", "ids", "identity", "context", "settings", "limits")
 TRANSPORTS = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "tokenbroker.v1")
 ABOVE_DOMAIN = ("broker.api", "broker.cli", "broker.app", "broker.bench")
+# What the client distribution (clients/pyproject.toml) requires; tracing and the samples
+# may also use OpenTelemetry (its `tracing` extra).
+CLIENT_REQUIRES = ("grpc", "google.protobuf", "google.rpc", "jwt", "cryptography", "tokenbroker")
+TRACING_EXTRA = ("opentelemetry",)
 # What the store may know: the value types it stores and the shared value modules.
 STORE_MAY_IMPORT = (
     "broker.store",
@@ -114,3 +119,26 @@ def test_public_surface_is_named_once_in_the_package() -> None:
     assert broker.build_broker is build_broker
     assert broker.Settings is Settings
     assert broker.Store is Store
+
+
+def client_modules() -> list[Path]:
+    return sorted(p for p in CLIENT.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("path", client_modules(), ids=lambda p: str(p.relative_to(CLIENT)))
+def test_client_never_imports_the_server(path: Path) -> None:
+    wrong = [n for n in imports_of(path) if within(n, ("broker",))]
+    assert wrong == [], f"{path} imports {wrong}"
+
+
+@pytest.mark.parametrize("path", client_modules(), ids=lambda p: str(p.relative_to(CLIENT)))
+def test_client_imports_only_what_its_distribution_requires(path: Path) -> None:
+    allowed: tuple[str, ...] = CLIENT_REQUIRES
+    if path.name == "tracing.py" or "samples" in path.relative_to(CLIENT).parts:
+        allowed += TRACING_EXTRA
+    wrong = [
+        n
+        for n in imports_of(path)
+        if n.split(".")[0] not in sys.stdlib_module_names and not within(n, allowed)
+    ]
+    assert wrong == [], f"{path} imports {wrong}, which tokenbroker-client does not require"

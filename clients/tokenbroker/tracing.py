@@ -26,16 +26,23 @@ from types import MappingProxyType
 from typing import Any, cast
 
 import grpc
-from opentelemetry import baggage, metrics, trace
-from opentelemetry import context as context_api
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
-from opentelemetry.processor.baggage import BaggageSpanProcessor
-from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+try:
+    from opentelemetry import baggage, metrics, trace
+    from opentelemetry import context as context_api
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.context import Context
+    from opentelemetry.processor.baggage import BaggageSpanProcessor
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.propagators.textmap import TextMapPropagator
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError as missing:  # the base install has no OpenTelemetry: say what to install
+    raise ImportError(
+        f"tokenbroker.tracing needs OpenTelemetry ({missing.name} is missing): "
+        "pip install 'tokenbroker-client[tracing]'"
+    ) from missing
 
 log = logging.getLogger(__name__)
 
