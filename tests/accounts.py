@@ -92,6 +92,7 @@ def standard_accounts() -> dict[str, Account]:
         "orchestrator": new_account("ci-orchestrator", ["orchestrator"]),
         "delegator": new_account("deploy-portal", ["delegator"], extra_toml=DELEGATION_TOML),
         "auditor": new_account("siem", ["auditor"]),
+        "verifier": new_account("orders-api", ["verifier"]),
         "admin": new_account("ops-admin", ["admin"], []),
         "root": new_account("root", ["orchestrator", "delegator", "auditor", "admin"], ["*/*/*"]),
     }

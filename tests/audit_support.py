@@ -181,3 +181,13 @@ class AllowAll:
         run: Run | None = None,
     ) -> None:
         return None
+
+    def allows(
+        self,
+        ctx: CallContext,
+        op: Op,
+        *,
+        pipeline: PipelineRef | None = None,
+        run: Run | None = None,
+    ) -> bool:
+        return True

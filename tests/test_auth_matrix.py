@@ -2,7 +2,8 @@
 
 One table drives two tests: the policy decision itself and real calls over gRPC, for every
 cell. The table must list exactly the RPCs of the service descriptor, so a new RPC cannot be
-forgotten.
+forgotten; "StreamAudit(endings)" is StreamAudit asking for run endings only (what a verifier
+may follow, redacted).
 """
 
 from __future__ import annotations
@@ -34,18 +35,19 @@ from tokenbroker.v1 import broker_pb2, types_pb2
 # A = allowed, - = PERMISSION_DENIED, U = UNAUTHENTICATED; first letter: a target inside
 # the caller's scope (for "run": its own run), second: outside it (another org's run).
 TABLE = """
-rpc                 anonymous  orchestrator  delegator  auditor  admin  run
-StartRun            UU         A-            --         --       --     --
-ExecuteOnBehalfOf   UU         --            A-         --       --     AA
-RenewRun            UU         A-            --         --       --     A-
-IssueToken          UU         A-            --         --       --     A-
-VerifyToken         UU         AA            AA         AA       AA     AA
-RevokeRun           UU         A-            --         --       --     A-
-GetRun              UU         A-            --         A-       --     A-
-ListRuns            UU         A-            --         A-       --     --
-GetSigningKeys      AA         AA            AA         AA       AA     AA
-RotateSigningKey    UU         --            --         --       AA     --
-StreamAudit         UU         --            --         A-       --     A-
+rpc                   anonymous  orchestrator  delegator  auditor  verifier  admin  run
+StartRun              UU         A-            --         --       --        --     --
+ExecuteOnBehalfOf     UU         --            A-         --       --        --     AA
+RenewRun              UU         A-            --         --       --        --     A-
+IssueToken            UU         A-            --         --       --        --     A-
+VerifyToken           UU         AA            AA         AA       AA        AA     AA
+RevokeRun             UU         A-            --         --       --        --     A-
+GetRun                UU         A-            --         A-       --        --     A-
+ListRuns              UU         A-            --         A-       --        --     --
+GetSigningKeys        AA         AA            AA         AA       AA        AA     AA
+RotateSigningKey      UU         --            --         --       --        AA     --
+StreamAudit           UU         --            --         A-       --        --     A-
+StreamAudit(endings)  UU         --            --         A-       A-        --     --
 """
 
 RPC_OPS: dict[str, Op | None] = {
@@ -60,6 +62,7 @@ RPC_OPS: dict[str, Op | None] = {
     "GetSigningKeys": None,  # open: no decision at all
     "RotateSigningKey": Op.ROTATE_KEYS,
     "StreamAudit": Op.READ_AUDIT,
+    "StreamAudit(endings)": Op.FOLLOW_RUN_ENDINGS,
 }
 
 
@@ -76,6 +79,11 @@ IN_SCOPE = PipelineRef("acme", "payments", "deploy")
 OUT_OF_SCOPE = PipelineRef("globex", "web", "deploy")
 
 
+def rpc_of(row: str) -> str:
+    """The RPC a row calls: "StreamAudit(endings)" is a StreamAudit."""
+    return row.partition("(")[0]
+
+
 def expected(rpc: str, caller: str, target: str) -> str:
     return EXPECT[rpc][caller][TARGETS.index(target)]
 
@@ -86,8 +94,8 @@ def service_rpcs() -> list[str]:
 
 
 def test_the_table_lists_exactly_the_rpcs_of_the_service() -> None:
-    assert list(EXPECT) == service_rpcs()
-    assert list(RPC_OPS) == service_rpcs()
+    assert list(dict.fromkeys(rpc_of(row) for row in EXPECT)) == service_rpcs()
+    assert list(RPC_OPS) == list(EXPECT)
 
 
 def test_every_operation_the_domain_asks_about_belongs_to_an_rpc() -> None:
@@ -134,6 +142,8 @@ def _decision_target(rpc: str, caller: str, target: str) -> dict[str, Any]:
         return {"pipeline": PipelineRef(pipeline.org, "*", "*")}
     if rpc == "StreamAudit":
         return {"pipeline": pipeline, "run": run}
+    if rpc == "StreamAudit(endings)":
+        return {"pipeline": PipelineRef(pipeline.org, "*", "*")}
     if rpc in ("VerifyToken", "RotateSigningKey"):
         return {}
     return {"run": run}
@@ -233,13 +243,17 @@ REQUESTS: dict[str, Callable[[PipelineRef, str], Any]] = {
     "StreamAudit": lambda p, r: broker_pb2.StreamAuditRequest(
         filter=broker_pb2.AuditFilter(run_id=r), stop_at_head=True
     ),
+    "StreamAudit(endings)": lambda p, r: broker_pb2.StreamAuditRequest(
+        filter=broker_pb2.AuditFilter(actions=["run.ended", "run.expired"], org=p.org),
+        stop_at_head=True,
+    ),
 }
 
 
 def _status(stub: Stub, rpc: str, request: Any) -> tuple[grpc.StatusCode, str]:
-    method = getattr(stub, rpc)
+    method = getattr(stub, rpc_of(rpc))
     try:
-        if rpc == "StreamAudit":
+        if rpc_of(rpc) == "StreamAudit":
             list(method(request, timeout=5))
         else:
             method(request, timeout=5)
@@ -272,5 +286,6 @@ def test_grpc_call_answers_as_the_table_says(
         assert code is not grpc.StatusCode.UNIMPLEMENTED, message
     else:
         assert code is grpc.StatusCode.PERMISSION_DENIED, message
-        if rpc not in ("StartRun", "ExecuteOnBehalfOf", "ListRuns"):  # caller named a run only
+        # Unless the caller named the other org itself, it named a run only.
+        if rpc not in ("StartRun", "ExecuteOnBehalfOf", "ListRuns", "StreamAudit(endings)"):
             assert "globex" not in message, "a denial never reveals another tenant's run"

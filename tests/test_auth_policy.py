@@ -389,7 +389,13 @@ def test_the_readme_policy_example_is_valid(tmp_path: Path) -> None:
     (tmp_path / "keys" / "deploy-portal.pub.pem").write_text(public_pem(ROOT.key))
     (tmp_path / "policy.toml").write_text(example)
     policy = load_policy(tmp_path / "policy.toml")
-    assert sorted(policy.accounts) == ["ci-orchestrator", "deploy-portal", "ops", "siem"]
+    assert sorted(policy.accounts) == [
+        "ci-orchestrator",
+        "deploy-portal",
+        "ops",
+        "orders-api",
+        "siem",
+    ]
 
 
 def test_the_readme_policy_example_as_written_names_its_placeholder_key_and_nothing_else(

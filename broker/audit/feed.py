@@ -13,7 +13,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
-from broker.audit.events import AuditEvent
+from broker.audit.events import Action, AuditDraft, AuditEvent
 from broker.auth.authz import Authorizer, Op
 from broker.clock import Clock
 from broker.context import CallContext
@@ -24,6 +24,7 @@ from broker.store.changes import ChangeFeed
 from broker.telemetry.observer import NULL_OBSERVER, Observer
 
 PAGE_SIZE = 500
+RUN_ENDINGS = frozenset({Action.RUN_ENDED, Action.RUN_EXPIRED})
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,24 @@ class AuditFilter:
             if self.project and ref.project != self.project:
                 return False
         return True
+
+    @property
+    def run_endings_only(self) -> bool:
+        """Asks for run endings and nothing about people: what a verifier may follow.
+        (A person or principal filter would tell whose runs ended: that is reading the log.)"""
+        about_people = self.person or self.principal
+        return bool(self.actions) and self.actions <= RUN_ENDINGS and not about_people
+
+
+def run_ending_view(event: AuditEvent) -> AuditEvent:
+    """What a verifier sees of an event: which run ended, how and when — not who ended it,
+    for whom it ran, the reason given, the call's ids, nor the chain hashes (which would
+    let a guess about the withheld fields be confirmed)."""
+    d = event.draft
+    kept = AuditDraft(
+        time=d.time, action=d.action, outcome=d.outcome, run_id=d.run_id, pipeline=d.pipeline
+    )
+    return AuditEvent(sequence=event.sequence, draft=kept, prev_hash="", hash="")
 
 
 @dataclass(frozen=True)
@@ -146,13 +165,23 @@ class AuditFeed:
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Generator[list[AuditEvent] | Heartbeat]:
         """As `follow`, but the matching events of each page read from the store come
-        together, never empty: catching up costs one hand-off per page, not per event."""
+        together, never empty: catching up costs one hand-off per page, not per event.
+
+        A caller who may not read the log but may follow run endings (role verifier) gets
+        them, when that is all it asks for, as `run_ending_view`s."""
         run = self._find_run(event_filter.run_id) if event_filter.run_id else None
         # Events the filter may let through; "*" where it does not filter.
         selection = PipelineRef(event_filter.org or "*", event_filter.project or "*", "*")
         if run is not None:
             selection = run.pipeline
-        self._authz.require(ctx, Op.READ_AUDIT, pipeline=selection, run=run)
+        redact = False
+        if event_filter.run_endings_only and not self._authz.allows(
+            ctx, Op.READ_AUDIT, pipeline=selection, run=run
+        ):
+            self._authz.require(ctx, Op.FOLLOW_RUN_ENDINGS, pipeline=selection, run=run)
+            redact = True
+        else:
+            self._authz.require(ctx, Op.READ_AUDIT, pipeline=selection, run=run)
         if run is not None:
             self._observer.call_touched_run(run)
         oldest = self._store.oldest_sequence()
@@ -169,9 +198,17 @@ class AuditFeed:
         who = ctx.principal.name
         self._subscribe(who)
         try:
-            yield from self._follow_pages(
+            pages = self._follow_pages(
                 after, event_filter, stop_at_head, heartbeat_every, cancelled
             )
+            if not redact:
+                yield from pages
+            else:
+                for item in pages:
+                    if isinstance(item, Heartbeat):
+                        yield item
+                    else:
+                        yield [run_ending_view(event) for event in item]
         finally:
             with self._lock:
                 self._subscribers -= 1

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class Op(enum.Enum):
-    """What a caller asks to do. Each RPC maps to exactly one."""
+    """What a caller asks to do. Each RPC maps to exactly one, except StreamAudit: reading
+    the audit log, or (asking for run endings only) following run endings."""
 
     START_RUN = "start_run"
     EXECUTE_ON_BEHALF = "execute_on_behalf"
@@ -39,6 +40,8 @@ class Op(enum.Enum):
     READ_RUN = "read_run"
     LIST_RUNS = "list_runs"
     READ_AUDIT = "read_audit"
+    # Which runs ended, and when: what offline verifiers need, without people or inputs.
+    FOLLOW_RUN_ENDINGS = "follow_run_endings"
     ROTATE_KEYS = "rotate_keys"
 
 
@@ -52,6 +55,17 @@ class Authorizer(Protocol):
         run: Run | None = None,
     ) -> None:
         """Return if allowed; otherwise audit the denial and raise PermissionDenied."""
+        ...
+
+    def allows(
+        self,
+        ctx: CallContext,
+        op: Op,
+        *,
+        pipeline: PipelineRef | None = None,
+        run: Run | None = None,
+    ) -> bool:
+        """Whether `require` would return: a question, neither audited nor raised."""
         ...
 
 
@@ -81,9 +95,13 @@ ROLE_GRANTS: Mapping[Role, Mapping[Op, Grant]] = MappingProxyType(
         },
         Role.AUDITOR: {
             Op.READ_AUDIT: Grant.IN_SCOPE,
+            Op.FOLLOW_RUN_ENDINGS: Grant.IN_SCOPE,
             Op.READ_RUN: Grant.IN_SCOPE,
             Op.LIST_RUNS: Grant.IN_SCOPE,
         },
+        # Least privilege for APIs that verify tokens offline: signing keys (open to every
+        # caller) and which runs ended — never who acted, for whom, or with what inputs.
+        Role.VERIFIER: {Op.FOLLOW_RUN_ENDINGS: Grant.IN_SCOPE},
         Role.ADMIN: {Op.ROTATE_KEYS: Grant.ANYWHERE},
     }
 )
@@ -111,6 +129,7 @@ DOING: Mapping[Op, str] = MappingProxyType(
         Op.READ_RUN: "read runs",
         Op.LIST_RUNS: "list runs",
         Op.READ_AUDIT: "read the audit log",
+        Op.FOLLOW_RUN_ENDINGS: "follow run endings",
         Op.ROTATE_KEYS: "rotate signing keys",
     }
 )
@@ -220,6 +239,18 @@ class PolicyAuthorizer:
             return
         self._audit(ctx, op, reason, pipeline, run)
         raise PermissionDenied(reason)
+
+    def allows(
+        self,
+        ctx: CallContext,
+        op: Op,
+        *,
+        pipeline: PipelineRef | None = None,
+        run: Run | None = None,
+    ) -> bool:
+        if ctx.principal == BROKER:
+            return True
+        return decide(self._policy(), ctx.principal, op, pipeline, run) is None
 
     def _audit(
         self, ctx: CallContext, op: Op, reason: str, pipeline: PipelineRef | None, run: Run | None

@@ -39,7 +39,7 @@ DELEGATOR = BenchAccount(
     f'asserted_domains = ["{PERSON_DOMAIN}"]\n',
 )
 AUDITOR = BenchAccount("bench-auditor", ("auditor",), ("*/*/*",))
-API = BenchAccount("bench-api", ("auditor",), (f"{ORG}/*/*",))
+API = BenchAccount("bench-api", ("verifier",), (f"{ORG}/*/*",))
 ACCOUNTS = (ORCHESTRATOR, DELEGATOR, AUDITOR, API)
 
 

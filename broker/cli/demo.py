@@ -107,7 +107,7 @@ class Cast:
 
     idp: TestIdentityProvider
     portal: DemoAccount  # starts runs for people (delegator)
-    api: DemoAccount  # the sample API follows revocations on the audit stream (auditor)
+    api: DemoAccount  # the sample API follows run endings (verifier: no people, no inputs)
     siem: DemoAccount  # reads the run's audit trail at the end (auditor)
 
     @classmethod
@@ -115,7 +115,7 @@ class Cast:
         return cls(
             TestIdentityProvider(IDP_ISSUER),
             DemoAccount.new(PORTAL, ("delegator",), ("acme/*/*",)),
-            DemoAccount.new("sample-api", ("auditor",), ("*/*/*",)),
+            DemoAccount.new("sample-api", ("verifier",), ("*/*/*",)),
             DemoAccount.new("siem", ("auditor",), ("acme/*/*",)),
         )
 

@@ -37,7 +37,7 @@ _POLICY_TEMPLATE = """\
 version = 1
 
 [accounts.{account}]
-roles = ["admin", "orchestrator", "delegator", "auditor"]
+roles = ["admin", "orchestrator", "delegator", "auditor", "verifier"]
 scopes = ["*/*/*"]
 keys = [{{ kid = "{key_id}", pem = \"\"\"
 {public_pem}\"\"\" }}]

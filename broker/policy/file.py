@@ -43,7 +43,7 @@ from broker.runs.permissions import RESOURCE_PATTERN, PermissionSet, ladder_for
 MAX_CHAIN_DEPTH = 16
 # Key files and JWKS files are small; a policy naming something huge (or endless) is a mistake.
 MAX_REFERENCED_FILE_BYTES = 1024 * 1024
-SCOPED_ROLES = (Role.ORCHESTRATOR, Role.DELEGATOR, Role.AUDITOR)
+SCOPED_ROLES = (Role.ORCHESTRATOR, Role.DELEGATOR, Role.AUDITOR, Role.VERIFIER)
 TOP_KEYS = ("version", "accounts")
 ACCOUNT_KEYS = ("roles", "scopes", "keys", "certificate_sans", "permissions", "delegation")
 KEY_KEYS = ("kid", "pem", "jwk", "file")

@@ -28,6 +28,7 @@ class Role(enum.Enum):
     ORCHESTRATOR = "orchestrator"
     DELEGATOR = "delegator"
     AUDITOR = "auditor"
+    VERIFIER = "verifier"
     ADMIN = "admin"
 
 

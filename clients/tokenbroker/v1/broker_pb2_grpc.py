@@ -199,7 +199,10 @@ class TokenBrokerServiceServicer:
 
     def StreamAudit(self, request, context):
         """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
-        and no duplicate. Role: auditor (or a run's credential for its own run's events).
+        and no duplicate. Role: auditor (or a run's credential for its own run's events). Role
+        verifier may ask for run endings only (`filter.actions` among "run.ended" and
+        "run.expired", no `person` or `principal`) and receives each without who ended the run,
+        for whom it ran, its details, the call's ids or the chain hashes.
         A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

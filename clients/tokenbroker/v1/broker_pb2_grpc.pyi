@@ -82,7 +82,10 @@ class TokenBrokerServiceStub:
     """
     StreamAudit: _grpc.UnaryStreamMultiCallable[_broker_pb2.StreamAuditRequest, _broker_pb2.StreamAuditResponse]
     """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
-    and no duplicate. Role: auditor (or a run's credential for its own run's events).
+    and no duplicate. Role: auditor (or a run's credential for its own run's events). Role
+    verifier may ask for run endings only (`filter.actions` among "run.ended" and
+    "run.expired", no `person` or `principal`) and receives each without who ended the run,
+    for whom it ran, its details, the call's ids or the chain hashes.
     A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
     """
 
@@ -140,7 +143,10 @@ class TokenBrokerServiceAsyncStub(TokenBrokerServiceStub):
     """
     StreamAudit: _aio.UnaryStreamMultiCallable[_broker_pb2.StreamAuditRequest, _broker_pb2.StreamAuditResponse]  # type: ignore[assignment]
     """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
-    and no duplicate. Role: auditor (or a run's credential for its own run's events).
+    and no duplicate. Role: auditor (or a run's credential for its own run's events). Role
+    verifier may ask for run endings only (`filter.actions` among "run.ended" and
+    "run.expired", no `person` or `principal`) and receives each without who ended the run,
+    for whom it ran, its details, the call's ids or the chain hashes.
     A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
     """
 
@@ -261,7 +267,10 @@ class TokenBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_broker_pb2.StreamAuditResponse], _abc.AsyncIterator[_broker_pb2.StreamAuditResponse]]:
         """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
-        and no duplicate. Role: auditor (or a run's credential for its own run's events).
+        and no duplicate. Role: auditor (or a run's credential for its own run's events). Role
+        verifier may ask for run endings only (`filter.actions` among "run.ended" and
+        "run.expired", no `person` or `principal`) and receives each without who ended the run,
+        for whom it ran, its details, the call's ids or the chain hashes.
         A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
         """
 
