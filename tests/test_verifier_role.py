@@ -90,9 +90,7 @@ def test_verifier_cannot_read_the_audit_log(
 def test_verifier_follows_endings_only_within_its_scope(verifier_stub: Stub) -> None:
     error = rpc_error(lambda: _endings(verifier_stub, actions=ENDINGS))
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
-    assert "follow run endings across all pipelines: outside its scope (acme/*/*)" in details(
-        error
-    )
+    assert "follow run endings across all pipelines: outside its scope (acme/*/*)" in details(error)
 
 
 def test_revocation_follower_works_with_the_verifier_role(callers: Callers, stub: Stub) -> None:
