@@ -1,5 +1,6 @@
 """The client is a distribution of its own: its wheel installs into an empty virtualenv, without
-the server, and verifies a real broker's tokens offline there.
+the server or OpenTelemetry, and verifies a real broker's tokens offline there — with keys from
+the HTTP JWKS, and with `TokenVerifier.for_broker` as a verifier account.
 
 The virtualenv's dependencies (grpcio, protobuf, googleapis-common-protos, PyJWT, cryptography)
 come from the package index through pip, pinned to the versions of the development virtualenv
@@ -23,7 +24,7 @@ import pytest
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
-from tests.accounts import callers_of, standard_accounts
+from tests.accounts import Stub, callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.support import start_run_request
 from tokenbroker.v1 import broker_pb2
@@ -50,6 +51,17 @@ try:
     forged_status = "accepted"
 except TokenRejected as rejected:
     forged_status = rejected.status.name
+from tokenbroker import TokenVerifier, assertion_credentials
+account = given["account"]
+credentials = assertion_credentials(
+    account["name"], open(account["key_file"], "rb").read(), account["audience"],
+    key_id=account["kid"],
+)
+with TokenVerifier.for_broker(
+    given["target"], credentials, audience=given["audience"], org="acme"
+) as in_one_call:
+    same_run = in_one_call.verify(given["token"])["run_id"] == claims["run_id"]
+    ended = in_one_call.check(given["ended_token"]).status.name
 try:
     import tokenbroker.tracing
     tracing = "importable"
@@ -58,6 +70,7 @@ except ImportError as error:
 print(json.dumps({
     "run_id": claims["run_id"],
     "forged": forged_status,
+    "for_broker": {"same_run": same_run, "ended": ended},
     "broker_installed": importlib.util.find_spec("broker") is not None,
     "tracing": tracing,
     "tokenbroker_file": __import__("tokenbroker").__file__,
@@ -111,24 +124,42 @@ def _empty_venv(tmp_path: Path, wheel: Path) -> Path:
     return python
 
 
+def _issue(stub: Stub) -> tuple[str, str]:
+    run_id = stub.StartRun(start_run_request(), timeout=5).run.run_id
+    issued = stub.IssueToken(
+        broker_pb2.IssueTokenRequest(run_id=run_id, audience=AUDIENCE), timeout=5
+    )
+    return run_id, issued.token
+
+
 @pytest.mark.slow
 def test_client_wheel_installs_alone_and_verifies_a_broker_token_offline(
     tmp_path: Path, broker_with_http: BrokerServer
 ) -> None:
     python = _empty_venv(tmp_path, _client_wheel(tmp_path))
-    orchestrator = standard_accounts()["orchestrator"]
+    orchestrator, orders_api = standard_accounts()["orchestrator"], standard_accounts()["verifier"]
     with callers_of(broker_with_http) as callers:
         stub = callers.stub(orchestrator)
-        run_id = stub.StartRun(start_run_request(), timeout=5).run.run_id
-        token = stub.IssueToken(
-            broker_pb2.IssueTokenRequest(run_id=run_id, audience=AUDIENCE), timeout=5
-        ).token
+        ended_run, ended_token = _issue(stub)
+        stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=ended_run), timeout=5)
+        run_id, token = _issue(stub)
+        assertion_audience = callers.audience
+    key_file = tmp_path / "orders-api.pem"
+    key_file.write_bytes(orders_api.private_pem)
     assert broker_with_http.http is not None
     given = {
         "issuer": broker_with_http.broker.tokens.issuer,
         "jwks_url": f"http://127.0.0.1:{broker_with_http.http.port}/.well-known/jwks.json",
         "audience": AUDIENCE,
         "token": token,
+        "ended_token": ended_token,
+        "target": broker_with_http.target,
+        "account": {
+            "name": orders_api.name,
+            "kid": orders_api.kid,
+            "key_file": str(key_file),
+            "audience": assertion_audience,
+        },
     }
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -145,6 +176,7 @@ def test_client_wheel_installs_alone_and_verifies_a_broker_token_offline(
     seen = json.loads(done.stdout)
     assert seen["run_id"] == run_id
     assert seen["forged"] == "BAD_SIGNATURE"
+    assert seen["for_broker"] == {"same_run": True, "ended": "RUN_ENDED"}
     assert seen["broker_installed"] is False
     assert "pip install 'tokenbroker-client[tracing]'" in seen["tracing"]
     assert seen["tokenbroker_file"].startswith(str(tmp_path / "venv"))

@@ -9,8 +9,10 @@ import pytest
 
 from broker.api.server import BrokerServer
 from tests.accounts import Callers, standard_accounts
+from tests.cli_support import closed_port
 from tests.support import eventually, start_run_request
 from tokenbroker.credentials import assertion_credentials
+from tokenbroker.errors import PermissionDenied, Unavailable
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 from tokenbroker.verification import TokenStatus
 from tokenbroker.verifier import (
@@ -139,3 +141,71 @@ def test_a_follower_whose_credential_may_not_read_the_audit_fails_at_once(
     assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert time.monotonic() - started < 5
     follower.stop()
+
+
+def _verifier_credentials(callers: Callers) -> grpc.CallCredentials:
+    orders_api = standard_accounts()["verifier"]  # role verifier, scope acme/*/*
+    return assertion_credentials(
+        orders_api.name, orders_api.private_pem, callers.audience, key_id=orders_api.kid
+    )
+
+
+def test_for_broker_sets_up_issuer_keys_and_revocations_in_one_call(
+    server: BrokerServer, stub: Stub, callers: Callers
+) -> None:
+    ended_before, ended_token = _issue(stub)
+    stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=ended_before), timeout=5)
+    run_id, token = _issue(stub)
+    with TokenVerifier.for_broker(
+        server.target, _verifier_credentials(callers), audience="api.example.com", org="acme"
+    ) as verifier:
+        assert verifier.issuer == server.broker.tokens.issuer
+        assert verifier.verify(token)["run_id"] == run_id
+        assert verifier.check(ended_token).status is TokenStatus.RUN_ENDED
+        stub.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run_id), timeout=5)
+        eventually(
+            lambda: verifier.check(token).status is TokenStatus.RUN_ENDED,
+            within=1.0,
+            interval=0.005,
+            what="the revocation to reach the verifier",
+        )
+        assert verifier.check(token[:-4] + "AAAA").status is TokenStatus.BAD_SIGNATURE
+
+
+def test_for_broker_without_the_role_to_follow_endings_fails_at_once(
+    server: BrokerServer, callers: Callers
+) -> None:
+    portal = standard_accounts()["delegator"]
+    credentials = assertion_credentials(
+        portal.name, portal.private_pem, callers.audience, key_id=portal.kid
+    )
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied) as denied:
+        TokenVerifier.for_broker(server.target, credentials, audience="api.example.com", org="acme")
+    assert "that needs role auditor or verifier" in denied.value.message
+    assert time.monotonic() - started < 5  # not the 10 s wait for a follower that cannot start
+
+
+def test_for_broker_outside_the_verifiers_scope_is_refused(
+    server: BrokerServer, callers: Callers
+) -> None:
+    with pytest.raises(PermissionDenied) as denied:
+        TokenVerifier.for_broker(
+            server.target, _verifier_credentials(callers), audience="api.example.com"
+        )
+    assert "outside its scope (acme/*/*)" in denied.value.message
+
+
+def test_for_broker_without_following_needs_no_credential(server: BrokerServer, stub: Stub) -> None:
+    run_id, token = _issue(stub)
+    with TokenVerifier.for_broker(
+        server.target, None, audience="api.example.com", follow_revocations=False
+    ) as verifier:
+        assert verifier.verify(token)["run_id"] == run_id
+
+
+def test_for_broker_names_an_unreachable_broker() -> None:
+    with pytest.raises(Unavailable):
+        TokenVerifier.for_broker(
+            f"127.0.0.1:{closed_port()}", None, audience="api.example.com", timeout=5.0
+        )

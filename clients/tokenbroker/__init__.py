@@ -8,7 +8,8 @@
 - `BrokerClient` (sync) and `AsyncBrokerClient` (asyncio): one method per RPC.
 - `step_token(audience, permissions)`: in a pipeline step, the step's token from the run
   credential in the environment (TOKEN_BROKER_TARGET, TOKEN_BROKER_RUN_CREDENTIAL).
-- `TokenVerifier` (with `JwksCache`, `RevocationFollower`): offline verification for APIs.
+- `TokenVerifier` (with `JwksCache`, `RevocationFollower`): offline verification for APIs;
+  `TokenVerifier.for_broker(target, credentials, audience=...)` sets it up in one call.
 - Errors: `BrokerError` and its subclasses (`tokenbroker.errors`).
 - Credentials: `assertion_credentials`, `bearer_credentials`, `dev_admin_credentials`.
 - The generated messages and stubs: `tokenbroker.v1`.

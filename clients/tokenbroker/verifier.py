@@ -3,7 +3,13 @@
 `TokenVerifier` checks signatures locally against cached published keys (refetched, at a
 limited rate, when a token names an unknown key) and — with a `RevocationFollower` —
 rejects tokens of ended runs within moments, by following the broker's audit stream
-instead of calling the broker per check.
+instead of calling the broker per check. In one call, with a credential of role verifier:
+
+    verifier = TokenVerifier.for_broker(target, credentials, audience="api.example.com")
+    claims = verifier.verify(token)          # raises TokenRejected with a precise status
+    verifier.close()                         # (or use it as a context manager)
+
+Or assembled from its parts (e.g. keys from the broker's HTTP JWKS):
 
     verifier = TokenVerifier(
         issuer=issuer,
@@ -23,12 +29,15 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import grpc
 import jwt
 
 from tokenbroker import messages
+from tokenbroker.connect import Tls, open_channel
+from tokenbroker.errors import from_rpc_error
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 from tokenbroker.verification import (
     DEFAULT_LEEWAY,
@@ -122,6 +131,11 @@ class JwksCache:
             key = self._keys.get(kid)
         return key
 
+    def prime(self, document: Mapping[str, Any]) -> None:
+        """Take `document` as if just fetched (a caller that has the JWKS already)."""
+        with self._lock:
+            self._store(document)
+
     def _refresh(self) -> None:
         with self._lock:
             if time.monotonic() - self._fetched_at < self._min_refresh:
@@ -132,15 +146,18 @@ class JwksCache:
                 log.warning("could not fetch signing keys: %s", exc)
                 self._fetched_at = time.monotonic()
                 return
-            keys = {}
-            for jwk in document.get("keys", []):
-                alg = jwk.get("alg") or _DEFAULT_ALG.get((jwk.get("kty"), jwk.get("crv")))
-                if jwk.get("use", "sig") == "sig" and isinstance(jwk.get("kid"), str) and alg:
-                    keys[jwk["kid"]] = PublicKey(
-                        jwk["kid"], alg, jwt.PyJWK.from_dict(dict(jwk), algorithm=alg).key
-                    )
-            self._keys = keys
-            self._fetched_at = time.monotonic()
+            self._store(document)
+
+    def _store(self, document: Mapping[str, Any]) -> None:
+        keys = {}
+        for jwk in document.get("keys", []):
+            alg = jwk.get("alg") or _DEFAULT_ALG.get((jwk.get("kty"), jwk.get("crv")))
+            if jwk.get("use", "sig") == "sig" and isinstance(jwk.get("kid"), str) and alg:
+                keys[jwk["kid"]] = PublicKey(
+                    jwk["kid"], alg, jwt.PyJWK.from_dict(dict(jwk), algorithm=alg).key
+                )
+        self._keys = keys
+        self._fetched_at = time.monotonic()
 
 
 class RevocationFollower:
@@ -274,6 +291,83 @@ class TokenVerifier:
         self._revocations = revocations
         self._leeway = leeway
         self._clock = clock
+        self._channel: grpc.Channel | None = None  # set when for_broker opened it
+
+    @classmethod
+    def for_broker(
+        cls,
+        target: str,
+        credentials: grpc.CallCredentials | None,
+        *,
+        audience: str,
+        org: str = "",
+        tls: Tls = None,
+        follow_revocations: bool = True,
+        wait: float | None = 10.0,
+        timeout: float = 10.0,
+        leeway: float = DEFAULT_LEEWAY,
+    ) -> Self:
+        """A verifier for the tokens that the broker at `target` issues for `audience`, set
+        up in one call: the issuer and the signing keys from GetSigningKeys (the keys cached,
+        refetched when a token names a new one), and a `RevocationFollower` on run endings.
+
+        `credentials` need role verifier (or auditor) in scope of `org` — "" follows every
+        org, which needs scope "*/*/*". `follow_revocations=False` verifies signatures and
+        claims only (no credential needed then). By default waits up to `wait` seconds for
+        the follower to catch up with the log. Raises a `BrokerError` (PermissionDenied,
+        Unavailable, ...) when the broker refuses or cannot be reached.
+        Close the verifier (or use `with`) to stop following and close the channel."""
+        channel = open_channel(target, credentials, tls)
+        follower: RevocationFollower | None = None
+        try:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            published = stub.GetSigningKeys(broker_pb2.GetSigningKeysRequest(), timeout=timeout)
+            keys = JwksCache(jwks_from_broker(channel, timeout=timeout))
+            keys.prime(json.loads(published.jwks_json))
+            if follow_revocations:
+                follower = RevocationFollower(channel, org=org)
+                follower.start(wait=wait)
+        except BaseException as failure:
+            if follower is not None:
+                follower.stop()
+            channel.close()
+            if isinstance(failure, grpc.RpcError):
+                raise from_rpc_error(failure) from failure
+            raise
+        verifier = cls(
+            issuer=published.issuer,
+            audience=audience,
+            keys=keys,
+            revocations=follower,
+            leeway=leeway,
+        )
+        verifier._channel = channel
+        return verifier
+
+    @property
+    def issuer(self) -> str:
+        """The `iss` tokens must carry."""
+        return self._issuer
+
+    def close(self) -> None:
+        """Stop following revocations and close the channel, when `for_broker` opened them."""
+        if self._channel is None:
+            return
+        if self._revocations is not None:
+            self._revocations.stop()
+        self._channel.close()
+        self._channel = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def check(self, token: str) -> CheckResult:
         """The verdict, as a value (never raises for a bad token)."""
