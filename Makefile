@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/tokenbroker/v1/*.proto)
 GEN_DIR := clients
 
-.PHONY: install postgres-server run test wheels lint typecheck buflint breaking contract-baseline protos check-protos limits-doc pytest bench demo clean
+.PHONY: install postgres-server node-deps run test wheels lint typecheck buflint breaking contract-baseline protos check-protos limits-doc pytest bench demo clean
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml clients/pyproject.toml
 run: install
 	$(BIN)/token-broker serve $(ARGS)
 
-test: install postgres-server check-protos lint typecheck buflint breaking wheels pytest
+test: install postgres-server node-deps check-protos lint typecheck buflint breaking wheels pytest
 
 # The PostgreSQL tests start a throw-away server of their own (tests/pgcluster.py); they need
 # the server binaries. On a machine without them, as root, this installs Debian's package.
@@ -39,6 +39,22 @@ postgres-server:
 	else \
 	  echo "PostgreSQL server binaries missing: install the postgresql package (the tests need initdb)"; exit 1; \
 	fi
+
+# The Node.js delegate (clients/node) and its test need its packages, exactly as locked; on a
+# machine without node the test says it is skipped. (--ignore-scripts: no package needs its
+# install script; protobufjs's only checks versions.)
+NODE_MODULES := clients/node/node_modules/.installed
+
+node-deps:
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory $(NODE_MODULES); \
+	else \
+	  echo "node not found: the Node.js delegate test (tests/test_node_delegate.py) will be skipped"; \
+	fi
+
+$(NODE_MODULES): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $@
 
 # The whole story in one command: a throw-away broker, a test IdP, the sample executor and API.
 demo: install
