@@ -165,7 +165,8 @@ class RevocationFollower:
 
     It first replays the log to the head (`ready` is set then), then follows it live; on a
     disconnect it resumes after the last sequence it saw, so no revocation is missed.
-    The channel must carry a credential allowed to read the audit stream.
+    The channel must carry a credential that may follow run endings: role verifier (the
+    least privilege; it receives the endings without people or inputs) or auditor.
     """
 
     def __init__(
@@ -176,7 +177,7 @@ class RevocationFollower:
         retry_delay: float = 0.5,
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """`org` limits following to one organisation (an auditor scoped to it may follow)."""
+        """`org` limits following to one organisation (a verifier scoped to it may follow)."""
         self._stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
         self._org = org
         self._retry_delay = retry_delay
@@ -195,7 +196,7 @@ class RevocationFollower:
         """Start following; by default wait until the replay reached the head.
 
         Raises the broker's refusal at once when retrying cannot help (a credential that
-        may not read the audit stream, say), instead of waiting out `wait`."""
+        may not follow run endings, say), instead of waiting out `wait`."""
         self._thread.start()
         if wait is not None:
             self._settled.wait(wait)

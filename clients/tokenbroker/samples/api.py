@@ -80,7 +80,7 @@ def call_api(
 class SampleApi:
     """The API, its offline verifier and its revocation follower; start, then stop (or `with`).
 
-    `credentials` must let it read the broker's audit stream (for revocations).
+    `credentials` must let it follow run endings (role verifier), for revocations.
     """
 
     def __init__(
