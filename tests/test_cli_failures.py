@@ -115,7 +115,7 @@ def test_an_invalid_policy_names_every_problem_by_file_and_key_and_serve_writes_
         f"{policy}: accounts.siem.keys[0].jwk: is not a usable JWK "
         "(Coords should be 32 bytes for curve P-256)",
         f"{policy}: accounts.ops.roles[0]: unknown role 'admn' "
-        "(known: orchestrator, delegator, auditor, admin)",
+        "(known: orchestrator, delegator, auditor, verifier, admin)",
     ]
     checked = token_broker(tmp_path, "policy", "check", str(policy))
     assert checked.code == EXIT_USAGE
