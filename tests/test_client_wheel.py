@@ -31,7 +31,16 @@ from tokenbroker.v1 import broker_pb2
 
 CLIENTS = Path(__file__).resolve().parent.parent / "clients"
 # What tokenbroker-client requires, and what those require in turn.
-PINNED = ("grpcio", "protobuf", "googleapis-common-protos", "pyjwt", "cryptography", "cffi")
+PINNED = (
+    "grpcio",
+    "typing-extensions",
+    "protobuf",
+    "googleapis-common-protos",
+    "pyjwt",
+    "cryptography",
+    "cffi",
+    "pycparser",
+)
 AUDIENCE = "https://api.example.com"
 
 # Runs inside the empty virtualenv: argv[1] is a JSON object of what to check.
@@ -114,13 +123,15 @@ def _client_wheel(tmp_path: Path) -> Path:
 
 
 def _empty_venv(tmp_path: Path, wheel: Path) -> Path:
-    """A new virtualenv holding only the client wheel and what it requires."""
+    """A new virtualenv holding only the client wheel and what it requires. Not even pip:
+    this process's pip installs into it (`--python`), which spares the slow ensurepip."""
     home = tmp_path / "venv"
-    venv.create(home, with_pip=True, symlinks=True)
+    venv.create(home, with_pip=False, symlinks=True)
     python = home / "bin" / "python"
     constraints = tmp_path / "constraints.txt"
     constraints.write_text("".join(f"{n}=={metadata.version(n)}\n" for n in PINNED))
-    _run(python, "-m", "pip", "install", "--quiet", "--no-compile", "-c", constraints, wheel)
+    pip = (sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile")
+    _run(*pip, "-c", constraints, wheel)
     return python
 
 
