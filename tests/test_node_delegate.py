@@ -7,14 +7,24 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from tests.accounts import bearer, sign_assertion, standard_accounts
+from tests.accounts import (
+    Account,
+    bearer,
+    new_account,
+    sign_assertion,
+    standard_accounts,
+    write_policy,
+)
 from tests.conftest import standard_policy
 from tests.support import BrokerProcess, start_broker_process
+from tokenbroker.samples.idp import TestIdentityProvider
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 NODE_CLIENT = Path(__file__).resolve().parent.parent / "clients" / "node"
@@ -28,15 +38,21 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def broker_process(tmp_path: Path) -> Iterator[tuple[BrokerProcess, int]]:
-    """A `token-broker serve` with the standard policy; yields it and its HTTP port."""
-    policy = standard_policy(tmp_path / "policy")
+@contextmanager
+def _serving(tmp_path: Path, policy: Path) -> Iterator[tuple[BrokerProcess, int]]:
+    """A `token-broker serve` process with `policy`; yields it and its HTTP port."""
     process = start_broker_process(tmp_path / "data", ["--policy", str(policy), "--issuer", ISSUER])
     try:
         yield process, _http_port(process)
     finally:
         process.terminate_and_wait()
+
+
+@pytest.fixture
+def broker_process(tmp_path: Path) -> Iterator[tuple[BrokerProcess, int]]:
+    """With the standard policy: deploy-portal may assert example.com people itself."""
+    with _serving(tmp_path, standard_policy(tmp_path / "policy")) as serving:
+        yield serving
 
 
 def _http_port(process: BrokerProcess) -> int:
@@ -46,10 +62,12 @@ def _http_port(process: BrokerProcess) -> int:
     raise AssertionError(f"no serving line in the broker's log:\n{process.logs()}")
 
 
-def _run_delegate(tmp_path: Path, target: str, http_port: int, *more: str) -> dict[str, object]:
+def _run_delegate(
+    tmp_path: Path, target: str, http_port: int, *more: str, portal: Account | None = None
+) -> dict[str, Any]:
     if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
         pytest.fail("clients/node/node_modules is missing: `make test` runs `npm ci` there first")
-    portal = standard_accounts()["delegator"]  # deploy-portal may assert example.com people
+    portal = portal or standard_accounts()["delegator"]
     key = tmp_path / "deploy-portal.pem"
     key.write_bytes(portal.private_pem)
     assert NODE is not None
@@ -69,7 +87,7 @@ def _run_delegate(tmp_path: Path, target: str, http_port: int, *more: str) -> di
         check=False,
     )
     assert done.returncode == 0, f"delegate failed:\n{done.stderr}\n{done.stdout}"
-    result: dict[str, object] = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(done.stdout)
     return result
 
 
@@ -85,7 +103,6 @@ def test_node_delegate_starts_a_run_mints_a_step_token_and_verifies_it_with_the_
     )
 
     verified = out["verified"]
-    assert isinstance(verified, dict)
     assert verified["iss"] == ISSUER
     assert verified["aud"] == AUDIENCE
     assert verified["run_id"] == out["run_id"]
@@ -126,3 +143,30 @@ def test_node_delegate_reports_a_refusal_and_exits_non_zero(
             *("--pipeline", "globex/web/deploy"),
         )
     assert "delegate: ExecuteOnBehalfOf: PERMISSION_DENIED" in str(failed.value)
+
+
+def test_node_delegate_acts_for_a_person_its_identity_provider_verified(tmp_path: Path) -> None:
+    idp = TestIdentityProvider("https://idp.example.com")
+    jwks = idp.write_jwks(tmp_path / "idp-jwks.json")
+    delegation = f"""\
+[accounts.deploy-portal.delegation]
+user_domains = ["example.com"]
+
+[[accounts.deploy-portal.delegation.identity_providers]]
+issuer = "{idp.issuer}"
+audience = "deploy-portal"
+jwks_file = "{jwks}"
+"""
+    portal = new_account("deploy-portal", ["delegator"], extra_toml=delegation)
+    policy = write_policy(tmp_path / "policy.toml", [portal])
+    id_token = idp.id_token(subject="u-bob", email="bob@example.com", audience="deploy-portal")
+    with _serving(tmp_path, policy) as (process, http_port):
+        out = _run_delegate(
+            tmp_path, process.target, http_port, "--id-token", id_token, portal=portal
+        )
+    assert out["attribution"] == (
+        "Executed by: bob@example.com (verified by https://idp.example.com) · "
+        "Triggered via: deploy-portal"
+    )
+    assert out["verified"]["on_behalf_of"]["email"] == "bob@example.com"
+    assert out["verified"]["run_id"] == out["run_id"]
