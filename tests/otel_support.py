@@ -1,4 +1,5 @@
-"""OpenTelemetry test helpers: in-memory SDK providers per service, and a tiny OTLP receiver.
+"""OpenTelemetry test helpers: in-memory SDK providers per service, and tiny OTLP receivers
+(gRPC and HTTP, on 127.0.0.1 port 0; either can refuse metrics like a traces-only collector).
 
 Nothing here touches the OpenTelemetry globals: each "service" in a test gets its own
 providers, passed in explicitly, and shuts them down afterwards.
@@ -7,12 +8,14 @@ providers, passed in explicitly, and shuts them down afterwards.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.metrics import MeterProvider
@@ -97,43 +100,37 @@ def attributes_of(span: ReadableSpan) -> dict[str, Any]:
     return dict(span.attributes or {})
 
 
-# --- a minimal OTLP/gRPC collector --------------------------------------------------------------
+# --- minimal OTLP collectors (gRPC and HTTP) -----------------------------------------------------
 
 TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 METRICS_SERVICE = metrics_service_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name
+LOGS_SERVICE = logs_service_pb2.DESCRIPTOR.services_by_name["LogsService"].full_name
 
 
 @dataclass
 class OtlpReceiver:
-    """opentelemetry.proto.collector TraceService and MetricsService on a loopback port."""
+    """What an OTLP collector received: export requests per signal, and ways to wait for them.
 
-    server: grpc.Server
-    port: int
+    `endpoint` is what OTEL_EXPORTER_OTLP_ENDPOINT names (for HTTP: the base URL, below which
+    the exporters post to /v1/traces, /v1/metrics and /v1/logs)."""
+
+    endpoint: str
+    stop_server: Callable[[], None]
     traces: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
     metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
+    logs: list[logs_service_pb2.ExportLogsServiceRequest] = field(default_factory=list)
+    refused_metrics: int = 0  # exports answered UNIMPLEMENTED / 404
     received: threading.Condition = field(default_factory=threading.Condition)
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _export_traces(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
+    def record(self, kind: str, request: Any) -> None:
         with self.received:
-            self.traces.append(request)
+            getattr(self, kind).append(request)
             self.received.notify_all()
-        return trace_service_pb2.ExportTraceServiceResponse()
 
-    def _export_metrics(
-        self,
-        request: metrics_service_pb2.ExportMetricsServiceRequest,
-        context: grpc.ServicerContext,
-    ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+    def refuse_metrics(self) -> None:
         with self.received:
-            self.metrics.append(request)
+            self.refused_metrics += 1
             self.received.notify_all()
-        return metrics_service_pb2.ExportMetricsServiceResponse()
 
     def spans(self) -> list[tuple[dict[str, Any], Any]]:
         """(resource attributes, span) for every span received."""
@@ -147,6 +144,20 @@ class OtlpReceiver:
                 resource = otlp_attributes(resource_spans.resource.attributes)
                 for scope in resource_spans.scope_spans:
                     found.extend((resource, span) for span in scope.spans)
+        return found
+
+    def log_records(self) -> list[tuple[dict[str, Any], Any]]:
+        """(resource attributes, log record) for every log record received."""
+        with self.received:
+            return self._log_records()
+
+    def _log_records(self) -> list[tuple[dict[str, Any], Any]]:
+        found: list[tuple[dict[str, Any], Any]] = []
+        for request in self.logs:
+            for resource_logs in request.resource_logs:
+                resource = otlp_attributes(resource_logs.resource.attributes)
+                for scope in resource_logs.scope_logs:
+                    found.extend((resource, record) for record in scope.log_records)
         return found
 
     def metric_names(self) -> set[str]:
@@ -167,8 +178,25 @@ class OtlpReceiver:
         assert matches, f"no span {name!r} reached the receiver"
         return matches[0]
 
+    def wait_for_log(self, body: str, timeout: float = 10) -> tuple[dict[str, Any], Any]:
+        """(resource attributes, log record) of the first record whose body is `body`."""
+
+        def found() -> list[tuple[dict[str, Any], Any]]:
+            return [(r, x) for r, x in self._log_records() if x.body.string_value == body]
+
+        with self.received:
+            self.received.wait_for(lambda: bool(found()), timeout)
+            matches = found()
+        assert matches, f"no log record {body!r} reached the receiver"
+        return matches[0]
+
+    def wait_for_refused_metrics(self, count: int, timeout: float = 10) -> None:
+        with self.received:
+            arrived = self.received.wait_for(lambda: self.refused_metrics >= count, timeout)
+        assert arrived, f"{self.refused_metrics} metric exports refused, waited for {count}"
+
     def stop(self) -> None:
-        self.server.stop(0).wait()
+        self.stop_server()
 
 
 def otlp_attributes(attributes: Any) -> dict[str, Any]:
@@ -179,25 +207,111 @@ def otlp_attributes(attributes: Any) -> dict[str, Any]:
     return values
 
 
-def start_otlp_receiver() -> OtlpReceiver:
+# (signal kind, gRPC service, request type, response type, HTTP path)
+_SIGNALS = (
+    (
+        "traces",
+        TRACE_SERVICE,
+        trace_service_pb2.ExportTraceServiceRequest,
+        trace_service_pb2.ExportTraceServiceResponse,
+        "/v1/traces",
+    ),
+    (
+        "metrics",
+        METRICS_SERVICE,
+        metrics_service_pb2.ExportMetricsServiceRequest,
+        metrics_service_pb2.ExportMetricsServiceResponse,
+        "/v1/metrics",
+    ),
+    (
+        "logs",
+        LOGS_SERVICE,
+        logs_service_pb2.ExportLogsServiceRequest,
+        logs_service_pb2.ExportLogsServiceResponse,
+        "/v1/logs",
+    ),
+)
+
+
+def start_otlp_receiver(*, accept_metrics: bool = True) -> OtlpReceiver:
+    """OTLP over gRPC: TraceService, LogsService and (unless refused) MetricsService; a
+    refused metric export gets UNIMPLEMENTED, as from a collector without a metrics pipeline."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     port = server.add_insecure_port("127.0.0.1:0")
-    receiver = OtlpReceiver(server, port)
-    trace_handler = grpc.unary_unary_rpc_method_handler(
-        receiver._export_traces,
-        request_deserializer=trace_service_pb2.ExportTraceServiceRequest.FromString,
-        response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
-    )
-    metrics_handler = grpc.unary_unary_rpc_method_handler(
-        receiver._export_metrics,
-        request_deserializer=metrics_service_pb2.ExportMetricsServiceRequest.FromString,
-        response_serializer=metrics_service_pb2.ExportMetricsServiceResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(TRACE_SERVICE, {"Export": trace_handler}),
-            grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": metrics_handler}),
+
+    def stop() -> None:
+        server.stop(0).wait()
+
+    receiver = OtlpReceiver(f"http://127.0.0.1:{port}", stop)
+
+    def exporting(kind: str, response: Any) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def export(request: Any, context: grpc.ServicerContext) -> Any:
+            if kind == "metrics" and not accept_metrics:
+                receiver.refuse_metrics()
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "unknown service")
+            receiver.record(kind, request)
+            return response()
+
+        return export
+
+    handlers = [
+        grpc.method_handlers_generic_handler(
+            service,
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    exporting(kind, response),
+                    request_deserializer=request.FromString,
+                    response_serializer=response.SerializeToString,
+                )
+            },
         )
-    )
+        for kind, service, request, response, _ in _SIGNALS
+    ]
+    server.add_generic_rpc_handlers(handlers)
     server.start()
+    return receiver
+
+
+def start_http_otlp_receiver(*, accept_metrics: bool = True) -> OtlpReceiver:
+    """OTLP over HTTP (protobuf bodies) at /v1/traces, /v1/metrics, /v1/logs; a refused metric
+    export gets 404, as from a collector without a metrics pipeline."""
+    by_path = {path: (kind, request, response) for kind, _, request, response, path in _SIGNALS}
+    receiver_box: list[OtlpReceiver] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            receiver = receiver_box[0]
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            signal = by_path.get(self.path)
+            if signal is None or (signal[0] == "metrics" and not accept_metrics):
+                if signal is not None:
+                    receiver.refuse_metrics()
+                self._answer(404, b"404 page not found", "text/plain")
+                return
+            kind, request, response = signal
+            receiver.record(kind, request.FromString(body))
+            self._answer(200, response().SerializeToString(), "application/x-protobuf")
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # the test reads what arrived, not an access log
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="otlp-http-receiver")
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    receiver = OtlpReceiver(f"http://127.0.0.1:{server.server_address[1]}", stop)
+    receiver_box.append(receiver)
+    thread.start()
     return receiver

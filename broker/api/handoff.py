@@ -16,11 +16,12 @@ from tokenbroker.v1 import executor_pb2, executor_pb2_grpc
 HANDOFF_TIMEOUT = 10.0
 
 
-def traced_channel(channel: grpc.Channel, telemetry: Telemetry) -> grpc.Channel:
-    """An outgoing channel (to an executor) whose calls join the current trace; a call made
-    while `telemetry.handing_off(run)` names the run on its span, from the broker's record."""
+def traced_channel(channel: grpc.Channel, telemetry: Telemetry, target: str = "") -> grpc.Channel:
+    """An outgoing channel (to an executor at `target`) whose calls join the current trace; a
+    call made while `telemetry.handing_off(run)` names the run on its span, from the broker's
+    record."""
     return tracing.intercept_channel(
-        channel, telemetry.tracer_provider, attributes=handed_off_run_attributes
+        channel, telemetry.tracer_provider, attributes=handed_off_run_attributes, target=target
     )
 
 

@@ -40,7 +40,7 @@ from broker.app import Broker, build_broker
 from broker.policy.file import load_policy
 from broker.runs.keys import load_private_key
 from broker.settings import Settings, SettingsError, is_loopback, split_host_port
-from broker.telemetry import setup
+from broker.telemetry import logs, setup
 from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -296,9 +296,12 @@ def create_server(
     if http is not None:
         http.mount(broker_routes(broker, issuer))
     # Tracing outermost: the call context and its errors happen inside the server span.
+    listen_host, _ = split_host_port(settings.listen, "--listen")
     interceptors.install(
         tracing.ServerTracingInterceptor(
-            broker.telemetry.tracer_provider, broker.telemetry.meter_provider
+            broker.telemetry.tracer_provider,
+            broker.telemetry.meter_provider,
+            server=tracing.listen_attributes(listen_host, port),
         ),
         CallInterceptor(authenticate=authn.authenticator(broker.authn, broker.throttle)),
     )
@@ -311,10 +314,9 @@ def create_server(
         pool=MethodResolvingPool(),
     )
     if handoff is not None:
-        telemetry = broker.telemetry
-        handoff.instrument(lambda channel: traced_channel(channel, telemetry))
-        host, _ = split_host_port(settings.listen, "--listen")
-        handoff.broker_target = f"{host}:{port}"  # the port is known only now
+        telemetry, executor = broker.telemetry, settings.executor_target
+        handoff.instrument(lambda channel: traced_channel(channel, telemetry, executor))
+        handoff.broker_target = f"{listen_host}:{port}"  # the port is known only now
     return BrokerServer(server, port, broker, health_servicer, http)
 
 
@@ -327,6 +329,9 @@ def serve(settings: Settings) -> int:
             extra={"listen": settings.listen},
         )
     providers = setup.providers_from_env(settings, os.environ)
+    stop_log_export = (
+        logs.export_to(providers.logger_provider) if providers.logger_provider else _nothing
+    )
     try:
         server = create_server(
             settings,
@@ -334,6 +339,7 @@ def serve(settings: Settings) -> int:
             meter_provider=providers.meter_provider,
         )
     except BaseException:
+        stop_log_export()
         providers.shutdown()
         raise
     stopping = threading.Event()
@@ -364,6 +370,11 @@ def serve(settings: Settings) -> int:
     )
     stopping.wait()
     server.stop()
-    providers.shutdown()
     log.info("token-broker stopped")
+    stop_log_export()
+    providers.shutdown()
     return 0
+
+
+def _nothing() -> None:
+    pass

@@ -9,9 +9,12 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
+from opentelemetry import context as context_api
 from opentelemetry import trace
+from opentelemetry._logs import LoggerProvider, SeverityNumber
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -65,3 +68,67 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+_SEVERITY = (
+    (logging.CRITICAL, SeverityNumber.FATAL, "FATAL"),
+    (logging.ERROR, SeverityNumber.ERROR, "ERROR"),
+    (logging.WARNING, SeverityNumber.WARN, "WARN"),
+    (logging.INFO, SeverityNumber.INFO, "INFO"),
+    (logging.DEBUG, SeverityNumber.DEBUG, "DEBUG"),
+)
+
+
+def _severity(levelno: int) -> tuple[SeverityNumber, str]:
+    for level, number, text in _SEVERITY:
+        if levelno >= level:
+            return number, text
+    return SeverityNumber.TRACE, "TRACE"
+
+
+def _attribute(value: Any) -> str | bool | int | float:
+    return value if isinstance(value, str | bool | int | float) else str(value)
+
+
+class OpenTelemetryHandler(logging.Handler):
+    """Sends each log line to an OpenTelemetry LoggerProvider (OTLP with
+    OTEL_LOGS_EXPORTER=otlp): the message as body, the `extra=` fields as attributes, in the
+    context of the span current where it was logged.
+
+    Lines of OpenTelemetry's own loggers stay local: an exporter that cannot reach its
+    collector must not feed its complaints back into the export.
+    """
+
+    def __init__(self, provider: LoggerProvider) -> None:
+        super().__init__()
+        self._provider = provider
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("opentelemetry"):
+            return
+        try:
+            number, text = _severity(record.levelno)
+            attributes = {key: _attribute(value) for key, value in _extras(record).items()}
+            if record.exc_info and record.exc_info[0] is not None:
+                attributes["exception.type"] = record.exc_info[0].__name__
+                attributes["exception.stacktrace"] = logging.Formatter().formatException(
+                    record.exc_info
+                )
+            self._provider.get_logger(record.name).emit(
+                timestamp=int(record.created * 1e9),
+                context=context_api.get_current(),
+                severity_number=number,
+                severity_text=text,
+                body=record.getMessage(),
+                attributes=attributes,
+            )
+        except Exception:  # telemetry never breaks logging
+            self.handleError(record)
+
+
+def export_to(provider: LoggerProvider) -> Callable[[], None]:
+    """Send the root logger's lines to `provider` as well; returns what undoes it."""
+    handler = OpenTelemetryHandler(provider)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    return lambda: root.removeHandler(handler)

@@ -1,7 +1,12 @@
-"""OpenTelemetry providers from the standard `OTEL_*` variables, for `serve`.
+"""OpenTelemetry providers from the standard `OTEL_*` variables, for `serve`, the CLI and the demo.
 
 Nothing here touches the process-wide OpenTelemetry globals: the providers are passed down
 explicitly, and without them every instrument is a no-op.
+
+Each signal goes over OTLP with the protocol `OTEL_EXPORTER_OTLP_[SIGNAL_]PROTOCOL` names:
+`grpc` (the broker's default) or `http/protobuf`. Spans and metrics are exported when an
+endpoint is configured (or `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` say `otlp`),
+logs only when `OTEL_LOGS_EXPORTER=otlp`.
 """
 
 from __future__ import annotations
@@ -11,33 +16,51 @@ import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.util.re import parse_env_headers
 
 from broker import __version__
 from broker.settings import Settings
+from broker.telemetry.quiet import QuietMetricExporter
 from tokenbroker.defaults import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
+GRPC = "grpc"
+HTTP = "http/protobuf"
+PROTOCOLS = (GRPC, HTTP)
+# Where an OTLP/HTTP collector takes each signal, below OTEL_EXPORTER_OTLP_ENDPOINT.
+_HTTP_PATHS = {"TRACES": "v1/traces", "METRICS": "v1/metrics", "LOGS": "v1/logs"}
+# The specification's defaults, for a signal switched on without an endpoint.
+_DEFAULT_ENDPOINTS = {GRPC: "http://localhost:4317", HTTP: "http://localhost:4318"}
+
 
 @dataclass
 class Providers:
-    """The SDK providers `serve` exports with; None means "off" (a no-op provider is used)."""
+    """The SDK providers a process exports with; None means "off" (a no-op provider is used)."""
 
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
+    logger_provider: LoggerProvider | None = None
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Flush and stop the exporters, waiting at most `timeout` (a dead collector must not
-        hold up the broker's exit)."""
+        hold up the process's exit)."""
 
         def stop() -> None:
-            for provider in (self.tracer_provider, self.meter_provider):
+            for provider in (self.tracer_provider, self.meter_provider, self.logger_provider):
                 if provider is not None:
                     try:
                         provider.shutdown()
@@ -51,14 +74,40 @@ class Providers:
             log.warning("telemetry exporters did not flush in time", extra={"timeout": timeout})
 
 
-def _enabled(environ: Mapping[str, str], name: str) -> bool:
-    return environ.get(name, "").strip().lower() != "none"
+@dataclass(frozen=True)
+class Otlp:
+    """Where and how one signal is exported over OTLP."""
+
+    protocol: str
+    endpoint: str
+    headers: Mapping[str, str]
+    insecure: bool  # gRPC only: plaintext to the endpoint
 
 
-def _otlp_endpoint(environ: Mapping[str, str], signal: str) -> str:
-    return environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT", ""
-    )
+def _exporters(environ: Mapping[str, str], signal: str) -> set[str]:
+    value = environ.get(f"OTEL_{signal}_EXPORTER", "")
+    return {part.strip().lower() for part in value.split(",") if part.strip()}
+
+
+def _protocol(environ: Mapping[str, str], signal: str) -> str:
+    return (
+        environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or GRPC
+    ).strip()
+
+
+def _endpoint(environ: Mapping[str, str], signal: str, protocol: str) -> str:
+    """The signal's own endpoint as it is; the shared one with the signal's path for HTTP."""
+    own = environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "").strip()
+    if own:
+        return own
+    shared = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if not shared:
+        return ""
+    if protocol == HTTP:
+        return f"{shared.rstrip('/')}/{_HTTP_PATHS[signal]}"
+    return shared
 
 
 def _insecure(environ: Mapping[str, str], endpoint: str) -> bool:
@@ -69,75 +118,174 @@ def _insecure(environ: Mapping[str, str], endpoint: str) -> bool:
     return environ.get("OTEL_EXPORTER_OTLP_INSECURE", "").strip().lower() == "true"
 
 
-def _resource(environ: Mapping[str, str]) -> Resource:
+def otlp_config(environ: Mapping[str, str], signal: str, *, required: bool = False) -> Otlp | None:
+    """How `signal` ("TRACES", "METRICS", "LOGS") is exported, or None: switched off, no
+    endpoint (unless `required`: the signal was asked for by name), or a protocol this
+    broker does not speak (said once in the log)."""
+    exporters = _exporters(environ, signal)
+    if "none" in exporters:
+        return None
+    protocol = _protocol(environ, signal)
+    endpoint = _endpoint(environ, signal, protocol)
+    if not endpoint and not (required or "otlp" in exporters):
+        return None
+    if protocol not in PROTOCOLS:
+        log.warning(
+            "unsupported OTLP protocol: this signal is not exported",
+            extra={"signal": signal.lower(), "protocol": protocol, "supported": list(PROTOCOLS)},
+        )
+        return None
+    if not endpoint:
+        endpoint = _DEFAULT_ENDPOINTS[protocol]
+        if protocol == HTTP:
+            endpoint = f"{endpoint}/{_HTTP_PATHS[signal]}"
+    raw_headers = (
+        environ.get(f"OTEL_EXPORTER_OTLP_{signal}_HEADERS")
+        or environ.get("OTEL_EXPORTER_OTLP_HEADERS")
+        or ""
+    )
+    headers = dict(parse_env_headers(raw_headers, liberal=True))
+    return Otlp(protocol, endpoint, headers, _insecure(environ, endpoint))
+
+
+def _resource(environ: Mapping[str, str], service_name: str) -> Resource:
     attributes: dict[str, str] = {}
     for item in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
         key, sep, value = item.partition("=")
         if sep and key.strip():
             attributes[key.strip()] = value.strip()
-    attributes["service.name"] = environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME
+    attributes["service.name"] = environ.get("OTEL_SERVICE_NAME") or service_name
     attributes["service.version"] = __version__
     return Resource.create(attributes)
 
 
+def _disabled(environ: Mapping[str, str]) -> bool:
+    return environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
 def providers_from_env(settings: Settings, environ: Mapping[str, str]) -> Providers:
-    """Providers per the standard variables: OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or the
-    per-signal variant) is set, spans to stderr with --otel-console, otherwise none at all.
+    """The broker's providers per the standard variables: spans and metrics over OTLP when an
+    endpoint is configured, spans to stderr with --otel-console, logs over OTLP with
+    OTEL_LOGS_EXPORTER=otlp; otherwise none at all.
 
     OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none and OTEL_METRICS_EXPORTER=none switch
-    parts off; OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_HEADERS and
-    OTEL_EXPORTER_OTLP_INSECURE are honoured; the SDK reads the rest (OTEL_BSP_*, sampler).
+    parts off; OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_[SIGNAL_]PROTOCOL,
+    _HEADERS and OTEL_EXPORTER_OTLP_INSECURE are honoured; the SDK reads the rest (OTEL_BSP_*,
+    sampler).
     """
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if _disabled(environ):
         return Providers()
-    protocol = environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-    if protocol != "grpc":
-        log.warning("only OTLP over gRPC is supported", extra={"protocol": protocol})
-    resource = _resource(environ)
-    headers = environ.get("OTEL_EXPORTER_OTLP_HEADERS")
+    resource = _resource(environ, SERVICE_NAME)
     return Providers(
-        _tracer_provider(settings, environ, resource, headers),
-        _meter_provider(environ, resource, headers),
+        _tracer_provider(environ, resource, console=settings.otel_console),
+        _meter_provider(environ, resource),
+        _logger_provider(environ, resource),
     )
 
 
-def _tracer_provider(
-    settings: Settings, environ: Mapping[str, str], resource: Resource, headers: str | None
+def tracer_provider_from_env(
+    environ: Mapping[str, str], service_name: str
 ) -> TracerProvider | None:
-    endpoint = _otlp_endpoint(environ, "TRACES")
-    otlp = bool(endpoint) and _enabled(environ, "OTEL_TRACES_EXPORTER")
-    if not otlp and not settings.otel_console:
+    """Spans only, over OTLP as the variables say, for a short-lived process (the CLI, the
+    demo's services); None when nothing is to be exported. OTEL_SERVICE_NAME wins over
+    `service_name`."""
+    if _disabled(environ):
+        return None
+    return _tracer_provider(environ, _resource(environ, service_name), console=False)
+
+
+def exports_traces(environ: Mapping[str, str]) -> bool:
+    """Whether the variables ask for spans to be exported."""
+    return not _disabled(environ) and otlp_config(environ, "TRACES") is not None
+
+
+def _tracer_provider(
+    environ: Mapping[str, str], resource: Resource, *, console: bool
+) -> TracerProvider | None:
+    otlp = otlp_config(environ, "TRACES")
+    if otlp is None and not console:
         return None
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    if otlp:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(
-            endpoint=endpoint, insecure=_insecure(environ, endpoint), headers=headers
-        )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    if settings.otel_console:
+    if otlp is not None:
+        provider.add_span_processor(BatchSpanProcessor(_span_exporter(otlp)))
+    if console:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     return provider
 
 
-def _meter_provider(
-    environ: Mapping[str, str], resource: Resource, headers: str | None
-) -> MeterProvider | None:
-    endpoint = _otlp_endpoint(environ, "METRICS")
-    if not endpoint or not _enabled(environ, "OTEL_METRICS_EXPORTER"):
-        return None
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+def _span_exporter(otlp: Otlp) -> SpanExporter:
+    if otlp.protocol == HTTP:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpanExporter,
+        )
 
-    exporter = OTLPMetricExporter(
-        endpoint=endpoint, insecure=_insecure(environ, endpoint), headers=headers
+        return HttpSpanExporter(endpoint=otlp.endpoint, headers=otlp.headers)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(
+        endpoint=otlp.endpoint, insecure=otlp.insecure, headers=_grpc_headers(otlp)
     )
+
+
+def _grpc_headers(otlp: Otlp) -> dict[str, str] | None:
+    # gRPC metadata keys must be lower case.
+    return {key.lower(): value for key, value in otlp.headers.items()} or None
+
+
+def _meter_provider(environ: Mapping[str, str], resource: Resource) -> MeterProvider | None:
+    otlp = otlp_config(environ, "METRICS")
+    if otlp is None:
+        return None
     try:
         interval = float(environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000"))
     except ValueError:
         log.warning("OTEL_METRIC_EXPORT_INTERVAL is not a number; exporting every 60 s")
         interval = 60000.0
+    # A collector that takes traces only answers every export with an error: say so once.
+    exporter = QuietMetricExporter(_metric_exporter(otlp), otlp.endpoint)
     readers: list[MetricReader] = [
         PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
     ]
     return MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
+
+
+def _metric_exporter(otlp: Otlp) -> MetricExporter:
+    if otlp.protocol == HTTP:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HttpMetricExporter,
+        )
+
+        return HttpMetricExporter(endpoint=otlp.endpoint, headers=otlp.headers)
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+    return OTLPMetricExporter(
+        endpoint=otlp.endpoint, insecure=otlp.insecure, headers=_grpc_headers(otlp)
+    )
+
+
+def _logger_provider(environ: Mapping[str, str], resource: Resource) -> LoggerProvider | None:
+    if "otlp" not in _exporters(environ, "LOGS"):
+        return None
+    otlp = otlp_config(environ, "LOGS", required=True)
+    if otlp is None:
+        return None
+    provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
+    provider.add_log_record_processor(BatchLogRecordProcessor(_log_exporter(otlp)))
+    return provider
+
+
+def _log_exporter(otlp: Otlp) -> LogRecordExporter:
+    exporter: Any
+    if otlp.protocol == HTTP:
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import (
+            OTLPLogExporter as HttpLogExporter,
+        )
+
+        exporter = HttpLogExporter(endpoint=otlp.endpoint, headers=otlp.headers)
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+
+        exporter = OTLPLogExporter(
+            endpoint=otlp.endpoint, insecure=otlp.insecure, headers=_grpc_headers(otlp)
+        )
+    return exporter  # type: ignore[no-any-return]

@@ -32,12 +32,13 @@ credential from the environment (TOKEN_BROKER_TARGET, TOKEN_BROKER_RUN_CREDENTIA
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -50,6 +51,9 @@ from tokenbroker.errors import REQUEST_ID_HEADER, ConfigurationError, Unavailabl
 from tokenbroker.messages import Asserted, Permissions, Seconds
 from tokenbroker.retry import Attempts, Retry, RetryPolicy, rule_for
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -69,6 +73,22 @@ def local_credentials(data_dir: str | Path) -> grpc.CallCredentials:
         ) from exc
 
 
+def _traced(
+    channel: grpc.Channel, target: str, tracer_provider: TracerProvider | None
+) -> grpc.Channel:
+    """`channel` traced when there is a provider or a trace to join; as it is otherwise (an
+    interceptor that can only make no-op spans is not worth its cost per call). OpenTelemetry
+    is imported only then: a client that never traces does not need it."""
+    if tracer_provider is None and not os.environ.get("TRACEPARENT"):
+        return channel
+    from tokenbroker import tracing
+
+    parent = tracing.environment_context()
+    if tracer_provider is None and parent is None:
+        return channel
+    return tracing.intercept_channel(channel, tracer_provider, target=target, parent=parent)
+
+
 class BrokerClient:
     """A synchronous token-broker client; thread-safe; close it (or use `with`)."""
 
@@ -82,10 +102,16 @@ class BrokerClient:
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         run_id: str = "",
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         """Connect to `target` (HOST:PORT) with `credentials`, or use an open `channel`
         (which the client then does not close). `tls`: see `tokenbroker.connect`.
-        `run_id` is the run this client acts for (a run credential's own run)."""
+        `run_id` is the run this client acts for (a run credential's own run).
+
+        Tracing: with a `tracer_provider`, every call is a CLIENT span whose context goes to
+        the broker. Started inside another process's trace (`TRACEPARENT` in the
+        environment, as a CI runner sets it), calls join that trace when no span of this
+        process is current, with or without a provider. A given `channel` is used as it is."""
         if (channel is None) == (not target):
             raise ValueError("give a target or a channel (one of them)")
         if timeout <= 0:
@@ -95,7 +121,9 @@ class BrokerClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._owns_channel = channel is None
-        self._channel = channel if channel is not None else open_channel(target, credentials, tls)
+        if channel is None:
+            channel = _traced(open_channel(target, credentials, tls), target, tracer_provider)
+        self._channel = channel
         self._stub = broker_pb2_grpc.TokenBrokerServiceStub(self._channel)
 
     @classmethod

@@ -8,6 +8,10 @@ trace when each service propagates W3C `traceparent` and `baggage` through gRPC 
     server = grpc.server(pool, interceptors=[tracing.ServerTracingInterceptor()])  # incoming
     provider.add_span_processor(tracing.baggage_span_processor())         # stamp the run on spans
 
+A process started inside someone else's trace (a CI step whose runner exports `TRACEPARENT`,
+`TRACESTATE` and `BAGGAGE`, OpenTelemetry's environment-variable carrier) joins it through
+`environment_context()`: `BrokerClient` does so by itself.
+
 The broker puts the run's id, its pipeline, the service that triggered it and the person it
 runs for into baggage (`RUN_BAGGAGE_KEYS`) when it starts a run (in the response's trailing
 metadata) and when it hands a run to an executor (in the outgoing call). Baggage is context, not
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +67,8 @@ RPC_METHOD = "rpc.method"
 RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
 RPC_RESPONSE_STATUS_CODE = "rpc.response.status_code"
 ERROR_TYPE = "error.type"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
 SERVER_DURATION = "rpc.server.call.duration"
 
 # W3C trace context and baggage, whatever the process-wide default propagator is.
@@ -69,6 +77,8 @@ PROPAGATOR: TextMapPropagator = CompositePropagator(
 )
 _BAGGAGE = W3CBaggagePropagator()
 _PROPAGATION_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
+# OpenTelemetry's environment-variable carrier: the header names in capitals.
+_ENVIRONMENT_CARRIER = {name: name.upper() for name in ("traceparent", "tracestate", "baggage")}
 
 # Semantic conventions: on a server span only these codes are the server's fault (errors);
 # the others (NOT_FOUND, PERMISSION_DENIED, ...) describe the request and leave status unset.
@@ -118,6 +128,47 @@ def _span_name(full_method: str) -> str:
 
 def _carrier(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
     return {key: value for key, value in metadata or () if isinstance(value, str)}
+
+
+def environment_context(environ: Mapping[str, str] | None = None) -> Context | None:
+    """The trace context (and baggage) the environment carries — `TRACEPARENT`, `TRACESTATE`,
+    `BAGGAGE`, as a CI runner or a parent process sets them — or None without a valid
+    `TRACEPARENT`. Spans started in it join the parent process's trace."""
+    environ = os.environ if environ is None else environ
+    carrier = {
+        header: environ[variable]
+        for header, variable in _ENVIRONMENT_CARRIER.items()
+        if environ.get(variable)
+    }
+    if "traceparent" not in carrier:
+        return None
+    try:
+        context = PROPAGATOR.extract(carrier, Context())
+    except Exception:
+        log.debug("unreadable TRACEPARENT", exc_info=True)
+        return None
+    return context if trace.get_current_span(context).get_span_context().is_valid else None
+
+
+def target_attributes(target: str) -> dict[str, Any]:
+    """`server.address` and `server.port` of a channel target (`HOST:PORT`, `dns:///NAME:PORT`);
+    empty for a list of replicas, which names no one server."""
+    address = target.removeprefix("dns:///").removeprefix("dns:")
+    if not address or "," in address or address.startswith(("ipv4:", "ipv6:", "unix:")):
+        return {}
+    host, separator, port = address.rpartition(":")
+    if not separator or not port.isdigit() or not host:
+        return {SERVER_ADDRESS: address.strip("[]")}
+    return {SERVER_ADDRESS: host.strip("[]"), SERVER_PORT: int(port)}
+
+
+def listen_attributes(host: str, port: int) -> dict[str, Any]:
+    """`server.address` and `server.port` of a server listening on `host:port`; a wildcard
+    address (0.0.0.0, ::) is named by the machine's host name (no DNS lookup)."""
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - recognised here, never bound
+        host = socket.gethostname()
+    return {SERVER_ADDRESS: host, SERVER_PORT: port}
 
 
 # --- baggage ---------------------------------------------------------------------------------
@@ -226,7 +277,8 @@ class ServerTracingInterceptor(grpc.ServerInterceptor):
 
     Records `rpc.server.call.duration`. The handler runs with the span and the caller's
     baggage as the current context; `server_span()` and `reply_with_baggage()` reach the call.
-    Health checks are not traced unless `skip` says otherwise.
+    Health checks are not traced unless `skip` says otherwise. `server` (e.g. from
+    `listen_attributes`) is recorded on every span: `server.address`, `server.port`.
     """
 
     def __init__(
@@ -236,7 +288,9 @@ class ServerTracingInterceptor(grpc.ServerInterceptor):
         *,
         propagator: TextMapPropagator = PROPAGATOR,
         skip: Callable[[str], bool] = _health_check,
+        server: Mapping[str, Any] | None = None,
     ) -> None:
+        self._server = MappingProxyType(dict(server or {}))
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         meter = metrics.get_meter(__name__, meter_provider=meter_provider)
         self._duration = meter.create_histogram(
@@ -287,6 +341,7 @@ class ServerTracingInterceptor(grpc.ServerInterceptor):
             )
             if span.is_recording():
                 span.set_attributes(rpc_attributes(full_method))
+                span.set_attributes(self._server)
                 span.set_attributes(_peer_attributes(context.peer()))
             call = _ServerCall(span, full_method, time.perf_counter())
             call.context = context_api.set_value(
@@ -429,8 +484,10 @@ class ClientTracingInterceptor(
 
     Run entries of the baggage the server sends back (the broker does when it starts a run)
     are recorded on the client span. `attributes`, when given, is asked for more attributes
-    as each span starts (facts the calling service knows itself). Without a provider the
-    global one is used.
+    as each span starts (facts the calling service knows itself). `target` is the channel's
+    target, for `server.address` and `server.port`. `parent` is the context a call joins when
+    no span is current (e.g. `environment_context()`). Without a provider the global one is
+    used; a no-op one still passes the parent's trace context on.
     """
 
     def __init__(
@@ -439,19 +496,29 @@ class ClientTracingInterceptor(
         *,
         propagator: TextMapPropagator = PROPAGATOR,
         attributes: Callable[[], Mapping[str, str]] | None = None,
+        target: str = "",
+        parent: Context | None = None,
     ) -> None:
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._propagator = propagator
         self._attributes = attributes
+        self._server = MappingProxyType(target_attributes(target))
+        self._parent = parent
 
     def _start(self, details: grpc.ClientCallDetails) -> tuple[Span, grpc.ClientCallDetails]:
-        span = self._tracer.start_span(_span_name(details.method), kind=SpanKind.CLIENT)
+        parent = None
+        if self._parent is not None and not trace.get_current_span().get_span_context().is_valid:
+            parent = self._parent
+        span = self._tracer.start_span(
+            _span_name(details.method), context=parent, kind=SpanKind.CLIENT
+        )
         if span.is_recording():
             span.set_attributes(rpc_attributes(details.method))
+            span.set_attributes(self._server)
             if self._attributes is not None:
                 span.set_attributes(self._attributes())
         carrier: dict[str, str] = {}
-        self._propagator.inject(carrier, context=trace.set_span_in_context(span))
+        self._propagator.inject(carrier, context=trace.set_span_in_context(span, parent))
         kept = [(k, v) for k, v in details.metadata or () if k not in _PROPAGATION_KEYS]
         traced = _CallDetails(
             method=details.method,
@@ -546,7 +613,12 @@ def intercept_channel(
     tracer_provider: trace.TracerProvider | None = None,
     *,
     attributes: Callable[[], Mapping[str, str]] | None = None,
+    target: str = "",
+    parent: Context | None = None,
 ) -> grpc.Channel:
-    """`channel` with a ClientTracingInterceptor in front."""
-    interceptor = ClientTracingInterceptor(tracer_provider, attributes=attributes)
+    """`channel` with a ClientTracingInterceptor in front (`target`: the channel's, for
+    `server.address`/`server.port`; `parent`: the context to join when no span is current)."""
+    interceptor = ClientTracingInterceptor(
+        tracer_provider, attributes=attributes, target=target, parent=parent
+    )
     return grpc.intercept_channel(channel, interceptor)
