@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 import grpc
+from opentelemetry.trace import TracerProvider
 
 from broker import errors as domain
 from broker.policy.file import PolicyError
@@ -197,7 +198,13 @@ def connect(args: argparse.Namespace, *, anonymous: bool = False) -> BrokerClien
     tls = tls_options(args)
     target = target_of(args)
     credentials = None if anonymous else call_credentials(args, target, tls)
-    return BrokerClient(target, credentials=credentials, tls=tls, timeout=args.timeout)
+    return BrokerClient(
+        target,
+        credentials=credentials,
+        tls=tls,
+        timeout=args.timeout,
+        tracer_provider=tracer_provider_of(args),
+    )
 
 
 def connect_for_run(args: argparse.Namespace) -> BrokerClient:
@@ -210,7 +217,14 @@ def connect_for_run(args: argparse.Namespace) -> BrokerClient:
         tls=tls_options(args) or env.tls,
         run_id=env.run_id,
         timeout=args.timeout,
+        tracer_provider=tracer_provider_of(args),
     )
+
+
+def tracer_provider_of(args: argparse.Namespace) -> TracerProvider | None:
+    """The provider of the command's span (`broker.cli.traced`), when it exports spans."""
+    provider = getattr(args, "tracer_provider", None)
+    return provider if isinstance(provider, TracerProvider) else None
 
 
 def tls_options(args: argparse.Namespace) -> Tls:
@@ -233,7 +247,7 @@ def call_credentials(
         if args.key is None:
             raise CliError("--account needs --key, the account's private key (PEM)")
         key_pem = args.key.read_bytes()
-        audience = broker_issuer(target, tls, args.timeout)
+        audience = broker_issuer(target, tls, args.timeout, tracer_provider_of(args))
         return assertion_credentials(args.account, key_pem, audience, key_id=args.key_id)
     if args.cert is not None:
         return None  # mTLS: the client certificate names the account
@@ -242,9 +256,13 @@ def call_credentials(
     return local_credentials(args.data_dir or os.environ.get(ENV_DATA_DIR) or "var")
 
 
-def broker_issuer(target: str, tls: Tls, timeout: float) -> str:
+def broker_issuer(
+    target: str, tls: Tls, timeout: float, tracer_provider: TracerProvider | None = None
+) -> str:
     """The broker's issuer URL: the audience its callers' assertions must name."""
-    with BrokerClient(target, tls=tls, timeout=timeout) as anonymous:
+    with BrokerClient(
+        target, tls=tls, timeout=timeout, tracer_provider=tracer_provider
+    ) as anonymous:
         return anonymous.signing_keys().issuer
 
 

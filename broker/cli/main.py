@@ -8,7 +8,19 @@ import sys
 from collections.abc import Sequence
 
 from broker import __version__, bench, settings
-from broker.cli import assertion, audit, common, demo, execute, keys, policy, runs, store, token
+from broker.cli import (
+    assertion,
+    audit,
+    common,
+    demo,
+    execute,
+    keys,
+    policy,
+    runs,
+    store,
+    token,
+    traced,
+)
 from broker.telemetry import logs
 from tokenbroker.defaults import DEFAULT_TARGET, SERVICE_NAME
 
@@ -129,6 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    with traced.command_span(args, os.environ) as span:
+        code = _handle(args)
+        if span is not None:
+            span.set_attribute(traced.EXIT_CODE, code)
+        return code
+
+
+def _handle(args: argparse.Namespace) -> int:
     try:
         return int(args.handler(args))
     except BrokenPipeError:
