@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ import pytest
 
 from broker.cli import demo
 from broker.cli import main as cli
+from tests.otel_support import start_otlp_receiver
 from tests.support import REPO
 
 STORY = [
@@ -107,3 +110,63 @@ def test_the_readme_shows_what_the_demo_prints() -> None:
     start = section.index("```text\n") + len("```text\n")
     shown = section[start : section.index("\n```", start)]
     assert_the_whole_story(shown)
+
+
+@pytest.mark.slow
+def test_with_otel_set_the_demo_exports_its_story_as_one_trace_and_prints_its_id() -> None:
+    receiver = start_otlp_receiver()
+    step_trace, step_span = secrets.token_hex(16), secrets.token_hex(8)
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "broker", "demo"],
+            cwd=REPO,
+            env={
+                **os.environ,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                "TRACEPARENT": f"00-{step_trace}-{step_span}-01",  # `make demo` in a CI job
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        spans = receiver.spans()
+    finally:
+        receiver.stop()
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert_the_whole_story(finished.stdout)
+    assert finished.stderr == ""
+    printed = re.search(r"trace ([0-9a-f]{32}) exported to (\S+)", finished.stdout)
+    assert printed is not None, finished.stdout
+    assert printed[1] == step_trace
+    assert printed[2] == receiver.endpoint
+
+    in_trace = [(r["service.name"], s) for r, s in spans if s.trace_id.hex() == step_trace]
+    by_id = {s.span_id: s for _, s in in_trace}
+    (root,) = [s for _, s in in_trace if s.parent_span_id not in by_id]
+    assert (root.name, root.parent_span_id.hex()) == (demo.ROOT_SPAN, step_span)
+    # Every part of the story, each as its own service, hangs together under the root.
+    assert {service for service, _ in in_trace} == {
+        "token-broker-demo",
+        "token-broker",
+        "sample-executor",
+        "sample-api",
+    }
+    names = {(service, s.name) for service, s in in_trace}
+    broker = "tokenbroker.v1.TokenBrokerService/"
+    assert {
+        ("token-broker-demo", broker + "ExecuteOnBehalfOf"),
+        ("token-broker", broker + "ExecuteOnBehalfOf"),
+        ("token-broker", "tokenbroker.v1.PipelineExecutorService/Execute"),
+        ("sample-executor", "tokenbroker.v1.PipelineExecutorService/Execute"),
+        ("token-broker", broker + "IssueToken"),
+        ("sample-api", "GET /whoami"),
+        ("token-broker", broker + "RevokeRun"),
+        ("token-broker", broker + "StreamAudit"),  # the auditor reads the run's trail
+    } <= names
+    # Outside it only the sample API's own background calls: its keys and revocation feed.
+    outside = {(r["service.name"], s.name) for r, s in spans if s.trace_id.hex() != step_trace}
+    assert outside <= {
+        ("token-broker", broker + "GetSigningKeys"),
+        ("token-broker", broker + "StreamAudit"),
+    }

@@ -9,6 +9,11 @@ token ("run ended"); the run's audit trail shows both identities; `audit verify`
 Everything runs in this process on 127.0.0.1 (ports chosen by the OS), with its data in a
 temporary directory, and is stopped and removed at the end. Exit status: 0 when every step
 did what it should, 1 otherwise.
+
+With OpenTelemetry's variables set (`OTEL_EXPORTER_OTLP_ENDPOINT`, ...), each part records
+its spans as the service it plays — `token-broker-demo` (the portal and the auditor),
+`token-broker`, `sample-executor`, `sample-api` — and exports them: the story is one trace,
+whose id the demo prints, inside the caller's trace when `TRACEPARENT` is set.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,6 +35,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import json_format
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import format_trace_id
 
 from broker.api.server import BrokerServer, create_server
 from broker.audit import verify as auditverify
@@ -38,9 +45,11 @@ from broker.audit.events import Action
 from broker.settings import Settings
 from broker.store import StoreRefused, all_checkpoints, all_stored_events
 from broker.store.factory import OpenOptions, open_store
-from broker.telemetry import logs
+from broker.telemetry import logs, setup
+from tokenbroker import tracing
 from tokenbroker.client import BrokerClient
 from tokenbroker.credentials import assertion_credentials
+from tokenbroker.defaults import SERVICE_NAME
 from tokenbroker.errors import BrokerError
 from tokenbroker.samples.api import ApiAnswer, SampleApi, call_api
 from tokenbroker.samples.executor import FINISHED, STEP_PERMISSIONS, Execution, SampleExecutor
@@ -136,6 +145,67 @@ class Cast:
         return path
 
 
+DEMO_SERVICE = "token-broker-demo"
+EXECUTOR_SERVICE = "sample-executor"
+API_SERVICE = "sample-api"
+ROOT_SPAN = "token-broker demo"
+
+
+@dataclass
+class DemoTelemetry:
+    """A tracer provider per part the demo plays, exporting as OTEL_* says; all None when
+    nothing is to be exported."""
+
+    environ: Mapping[str, str]
+    demo: TracerProvider | None = None  # the portal and the auditor
+    broker: TracerProvider | None = None
+    executor: TracerProvider | None = None
+    api: TracerProvider | None = None
+    trace_id: str = field(default="", init=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> DemoTelemetry:
+        if not setup.exports_traces(environ):
+            return cls(environ)
+        # Four services in one process: OTEL_SERVICE_NAME can name only the demo's own part.
+        parts = {k: v for k, v in environ.items() if k != "OTEL_SERVICE_NAME"}
+        telemetry = cls(
+            environ,
+            setup.tracer_provider_from_env(environ, DEMO_SERVICE),
+            setup.tracer_provider_from_env(parts, SERVICE_NAME),
+            setup.tracer_provider_from_env(parts, EXECUTOR_SERVICE),
+            setup.tracer_provider_from_env(parts, API_SERVICE),
+        )
+        # The services that receive a run's context name the run on their spans.
+        for receiving in (telemetry.executor, telemetry.api):
+            if receiving is not None:
+                receiving.add_span_processor(tracing.baggage_span_processor())
+        return telemetry
+
+    @contextmanager
+    def story_span(self) -> Iterator[None]:
+        """The root of the story's trace (a child of TRACEPARENT's span, when set)."""
+        if self.demo is None:
+            yield
+            return
+        tracer = self.demo.get_tracer("broker.cli.demo")
+        parent = tracing.environment_context(self.environ)
+        with tracer.start_as_current_span(ROOT_SPAN, context=parent) as span:
+            self.trace_id = format_trace_id(span.get_span_context().trace_id)
+            yield
+
+    def flush(self) -> None:
+        """Export what is left (at most 2 s): the demo exits right after."""
+        providers = (self.demo, self.broker, self.executor, self.api)
+        for provider in providers:
+            if provider is not None:
+                setup.Providers(tracer_provider=provider).shutdown()
+
+    def where(self) -> str:
+        otlp = setup.otlp_config(self.environ, "TRACES")
+        return f"{otlp.endpoint} (OTLP, {otlp.protocol})" if otlp else "the collector"
+
+
 class Story:
     """Prints one numbered line per step: ✓ when it did what it should, else ✗ and why."""
 
@@ -161,22 +231,38 @@ class Story:
         print(f"{self.steps:2} {mark} {text}", file=self.out, flush=True)
 
 
-def run(out: TextIO = sys.stdout, data_dir: Path | None = None) -> int:
+def run(
+    out: TextIO = sys.stdout,
+    data_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
     """Tell the whole story; 0 when every step did what it should. Without `data_dir` the
-    broker keeps its data in a temporary directory, removed at the end."""
-    story = Story(out)
+    broker keeps its data in a temporary directory, removed at the end. `environ` (default:
+    the process's) says whether and where spans are exported."""
     print(
         "token-broker demo: a delegated run, from a person's ID token to a verified audit trail",
         file=out,
     )
+    with _quiet_logs():
+        telemetry = DemoTelemetry.from_env(os.environ if environ is None else environ)
+        try:
+            return _run(out, data_dir, telemetry)
+        finally:
+            telemetry.flush()
+            if telemetry.trace_id:
+                print(f"   trace {telemetry.trace_id} exported to {telemetry.where()}", file=out)
+
+
+def _run(out: TextIO, data_dir: Path | None, telemetry: DemoTelemetry) -> int:
+    story = Story(out)
     kept = data_dir is not None
-    with _quiet_logs(), ExitStack() as scratch:
+    with ExitStack() as scratch:
         if data_dir is None:
             data_dir = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="tb-demo-")))
         where = f"data in {data_dir}" if kept else "SQLite in a temp dir"
         try:
             with ExitStack() as running:  # everything started is stopped when it closes
-                _tell(story, running, data_dir, where)
+                _tell(story, running, data_dir, where, telemetry)
         except StepFailed as failure:
             story.failed(str(failure))
             return EXIT_FAILED
@@ -188,23 +274,46 @@ def run(out: TextIO = sys.stdout, data_dir: Path | None = None) -> int:
         return _verify_audit(story, data_dir)
 
 
-def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
+def _tell(
+    story: Story, stack: ExitStack, data_dir: Path, where: str, telemetry: DemoTelemetry
+) -> None:
     cast = Cast.new()
-    executor = stack.enter_context(SampleExecutor())
-    server = _start_broker(cast, data_dir, executor.target)
+    executor = stack.enter_context(SampleExecutor(tracer_provider=telemetry.executor))
+    server = _start_broker(cast, data_dir, executor.target, telemetry.broker)
     stack.callback(server.stop, 0.5)
     audience = server.broker.authn.audience
-    api = stack.enter_context(SampleApi(server.target, credentials=cast.api.credentials(audience)))
+    api = stack.enter_context(
+        SampleApi(
+            server.target,
+            credentials=cast.api.credentials(audience),
+            tracer_provider=telemetry.api,
+        )
+    )
     executor.api_url = api.url
     story.ok(
         f"broker started on {server.target} (demo policy, {where}), "
         "with the sample executor and sample API"
     )
+    with telemetry.story_span():
+        _tell_the_run(story, cast, server, api, executor, telemetry)
 
+
+def _tell_the_run(
+    story: Story,
+    cast: Cast,
+    server: BrokerServer,
+    api: SampleApi,
+    executor: SampleExecutor,
+    telemetry: DemoTelemetry,
+) -> None:
+    audience = server.broker.authn.audience
+    traced = telemetry.demo
     id_token = cast.idp.id_token(subject="u-1001", email=PERSON, audience=PORTAL, name="Alice")
     story.ok(f"test IdP {IDP_ISSUER} signed an ID token for {PERSON}")
 
-    with BrokerClient(server.target, credentials=cast.portal.credentials(audience)) as portal:
+    with BrokerClient(
+        server.target, credentials=cast.portal.credentials(audience), tracer_provider=traced
+    ) as portal:
         executed = portal.execute_on_behalf_of(
             *PIPELINE, ceiling={"pipelines": "execute"}, id_token=id_token, deadline=600
         )
@@ -218,11 +327,15 @@ def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
     _check_api_accepted(story, execution)
     _check_run_ended(story, execution)
     _check_token_refused(story, api, execution)
-    with BrokerClient(server.target, credentials=cast.siem.credentials(audience)) as siem:
+    with BrokerClient(
+        server.target, credentials=cast.siem.credentials(audience), tracer_provider=traced
+    ) as siem:
         _show_audit_trail(story, siem, run_id)
 
 
-def _start_broker(cast: Cast, data_dir: Path, executor_target: str) -> BrokerServer:
+def _start_broker(
+    cast: Cast, data_dir: Path, executor_target: str, tracer_provider: TracerProvider | None
+) -> BrokerServer:
     data_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         listen="127.0.0.1:0",
@@ -235,7 +348,7 @@ def _start_broker(cast: Cast, data_dir: Path, executor_target: str) -> BrokerSer
         shutdown_grace=0.5,
         max_workers=8,
     )
-    server = create_server(settings)
+    server = create_server(settings, tracer_provider=tracer_provider)
     server.start()
     return server
 
