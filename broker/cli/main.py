@@ -46,11 +46,14 @@ environment:
   A flag wins over its variable; both win over the default.
 
 telemetry (OpenTelemetry's standard variables; without them nothing is exported):
-  OTEL_EXPORTER_OTLP_ENDPOINT           export spans and metrics over OTLP/gRPC, e.g.
+  OTEL_EXPORTER_OTLP_ENDPOINT           export spans and metrics over OTLP, e.g.
                                         http://127.0.0.1:4317 (https:// for TLS)
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT    ...spans only, or to another collector
   OTEL_EXPORTER_OTLP_METRICS_ENDPOINT   ...metrics only, or to another collector
-  OTEL_EXPORTER_OTLP_PROTOCOL           grpc, the only one supported
+  OTEL_EXPORTER_OTLP_PROTOCOL           grpc (default) or http/protobuf (then the
+                                        endpoint is the base URL: .../v1/traces, ...);
+                                        OTEL_EXPORTER_OTLP_<SIGNAL>_PROTOCOL per signal
+  OTEL_LOGS_EXPORTER=otlp               export the log lines too (..._LOGS_ENDPOINT)
   OTEL_EXPORTER_OTLP_HEADERS            headers for the collector (key=value,...)
   OTEL_EXPORTER_OTLP_INSECURE           true: plaintext to an endpoint without a scheme
   OTEL_SERVICE_NAME                     service.name (default {SERVICE_NAME})
