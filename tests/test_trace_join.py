@@ -4,6 +4,7 @@ broker's spans — part of the trace the runner started."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -30,6 +31,7 @@ from tests.otel_support import (
 )
 from tests.support import REPO, BrokerProcess, start_broker_process
 from tokenbroker import BrokerClient, tracing
+from tokenbroker.aio import AsyncBrokerClient
 from tokenbroker.credentials import dev_admin_credentials
 
 START_RUN = "tokenbroker.v1.TokenBrokerService/StartRun"
@@ -232,3 +234,27 @@ def test_a_malformed_traceparent_is_ignored() -> None:
     assert joined is not None
     assert format_trace_id(trace.get_current_span(joined).get_span_context().trace_id) == trace_id
     assert baggage.get_baggage("ci.job", joined) == "7"
+
+
+def test_async_client_library_joins_the_trace_in_traceparent_too(
+    traced_broker: tuple[BrokerServer, InMemorySdk], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, sdk = traced_broker
+    traceparent, trace_id, step_span_id = pipeline_traceparent()
+    monkeypatch.setenv("TRACEPARENT", traceparent)
+    credentials = dev_admin_credentials(server.broker.settings.data_dir)
+
+    async def start_and_follow() -> None:
+        async with AsyncBrokerClient(server.target, credentials=credentials) as client:
+            started = await client.start_run(
+                "acme", "web", "deploy", ceiling={"artifacts": "read"}, deadline=600
+            )
+            events = client.stream_audit(run_id=started.run.run_id, follow=False)
+            assert [event.action async for event in events] == ["run.started"]
+
+    asyncio.run(start_and_follow())
+
+    for method in ("StartRun", "StreamAudit"):
+        span = sdk.server_span(method)
+        assert trace_id_of(span) == trace_id, method
+        assert span.parent is not None and format_span_id(span.parent.span_id) == step_span_id

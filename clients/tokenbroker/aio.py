@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Iterable, Mapping
+import functools
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -37,6 +39,26 @@ Request = TypeVar("Request", bound=Message)
 Response = TypeVar("Response", bound=Message)
 
 
+TraceMetadata = Callable[[], tuple[tuple[str, str], ...]]
+
+
+def _no_trace_metadata() -> tuple[tuple[str, str], ...]:
+    return ()
+
+
+def _trace_metadata_source() -> TraceMetadata:
+    """What each call adds to carry the trace in TRACEPARENT on; nothing (and no import of
+    OpenTelemetry) without one."""
+    if not os.environ.get("TRACEPARENT"):
+        return _no_trace_metadata
+    from tokenbroker import tracing
+
+    parent = tracing.environment_context()
+    if parent is None:
+        return _no_trace_metadata
+    return functools.partial(tracing.context_metadata, parent)
+
+
 class AsyncBrokerClient:
     """An asyncio token-broker client; close it (or use `async with`)."""
 
@@ -51,7 +73,11 @@ class AsyncBrokerClient:
         retry: RetryPolicy | None = None,
         run_id: str = "",
     ) -> None:
-        """As `BrokerClient`; a given `channel` must be a grpc.aio channel."""
+        """As `BrokerClient`; a given `channel` must be a grpc.aio channel.
+
+        Started inside another process's trace (`TRACEPARENT` in the environment), calls
+        carry that trace context — or the current span's, when there is one — to the broker;
+        this client records no spans of its own."""
         if (channel is None) == (not target):
             raise ValueError("give a target or a channel (one of them)")
         if timeout <= 0:
@@ -65,6 +91,7 @@ class AsyncBrokerClient:
             channel if channel is not None else open_aio_channel(target, credentials, tls)
         )
         self._stub = broker_pb2_grpc.TokenBrokerServiceStub(self._channel)
+        self._metadata = _trace_metadata_source()
 
     @classmethod
     def local(
@@ -301,7 +328,7 @@ class AsyncBrokerClient:
         if timeout is None and not follow:
             timeout = self.timeout
         attempts = Attempts(self.retry, Retry.ON_UNAVAILABLE, timeout)
-        return AsyncAuditStream(self._stub, request, attempts)
+        return AsyncAuditStream(self._stub, request, attempts, self._metadata)
 
     async def _unary(
         self,
@@ -318,7 +345,7 @@ class AsyncBrokerClient:
                 return await rpc(
                     request,
                     timeout=attempts.timeout(),
-                    metadata=((REQUEST_ID_HEADER, request_id),),
+                    metadata=((REQUEST_ID_HEADER, request_id), *self._metadata()),
                 )
             except grpc.RpcError as error:
                 delay = attempts.delay_before_retry(error)
@@ -335,8 +362,10 @@ class AsyncAuditStream(AsyncIterator[types_pb2.AuditEvent]):
         stub: broker_pb2_grpc.TokenBrokerServiceAsyncStub,
         request: broker_pb2.StreamAuditRequest,
         attempts: Attempts,
+        trace_metadata: TraceMetadata = _no_trace_metadata,
     ) -> None:
         self._stub = stub
+        self._trace_metadata = trace_metadata
         self._request = request
         self._follow = not request.stop_at_head
         self._attempts = attempts
@@ -399,7 +428,7 @@ class AsyncAuditStream(AsyncIterator[types_pb2.AuditEvent]):
             self._call = self._stub.StreamAudit(
                 request,
                 timeout=self._attempts.timeout(),
-                metadata=((REQUEST_ID_HEADER, self._request_id),),
+                metadata=((REQUEST_ID_HEADER, self._request_id), *self._trace_metadata()),
             )
         return self._call
 

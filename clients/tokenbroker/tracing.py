@@ -150,6 +150,21 @@ def environment_context(environ: Mapping[str, str] | None = None) -> Context | N
     return context if trace.get_current_span(context).get_span_context().is_valid else None
 
 
+def context_metadata(fallback: Context | None) -> tuple[tuple[str, str], ...]:
+    """`traceparent`, `tracestate` and `baggage` metadata for a call made without a tracing
+    interceptor: the current span's context, else `fallback` (e.g. `environment_context()`)."""
+    try:
+        context = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            context = fallback
+        carrier: dict[str, str] = {}
+        PROPAGATOR.inject(carrier, context=context)
+        return tuple(carrier.items())
+    except Exception:
+        log.debug("could not propagate the trace context", exc_info=True)
+        return ()
+
+
 def target_attributes(target: str) -> dict[str, Any]:
     """`server.address` and `server.port` of a channel target (`HOST:PORT`, `dns:///NAME:PORT`);
     empty for a list of replicas, which names no one server."""
