@@ -210,7 +210,7 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
         channel = open_channel(target, bearer_credentials(credential))
         if self.tracer_provider is None:
             return channel
-        return tracing.intercept_channel(channel, self.tracer_provider)
+        return tracing.intercept_channel(channel, self.tracer_provider, target=target)
 
     def _pipeline_span(self, run: types_pb2.Run) -> contextlib.AbstractContextManager[Span]:
         """The pipeline-run span (CICD semantic conventions: SERVER, "{action} {pipeline}")."""
