@@ -258,3 +258,26 @@ def test_async_client_library_joins_the_trace_in_traceparent_too(
         span = sdk.server_span(method)
         assert trace_id_of(span) == trace_id, method
         assert span.parent is not None and format_span_id(span.parent.span_id) == step_span_id
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("127.0.0.1:50051", {"server.address": "127.0.0.1", "server.port": 50051}),
+        ("[::1]:7000", {"server.address": "::1", "server.port": 7000}),
+        ("dns:///broker.internal:443", {"server.address": "broker.internal", "server.port": 443}),
+        ("10.0.0.5:50051,10.0.0.6:50051", {}),  # replicas: no one server to name
+        ("broker.internal", {"server.address": "broker.internal"}),
+    ],
+)
+def test_client_spans_name_the_server_of_the_channel_target(
+    target: str, expected: dict[str, object]
+) -> None:
+    assert tracing.target_attributes(target) == expected
+
+
+def test_a_server_on_a_wildcard_address_is_named_by_its_host_name() -> None:
+    named = tracing.listen_attributes("0.0.0.0", 50051)
+    assert named["server.port"] == 50051
+    assert named["server.address"] not in ("", "0.0.0.0")
+    assert tracing.listen_attributes("[::1]", 7)["server.address"] == "::1"
