@@ -16,7 +16,6 @@ import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
@@ -275,17 +274,14 @@ def _logger_provider(environ: Mapping[str, str], resource: Resource) -> LoggerPr
 
 
 def _log_exporter(otlp: Otlp) -> LogRecordExporter:
-    exporter: Any
     if otlp.protocol == HTTP:
         from opentelemetry.exporter.otlp.proto.http._log_exporter import (
             OTLPLogExporter as HttpLogExporter,
         )
 
-        exporter = HttpLogExporter(endpoint=otlp.endpoint, headers=otlp.headers)
-    else:
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+        return HttpLogExporter(endpoint=otlp.endpoint, headers=otlp.headers)
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 
-        exporter = OTLPLogExporter(
-            endpoint=otlp.endpoint, insecure=otlp.insecure, headers=_grpc_headers(otlp)
-        )
-    return exporter  # type: ignore[no-any-return]
+    return OTLPLogExporter(
+        endpoint=otlp.endpoint, insecure=otlp.insecure, headers=_grpc_headers(otlp)
+    )
