@@ -57,6 +57,7 @@ $(NODE_MODULES): clients/node/package.json clients/node/package-lock.json
 	@touch $@
 
 # The whole story in one command: a throw-away broker, a test IdP, the sample executor and API.
+# With OTEL_EXPORTER_OTLP_ENDPOINT (etc.) set it exports the story as one trace and prints its id.
 demo: install
 	$(BIN)/token-broker demo
 
