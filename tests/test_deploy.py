@@ -29,6 +29,7 @@ from broker import settings
 from broker.policy.file import load_policy
 from broker.runs.keys import load_private_key
 from broker.settings import Settings, SettingsError, split_host_port
+from broker.store.factory import OpenOptions, open_store
 from tests.accounts import private_pem
 from tests.certs import new_ca, server_cert
 from tests.support import REPO, eventually
@@ -462,6 +463,10 @@ def test_the_secret_holds_the_store_url_signing_key_and_tls_key_and_nothing_real
 
 
 def run_serve_check(invocation: Invocation, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`serve --check` as an operator runs it before rolling out a change: on the database the
+    replicas already use (the store is set up first; --check opens it read-only)."""
+    configured = settings.parse(invocation.on_loopback(), invocation.serve_env())
+    open_store(configured.store, OpenOptions(data_dir=data_dir)).close()
     return subprocess.run(
         [sys.executable, "-m", "broker", "serve", "--check", *invocation.on_loopback()],
         cwd=REPO,
