@@ -51,7 +51,10 @@ def _trace_metadata_source() -> TraceMetadata:
     OpenTelemetry) without one."""
     if not os.environ.get("TRACEPARENT"):
         return _no_trace_metadata
-    from tokenbroker import tracing
+    try:
+        from tokenbroker import tracing
+    except ImportError:  # installed without the `tracing` extra
+        return _no_trace_metadata
 
     parent = tracing.environment_context()
     if parent is None:

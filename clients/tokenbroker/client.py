@@ -53,7 +53,7 @@ from tokenbroker.retry import Attempts, Retry, RetryPolicy, rule_for
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import TracerProvider
+    from tokenbroker.tracing import TracerProvider
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -78,10 +78,14 @@ def _traced(
 ) -> grpc.Channel:
     """`channel` traced when there is a provider or a trace to join; as it is otherwise (an
     interceptor that can only make no-op spans is not worth its cost per call). OpenTelemetry
-    is imported only then: a client that never traces does not need it."""
+    is imported only then, and a client installed without it (no `tracing` extra) passes
+    nothing on."""
     if tracer_provider is None and not os.environ.get("TRACEPARENT"):
         return channel
-    from tokenbroker import tracing
+    try:
+        from tokenbroker import tracing
+    except ImportError:  # installed without the `tracing` extra: nothing to join with
+        return channel
 
     parent = tracing.environment_context()
     if tracer_provider is None and parent is None:

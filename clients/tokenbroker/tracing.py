@@ -43,6 +43,7 @@ try:
     from opentelemetry.propagators.textmap import TextMapPropagator
     from opentelemetry.sdk.trace import SpanProcessor
     from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+    from opentelemetry.trace import TracerProvider as TracerProvider  # for BrokerClient's hints
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 except ImportError as missing:  # the base install has no OpenTelemetry: say what to install
     raise ImportError(
