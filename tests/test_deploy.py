@@ -311,6 +311,9 @@ def test_the_image_runs_token_broker_serve_as_a_non_root_user_with_its_data_on_a
     created = [run for run in image.all("RUN") if re.search(made_for_broker, run)]
     assert created, "the data dir is made, owned by the broker user"
     assert image.last("FROM").startswith("python:3.") and image.last("FROM").endswith("-slim")
+    # Both distributions from the checkout: the server requires the client at its own version.
+    (install,) = [run for run in image.all("RUN") if "pip install" in run]
+    assert "'./clients[tracing]' '.[postgresql]'" in install
 
 
 def test_the_image_exposes_and_health_checks_the_ports_it_listens_on() -> None:
