@@ -22,7 +22,7 @@ from broker.errors import (
 )
 from broker.identity import Person
 from broker.ids import new_run_id
-from broker.runs.model import MAX_REASON, PipelineRef, Run, RunState
+from broker.runs.model import MAX_REASON, NO_IDS, PipelineIds, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
 from broker.store import (
@@ -64,6 +64,8 @@ class RunSpec:
     lease_seconds: float | None = None
     inputs: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     idempotency_key: str = ""
+    ids: PipelineIds = NO_IDS
+    environment: str = ""
 
     def __post_init__(self) -> None:
         violations = []
@@ -95,6 +97,11 @@ class RunSpec:
             "person": None if person is None else [person.subject, person.issuer],
             "parent": parent_run_id,
         }
+        # Only when given, so that keys recorded before ids existed still match their runs.
+        if self.ids:
+            data["ids"] = self.ids.as_dict()
+        if self.environment:
+            data["environment"] = self.environment
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -168,6 +175,8 @@ class RunLifecycle:
             lease_expire_time=lease_expire_time,
             parent_run_id=parent_run_id,
             actor_chain=actor_chain,
+            ids=spec.ids,
+            environment=spec.environment,
         )
         details = {
             "permission_ceiling": run.permission_ceiling.as_dict(),
@@ -177,6 +186,10 @@ class RunLifecycle:
             "actor_chain": list(actor_chain),
             "idempotency_key": spec.idempotency_key,
         }
+        if run.ids:
+            details["pipeline_ids"] = run.ids.as_dict()
+        if run.environment:
+            details["environment"] = run.environment
         if parent is not None and run.deadline < now + spec.deadline_seconds:
             details["deadline_cut_to_parent"] = True
         event = draft(ctx, now, action, Outcome.SUCCESS, details=details, run=run)

@@ -68,7 +68,11 @@ def run_claims(run: Run, issuer: str, now: float) -> dict[str, Any]:
         "project": run.pipeline.project,
         "pipeline": run.pipeline.pipeline,
         "triggered_via": run.triggered_via,
+        # The immutable ids and environment the orchestrator started the run with, if any.
+        **run.ids.as_dict(),
     }
+    if run.environment:
+        claims["environment"] = run.environment
     if run.on_behalf_of is not None:
         claims["on_behalf_of"] = person_claim(run.on_behalf_of)
     act = act_claim(run.actor_chain)
