@@ -268,7 +268,14 @@ def _assemble(
         keys=keys,
         tokens=tokens,
         issuance=Issuance(
-            store, registry, tokens, authorizer, clock, rules.account_permissions, telemetry
+            store,
+            registry,
+            tokens,
+            authorizer,
+            clock,
+            rules.account_permissions,
+            telemetry,
+            shape_for=rules.token_shape,
         ),
         delegation=Delegation(
             runs,
