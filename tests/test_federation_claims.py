@@ -16,8 +16,10 @@ from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
 from broker.runs.claims import AWS_TAGS_CLAIM
 from tests.accounts import Callers, callers_of, policy_toml, standard_accounts
+from tests.clientsupport import client_credentials
 from tests.conftest import make_settings
 from tests.support import ShiftedClock, details, perms, pipeline, rpc_error
+from tokenbroker import BrokerClient
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 Stub = broker_pb2_grpc.TokenBrokerServiceStub
@@ -244,3 +246,17 @@ def test_the_issued_subject_is_in_the_audit_record(root: Stub) -> None:
     )
     (issued,) = [message.event for message in events if message.HasField("event")]
     assert issued.details["sub"] == "ids:91824/5501/77"
+
+
+def test_the_client_library_sends_ids_and_environment(server: BrokerServer) -> None:
+    with BrokerClient(server.target, credentials=client_credentials(server)) as client:
+        started = client.start_run(
+            "acme",
+            "web",
+            "deploy",
+            ceiling={"artifacts": "read"},
+            pipeline_ids={"org_id": "91824", "pipeline_id": "77"},
+            environment="production",
+        )
+    assert started.run.pipeline_ids == types_pb2.PipelineIds(org_id="91824", pipeline_id="77")
+    assert started.run.environment == "production"

@@ -125,6 +125,8 @@ class AsyncBrokerClient:
         lease: Seconds | None = None,
         inputs: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        pipeline_ids: Mapping[str, str] | None = None,
+        environment: str = "",
         timeout: float | None = None,
     ) -> broker_pb2.StartRunResponse:
         """As `BrokerClient.start_run`."""
@@ -137,6 +139,8 @@ class AsyncBrokerClient:
             lease=lease,
             inputs=inputs,
             idempotency_key=idempotency_key,
+            pipeline_ids=pipeline_ids,
+            environment=environment,
         )
         return await self._unary(self._stub.StartRun, request, timeout)
 
@@ -153,6 +157,8 @@ class AsyncBrokerClient:
         lease: Seconds | None = None,
         inputs: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        pipeline_ids: Mapping[str, str] | None = None,
+        environment: str = "",
         timeout: float | None = None,
     ) -> broker_pb2.ExecuteOnBehalfOfResponse:
         """As `BrokerClient.execute_on_behalf_of`."""
@@ -167,6 +173,8 @@ class AsyncBrokerClient:
             lease=lease,
             inputs=inputs,
             idempotency_key=idempotency_key or messages.new_idempotency_key(),
+            pipeline_ids=pipeline_ids,
+            environment=environment,
         )
         return await self._unary(self._stub.ExecuteOnBehalfOf, request, timeout)
 
