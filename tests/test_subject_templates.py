@@ -87,6 +87,13 @@ def test_each_attributes_characters_are_exactly_what_its_request_limit_allows() 
         assert ATTRIBUTES[name].max_chars == rule.max_chars
 
 
+def test_an_org_name_can_never_run_into_the_text_after_it() -> None:
+    """Else `c:{org}` for org acmex and `c:{org}x` for org acme would both be `c:acmex`."""
+    with pytest.raises(TemplateError, match="'x', which a org may contain"):
+        SubjectTemplate.parse("c:{org:40}x")
+    assert SubjectTemplate.parse("c:{org:40}:x").expand({"org": "acme"}) == "c:acme:x"
+
+
 def test_templates_that_could_give_two_orgs_one_subject_are_refused_together() -> None:
     by_name = SubjectTemplate.parse("ci:{org:40}/{pipeline_id}")
     by_id = SubjectTemplate.parse("ci:{org_id}/{pipeline_id}")

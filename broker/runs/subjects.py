@@ -13,9 +13,9 @@ A template is checked once, when the policy loads (`SubjectTemplate.parse`), so 
 token it can ever produce is one a relying party accepts:
 - every expansion is at most 127 bytes (GCP's limit for `google.subject`), computed from the
   longest value each placeholder allows (`broker.limits`), or from its `:N` bound;
-- the expansion reads back unambiguously: the text after a placeholder that another one
-  follows starts with a character that placeholder's values cannot contain (in `{step}:{org}`
-  the ':' could belong to the step, so which org is it?);
+- the expansion reads back unambiguously: the text after a placeholder starts with a
+  character that placeholder's values cannot contain (in `{step}:{org}` the ':' could belong
+  to the step, so which org is it?), and two placeholders never touch;
 - it starts with fixed text and then the org (`{org}` or `{org_id}`), so that no two
   organisations can share a subject (`check_distinct` compares the templates of a policy).
 
@@ -152,18 +152,22 @@ class SubjectTemplate:
             )
 
     def _check_unambiguous(self) -> None:
-        for i, placeholder in enumerate(self.placeholders[:-1]):
+        """Each placeholder's value ends at the first character it cannot contain, so the
+        subject reads back one way only: within the template, and against every other
+        template with the same prefix (an org value is never the start of another's)."""
+        for i, placeholder in enumerate(self.placeholders):
             separator = self.literals[i + 1]
             name = placeholder.attribute.name
-            following = self.placeholders[i + 1].attribute.name
-            if not separator:
+            last = i == len(self.placeholders) - 1
+            if not separator and not last:
+                following = self.placeholders[i + 1].attribute.name
                 raise TemplateError(
                     f"{{{name}}} and {{{following}}} follow each other without a separator: "
                     "where one ends and the next begins cannot be told"
                 )
-            if separator[0] in placeholder.attribute.chars:
+            if separator and separator[0] in placeholder.attribute.chars:
                 raise TemplateError(
-                    f"the separator {separator!r} after {{{name}}} starts with "
+                    f"the text {separator!r} after {{{name}}} starts with "
                     f"{separator[0]!r}, which a {name} may contain: the subject would be "
                     f"ambiguous (use a character {name} cannot hold, e.g. "
                     + " or ".join(
