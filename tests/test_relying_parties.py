@@ -12,14 +12,18 @@ Two orgs share the subject template `org:{org_id}/{project_id}/{pipeline_id}/{en
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.settings import Settings
 from tests.accounts import policy_toml, standard_accounts
+from tests.certs import new_ca, server_cert
 from tests.relying_parties import (
     AZURE_AUDIENCE,
     FULCIO_CLIENT_ID,
@@ -106,11 +110,26 @@ class Broker:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], ssl.SSLContext | None]:
+    """HTTPS when this broker can serve it (`--http-tls-cert`, issue 20 item 4), with a test
+    CA the relying parties trust; plain HTTP otherwise. The tests take the scheme from the
+    issuer the broker announces, so they run either way."""
+    if "http_tls_cert" not in {f.name for f in dataclasses.fields(Settings)}:
+        return [], None
+    ca = new_ca()
+    cert, key = server_cert(ca).write(tmp_path_factory.mktemp("tls"), "http")
+    trusting = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    return ["--http-tls-cert", str(cert), "--http-tls-key", str(key)], trusting
+
+
+@pytest.fixture(scope="module")
+def broker(
+    tmp_path_factory: pytest.TempPathFactory, tls: tuple[list[str], ssl.SSLContext | None]
+) -> Iterator[Broker]:
     directory = tmp_path_factory.mktemp("rp")
-    policy = directory / "policy.toml"
-    policy.write_text(policy_toml(standard_accounts().values()) + FEDERATION)
-    process = start_broker_process(directory / "data", ["--policy", str(policy)])
+    process = start_broker_process(
+        directory / "data", ["--policy", str(_policy(directory)), *tls[0]]
+    )
     running = Broker(process, _logged_issuer(process))
     try:
         yield running
@@ -128,23 +147,27 @@ def _logged_issuer(process: BrokerProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def provider(broker: Broker) -> OidcProvider:
+def provider(broker: Broker, tls: tuple[list[str], ssl.SSLContext | None]) -> OidcProvider:
     """Discovery fetched once over the issuer's scheme (http or https), keys cached."""
-    return OidcProvider(broker.issuer)
+    return OidcProvider(broker.issuer, tls[1])
 
 
 def test_discovery_is_fetched_over_the_issuers_own_scheme_and_names_that_issuer(
     broker: Broker, provider: OidcProvider
 ) -> None:
     assert provider.discovery["issuer"] == broker.issuer
+    assert broker.issuer.startswith("https://" if provider.ssl_context else "http://")
     assert provider.discovery["jwks_uri"].startswith(broker.issuer + "/")
     assert "ES256" in provider.discovery["id_token_signing_alg_values_supported"]
+    assert {"sub", "aud", "org_id", "pipeline_id", "environment"} <= set(
+        provider.discovery["claims_supported"]
+    )
 
 
 def test_the_jwks_is_fetched_once_and_cached_across_tokens(
-    broker: Broker, monkeypatch: pytest.MonkeyPatch
+    broker: Broker, provider: OidcProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fresh = OidcProvider(broker.issuer)
+    fresh = OidcProvider(broker.issuer, provider.ssl_context)
     fetches: list[int] = []
     fetch = fresh.keys.fetch_data
 
@@ -368,6 +391,7 @@ def test_a_token_from_another_issuer_is_refused_by_every_relying_party(
 ) -> None:
     """A second broker signs with its own keys: the first broker's JWKS cannot verify it."""
     other = start_broker_process(tmp_path / "other", ["--policy", str(_policy(tmp_path))])
+    # Over plain HTTP is fine: the impostor's token is only presented, never its discovery.
     try:
         impostor = Broker(other, _logged_issuer(other))
         try:
