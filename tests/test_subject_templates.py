@@ -241,3 +241,22 @@ def test_policy_check_prints_why_a_template_is_refused(
     assert checked.code == 2
     assert "federation.orgs.acme.subject: 'a:{step}:{org}' can expand to 259 bytes" in checked.out
     assert "':', which a step may contain: the subject would be ambiguous" in checked.out
+
+
+def test_policy_check_lists_the_subject_templates_in_force_with_their_longest_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = _policy(tmp_path, VALID)
+    checked = run_cli(capsys, "policy", "check", str(policy))
+    assert checked.code == 0
+    lines = checked.out.splitlines()
+    assert (
+        "subject of org acme: acme:{org:30}:{project:40}:{pipeline:40} (at most 117 bytes)" in lines
+    )
+    summary = run_cli(capsys, "policy", "check", str(policy), "--json").json()
+    assert summary["subjects"][0] == {
+        "for": "delegator deploy-portal",
+        "template": "portal:{org_id}:{pipeline_id}:{environment:40}",
+        "max_bytes": 121,
+    }
+    assert summary["subjects"][-1]["for"] == "every other org"
