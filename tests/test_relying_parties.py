@@ -386,7 +386,7 @@ def test_fulcio_check_refuses_an_identity_reused_by_another_org_and_a_foreign_au
         fulcio_identity(provider, broker.token(STS), {}, "acme")
 
 
-def test_a_token_from_another_issuer_is_refused_by_every_relying_party(
+def test_a_token_signed_by_another_broker_fails_the_signature_check_they_all_share(
     broker: Broker, provider: OidcProvider, tmp_path: Path
 ) -> None:
     """A second broker signs with its own keys: the first broker's JWKS cannot verify it."""
@@ -400,7 +400,7 @@ def test_a_token_from_another_issuer_is_refused_by_every_relying_party(
             impostor.channel.close()
     finally:
         other.terminate_and_wait()
-    with pytest.raises(Refused):
+    with pytest.raises(Refused, match="Unable to find a signing key"):
         provider.verify(token, STS)
 
 
