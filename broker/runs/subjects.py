@@ -47,22 +47,21 @@ class Attribute:
     name: str
     max_chars: int
     chars: frozenset[str]  # every character a value may contain
-    meaning: str
 
 
 ATTRIBUTES: Mapping[str, Attribute] = {
     a.name: a
     for a in (
-        Attribute("org", limits.SEGMENT.max_chars, _NAME, "organisation name"),
-        Attribute("project", limits.SEGMENT.max_chars, _NAME, "project name"),
-        Attribute("pipeline", limits.SEGMENT.max_chars, _NAME, "pipeline name"),
-        Attribute("org_id", limits.IMMUTABLE_ID.max_chars, _ID, "immutable organisation id"),
-        Attribute("project_id", limits.IMMUTABLE_ID.max_chars, _ID, "immutable project id"),
-        Attribute("pipeline_id", limits.IMMUTABLE_ID.max_chars, _ID, "immutable pipeline id"),
-        Attribute("environment", limits.ENVIRONMENT.max_chars, _NAME, "deployment environment"),
-        Attribute("account", limits.ACCOUNT.max_chars, _ACCOUNT, "account that started it"),
-        Attribute("run_id", limits.RUN_ID.max_chars, _RUN_ID, "run id (new every run)"),
-        Attribute("step", limits.STEP.max_chars, _STEP, "step name, chosen by the step"),
+        Attribute("org", limits.SEGMENT.max_chars, _NAME),
+        Attribute("project", limits.SEGMENT.max_chars, _NAME),
+        Attribute("pipeline", limits.SEGMENT.max_chars, _NAME),
+        Attribute("org_id", limits.IMMUTABLE_ID.max_chars, _ID),
+        Attribute("project_id", limits.IMMUTABLE_ID.max_chars, _ID),
+        Attribute("pipeline_id", limits.IMMUTABLE_ID.max_chars, _ID),
+        Attribute("environment", limits.ENVIRONMENT.max_chars, _NAME),
+        Attribute("account", limits.ACCOUNT.max_chars, _ACCOUNT),
+        Attribute("run_id", limits.RUN_ID.max_chars, _RUN_ID),
+        Attribute("step", limits.STEP.max_chars, _STEP),
     )
 }
 ORG_ATTRIBUTES = ("org", "org_id")
