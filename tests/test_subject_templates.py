@@ -227,6 +227,16 @@ def test_each_federation_mistake_is_reported_where_it_is(
     assert any(where in p and why in p for p in problems), problems
 
 
+def test_with_a_policy_wide_subject_the_built_in_subjects_no_longer_constrain_prefixes(
+    tmp_path: Path,
+) -> None:
+    """`run:{org_id}` clashes with the built-in `run:{org}` only while that is in use."""
+    clash = '[federation.orgs.acme]\nsubject = "run:{org_id}"\n'
+    assert any("could share a subject" in p for p in _problems(tmp_path, clash))
+    default = '[federation]\nsubject = "ci:{org_id}/{pipeline_id}"\n'
+    assert load_policy(_policy(tmp_path, default + clash)).federation.orgs["acme"].subject
+
+
 def test_more_than_50_session_tags_are_refused(tmp_path: Path) -> None:
     tags = ", ".join(f'T{i} = "org"' for i in range(51))
     federation = f'[federation.aws_session_tags]\naudiences = ["sts"]\ntags = {{ {tags} }}'

@@ -100,10 +100,8 @@ def _templates_in_use(federation: Federation) -> Iterable[SubjectTemplate]:
     yield from federation.delegators.values()
     if federation.default.subject is not None:
         yield federation.default.subject
-    if federation.default.subject is None or any(
-        t.subject is None for t in federation.orgs.values()
-    ):
-        yield from BUILT_IN  # the subjects of runs no template covers
+    else:
+        yield from BUILT_IN  # the subjects of the runs no template covers
 
 
 def _tables(value: Any, where: str, out: Reporter) -> list[tuple[str, dict[str, Any]]]:
