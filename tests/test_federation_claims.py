@@ -155,6 +155,15 @@ def test_a_delegators_template_wins_and_a_run_without_its_ids_gets_no_token(
     refused = rpc_error(lambda: claims_of(callers.bearer_stub(without.run_credential), ""))
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "delegator deploy-portal" in details(refused) and "needs org_id" in details(refused)
+    events = callers.stub(standard_accounts()["root"]).StreamAudit(
+        broker_pb2.StreamAuditRequest(
+            filter=broker_pb2.AuditFilter(run_id=without.run.run_id, actions=["token.refused"]),
+            stop_at_head=True,
+        ),
+        timeout=10,
+    )
+    (recorded,) = [message.event for message in events if message.HasField("event")]
+    assert "needs org_id" in str(recorded.details["reason"])
 
 
 def test_a_child_run_inherits_its_parents_ids_and_cannot_choose_its_own(callers: Callers) -> None:

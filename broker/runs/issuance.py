@@ -135,7 +135,14 @@ class Issuance:
         except PermissionDenied:
             self._observer.token_issued(request.audience, "refused")
             raise
-        shaped = self._shape_for(run).claims_for(run, request.step, request.audience)
+        try:
+            shaped = self._shape_for(run).claims_for(run, request.step, request.audience)
+        except FailedPrecondition as exc:
+            # The policy's subject template or claim rules cannot be met by this run: a
+            # decision like any refusal, recorded (the reason names rules, never values).
+            self._refuse(ctx, run, now, exc.message)
+            self._observer.token_issued(request.audience, "refused")
+            raise
         minted = self._tokens.mint_step_token(
             run,
             audience=request.audience,
@@ -213,16 +220,12 @@ class Issuance:
         return granted
 
     def _refuse(
-        self, ctx: CallContext, run: Run, now: float, reason: str, excess: list[str]
+        self, ctx: CallContext, run: Run, now: float, reason: str, excess: list[str] | None = None
     ) -> None:
-        event = draft(
-            ctx,
-            now,
-            Action.TOKEN_REFUSED,
-            Outcome.DENIED,
-            run,
-            {"reason": reason, "excess": excess},
-        )
+        details: dict[str, object] = {"reason": reason}
+        if excess is not None:
+            details["excess"] = excess
+        event = draft(ctx, now, Action.TOKEN_REFUSED, Outcome.DENIED, run, details)
         self._commit(Write([event]))
 
     def verify(self, ctx: CallContext, token: str, audience: str) -> CheckResult:
