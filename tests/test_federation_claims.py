@@ -43,6 +43,7 @@ tags = { OrgId = "org_id", Team = "team", Env = "environment" }
 transitive = ["OrgId"]
 
 [federation.orgs.globex]
+org_id = "2002"
 subject = "globex:{org:20}:{project:30}:{pipeline:30}:{step:20}"
 
 [federation.delegators.deploy-portal]
@@ -269,3 +270,25 @@ def test_the_client_library_sends_ids_and_environment(server: BrokerServer) -> N
         )
     assert started.run.pipeline_ids == types_pb2.PipelineIds(org_id="91824", pipeline_id="77")
     assert started.run.environment == "production"
+
+
+def test_a_pinned_org_id_is_filled_in_and_no_run_may_claim_another(root: Stub) -> None:
+    filled = start(root, org="globex").run
+    assert filled.pipeline_ids == types_pb2.PipelineIds(org_id="2002")
+    assert claims_of(root, filled.run_id, step="s")["org_id"] == "2002"
+    cases = (
+        ("globex", IDS, "org globex has another immutable id"),
+        ("acme", types_pb2.PipelineIds(org_id="2002"), "the id of another organisation"),
+    )
+    for org, ids, why in cases:
+        refused = rpc_error(lambda org=org, ids=ids: start(root, org=org, pipeline_ids=ids))
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert why in details(refused)
+    events = root.StreamAudit(
+        broker_pb2.StreamAuditRequest(
+            filter=broker_pb2.AuditFilter(actions=["run.refused"]), stop_at_head=True
+        ),
+        timeout=10,
+    )
+    refusals = [message.event for message in events if message.HasField("event")]
+    assert [e.pipeline.org for e in refusals] == ["globex", "acme"]

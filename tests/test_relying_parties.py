@@ -7,7 +7,8 @@ rules. Every acceptance has its refusal beside it: another organisation's token,
 audience, another environment, a role that forgot to bind its audience.
 
 Two orgs share the subject template `org:{org_id}/{project_id}/{pipeline_id}/{environment:10}`
-(acme is org id 1001, globex 2002); initech has none and gets the built-in default.
+(acme's id is pinned to 1001, globex's to 2002); initech has none and gets the built-in
+default.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from broker.settings import Settings
@@ -62,9 +64,11 @@ tags = {{ OrgId = "org_id", Env = "environment", Team = "team" }}
 transitive = ["OrgId"]
 
 [federation.orgs.acme]
+org_id = "1001"
 subject = "{TEMPLATE}"
 
 [federation.orgs.globex]
+org_id = "2002"
 subject = "{TEMPLATE}"
 """
 
@@ -238,6 +242,17 @@ def test_aws_refuses_another_orgs_token_another_audience_and_a_role_without_tag_
         _assume(provider, broker.token("api.example.com"), policy)
     with pytest.raises(Refused, match="Not authorized"):
         _assume(provider, broker.token(STS), _aws_trust_policy(host, "org:1001/*", "1001", False))
+
+
+def test_no_org_can_borrow_another_orgs_pinned_id_to_pass_its_trust_policy(
+    broker: Broker,
+) -> None:
+    """The trust policies below key on org ids: the broker refuses to start a run of acme
+    claiming globex's id (or any id but acme's own), so no token ever carries one."""
+    for ids in (GLOBEX, types_pb2.PipelineIds(org_id="3003", project_id="22", pipeline_id="222")):
+        with pytest.raises(grpc.RpcError) as refused:
+            broker.token(STS, org="acme", ids=ids)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 # --- GCP -----------------------------------------------------------------------------------

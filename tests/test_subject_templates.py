@@ -237,6 +237,15 @@ def test_with_a_policy_wide_subject_the_built_in_subjects_no_longer_constrain_pr
     assert load_policy(_policy(tmp_path, default + clash)).federation.orgs["acme"].subject
 
 
+def test_an_org_id_is_pinned_to_one_org_only(tmp_path: Path) -> None:
+    pinned = '[federation.orgs.acme]\norg_id = "91824"\n[federation.orgs.beta]\norg_id = "91824"\n'
+    assert any("already the id of org 'acme'" in p for p in _problems(tmp_path, pinned))
+    malformed = '[federation.orgs.acme]\norg_id = "9/1"\n'
+    assert any("orgs.acme.org_id: 1-36 letters" in p for p in _problems(tmp_path, malformed))
+    policy = load_policy(_policy(tmp_path, '[federation.orgs.acme]\norg_id = "91824"\n'))
+    assert dict(policy.federation.org_ids) == {"acme": "91824"}
+
+
 def test_more_than_50_session_tags_are_refused(tmp_path: Path) -> None:
     tags = ", ".join(f'T{i} = "org"' for i in range(51))
     federation = f'[federation.aws_session_tags]\naudiences = ["sts"]\ntags = {{ {tags} }}'

@@ -15,7 +15,8 @@
     transitive = ["OrgId"]
 
     [federation.orgs.acme]                                 # per org: any of the three above
-    subject = "acme:{org}:{project:40}:{pipeline:40}"
+    org_id = "91824"                                       # and its pinned immutable id
+    subject = "acme:{org:30}:{project:40}:{pipeline:40}"
 
     [federation.delegators.deploy-portal]                  # per delegator: a subject only
     subject = "portal:{org_id}:{pipeline_id}:{environment}"
@@ -46,7 +47,7 @@ from broker.runs.subjects import (
 )
 
 FEDERATION_KEYS = ("subject", "claims", "aws_session_tags", "orgs", "delegators")
-ORG_KEYS = ("subject", "claims", "aws_session_tags")
+ORG_KEYS = ("org_id", "subject", "claims", "aws_session_tags")
 DELEGATOR_KEYS = ("subject",)
 CLAIM_KEYS = ("from", "pattern", "enum", "max_length")
 TAGS_KEYS = ("audiences", "tags", "transitive")
@@ -72,11 +73,14 @@ def parse_federation(
     out.known_keys(value, FEDERATION_KEYS, where)
     default = _token_claims(value, where, None, out)
     orgs: dict[str, TokenClaims] = {}
+    org_ids: dict[str, str] = {}
     for org, table in _tables(value.get("orgs", {}), f"{where}.orgs", out):
         if not SEGMENT_PATTERN.match(org):
             out.problem(f"{where}.orgs.{org}", "is not an org name (1-128 letters, digits, ._-)")
         out.known_keys(table, ORG_KEYS, f"{where}.orgs.{org}")
         orgs[org] = _token_claims(table, f"{where}.orgs.{org}", default, out)
+        if "org_id" in table:
+            _pin(org, table["org_id"], org_ids, f"{where}.orgs.{org}.org_id", out)
     delegators: dict[str, SubjectTemplate] = {}
     for name, table in _tables(value.get("delegators", {}), f"{where}.delegators", out):
         at = f"{where}.delegators.{name}"
@@ -89,10 +93,25 @@ def parse_federation(
             out.problem(f"{at}.subject", "required: the subject template of its runs")
         if template is not None:
             delegators[name] = template
-    federation = Federation(default, MappingProxyType(orgs), MappingProxyType(delegators))
+    federation = Federation(
+        default, MappingProxyType(orgs), MappingProxyType(delegators), MappingProxyType(org_ids)
+    )
     for problem in check_distinct(_templates_in_use(federation)):
         out.problem(f"{where}.subject", f"two organisations could share a subject: {problem}")
     return federation
+
+
+def _pin(org: str, org_id: Any, pinned: dict[str, str], where: str, out: Reporter) -> None:
+    """`org_id = "…"`: the org's immutable id; StartRun may send no other for it, and no other
+    org may claim it."""
+    if not isinstance(org_id, str) or not org_id or limits.IMMUTABLE_ID.problem(org_id):
+        out.problem(where, limits.IMMUTABLE_ID.rule)
+        return
+    owner = next((name for name, known in pinned.items() if known == org_id), None)
+    if owner is not None:
+        out.problem(where, f"{org_id!r} is already the id of org {owner!r}: an id names one org")
+        return
+    pinned[org] = org_id
 
 
 def _templates_in_use(federation: Federation) -> Iterable[SubjectTemplate]:

@@ -150,6 +150,8 @@ class Federation:
     default: TokenClaims = field(default_factory=TokenClaims)
     orgs: Mapping[str, TokenClaims] = field(default_factory=lambda: MappingProxyType({}))
     delegators: Mapping[str, SubjectTemplate] = field(default_factory=lambda: MappingProxyType({}))
+    # Immutable org ids the policy pins, by org name (each id pinned to one org only).
+    org_ids: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
+from broker.errors import PermissionDenied
 from broker.policy.model import IdentityProvider, Policy, Role, TokenClaims
 from broker.runs.claims import TokenShape
 from broker.runs.delegation import ChildScope, DelegationRules, TrustedIdp
-from broker.runs.model import Run
+from broker.runs.model import PipelineIds, PipelineRef, Run
 from broker.runs.permissions import PermissionSet
 from tokenbroker.verifier import JwksCache, JwksFetcher, jwks_from_url
 
@@ -55,6 +57,22 @@ class PolicyRules:
             claims=claims or (),
             session_tags=org.session_tags or default.session_tags,
         )
+
+    def org_ids(self, pipeline: PipelineRef, ids: PipelineIds) -> PipelineIds:
+        """The ids a run of `pipeline` carries: the org id the policy pins for its org filled
+        in; PermissionDenied for another id of a pinned org, or another org's pinned id."""
+        pinned = self._policy().federation.org_ids
+        own = pinned.get(pipeline.org)
+        if own is not None and ids.org_id not in ("", own):
+            raise PermissionDenied(
+                f"org {pipeline.org} has another immutable id in the policy; pipeline_ids.org_id "
+                "must be that id or empty"
+            )
+        if own is None and ids.org_id in pinned.values():
+            raise PermissionDenied(
+                "pipeline_ids.org_id is the id of another organisation in the policy"
+            )
+        return ids if own is None or ids.org_id == own else replace(ids, org_id=own)
 
     def delegation_rules(self, name: str) -> DelegationRules | None:
         account = self._policy().account(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -19,6 +19,7 @@ from broker.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
 from broker.identity import Person
 from broker.ids import new_run_id
@@ -105,6 +106,17 @@ class RunSpec:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+# The ids a run of a pipeline may carry under the policy in force: the given ones, with the
+# org's id filled in where the policy pins it; PermissionDenied when the policy pins the org
+# to another id, or the given org id to another org (a caller trusted for one org must not
+# borrow another org's id, which relying parties trust).
+OrgIds = Callable[[PipelineRef, PipelineIds], PipelineIds]
+
+
+def _as_given(pipeline: PipelineRef, ids: PipelineIds) -> PipelineIds:
+    return ids
+
+
 @dataclass(frozen=True)
 class Started:
     run: Run
@@ -119,12 +131,14 @@ class RunLifecycle:
         clock: Clock,
         authorizer: Authorizer,
         observer: Observer = NULL_OBSERVER,
+        org_ids: OrgIds = _as_given,
     ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
         self._authz = authorizer
         self._observer = observer
+        self._org_ids = org_ids
 
     def start(
         self,
@@ -143,6 +157,7 @@ class RunLifecycle:
         the store refuses it if the parent ends first."""
         self._authz.require(ctx, op, pipeline=spec.pipeline)
         now = self._clock()
+        spec = self._checked_ids(ctx, spec, op, now)
         parent_run_id = "" if parent is None else parent.run_id
         claim = None
         if spec.idempotency_key:
@@ -209,6 +224,17 @@ class RunLifecycle:
         assert committed.run is not None
         self._observer.call_started_run(committed.run)
         return Started(committed.run, replayed=False)
+
+    def _checked_ids(self, ctx: CallContext, spec: RunSpec, op: Op, now: float) -> RunSpec:
+        try:
+            ids = self._org_ids(spec.pipeline, spec.ids)
+        except PermissionDenied as refusal:
+            if op is Op.START_RUN:  # ExecuteOnBehalfOf records its refusals itself
+                details = {"reason": refusal.message, "pipeline_ids": spec.ids.as_dict()}
+                event = draft(ctx, now, Action.RUN_REFUSED, Outcome.DENIED, details=details)
+                self._commit(Write([replace(event, pipeline=spec.pipeline)]))
+            raise
+        return spec if ids == spec.ids else replace(spec, ids=ids)
 
     def _within_parent(
         self, parent: Run, now: float, deadline: float, lease_expire_time: float | None
