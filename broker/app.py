@@ -243,7 +243,10 @@ def _assemble(
         refusals=refusals,
         before_refusal=throttle.unauthenticated,
     )
-    runs = RunLifecycle(store, registry, clock, authorizer, observer=telemetry)
+    rules = PolicyRules(policy.current)
+    runs = RunLifecycle(
+        store, registry, clock, authorizer, observer=telemetry, org_ids=rules.org_ids
+    )
     feed = AuditFeed(
         store,
         clock,
@@ -257,7 +260,6 @@ def _assemble(
     )
     changes.subscribe(pages=keys.on_events)
     telemetry.watch(store, registry.active, lambda: feed.subscribers)
-    rules = PolicyRules(policy.current)
     return Broker(
         settings=settings,
         store=store,
@@ -268,7 +270,14 @@ def _assemble(
         keys=keys,
         tokens=tokens,
         issuance=Issuance(
-            store, registry, tokens, authorizer, clock, rules.account_permissions, telemetry
+            store,
+            registry,
+            tokens,
+            authorizer,
+            clock,
+            rules.account_permissions,
+            telemetry,
+            shape_for=rules.token_shape,
         ),
         delegation=Delegation(
             runs,

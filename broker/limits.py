@@ -140,6 +140,9 @@ class Present:
 
 Rule = Text | Items | Range | Seconds | Present
 
+# An optional message field: when set, its own fields are checked by their own rules.
+_OPTIONAL = Present("optional; its fields have their own rules", required=False)
+
 
 def required(rule: Text) -> Text:
     return dataclasses.replace(rule, required=True)
@@ -163,6 +166,18 @@ SEGMENT = _pattern(
     r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}",
     128,
     "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+)
+# Immutable ids of an org, project or pipeline (PipelineIds): a UUID fits; no '.', ':', '/'
+# or '@', so that subject templates can use those to separate them (broker.runs.subjects).
+IMMUTABLE_ID = _pattern(
+    r"[A-Za-z0-9][A-Za-z0-9_-]{0,35}",
+    36,
+    "1-36 letters, digits, '_' or '-', starting with a letter or digit",
+)
+ENVIRONMENT = _pattern(
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+    64,
+    "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
 )
 RESOURCE = _pattern(
     r"[a-z][a-z0-9._-]{0,63}", 64, "1-64 lower-case letters, digits, '.', '_' or '-'"
@@ -231,6 +246,10 @@ RULES: Mapping[str, Rule] = MappingProxyType(
             "PipelineRef",
             {"org": required(SEGMENT), "project": required(SEGMENT), "pipeline": required(SEGMENT)},
         ),
+        **_fields(
+            "PipelineIds",
+            {"org_id": IMMUTABLE_ID, "project_id": IMMUTABLE_ID, "pipeline_id": IMMUTABLE_ID},
+        ),
         **_fields("Permission", {"resource": required(RESOURCE), "level": required(LEVEL)}),
         **_fields(
             "StartRunRequest",
@@ -241,6 +260,8 @@ RULES: Mapping[str, Rule] = MappingProxyType(
                 "permission_ceiling": Items(MAX_PERMISSIONS, min_items=1),
                 "inputs": Items(MAX_INPUTS),
                 "idempotency_key": IDEMPOTENCY_KEY,
+                "pipeline_ids": _OPTIONAL,
+                "environment": ENVIRONMENT,
             },
         ),
         **_fields("StartRunRequest.InputsEntry", {"key": INPUT_KEY, "value": INPUT_VALUE}),
@@ -258,6 +279,8 @@ RULES: Mapping[str, Rule] = MappingProxyType(
                 "inputs": Items(MAX_INPUTS),
                 "idempotency_key": required(IDEMPOTENCY_KEY),
                 "id_token": JWS,
+                "pipeline_ids": _OPTIONAL,
+                "environment": ENVIRONMENT,
             },
         ),
         **_fields("ExecuteOnBehalfOfRequest.InputsEntry", {"key": INPUT_KEY, "value": INPUT_VALUE}),

@@ -96,6 +96,22 @@ def test_runs_start_as_json_carries_the_run_and_credential_under_stable_keys(
     assert again.json()["run"]["run_id"] == run["run_id"]
 
 
+def test_runs_start_sends_immutable_ids_and_environment_which_show_prints(
+    cli: CliRunner,
+) -> None:
+    run_id = cli.start("--org-id", "91824", "--pipeline-id", "77", "--environment", "production")
+    shown = cli("runs", "show", run_id, "--json").json()
+    assert shown["pipeline_ids"] == {"org_id": "91824", "pipeline_id": "77"}
+    assert shown["environment"] == "production"
+    readable = cli("runs", "show", run_id).out.splitlines()
+    assert "ids:         org_id=91824, pipeline_id=77" in readable
+    assert "environment: production" in readable
+    refused = cli(
+        "runs", "start", "acme/web/deploy", "--ceiling", "artifacts=read", "--org-id", "a b"
+    )
+    assert refused.code != 0 and "pipeline_ids.org_id" in refused.err
+
+
 def test_runs_start_with_env_prints_export_lines_for_a_step(
     cli: CliRunner, broker: BrokerServer
 ) -> None:

@@ -5,6 +5,7 @@ only SQLite does (triggers, group commit, its file checks) is in test_store_sqli
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from broker.audit import events as audit
 from broker.audit.events import AuditDraft, Outcome
-from broker.runs.model import PipelineRef, Run, RunState
+from broker.runs.model import PipelineIds, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
 from broker.store import (
     CheckpointConflict,
@@ -71,6 +72,25 @@ def test_created_run_reads_back_identically(store: Store) -> None:
     assert committed.run == run
     assert store.get_run("r-1") == run
     assert store.get_run("r-unknown") is None
+
+
+def test_a_runs_immutable_ids_and_environment_read_back_in_every_read(store: Store) -> None:
+    run = dataclasses.replace(
+        make_run("r-ids"),
+        ids=PipelineIds("91824", "5f0c9a3e-7c1d-4a57-9e39-0c8f8d1f2b6a", "p_77"),
+        environment="production",
+    )
+    without = make_run("r-none", created=999.0)
+    store.commit(Write([event("run.started", "r-ids")], CreateRun(run)))
+    store.commit(Write([event("run.started", "r-none")], CreateRun(without)))
+    assert store.get_run("r-ids") == run
+    assert store.get_run("r-none") == without
+    assert store.list_runs(RunQuery(org="acme", limit=10)) == [run, without]
+    ended = store.commit(
+        Write([event("run.ended", "r-ids")], EndRun("r-ids", RunState.ENDED, 1001.0, "done", "x"))
+    )
+    assert ended.run is not None
+    assert (ended.run.ids, ended.run.environment) == (run.ids, "production")
 
 
 def test_events_get_gapless_sequences_and_a_verifiable_chain(store: Store) -> None:

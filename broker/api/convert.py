@@ -92,7 +92,13 @@ def run_spec(request: broker_pb2.StartRunRequest | broker_pb2.ExecuteOnBehalfOfR
         lease_seconds=duration_seconds(request.lease, request.HasField("lease"), "lease", None),
         inputs=runs.validate_inputs(dict(request.inputs)),
         idempotency_key=request.idempotency_key,
+        ids=pipeline_ids(request.pipeline_ids),
+        environment=runs.parse_environment(request.environment) if request.environment else "",
     )
+
+
+def pipeline_ids(message: types_pb2.PipelineIds) -> runs.PipelineIds:
+    return runs.PipelineIds.parse(message.org_id, message.project_id, message.pipeline_id)
 
 
 def person_pb(person: Person | None) -> types_pb2.Person | None:
@@ -131,7 +137,16 @@ def run_pb(run: Run) -> types_pb2.Run:
         inputs=dict(run.inputs),
         ended_by=run.ended_by,
         actor_chain=list(run.actor_chain),
+        environment=run.environment,
     )
+    if run.ids:
+        message.pipeline_ids.CopyFrom(
+            types_pb2.PipelineIds(
+                org_id=run.ids.org_id,
+                project_id=run.ids.project_id,
+                pipeline_id=run.ids.pipeline_id,
+            )
+        )
     if run.end_time is not None:
         message.end_time.CopyFrom(timestamp(run.end_time))
     if run.lease_seconds is not None:

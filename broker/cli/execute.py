@@ -6,7 +6,7 @@ import argparse
 
 from broker.cli import common
 from broker.cli.output import Output
-from broker.cli.runs import add_run_options, print_started
+from broker.cli.runs import add_run_options, pipeline_ids, print_started
 
 
 def add_command(commands: common.Commands) -> None:
@@ -77,6 +77,8 @@ def _execute(args: argparse.Namespace) -> int:
             lease=args.lease,
             inputs=dict(args.input),
             idempotency_key=args.idempotency_key,
+            pipeline_ids=pipeline_ids(args),
+            environment=args.environment,
         )
     print_started(
         Output(as_json=args.json),

@@ -194,6 +194,8 @@ def run_json(run: types_pb2.Run) -> dict[str, Any]:
         "end_reason": run.end_reason or None,
         "ended_by": run.ended_by or None,
         "inputs": dict(run.inputs),
+        "pipeline_ids": {k.name: v for k, v in run.pipeline_ids.ListFields()},
+        "environment": run.environment or None,
     }
 
 
@@ -219,6 +221,8 @@ def print_run(out: Output, run: types_pb2.Run) -> None:
             ("ended", ended),
             ("actor chain", " → ".join(run.actor_chain) or "none"),
             ("parent run", run.parent_run_id),
+            ("ids", ", ".join(f"{k.name}={v}" for k, v in run.pipeline_ids.ListFields())),
+            ("environment", run.environment),
             ("inputs", ", ".join(f"{k}={v}" for k, v in sorted(run.inputs.items()))),
         ]
     )

@@ -57,13 +57,44 @@ def _check(args: argparse.Namespace) -> int:
             out.line(out.paint(f"{count} problem{'s' * (count != 1)}: not a valid policy", "red"))
         return common.EXIT_USAGE
     accounts = [_account_json(a) for a in sorted(policy.accounts.values(), key=_name)]
+    subjects = _subjects_json(policy)
     if out.as_json:
         out.json(
-            {"valid": True, "file": str(args.file), "sha256": policy.sha256, "accounts": accounts}
+            {
+                "valid": True,
+                "file": str(args.file),
+                "sha256": policy.sha256,
+                "accounts": accounts,
+                "subjects": subjects,
+            }
         )
     else:
         _print_summary(out, policy, accounts)
+        for subject in subjects:
+            out.line(
+                f"subject of {subject['for']}: {subject['template']} "
+                f"(at most {subject['max_bytes']} bytes)"
+            )
     return common.EXIT_OK
+
+
+def _subjects_json(policy: Policy) -> list[dict[str, Any]]:
+    """The subject templates in force, each with whose runs it shapes and its longest form."""
+    federation = policy.federation
+    named = [
+        (f"delegator {name}", template) for name, template in sorted(federation.delegators.items())
+    ]
+    named += [
+        (f"org {org}", claims.subject)
+        for org, claims in sorted(federation.orgs.items())
+        if claims.subject is not None
+    ]
+    if federation.default.subject is not None:
+        named.append(("every other org", federation.default.subject))
+    return [
+        {"for": who, "template": template.text, "max_bytes": template.max_bytes()}
+        for who, template in named
+    ]
 
 
 def _problem(source: str, text: str) -> dict[str, str]:

@@ -84,6 +84,19 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="the same key again returns the same run instead of starting another",
     )
+    for part in ("org", "project", "pipeline"):
+        parser.add_argument(
+            f"--{part}-id",
+            default="",
+            metavar="ID",
+            help=f"the {part}'s immutable id, put into the run's tokens (docs/federation.md)",
+        )
+    parser.add_argument(
+        "--environment",
+        default="",
+        metavar="NAME",
+        help="the deployment environment, put into the run's tokens (e.g. production)",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON (stable keys)")
     output.add_argument(
@@ -218,6 +231,8 @@ def _start(args: argparse.Namespace) -> int:
             lease=args.lease,
             inputs=dict(args.input),
             idempotency_key=args.idempotency_key,
+            pipeline_ids=pipeline_ids(args),
+            environment=args.environment,
         )
     print_started(
         Output(as_json=args.json),
@@ -227,6 +242,12 @@ def _start(args: argparse.Namespace) -> int:
         started.run_credential_expire_time,
     )
     return common.EXIT_OK
+
+
+def pipeline_ids(args: argparse.Namespace) -> dict[str, str]:
+    """The immutable ids given with --org-id, --project-id and --pipeline-id."""
+    given = {"org_id": args.org_id, "project_id": args.project_id, "pipeline_id": args.pipeline_id}
+    return {name: value for name, value in given.items() if value}
 
 
 def print_started(

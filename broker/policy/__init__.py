@@ -1,5 +1,6 @@
 """The policy: service accounts, roles, scopes, trusted identity providers and delegation
-rules (model), the TOML file format and its validation (file), the rules derived for the
+rules (model), the TOML file format and its validation (file; its `[federation]` tables —
+subject templates, custom claims, AWS session tags — in federation), the rules derived for the
 domain (rules), atomic reload on SIGHUP (source) and the development policy (dev).
 
 May import: the shared value modules, `broker.runs` value types, `broker.auth.publickeys`,

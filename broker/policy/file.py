@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from broker.auth import publickeys
 from broker.identity import BROKER
+from broker.policy.federation import parse_federation
 from broker.policy.model import (
     ACCOUNT_NAME_PATTERN,
     DEFAULT_MAX_CHAIN_DEPTH,
@@ -44,7 +45,7 @@ MAX_CHAIN_DEPTH = 16
 # Key files and JWKS files are small; a policy naming something huge (or endless) is a mistake.
 MAX_REFERENCED_FILE_BYTES = 1024 * 1024
 SCOPED_ROLES = (Role.ORCHESTRATOR, Role.DELEGATOR, Role.AUDITOR, Role.VERIFIER)
-TOP_KEYS = ("version", "accounts")
+TOP_KEYS = ("version", "accounts", "federation")
 ACCOUNT_KEYS = ("roles", "scopes", "keys", "certificate_sans", "permissions", "delegation")
 KEY_KEYS = ("kid", "pem", "jwk", "file")
 DELEGATION_KEYS = (
@@ -121,7 +122,10 @@ class _Parser:
             if account is not None:
                 accounts[name] = account
         by_san = self.san_index(accounts)
-        return Policy(MappingProxyType(accounts), source, sha256, MappingProxyType(by_san))
+        federation = parse_federation(data.get("federation", {}), accounts, self)
+        return Policy(
+            MappingProxyType(accounts), source, sha256, MappingProxyType(by_san), federation
+        )
 
     def account(self, name: str, table: Any, where: str) -> ServiceAccount | None:
         if not ACCOUNT_NAME_PATTERN.match(name):

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from broker.runs.claims import ClaimRule, SessionTags
 from broker.runs.model import SEGMENT_PATTERN, PipelineRef
 from broker.runs.permissions import PermissionSet
+from broker.runs.subjects import SubjectTemplate
 
 WILDCARD = "*"
 ACCOUNT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -131,11 +133,34 @@ class ServiceAccount:
 
 
 @dataclass(frozen=True)
+class TokenClaims:
+    """What step tokens of some runs say (the `[federation]` tables): each part unset
+    (None) falls back to the policy-wide table, then to the built-in default."""
+
+    subject: SubjectTemplate | None = None
+    claims: tuple[ClaimRule, ...] | None = None
+    session_tags: SessionTags | None = None
+
+
+@dataclass(frozen=True)
+class Federation:
+    """`[federation]`: the policy-wide token claims, and per org (by name) and per delegator
+    (for the runs of its chains: only a subject)."""
+
+    default: TokenClaims = field(default_factory=TokenClaims)
+    orgs: Mapping[str, TokenClaims] = field(default_factory=lambda: MappingProxyType({}))
+    delegators: Mapping[str, SubjectTemplate] = field(default_factory=lambda: MappingProxyType({}))
+    # Immutable org ids the policy pins, by org name (each id pinned to one org only).
+    org_ids: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
 class Policy:
     accounts: Mapping[str, ServiceAccount]
     source: str = ""
     sha256: str = ""
     account_by_san: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    federation: Federation = field(default_factory=Federation)
 
     def account(self, name: str) -> ServiceAccount | None:
         return self.accounts.get(name)

@@ -10,10 +10,14 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
-from broker.policy.model import IdentityProvider, Policy, Role
+from broker.errors import PermissionDenied
+from broker.policy.model import IdentityProvider, Policy, Role, TokenClaims
+from broker.runs.claims import TokenShape
 from broker.runs.delegation import ChildScope, DelegationRules, TrustedIdp
+from broker.runs.model import PipelineIds, PipelineRef, Run
 from broker.runs.permissions import PermissionSet
 from tokenbroker.verifier import JwksCache, JwksFetcher, jwks_from_url
 
@@ -32,6 +36,43 @@ class PolicyRules:
         """The permissions the policy grants service account `name`, for inherit mode."""
         account = self._policy().account(name)
         return None if account is None else account.permissions
+
+    def token_shape(self, run: Run) -> TokenShape:
+        """What the policy in force adds to `run`'s step tokens: the subject template of the
+        delegator that started its chain, else of its org, else the policy-wide one, else
+        the built-in default; custom claims and session tags of its org, else policy-wide."""
+        federation = self._policy().federation
+        org = federation.orgs.get(run.pipeline.org, TokenClaims())
+        default = federation.default
+        root = run.root_account()
+        subject, origin = federation.delegators.get(root), f"delegator {root}"
+        if subject is None:
+            subject, origin = org.subject, f"org {run.pipeline.org}"
+        if subject is None:
+            subject, origin = default.subject, "policy-wide"
+        claims = org.claims if org.claims is not None else default.claims
+        return TokenShape(
+            subject=subject,
+            subject_origin=origin,
+            claims=claims or (),
+            session_tags=org.session_tags or default.session_tags,
+        )
+
+    def org_ids(self, pipeline: PipelineRef, ids: PipelineIds) -> PipelineIds:
+        """The ids a run of `pipeline` carries: the org id the policy pins for its org filled
+        in; PermissionDenied for another id of a pinned org, or another org's pinned id."""
+        pinned = self._policy().federation.org_ids
+        own = pinned.get(pipeline.org)
+        if own is not None and ids.org_id not in ("", own):
+            raise PermissionDenied(
+                f"org {pipeline.org} has another immutable id in the policy; pipeline_ids.org_id "
+                "must be that id or empty"
+            )
+        if own is None and ids.org_id in pinned.values():
+            raise PermissionDenied(
+                "pipeline_ids.org_id is the id of another organisation in the policy"
+            )
+        return ids if own is None or ids.org_id == own else replace(ids, org_id=own)
 
     def delegation_rules(self, name: str) -> DelegationRules | None:
         account = self._policy().account(name)

@@ -3,8 +3,9 @@ tokens minted for it.
 
 Owns: the `Run` model and pipeline names (model), permission ladders (permissions), the run
 lifecycle and reaper pass (lifecycle), hot run state (registry), ExecuteOnBehalfOf (delegation),
-IssueToken/VerifyToken (issuance), JWT minting and checking (tokens) and the signing key ring
-(keys).
+IssueToken/VerifyToken (issuance), JWT minting and checking (tokens), what the policy adds to
+step tokens — `sub` templates (subjects), custom claims and AWS session tags (claims) — and the
+signing key ring (keys).
 
 May import: the shared value modules (`broker.errors`, `clock`, `ids`, `identity`, `context`,
 `limits`),

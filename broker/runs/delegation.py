@@ -45,7 +45,7 @@ from broker.errors import (
 )
 from broker.identity import Person, PrincipalKind, VerificationMethod
 from broker.runs.lifecycle import RunLifecycle, RunSpec, Started
-from broker.runs.model import PipelineRef, Run
+from broker.runs.model import PipelineIds, PipelineRef, Run
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import MintedToken, TokenService
 from broker.store import Store, Write, durable
@@ -287,6 +287,25 @@ def _check_child_pipeline(
         )
 
 
+def _inherit_attributes(spec: RunSpec, parent: Run) -> RunSpec:
+    """A child run's ids and environment come from its parent, never from the run credential
+    that asks for it: a pipeline step must not choose the ids a relying party trusts. An id
+    is inherited where the child shares what it names (the org always; the project and
+    pipeline when it stays in them)."""
+    if spec.ids or spec.environment:
+        raise InvalidArgument.field(
+            "pipeline_ids", "a child run takes its ids and environment from its parent"
+        )
+    same_project = spec.pipeline.project == parent.pipeline.project
+    same_pipeline = same_project and spec.pipeline.pipeline == parent.pipeline.pipeline
+    ids = PipelineIds(
+        parent.ids.org_id,
+        parent.ids.project_id if same_project else "",
+        parent.ids.pipeline_id if same_pipeline else "",
+    )
+    return dataclasses.replace(spec, ids=ids, environment=parent.environment)
+
+
 class Delegation:
     def __init__(
         self,
@@ -326,6 +345,7 @@ class Delegation:
             parent: Run | None = None
             if ctx.principal.kind is PrincipalKind.RUN:
                 parent = self._parent_run(ctx, spec, id_token, asserted)
+                spec = _inherit_attributes(spec, parent)
                 person = parent.on_behalf_of
                 chain = (*parent.actor_chain, ctx.principal.name)
             else:

@@ -20,6 +20,7 @@ from broker.errors import (
     PermissionDenied,
 )
 from broker.identity import PrincipalKind
+from broker.runs.claims import DEFAULT_SHAPE, TokenShape
 from broker.runs.model import Run
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
@@ -51,6 +52,12 @@ SUSPICIOUS = frozenset(
 
 # Permissions the policy grants a service account, for the "inherit" mode; None if unknown.
 AccountPermissions = Callable[[str], PermissionSet | None]
+# What the policy in force adds to a run's step tokens (sub template, custom claims, tags).
+ShapeFor = Callable[[Run], TokenShape]
+
+
+def _default_shape(run: Run) -> TokenShape:
+    return DEFAULT_SHAPE
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class Issuance:
         clock: Clock,
         account_permissions: AccountPermissions,
         observer: Observer = NULL_OBSERVER,
+        shape_for: ShapeFor = _default_shape,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -104,6 +112,7 @@ class Issuance:
         self._clock = clock
         self._account_permissions = account_permissions
         self._observer = observer
+        self._shape_for = shape_for
 
     def issue(self, ctx: CallContext, request: TokenRequest) -> MintedToken:
         if _same_issuer(request.audience, self._tokens.issuer):
@@ -126,6 +135,14 @@ class Issuance:
         except PermissionDenied:
             self._observer.token_issued(request.audience, "refused")
             raise
+        try:
+            shaped = self._shape_for(run).claims_for(run, request.step, request.audience)
+        except FailedPrecondition as exc:
+            # The policy's subject template or claim rules cannot be met by this run: a
+            # decision like any refusal, recorded (the reason names rules, never values).
+            self._refuse(ctx, run, now, exc.message)
+            self._observer.token_issued(request.audience, "refused")
+            raise
         minted = self._tokens.mint_step_token(
             run,
             audience=request.audience,
@@ -134,6 +151,7 @@ class Issuance:
             # know of renewals, then rejects it once the run lapses (docs/design.md).
             expire_time=min(now + request.ttl, run.lapsed_at()),
             step=request.step,
+            shaped=shaped,
         )
         details = {
             "jti": minted.token_id,
@@ -142,6 +160,7 @@ class Issuance:
             "exp_us": round(minted.expire_time * 1e6),
             "step": request.step,
             "kid": minted.key_id,
+            "sub": minted.subject,
         }
         if request.inherit_from:
             details["inherited_from"] = request.inherit_from
@@ -201,16 +220,12 @@ class Issuance:
         return granted
 
     def _refuse(
-        self, ctx: CallContext, run: Run, now: float, reason: str, excess: list[str]
+        self, ctx: CallContext, run: Run, now: float, reason: str, excess: list[str] | None = None
     ) -> None:
-        event = draft(
-            ctx,
-            now,
-            Action.TOKEN_REFUSED,
-            Outcome.DENIED,
-            run,
-            {"reason": reason, "excess": excess},
-        )
+        details: dict[str, object] = {"reason": reason}
+        if excess is not None:
+            details["excess"] = excess
+        event = draft(ctx, now, Action.TOKEN_REFUSED, Outcome.DENIED, run, details)
         self._commit(Write([event]))
 
     def verify(self, ctx: CallContext, token: str, audience: str) -> CheckResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -19,10 +19,11 @@ from broker.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
 from broker.identity import Person
 from broker.ids import new_run_id
-from broker.runs.model import MAX_REASON, PipelineRef, Run, RunState
+from broker.runs.model import MAX_REASON, NO_IDS, PipelineIds, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
 from broker.store import (
@@ -64,6 +65,8 @@ class RunSpec:
     lease_seconds: float | None = None
     inputs: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     idempotency_key: str = ""
+    ids: PipelineIds = NO_IDS
+    environment: str = ""
 
     def __post_init__(self) -> None:
         violations = []
@@ -95,7 +98,23 @@ class RunSpec:
             "person": None if person is None else [person.subject, person.issuer],
             "parent": parent_run_id,
         }
+        # Only when given, so that keys recorded before ids existed still match their runs.
+        if self.ids:
+            data["ids"] = self.ids.as_dict()
+        if self.environment:
+            data["environment"] = self.environment
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# The ids a run of a pipeline may carry under the policy in force: the given ones, with the
+# org's id filled in where the policy pins it; PermissionDenied when the policy pins the org
+# to another id, or the given org id to another org (a caller trusted for one org must not
+# borrow another org's id, which relying parties trust).
+OrgIds = Callable[[PipelineRef, PipelineIds], PipelineIds]
+
+
+def _as_given(pipeline: PipelineRef, ids: PipelineIds) -> PipelineIds:
+    return ids
 
 
 @dataclass(frozen=True)
@@ -112,12 +131,14 @@ class RunLifecycle:
         clock: Clock,
         authorizer: Authorizer,
         observer: Observer = NULL_OBSERVER,
+        org_ids: OrgIds = _as_given,
     ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
         self._authz = authorizer
         self._observer = observer
+        self._org_ids = org_ids
 
     def start(
         self,
@@ -136,6 +157,7 @@ class RunLifecycle:
         the store refuses it if the parent ends first."""
         self._authz.require(ctx, op, pipeline=spec.pipeline)
         now = self._clock()
+        spec = self._checked_ids(ctx, spec, op, now)
         parent_run_id = "" if parent is None else parent.run_id
         claim = None
         if spec.idempotency_key:
@@ -168,6 +190,8 @@ class RunLifecycle:
             lease_expire_time=lease_expire_time,
             parent_run_id=parent_run_id,
             actor_chain=actor_chain,
+            ids=spec.ids,
+            environment=spec.environment,
         )
         details = {
             "permission_ceiling": run.permission_ceiling.as_dict(),
@@ -177,6 +201,10 @@ class RunLifecycle:
             "actor_chain": list(actor_chain),
             "idempotency_key": spec.idempotency_key,
         }
+        if run.ids:
+            details["pipeline_ids"] = run.ids.as_dict()
+        if run.environment:
+            details["environment"] = run.environment
         if parent is not None and run.deadline < now + spec.deadline_seconds:
             details["deadline_cut_to_parent"] = True
         event = draft(ctx, now, action, Outcome.SUCCESS, details=details, run=run)
@@ -196,6 +224,17 @@ class RunLifecycle:
         assert committed.run is not None
         self._observer.call_started_run(committed.run)
         return Started(committed.run, replayed=False)
+
+    def _checked_ids(self, ctx: CallContext, spec: RunSpec, op: Op, now: float) -> RunSpec:
+        try:
+            ids = self._org_ids(spec.pipeline, spec.ids)
+        except PermissionDenied as refusal:
+            if op is Op.START_RUN:  # ExecuteOnBehalfOf records its refusals itself
+                details = {"reason": refusal.message, "pipeline_ids": spec.ids.as_dict()}
+                event = draft(ctx, now, Action.RUN_REFUSED, Outcome.DENIED, details=details)
+                self._commit(Write([replace(event, pipeline=spec.pipeline)]))
+            raise
+        return spec if ids == spec.ids else replace(spec, ids=ids)
 
     def _within_parent(
         self, parent: Run, now: float, deadline: float, lease_expire_time: float | None

@@ -68,6 +68,49 @@ class PipelineRef:
 
 
 @dataclass(frozen=True)
+class PipelineIds:
+    """Immutable ids of a pipeline's org, project and pipeline, each optional ("" when the
+    orchestrator did not send it). Names can be freed and taken by someone else; ids cannot."""
+
+    org_id: str = ""
+    project_id: str = ""
+    pipeline_id: str = ""
+
+    @classmethod
+    def parse(
+        cls, org_id: str, project_id: str, pipeline_id: str, field: str = "pipeline_ids"
+    ) -> PipelineIds:
+        violations = [
+            FieldViolation(f"{field}.{name}", limits.IMMUTABLE_ID.rule)
+            for name, value in (
+                ("org_id", org_id),
+                ("project_id", project_id),
+                ("pipeline_id", pipeline_id),
+            )
+            if limits.IMMUTABLE_ID.problem(value) is not None
+        ]
+        if violations:
+            raise InvalidArgument(violations)
+        return cls(org_id, project_id, pipeline_id)
+
+    def as_dict(self) -> dict[str, str]:
+        """The ids that are set, by claim name (`org_id`, `project_id`, `pipeline_id`)."""
+        return {name: value for name, value in vars(self).items() if value}
+
+    def __bool__(self) -> bool:
+        return bool(self.org_id or self.project_id or self.pipeline_id)
+
+
+NO_IDS = PipelineIds()
+
+
+def parse_environment(value: str, field: str = "environment") -> str:
+    if limits.ENVIRONMENT.problem(value) is not None:
+        raise InvalidArgument.field(field, limits.ENVIRONMENT.rule)
+    return value
+
+
+@dataclass(frozen=True)
 class Run:
     """A pipeline run. Times are POSIX seconds (float)."""
 
@@ -87,6 +130,8 @@ class Run:
     end_time: float | None = None
     end_reason: str = ""
     ended_by: str = ""
+    ids: PipelineIds = NO_IDS
+    environment: str = ""
 
     @property
     def is_active(self) -> bool:

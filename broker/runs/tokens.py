@@ -8,6 +8,7 @@ is active: every check consults the run's state, so ending the run kills them al
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ class MintedToken:
     expire_time: float
     key_id: str
     permissions: PermissionSet
+    subject: str = ""
 
 
 def person_claim(person: Person) -> dict[str, str]:
@@ -68,7 +70,11 @@ def run_claims(run: Run, issuer: str, now: float) -> dict[str, Any]:
         "project": run.pipeline.project,
         "pipeline": run.pipeline.pipeline,
         "triggered_via": run.triggered_via,
+        # The immutable ids and environment the orchestrator started the run with, if any.
+        **run.ids.as_dict(),
     }
+    if run.environment:
+        claims["environment"] = run.environment
     if run.on_behalf_of is not None:
         claims["on_behalf_of"] = person_claim(run.on_behalf_of)
     act = act_claim(run.actor_chain)
@@ -94,10 +100,14 @@ class TokenService:
         permissions: PermissionSet,
         expire_time: float,
         step: str,
+        shaped: Mapping[str, Any] | None = None,
     ) -> MintedToken:
+        """`shaped`: the `sub` and custom claims the policy gives this token
+        (`broker.runs.claims.TokenShape`); never any of the claims set below."""
         now = self._clock()
         token_id = new_token_id()
         claims = run_claims(run, self.issuer, now)
+        claims.update(shaped or {})
         claims.update(
             aud=audience,
             exp=int(expire_time),
@@ -106,7 +116,7 @@ class TokenService:
             permissions=permissions.as_dict(),
         )
         token, kid = self._keys.sign(claims, STEP_TOKEN_TYP)
-        return MintedToken(token, token_id, int(expire_time), kid, permissions)
+        return MintedToken(token, token_id, int(expire_time), kid, permissions, claims["sub"])
 
     def mint_run_credential(self, run: Run) -> MintedToken:
         now = self._clock()

@@ -10,7 +10,7 @@ from typing import Any
 
 from broker.audit.events import AuditEvent, from_record
 from broker.identity import Person
-from broker.runs.model import PipelineRef, Run, RunState
+from broker.runs.model import PipelineIds, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
 from broker.store import RunQuery
 
@@ -29,7 +29,7 @@ EVENT_COLUMNS = "sequence, record, prev_hash, hash, action, run_id, principal, t
 RUN_COLUMNS = (
     "run_id, org, project, pipeline, state, create_time, deadline, triggered_via, on_behalf_of, "
     "permission_ceiling, inputs, lease_seconds, lease_expire_time, parent_run_id, actor_chain, "
-    "end_time, end_reason, ended_by"
+    "end_time, end_reason, ended_by, attributes"
 )
 
 
@@ -53,7 +53,17 @@ def run_to_row(run: Run) -> tuple[Any, ...]:
         run.end_time,
         run.end_reason,
         run.ended_by,
+        attributes_to_json(run),
     )
+
+
+def attributes_to_json(run: Run) -> str:
+    """The run's optional attributes (immutable ids, environment) as one JSON object; only
+    those that are set, so a run without them stores '{}' like the rows before them."""
+    data: dict[str, str] = run.ids.as_dict()
+    if run.environment:
+        data["environment"] = run.environment
+    return json.dumps(data, sort_keys=True)
 
 
 def run_from_row(row: tuple[Any, ...] | Mapping[str, Any]) -> Run:
@@ -76,7 +86,9 @@ def run_from_row(row: tuple[Any, ...] | Mapping[str, Any]) -> Run:
         end_time,
         end_reason,
         ended_by,
+        attributes,
     ) = tuple(row)
+    extra = json.loads(attributes)
     return Run(
         run_id=run_id,
         pipeline=PipelineRef(org, project, pipeline),
@@ -94,6 +106,10 @@ def run_from_row(row: tuple[Any, ...] | Mapping[str, Any]) -> Run:
         end_time=end_time,
         end_reason=end_reason,
         ended_by=ended_by,
+        ids=PipelineIds(
+            extra.get("org_id", ""), extra.get("project_id", ""), extra.get("pipeline_id", "")
+        ),
+        environment=extra.get("environment", ""),
     )
 
 

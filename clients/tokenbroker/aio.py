@@ -155,6 +155,8 @@ class AsyncBrokerClient:
         lease: Seconds | None = None,
         inputs: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        pipeline_ids: Mapping[str, str] | None = None,
+        environment: str = "",
         timeout: float | None = None,
     ) -> broker_pb2.StartRunResponse:
         """As `BrokerClient.start_run`."""
@@ -167,6 +169,8 @@ class AsyncBrokerClient:
             lease=lease,
             inputs=inputs,
             idempotency_key=idempotency_key,
+            pipeline_ids=pipeline_ids,
+            environment=environment,
         )
         return await self._unary(self._stub.StartRun, request, timeout)
 
@@ -183,6 +187,8 @@ class AsyncBrokerClient:
         lease: Seconds | None = None,
         inputs: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        pipeline_ids: Mapping[str, str] | None = None,
+        environment: str = "",
         timeout: float | None = None,
     ) -> broker_pb2.ExecuteOnBehalfOfResponse:
         """As `BrokerClient.execute_on_behalf_of`."""
@@ -197,6 +203,8 @@ class AsyncBrokerClient:
             lease=lease,
             inputs=inputs,
             idempotency_key=idempotency_key or messages.new_idempotency_key(),
+            pipeline_ids=pipeline_ids,
+            environment=environment,
         )
         return await self._unary(self._stub.ExecuteOnBehalfOf, request, timeout)
 

@@ -191,9 +191,13 @@ class BrokerClient:
         lease: Seconds | None = None,
         inputs: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        pipeline_ids: Mapping[str, str] | None = None,
+        environment: str = "",
         timeout: float | None = None,
     ) -> broker_pb2.StartRunResponse:
         """Register a run; the response carries the run and its run credential.
+        `pipeline_ids` (any of org_id, project_id, pipeline_id) and `environment` go into
+        the run's tokens (docs/federation.md).
         Retried after UNAVAILABLE only when `idempotency_key` is given."""
         request = messages.start_run(
             org,
@@ -204,6 +208,8 @@ class BrokerClient:
             lease=lease,
             inputs=inputs,
             idempotency_key=idempotency_key,
+            pipeline_ids=pipeline_ids,
+            environment=environment,
         )
         return self._unary(self._stub.StartRun, request, timeout)
 
@@ -220,6 +226,8 @@ class BrokerClient:
         lease: Seconds | None = None,
         inputs: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        pipeline_ids: Mapping[str, str] | None = None,
+        environment: str = "",
         timeout: float | None = None,
     ) -> broker_pb2.ExecuteOnBehalfOfResponse:
         """Start a run for the person an `id_token` proves (or the caller `asserted`).
@@ -235,6 +243,8 @@ class BrokerClient:
             lease=lease,
             inputs=inputs,
             idempotency_key=idempotency_key or messages.new_idempotency_key(),
+            pipeline_ids=pipeline_ids,
+            environment=environment,
         )
         return self._unary(self._stub.ExecuteOnBehalfOf, request, timeout)
 

@@ -81,14 +81,20 @@ def start_run(
     lease: Seconds | None = None,
     inputs: Mapping[str, str] | None = None,
     idempotency_key: str | None = None,
+    pipeline_ids: Mapping[str, str] | None = None,
+    environment: str = "",
 ) -> broker_pb2.StartRunRequest:
-    """A StartRunRequest; unset deadline and lease keep the broker's defaults."""
+    """A StartRunRequest; unset deadline and lease keep the broker's defaults.
+    `pipeline_ids`: any of org_id, project_id, pipeline_id (immutable ids)."""
     request = broker_pb2.StartRunRequest(
         pipeline=pipeline_ref(org, project, pipeline),
         permission_ceiling=permission_list(ceiling),
         inputs=dict(inputs or {}),
         idempotency_key=idempotency_key or "",
+        environment=environment,
     )
+    if pipeline_ids:
+        request.pipeline_ids.CopyFrom(types_pb2.PipelineIds(**dict(pipeline_ids)))
     if deadline is not None:
         request.deadline.CopyFrom(duration(deadline))
     if lease is not None:
@@ -108,6 +114,8 @@ def execute_on_behalf_of(
     lease: Seconds | None = None,
     inputs: Mapping[str, str] | None = None,
     idempotency_key: str,
+    pipeline_ids: Mapping[str, str] | None = None,
+    environment: str = "",
 ) -> broker_pb2.ExecuteOnBehalfOfRequest:
     """An ExecuteOnBehalfOfRequest for the person proven by `id_token` or `asserted`."""
     if (id_token is None) == (asserted is None):
@@ -117,7 +125,10 @@ def execute_on_behalf_of(
         permission_ceiling=permission_list(ceiling),
         inputs=dict(inputs or {}),
         idempotency_key=idempotency_key,
+        environment=environment,
     )
+    if pipeline_ids:
+        request.pipeline_ids.CopyFrom(types_pb2.PipelineIds(**dict(pipeline_ids)))
     if id_token is not None:
         request.id_token = id_token
     elif isinstance(asserted, broker_pb2.AssertedPerson):

@@ -26,7 +26,8 @@ def discovery_document(issuer: str, algorithms: list[str]) -> dict[str, Any]:
         "id_token_signing_alg_values_supported": algorithms,
         "claims_supported": [
             "iss", "sub", "aud", "exp", "iat", "nbf", "jti", "run_id", "org", "project",
-            "pipeline", "step", "permissions", "on_behalf_of", "act",
+            "pipeline", "step", "permissions", "on_behalf_of", "act", "triggered_via",
+            "org_id", "project_id", "pipeline_id", "environment",
         ],
     }  # fmt: skip
 

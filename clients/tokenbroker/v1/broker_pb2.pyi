@@ -123,8 +123,14 @@ class StartRunRequest(_message.Message):
     LEASE_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PIPELINE_IDS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Optional key that makes retries safe: the same caller and key return the same run."""
+    environment: _builtins.str
+    """Optional deployment environment, e.g. "production": 1-64 letters, digits, '.', '_' or
+    '-'. Stored with the run, put into its tokens as `environment`; inherited by child runs.
+    """
     @_builtins.property
     def pipeline(self) -> _types_pb2.PipelineRef:
         """Pipeline the run belongs to; must be inside the caller's scope."""
@@ -145,6 +151,14 @@ class StartRunRequest(_message.Message):
     def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form inputs recorded with the run (at most 64 entries, 8 KiB in all)."""
 
+    @_builtins.property
+    def pipeline_ids(self) -> _types_pb2.PipelineIds:
+        """Optional immutable ids of the org, project and pipeline, from the orchestrator's system
+        of record. Stored with the run and put into its tokens (`org_id`, `project_id`,
+        `pipeline_id`); the policy's subject templates prefer them to names (docs/federation.md).
+        A child run started with a run credential inherits them from its parent instead.
+        """
+
     def __init__(
         self,
         *,
@@ -154,10 +168,12 @@ class StartRunRequest(_message.Message):
         lease: _duration_pb2.Duration | None = ...,
         inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         idempotency_key: _builtins.str = ...,
+        pipeline_ids: _types_pb2.PipelineIds | None = ...,
+        environment: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease", b"lease", "pipeline", b"pipeline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease", b"lease", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "lease", b"lease", "permission_ceiling", b"permission_ceiling", "pipeline", b"pipeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "environment", b"environment", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "lease", b"lease", "permission_ceiling", b"permission_ceiling", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -265,11 +281,17 @@ class ExecuteOnBehalfOfRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     ID_TOKEN_FIELD_NUMBER: _builtins.int
     ASSERTED_FIELD_NUMBER: _builtins.int
+    PIPELINE_IDS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Required: the same caller and key return the same run, never a second one."""
     id_token: _builtins.str
     """An OIDC ID token of the person from an identity provider the policy trusts for the
     caller. Verified by the broker; only its hash is stored.
+    """
+    environment: _builtins.str
+    """Optional deployment environment, e.g. "production": 1-64 letters, digits, '.', '_' or
+    '-'. Stored with the run, put into its tokens as `environment`; inherited by child runs.
     """
     @_builtins.property
     def pipeline(self) -> _types_pb2.PipelineRef:
@@ -295,6 +317,14 @@ class ExecuteOnBehalfOfRequest(_message.Message):
     def asserted(self) -> Global___AssertedPerson:
         """An identity the caller asserts; accepted only where the policy allows it."""
 
+    @_builtins.property
+    def pipeline_ids(self) -> _types_pb2.PipelineIds:
+        """Optional immutable ids of the org, project and pipeline, from the orchestrator's system
+        of record. Stored with the run and put into its tokens (`org_id`, `project_id`,
+        `pipeline_id`); the policy's subject templates prefer them to names (docs/federation.md).
+        A child run started with a run credential inherits them from its parent instead.
+        """
+
     def __init__(
         self,
         *,
@@ -306,10 +336,12 @@ class ExecuteOnBehalfOfRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         id_token: _builtins.str = ...,
         asserted: Global___AssertedPerson | None = ...,
+        pipeline_ids: _types_pb2.PipelineIds | None = ...,
+        environment: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["asserted", b"asserted", "deadline", b"deadline", "id_token", b"id_token", "lease", b"lease", "person", b"person", "pipeline", b"pipeline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["asserted", b"asserted", "deadline", b"deadline", "id_token", b"id_token", "lease", b"lease", "person", b"person", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asserted", b"asserted", "deadline", b"deadline", "id_token", b"id_token", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "lease", b"lease", "permission_ceiling", b"permission_ceiling", "person", b"person", "pipeline", b"pipeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asserted", b"asserted", "deadline", b"deadline", "environment", b"environment", "id_token", b"id_token", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "lease", b"lease", "permission_ceiling", b"permission_ceiling", "person", b"person", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_person: _TypeAlias = _typing.Literal["id_token", "asserted"]  # noqa: Y015
     _WhichOneofArgType_person: _TypeAlias = _typing.Literal["person", b"person"]  # noqa: Y015

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenbroker/v1/types.proto\x12\x0etokenbroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"=\n\x0bPipelineRef\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\"-\n\nPermission\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\"\xa8\x01\n\x06Person\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12?\n\x13verification_method\x18\x05 \x01(\x0e\x32\".tokenbroker.v1.VerificationMethod\x12\x17\n\x0f\x65vidence_sha256\x18\x06 \x01(\t\"J\n\x0b\x41ttribution\x12\x13\n\x0b\x65xecuted_by\x18\x01 \x01(\t\x12\x15\n\rtriggered_via\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\xbc\x05\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12-\n\x08pipeline\x18\x02 \x01(\x0b\x32\x1b.tokenbroker.v1.PipelineRef\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.tokenbroker.v1.RunState\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nend_reason\x18\x07 \x01(\t\x12\x15\n\rtriggered_via\x18\x08 \x01(\t\x12,\n\x0con_behalf_of\x18\t \x01(\x0b\x32\x16.tokenbroker.v1.Person\x12\x36\n\x12permission_ceiling\x18\n \x03(\x0b\x32\x1a.tokenbroker.v1.Permission\x12(\n\x05lease\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x11lease_expire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rparent_run_id\x18\r \x01(\t\x12\x30\n\x0b\x61ttribution\x18\x0e \x01(\x0b\x32\x1b.tokenbroker.v1.Attribution\x12/\n\x06inputs\x18\x0f \x03(\x0b\x32\x1f.tokenbroker.v1.Run.InputsEntry\x12\x10\n\x08\x65nded_by\x18\x10 \x01(\t\x12\x13\n\x0b\x61\x63tor_chain\x18\x11 \x03(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf8\x02\n\nAuditEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12-\n\x07outcome\x18\x04 \x01(\x0e\x32\x1c.tokenbroker.v1.AuditOutcome\x12\x11\n\tprincipal\x18\x05 \x01(\t\x12,\n\x0con_behalf_of\x18\x06 \x01(\x0b\x32\x16.tokenbroker.v1.Person\x12\x0e\n\x06run_id\x18\x07 \x01(\t\x12-\n\x08pipeline\x18\x08 \x01(\x0b\x32\x1b.tokenbroker.v1.PipelineRef\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12(\n\x07\x64\x65tails\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tprev_hash\x18\x0c \x01(\t\x12\x0c\n\x04hash\x18\r \x01(\t*g\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_ACTIVE\x10\x01\x12\x13\n\x0fRUN_STATE_ENDED\x10\x02\x12\x15\n\x11RUN_STATE_EXPIRED\x10\x03*\x8b\x01\n\x12VerificationMethod\x12#\n\x1fVERIFICATION_METHOD_UNSPECIFIED\x10\x00\x12$\n VERIFICATION_METHOD_IDP_VERIFIED\x10\x01\x12*\n&VERIFICATION_METHOD_ASSERTED_BY_CALLER\x10\x02*}\n\x0c\x41uditOutcome\x12\x1d\n\x19\x41UDIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41UDIT_OUTCOME_SUCCESS\x10\x01\x12\x18\n\x14\x41UDIT_OUTCOME_DENIED\x10\x02\x12\x19\n\x15\x41UDIT_OUTCOME_FAILURE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenbroker/v1/types.proto\x12\x0etokenbroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"=\n\x0bPipelineRef\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\"F\n\x0bPipelineIds\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x13\n\x0bpipeline_id\x18\x03 \x01(\t\"-\n\nPermission\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\"\xa8\x01\n\x06Person\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12?\n\x13verification_method\x18\x05 \x01(\x0e\x32\".tokenbroker.v1.VerificationMethod\x12\x17\n\x0f\x65vidence_sha256\x18\x06 \x01(\t\"J\n\x0b\x41ttribution\x12\x13\n\x0b\x65xecuted_by\x18\x01 \x01(\t\x12\x15\n\rtriggered_via\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"\x84\x06\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12-\n\x08pipeline\x18\x02 \x01(\x0b\x32\x1b.tokenbroker.v1.PipelineRef\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.tokenbroker.v1.RunState\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nend_reason\x18\x07 \x01(\t\x12\x15\n\rtriggered_via\x18\x08 \x01(\t\x12,\n\x0con_behalf_of\x18\t \x01(\x0b\x32\x16.tokenbroker.v1.Person\x12\x36\n\x12permission_ceiling\x18\n \x03(\x0b\x32\x1a.tokenbroker.v1.Permission\x12(\n\x05lease\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x11lease_expire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rparent_run_id\x18\r \x01(\t\x12\x30\n\x0b\x61ttribution\x18\x0e \x01(\x0b\x32\x1b.tokenbroker.v1.Attribution\x12/\n\x06inputs\x18\x0f \x03(\x0b\x32\x1f.tokenbroker.v1.Run.InputsEntry\x12\x10\n\x08\x65nded_by\x18\x10 \x01(\t\x12\x13\n\x0b\x61\x63tor_chain\x18\x11 \x03(\t\x12\x31\n\x0cpipeline_ids\x18( \x01(\x0b\x32\x1b.tokenbroker.v1.PipelineIds\x12\x13\n\x0b\x65nvironment\x18) \x01(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf8\x02\n\nAuditEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12-\n\x07outcome\x18\x04 \x01(\x0e\x32\x1c.tokenbroker.v1.AuditOutcome\x12\x11\n\tprincipal\x18\x05 \x01(\t\x12,\n\x0con_behalf_of\x18\x06 \x01(\x0b\x32\x16.tokenbroker.v1.Person\x12\x0e\n\x06run_id\x18\x07 \x01(\t\x12-\n\x08pipeline\x18\x08 \x01(\x0b\x32\x1b.tokenbroker.v1.PipelineRef\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12(\n\x07\x64\x65tails\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tprev_hash\x18\x0c \x01(\t\x12\x0c\n\x04hash\x18\r \x01(\t*g\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_ACTIVE\x10\x01\x12\x13\n\x0fRUN_STATE_ENDED\x10\x02\x12\x15\n\x11RUN_STATE_EXPIRED\x10\x03*\x8b\x01\n\x12VerificationMethod\x12#\n\x1fVERIFICATION_METHOD_UNSPECIFIED\x10\x00\x12$\n VERIFICATION_METHOD_IDP_VERIFIED\x10\x01\x12*\n&VERIFICATION_METHOD_ASSERTED_BY_CALLER\x10\x02*}\n\x0c\x41uditOutcome\x12\x1d\n\x19\x41UDIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41UDIT_OUTCOME_SUCCESS\x10\x01\x12\x18\n\x14\x41UDIT_OUTCOME_DENIED\x10\x02\x12\x19\n\x15\x41UDIT_OUTCOME_FAILURE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUN_INPUTSENTRY']._loaded_options = None
   _globals['_RUN_INPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1580
-  _globals['_RUNSTATE']._serialized_end=1683
-  _globals['_VERIFICATIONMETHOD']._serialized_start=1686
-  _globals['_VERIFICATIONMETHOD']._serialized_end=1825
-  _globals['_AUDITOUTCOME']._serialized_start=1827
-  _globals['_AUDITOUTCOME']._serialized_end=1952
+  _globals['_RUNSTATE']._serialized_start=1724
+  _globals['_RUNSTATE']._serialized_end=1827
+  _globals['_VERIFICATIONMETHOD']._serialized_start=1830
+  _globals['_VERIFICATIONMETHOD']._serialized_end=1969
+  _globals['_AUDITOUTCOME']._serialized_start=1971
+  _globals['_AUDITOUTCOME']._serialized_end=2096
   _globals['_PIPELINEREF']._serialized_start=141
   _globals['_PIPELINEREF']._serialized_end=202
-  _globals['_PERMISSION']._serialized_start=204
-  _globals['_PERMISSION']._serialized_end=249
-  _globals['_PERSON']._serialized_start=252
-  _globals['_PERSON']._serialized_end=420
-  _globals['_ATTRIBUTION']._serialized_start=422
-  _globals['_ATTRIBUTION']._serialized_end=496
-  _globals['_RUN']._serialized_start=499
-  _globals['_RUN']._serialized_end=1199
-  _globals['_RUN_INPUTSENTRY']._serialized_start=1154
-  _globals['_RUN_INPUTSENTRY']._serialized_end=1199
-  _globals['_AUDITEVENT']._serialized_start=1202
-  _globals['_AUDITEVENT']._serialized_end=1578
+  _globals['_PIPELINEIDS']._serialized_start=204
+  _globals['_PIPELINEIDS']._serialized_end=274
+  _globals['_PERMISSION']._serialized_start=276
+  _globals['_PERMISSION']._serialized_end=321
+  _globals['_PERSON']._serialized_start=324
+  _globals['_PERSON']._serialized_end=492
+  _globals['_ATTRIBUTION']._serialized_start=494
+  _globals['_ATTRIBUTION']._serialized_end=568
+  _globals['_RUN']._serialized_start=571
+  _globals['_RUN']._serialized_end=1343
+  _globals['_RUN_INPUTSENTRY']._serialized_start=1298
+  _globals['_RUN_INPUTSENTRY']._serialized_end=1343
+  _globals['_AUDITEVENT']._serialized_start=1346
+  _globals['_AUDITEVENT']._serialized_end=1722
 # @@protoc_insertion_point(module_scope)

@@ -135,6 +135,41 @@ class PipelineRef(_message.Message):
 Global___PipelineRef: _TypeAlias = PipelineRef  # noqa: Y015
 
 @_typing.final
+class PipelineIds(_message.Message):
+    """PipelineIds are the immutable identifiers of a pipeline's organisation, project and
+    pipeline in the orchestrator's system of record (numbers, UUIDs, node ids). Names can be
+    renamed, deleted and registered again by someone else; ids cannot, so a relying party
+    that trusts `org_id` cannot be taken over by whoever registers a freed name later.
+    Each is 1-36 letters, digits, '_' or '-' (a UUID fits), and optional.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PIPELINE_ID_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """Immutable id of the organisation, e.g. "91824"."""
+    project_id: _builtins.str
+    """Immutable id of the project inside the organisation."""
+    pipeline_id: _builtins.str
+    """Immutable id of the pipeline inside the project."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        pipeline_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "pipeline_id", b"pipeline_id", "project_id", b"project_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineIds: _TypeAlias = PipelineIds  # noqa: Y015
+
+@_typing.final
 class Permission(_message.Message):
     """Permission grants one access level on one resource."""
 
@@ -283,6 +318,8 @@ class Run(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     ENDED_BY_FIELD_NUMBER: _builtins.int
     ACTOR_CHAIN_FIELD_NUMBER: _builtins.int
+    PIPELINE_IDS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Broker-assigned identifier, e.g. "r-01J9..."."""
     state: Global___RunState.ValueType
@@ -295,6 +332,10 @@ class Run(_message.Message):
     """Run that started this one, for chained delegation; empty otherwise."""
     ended_by: _builtins.str
     """Principal that ended the run; empty while active or when it expired."""
+    environment: _builtins.str
+    """Deployment environment the run was started for (e.g. "production"), when given; it
+    appears in the run's tokens as `environment`.
+    """
     @_builtins.property
     def pipeline(self) -> Global___PipelineRef:
         """Pipeline the run belongs to."""
@@ -341,6 +382,12 @@ class Run(_message.Message):
         (the RFC 8693 `act` chain of the run's tokens).
         """
 
+    @_builtins.property
+    def pipeline_ids(self) -> Global___PipelineIds:
+        """Immutable ids of the pipeline, when the orchestrator sent them at start; they appear in
+        the run's tokens as `org_id`, `project_id` and `pipeline_id`.
+        """
+
     def __init__(
         self,
         *,
@@ -361,10 +408,12 @@ class Run(_message.Message):
         inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ended_by: _builtins.str = ...,
         actor_chain: _abc.Iterable[_builtins.str] | None = ...,
+        pipeline_ids: Global___PipelineIds | None = ...,
+        environment: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "lease", b"lease", "lease_expire_time", b"lease_expire_time", "on_behalf_of", b"on_behalf_of", "pipeline", b"pipeline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "lease", b"lease", "lease_expire_time", b"lease_expire_time", "on_behalf_of", b"on_behalf_of", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_chain", b"actor_chain", "attribution", b"attribution", "create_time", b"create_time", "deadline", b"deadline", "end_reason", b"end_reason", "end_time", b"end_time", "ended_by", b"ended_by", "inputs", b"inputs", "lease", b"lease", "lease_expire_time", b"lease_expire_time", "on_behalf_of", b"on_behalf_of", "parent_run_id", b"parent_run_id", "permission_ceiling", b"permission_ceiling", "pipeline", b"pipeline", "run_id", b"run_id", "state", b"state", "triggered_via", b"triggered_via"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_chain", b"actor_chain", "attribution", b"attribution", "create_time", b"create_time", "deadline", b"deadline", "end_reason", b"end_reason", "end_time", b"end_time", "ended_by", b"ended_by", "environment", b"environment", "inputs", b"inputs", "lease", b"lease", "lease_expire_time", b"lease_expire_time", "on_behalf_of", b"on_behalf_of", "parent_run_id", b"parent_run_id", "permission_ceiling", b"permission_ceiling", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids", "run_id", b"run_id", "state", b"state", "triggered_via", b"triggered_via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
