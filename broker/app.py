@@ -227,7 +227,7 @@ def _assemble(
         external_key=settings.signing_key,
     )
     keys.load(CallContext(principal=BROKER))
-    tokens = TokenService(keys, registry, issuer, clock)
+    tokens = TokenService(keys, registry, issuer, clock, store)
     throttle = Throttle(
         RateLimit(settings.peer_rate, settings.peer_burst),
         RateLimit(settings.principal_rate, settings.principal_burst),
@@ -242,8 +242,19 @@ def _assemble(
         run_credentials or tokens.authenticate_run_credential,
         refusals=refusals,
         before_refusal=throttle.unauthenticated,
+        proofs=lambda proof, htu, credential, jkt: tokens.check_proof(
+            proof, htu=htu, credential=credential, expected_jkt=jkt
+        ),
     )
-    runs = RunLifecycle(store, registry, clock, authorizer, observer=telemetry)
+    rules = PolicyRules(policy.current)
+    runs = RunLifecycle(
+        store,
+        registry,
+        clock,
+        authorizer,
+        observer=telemetry,
+        binding_policy=rules.binding_policy,
+    )
     feed = AuditFeed(
         store,
         clock,
@@ -257,7 +268,6 @@ def _assemble(
     )
     changes.subscribe(pages=keys.on_events)
     telemetry.watch(store, registry.active, lambda: feed.subscribers)
-    rules = PolicyRules(policy.current)
     return Broker(
         settings=settings,
         store=store,
@@ -268,7 +278,14 @@ def _assemble(
         keys=keys,
         tokens=tokens,
         issuance=Issuance(
-            store, registry, tokens, authorizer, clock, rules.account_permissions, telemetry
+            store,
+            registry,
+            tokens,
+            authorizer,
+            clock,
+            rules.account_permissions,
+            telemetry,
+            binding_policy=rules.binding_policy,
         ),
         delegation=Delegation(
             runs,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from broker.policy.model import IdentityProvider, Policy, Role
+from broker.runs.binding import BindingPolicy
 from broker.runs.delegation import ChildScope, DelegationRules, TrustedIdp
 from broker.runs.permissions import PermissionSet
 from tokenbroker.verifier import JwksCache, JwksFetcher, jwks_from_url
@@ -27,11 +28,23 @@ class PolicyRules:
         self._policy = policy
         self._caches: dict[tuple[str, str], JwksCache] = {}
         self._lock = threading.Lock()
+        self._binding_of: tuple[Policy | None, BindingPolicy] = (None, BindingPolicy())
 
     def account_permissions(self, name: str) -> PermissionSet | None:
         """The permissions the policy grants service account `name`, for inherit mode."""
         account = self._policy().account(name)
         return None if account is None else account.permissions
+
+    def binding_policy(self) -> BindingPolicy:
+        """Which tokens and run credentials the policy in force requires bound."""
+        policy = self._policy()
+        if policy is not self._binding_of[0]:
+            required = frozenset(a.name for a in policy.accounts.values() if a.require_binding)
+            self._binding_of = (
+                policy,
+                BindingPolicy(policy.binding.audiences, policy.binding.levels, required),
+            )
+        return self._binding_of[1]
 
     def delegation_rules(self, name: str) -> DelegationRules | None:
         account = self._policy().account(name)

@@ -19,9 +19,11 @@ from broker.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
 from broker.identity import Person
 from broker.ids import new_run_id
+from broker.runs.binding import NO_BINDING_POLICY, BindingPolicySource, refusal
 from broker.runs.model import MAX_REASON, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
@@ -112,7 +114,9 @@ class RunLifecycle:
         clock: Clock,
         authorizer: Authorizer,
         observer: Observer = NULL_OBSERVER,
+        binding_policy: BindingPolicySource = lambda: NO_BINDING_POLICY,
     ) -> None:
+        self._binding_policy = binding_policy
         self._store = store
         self._registry = registry
         self._clock = clock
@@ -129,6 +133,7 @@ class RunLifecycle:
         actor_chain: tuple[str, ...] = (),
         action: str = Action.RUN_STARTED,
         op: Op = Op.START_RUN,
+        credential_bound: bool | None = None,
     ) -> Started:
         """Start a run; a child run (`parent` given) is cut to its parent's deadline and lease.
 
@@ -136,6 +141,14 @@ class RunLifecycle:
         the store refuses it if the parent ends first."""
         self._authz.require(ctx, op, pipeline=spec.pipeline)
         now = self._clock()
+        if credential_bound is not None:
+            try:
+                self.require_binding(ctx, actor_chain, credential_bound)
+            except PermissionDenied as refused:
+                why = {"reason": refused.message, "binding": "required"}
+                event = draft(ctx, now, Action.RUN_REFUSED, Outcome.DENIED, details=why)
+                self._commit(Write([replace(event, pipeline=spec.pipeline)]))
+                raise
         parent_run_id = "" if parent is None else parent.run_id
         claim = None
         if spec.idempotency_key:
@@ -196,6 +209,18 @@ class RunLifecycle:
         assert committed.run is not None
         self._observer.call_started_run(committed.run)
         return Started(committed.run, replayed=False)
+
+    def require_binding(
+        self, ctx: CallContext, actor_chain: tuple[str, ...], credential_bound: bool
+    ) -> None:
+        """PermissionDenied when the policy requires the credential of a run started (at its
+        chain's root) by this caller to be bound, and it is not."""
+        if credential_bound:
+            return
+        root = actor_chain[0] if actor_chain else ctx.principal.name
+        reason = self._binding_policy().run_reason(root)
+        if reason is not None:
+            raise PermissionDenied(refusal(reason, "run credential"))
 
     def _within_parent(
         self, parent: Run, now: float, deadline: float, lease_expire_time: float | None

@@ -250,17 +250,17 @@ def _public_key(kty: str, crv: str, x: str, y: str, n: str, e: str) -> Any:
     raise ValueError("unsupported key type")
 
 
-_ALG_OF_KTY = {"EC": "ES256", "OKP": "EdDSA", "RSA": "RS256"}
+ALG_OF_KTY = {"EC": "ES256", "OKP": "EdDSA", "RSA": "RS256"}
 
 
-def _key_of(jwk: Any, alg: str) -> tuple[Any, str] | str:
+def key_of(jwk: Any, alg: str) -> tuple[Any, str] | str:
     """(public key, jkt) of the header's jwk, or why it is not acceptable."""
     if not isinstance(jwk, dict):
         return "the jwk header must be a JSON object holding the public key"
     if any(member in jwk for member in PRIVATE_JWK_MEMBERS):
         return "the jwk header holds private or symmetric key material"
     kty = jwk.get("kty")
-    if not isinstance(kty, str) or _ALG_OF_KTY.get(kty) != alg:
+    if not isinstance(kty, str) or ALG_OF_KTY.get(kty) != alg:
         return f"a {shown_value(kty)} key cannot sign {alg}"
     members = [jwk.get(m, "") for m in ("crv", "x", "y", "n", "e")]
     if not all(isinstance(m, str) and len(m) <= 1024 for m in members):
@@ -351,7 +351,7 @@ def check_proof(
             f"DPoP proof algorithm {shown_value(alg)} is not accepted "
             f"(use {', '.join(sorted(PROOF_ALGORITHMS))})",
         )
-    found = _key_of(header.get("jwk"), alg)
+    found = key_of(header.get("jwk"), alg)
     if isinstance(found, str):
         return _refused(TokenStatus.PROOF_BAD_KEY, f"DPoP proof key refused: {found}")
     key, jkt = found
