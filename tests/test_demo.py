@@ -22,11 +22,13 @@ STORY = [
     r" 4 ✓ executor minted a step token with the run credential: aud sample-api, pipelines: read",
     r" 5 ✓ sample API verified it offline → 200: run r-\w+ for alice@example\.com \(idp_verified\)"
     r" via deploy-portal",
-    r' 6 ✓ executor ended the run with RevokeRun \("pipeline finished"\)',
-    r" 7 ✓ the same step token is now rejected by the API → 401 run ended",
-    r" 8 ✓ audit trail of run r-\w+: Executed by: alice@example\.com \(verified by "
+    r" 6 ✓ a leaked copy of the step token, without the step's key, is refused → 401 "
+    r"PROOF_MISSING",
+    r' 7 ✓ executor ended the run with RevokeRun \("pipeline finished"\)',
+    r" 8 ✓ the same step token is now rejected by the API → 401 run ended",
+    r" 9 ✓ audit trail of run r-\w+: Executed by: alice@example\.com \(verified by "
     r"https://idp\.example\.com\) · Triggered via: deploy-portal",
-    r" 9 ✓ audit verify: \d+ events, chain intact, 1 of 1 signed checkpoints verified",
+    r"10 ✓ audit verify: \d+ events, chain intact, 1 of 1 signed checkpoints verified",
 ]
 
 

@@ -216,6 +216,7 @@ def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
     execution = executor.wait_for(run_id)
     _check_step_token(story, execution)
     _check_api_accepted(story, execution)
+    _check_leak_refused(story, execution)
     _check_run_ended(story, execution)
     _check_token_refused(story, api, execution)
     with BrokerClient(server.target, credentials=cast.siem.credentials(audience)) as siem:
@@ -244,13 +245,15 @@ def _check_step_token(story: Story, execution: Execution) -> None:
     if not execution.token:
         raise StepFailed(f"the executor got no step token: {execution.error or 'no reason'}")
     claims: dict[str, Any] = jwt.decode(execution.token, options={"verify_signature": False})
+    if "jkt" not in (claims.get("cnf") or {}):
+        raise StepFailed("the step token is not bound to a key")
     permissions = claims.get("permissions") or {}
     if permissions != STEP_PERMISSIONS:
         raise StepFailed(f"the step token carries {permissions}, not {STEP_PERMISSIONS}")
     minutes = (int(claims["exp"]) - int(claims["iat"])) / 60
     story.ok(
         f"executor minted a step token with the run credential: aud {claims['aud']}, "
-        f"pipelines: read, valid {minutes:g} min"
+        f"pipelines: read, valid {minutes:g} min, bound to the step's key (cnf.jkt)"
     )
 
 
@@ -263,6 +266,16 @@ def _check_api_accepted(story: Story, execution: Execution) -> None:
     story.ok(
         f"sample API verified it offline → 200: run {body['run_id']} for {body['person']} "
         f"({body['verification']}) via {body['triggered_via']}"
+    )
+
+
+def _check_leak_refused(story: Story, execution: Execution) -> None:
+    answer = execution.leaked_answer
+    if answer.status != 401 or answer.body.get("status") != "PROOF_MISSING":
+        raise StepFailed(f"a leaked copy of the token got {answer.status} {dict(answer.body)}")
+    story.ok(
+        "a leaked copy of the step token, without the step's key, is refused → "
+        f"{answer.status} {answer.body['status']}"
     )
 
 

@@ -2,8 +2,10 @@
 
 `Execute` accepts the run at once; then, in the background, the "pipeline" has one step:
 with the run credential it mints a step token (`pipelines: read`, audience "sample-api"),
-calls the sample API with it, records what the API answered and ends the run with
-RevokeRun ("pipeline finished") — so every token of the run dies with it.
+bound to a key made in memory for the step (the client's default), calls the sample API with
+it and a fresh DPoP proof, records what the API answered and ends the run with RevokeRun
+("pipeline finished") — so every token of the run dies with it. For the demo it also shows
+what a leaked copy of the token would get: the token alone, without a proof, is refused.
 
     with SampleExecutor(api_url=api.url) as executor:       # serves on 127.0.0.1, port 0
         ...start a broker with --executor-target executor.target...
@@ -68,6 +70,8 @@ class Execution:
     error: str = ""
     # The step token, kept so a demo can show it is refused once the run has ended.
     token: str = field(default="", repr=False)
+    # What the API answered to the token alone (as a leak into a log would give it).
+    leaked_answer: ApiAnswer = field(default=ApiAnswer(0, {}), repr=False)
 
 
 class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
@@ -177,6 +181,7 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
         self, execution_id: str, run: types_pb2.Run, credential: str, broker_target: str
     ) -> None:
         token, answer, error = "", ApiAnswer(0, {}), ""
+        leaked = ApiAnswer(0, {})
         ended = False
         with (
             self._pipeline_span(run) as pipeline,
@@ -189,6 +194,8 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
                     answer = call_api(self.api_url, token, tracer_provider=self.tracer_provider)
                     if answer.status != 200:
                         _failed(step, str(answer.status))
+                    # The string alone, without the key: what a reader of a build log holds.
+                    leaked = call_api(self.api_url, str(token))
             except (BrokerError, OSError, ValueError) as exc:
                 error = f"step failed: {exc}"
             try:
@@ -199,7 +206,7 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
                 error = error or f"could not end the run: {exc}"
             _finished(pipeline, succeeded=not error and answer.status == 200)
         execution = Execution(
-            execution_id, run.run_id, answer.status, answer.body, ended, error, token
+            execution_id, run.run_id, answer.status, answer.body, ended, error, token, leaked
         )
         with self._changed:
             self._done.append(execution)
