@@ -236,11 +236,12 @@ def _measure(
 UNARY_NAMES = {
     "noop": "no-op (Health/Check)",
     "issue": "IssueToken",
+    "issue_bound": "IssueToken, bound to the step's key",
     "verify": "VerifyToken (online)",
     "execute": "ExecuteOnBehalfOf",
     "revoke": "RevokeRun",
 }
-SMALL_KINDS = ("noop", "issue", "verify", "execute", "revoke")
+SMALL_KINDS = ("noop", "issue", "issue_bound", "verify", "execute", "revoke")
 LARGE_KINDS = ("noop", "issue", "verify")
 
 
@@ -298,7 +299,12 @@ def _judge_unary(plan: Plan, made: dict[tuple[str, str], Figure]) -> list[Figure
     verify.judge("≥0.90× ops", verify.ratio >= 0.9)
     execute = made[(SMALL, "execute")].against(noop)
     revoke = made[(SMALL, "revoke")].against(noop)
-    figures = [noop, issue, verify, execute, revoke]
+    bound = made[(SMALL, "issue_bound")].against(made[(SMALL, "issue")])
+    bound.judge("within 1.2× of IssueToken", bound.ratio >= 1 / 1.2)
+    bound.note = (bound.note + "; " if bound.note else "") + (
+        "dpop_jwk in the request, cnf.jkt in the token; ratio against unbound IssueToken"
+    )
+    figures = [noop, issue, verify, execute, revoke, bound]
     large = _stored(plan.large_events)
     large_noop = made[(LARGE, "noop")]
     large_noop.name = f"no-op, {large} stored"
@@ -342,7 +348,14 @@ def _offline(plan: Plan, workers: Workers, index: int) -> list[Figure]:
     ).against(bare)
     checked.judge("≥0.80× PyJWT", checked.ratio >= 0.8)
     checked.note = "with a RevocationFollower; ratio against the bare decode"
-    return [bare, checked]
+    bound = Figure.measured(
+        "offline TokenVerifier.check, bound token + DPoP proof",
+        answer["rates"]["bound"],
+        answer["latencies"]["bound"],
+    ).against(checked)
+    bound.judge("≥0.50× unbound", bound.ratio >= 0.5)
+    bound.note = "proof checked in full (signature, htm/htu, iat, ath, jkt, replay cache)"
+    return [bare, checked, bound]
 
 
 # -- revocation -------------------------------------------------------------------------------
