@@ -98,6 +98,7 @@ def grpc_htu(method: str) -> str:
     return method if method.startswith("/") else "/" + method
 
 
+@functools.lru_cache(maxsize=1024)  # an API sees a few URLs again and again
 def normalized_htu(url: str) -> str:
     """A URL as RFC 9449 §4.3 compares it: without query and fragment, scheme and host in
     lower case (a gRPC method path stays as it is)."""
@@ -223,9 +224,15 @@ def _refused(status: TokenStatus, reason: str = "", jkt: str = "") -> ProofVerdi
 
 
 @functools.lru_cache(maxsize=4096)
-def _public_key(kty: str, crv: str, x: str, y: str, n: str, e: str) -> Any:
-    """A cryptography key from JWK members (cached: a step proves with one key all along).
-    ValueError for anything that is not an acceptable public key."""
+def _public_key(kty: str, crv: str, x: str, y: str, n: str, e: str) -> tuple[Any, str]:
+    """A cryptography key from JWK members, and its RFC 7638 thumbprint (cached: a step
+    proves with one key all along). ValueError for anything not an acceptable public key."""
+    key = _load_key(kty, crv, x, y, n, e)
+    members = {"kty": kty, "crv": crv, "x": x, "y": y, "n": n, "e": e}
+    return key, jwk_thumbprint({k: v for k, v in members.items() if v})
+
+
+def _load_key(kty: str, crv: str, x: str, y: str, n: str, e: str) -> Any:
     if kty == "EC":
         if crv != "P-256":
             raise ValueError("EC keys must use curve P-256")
@@ -266,8 +273,7 @@ def key_of(jwk: Any, alg: str) -> tuple[Any, str] | str:
     if not all(isinstance(m, str) and len(m) <= 1024 for m in members):
         return "the jwk members must be short strings"
     try:
-        key = _public_key(kty, *members)
-        jkt = jwk_thumbprint(jwk)
+        key, jkt = _public_key(kty, *members)
     except (ValueError, TypeError, OverflowError) as exc:
         return f"the jwk is not a usable public key ({str(exc)[:80]})"
     return key, jkt
