@@ -190,7 +190,7 @@ def run(out: TextIO = sys.stdout, data_dir: Path | None = None) -> int:
 
 def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
     cast = Cast.new()
-    executor = stack.enter_context(SampleExecutor())
+    executor = stack.enter_context(SampleExecutor(show_leak=True))
     server = _start_broker(cast, data_dir, executor.target)
     stack.callback(server.stop, 0.5)
     audience = server.broker.authn.audience

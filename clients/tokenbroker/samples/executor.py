@@ -4,8 +4,9 @@
 with the run credential it mints a step token (`pipelines: read`, audience "sample-api"),
 bound to a key made in memory for the step (the client's default), calls the sample API with
 it and a fresh DPoP proof, records what the API answered and ends the run with RevokeRun
-("pipeline finished") — so every token of the run dies with it. For the demo it also shows
-what a leaked copy of the token would get: the token alone, without a proof, is refused.
+("pipeline finished") — so every token of the run dies with it. With `show_leak` (the demo)
+it also shows what a leaked copy of the token would get: the token alone, without a proof,
+is refused.
 
     with SampleExecutor(api_url=api.url) as executor:       # serves on 127.0.0.1, port 0
         ...start a broker with --executor-target executor.target...
@@ -83,9 +84,12 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
         *,
         audience: str = AUDIENCE,
         tracer_provider: trace.TracerProvider | None = None,
+        show_leak: bool = False,
     ) -> None:
-        """`api_url` is what the step calls; it may be set later, before runs arrive."""
+        """`api_url` is what the step calls; it may be set later, before runs arrive.
+        `show_leak`: also send the step token alone, as a leak would, and record the answer."""
         self.api_url = api_url
+        self.show_leak = show_leak
         self.audience = audience
         self.tracer_provider = tracer_provider
         interceptors: list[grpc.ServerInterceptor] = []
@@ -194,8 +198,9 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
                     answer = call_api(self.api_url, token, tracer_provider=self.tracer_provider)
                     if answer.status != 200:
                         _failed(step, str(answer.status))
-                    # The string alone, without the key: what a reader of a build log holds.
-                    leaked = call_api(self.api_url, str(token))
+                    if self.show_leak:
+                        # The string alone, without the key: what a build log's reader holds.
+                        leaked = call_api(self.api_url, str(token))
             except (BrokerError, OSError, ValueError) as exc:
                 error = f"step failed: {exc}"
             try:
