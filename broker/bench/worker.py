@@ -421,16 +421,16 @@ def _offline_rounds(
     def bare(token: str) -> None:
         jwt.decode(token, key.key, algorithms=["ES256"], audience=AUDIENCE, issuer=broker.issuer)
 
-    samples: dict[str, list[float]] = {"verifier": [], "pyjwt": [], "bound": []}
-    throughput: dict[str, list[float]] = {"verifier": [], "pyjwt": [], "bound": []}
+    samples: dict[str, list[float]] = {"verifier": [], "pyjwt": [], "bound": [], "paired": []}
+    throughput: dict[str, list[float]] = {"verifier": [], "pyjwt": [], "bound": [], "paired": []}
     for _ in range(rounds + 1):  # the first round warms up
         for name, verify in (("verifier", checked), ("pyjwt", bare)):
             latencies, rate = _time_loop(verify, tokens, seconds)
             samples[name].extend(latencies)
             throughput[name].append(rate)
-        latencies, rate = _bound_loop(bound_verifier(), broker, seconds)
-        samples["bound"].extend(latencies)
-        throughput["bound"].append(rate)
+        for name, (latencies, rate) in _bound_loop(bound_verifier(), broker, seconds).items():
+            samples[name].extend(latencies)
+            throughput[name].append(rate)
     return {
         "latencies": {k: v[len(v) // (rounds + 1) :] for k, v in samples.items()},
         "rates": {k: v[1:] for k, v in throughput.items()},
@@ -442,9 +442,12 @@ BOUND_URL = "https://api.example.com/deploy"
 
 def _bound_loop(
     verifier: TokenVerifier, broker: Broker, seconds: float
-) -> tuple[list[float], float]:
+) -> dict[str, tuple[list[float], float]]:
     """TokenVerifier.check of bound tokens, each with a fresh proof made beforehand (making
-    one is the client's cost, not the verifier's), against a fresh replay cache per round."""
+    one is the client's cost, not the verifier's), against a fresh replay cache per round —
+    alternating, call by call, with the check of an unbound token by the same verifier
+    ("paired"), so that both see the same load on a shared machine. Rates are calls per
+    second of time spent in each."""
     pool_size = max(200, int(seconds * 20_000))
     tokens = broker.bound_tokens
     pool = [
@@ -452,9 +455,10 @@ def _bound_loop(
         for token in itertools.islice(itertools.cycle(tokens), pool_size)
     ]
     latencies: list[float] = []
+    paired: list[float] = []
+    unbound = itertools.cycle(broker.tokens)
     clock = time.perf_counter
-    began = done = clock()
-    stop_at = began + seconds
+    stop_at = clock() + seconds
     for token, proof in pool:
         sent = clock()
         result = verifier.check(token, proof=proof, method="POST", url=BOUND_URL)
@@ -462,9 +466,17 @@ def _bound_loop(
         if not result.active:
             raise AssertionError(f"offline verifier rejected a bound token: {result.reason}")
         latencies.append(done - sent)
-        if done >= stop_at:
+        sent = clock()
+        if not verifier.check(next(unbound)).active:
+            raise AssertionError("offline verifier rejected a valid token")
+        finished = clock()
+        paired.append(finished - sent)
+        if finished >= stop_at:
             break
-    return latencies, len(latencies) / (done - began)
+    return {
+        "bound": (latencies, len(latencies) / sum(latencies)),
+        "paired": (paired, len(paired) / sum(paired)),
+    }
 
 
 def _time_loop(
