@@ -22,6 +22,7 @@ EXPECTED_FIGURES = [
     "ExecuteOnBehalfOf",
     "RevokeRun",
     "IssueToken, bound to the step's key",
+    "IssueToken by a bound run credential (proof per call)",
     "no-op, 2,000 stored",
     "IssueToken, 2,000 stored",
     "VerifyToken (online), 2,000 stored",
@@ -78,7 +79,7 @@ def test_bench_measures_judges_prints_and_writes_every_figure_of_the_issue(
         assert name in printed
         assert figure["verdict"] in (("PASS", "MISS") if figure["target"] else ("",)), name
         assert not figure["note"].startswith("errors"), (name, figure["note"])
-    for name in EXPECTED_FIGURES[:12]:
+    for name in EXPECTED_FIGURES[:13]:
         assert figures[name]["samples"] > 0 and figures[name]["rate"] > 0, name
     for name in EXPECTED_FIGURES[1:5]:
         assert math.isfinite(figures[name]["ratio"]), name

@@ -237,11 +237,12 @@ UNARY_NAMES = {
     "noop": "no-op (Health/Check)",
     "issue": "IssueToken",
     "issue_bound": "IssueToken, bound to the step's key",
+    "issue_dpop": "IssueToken by a bound run credential (proof per call)",
     "verify": "VerifyToken (online)",
     "execute": "ExecuteOnBehalfOf",
     "revoke": "RevokeRun",
 }
-SMALL_KINDS = ("noop", "issue", "issue_bound", "verify", "execute", "revoke")
+SMALL_KINDS = ("noop", "issue", "issue_bound", "issue_dpop", "verify", "execute", "revoke")
 LARGE_KINDS = ("noop", "issue", "verify")
 
 
@@ -304,7 +305,12 @@ def _judge_unary(plan: Plan, made: dict[tuple[str, str], Figure]) -> list[Figure
     bound.note = (bound.note + "; " if bound.note else "") + (
         "dpop_jwk in the request, cnf.jkt in the token; ratio against unbound IssueToken"
     )
-    figures = [noop, issue, verify, execute, revoke, bound]
+    dpop = made[(SMALL, "issue_dpop")].against(made[(SMALL, "issue")])
+    dpop.note = (dpop.note + "; " if dpop.note else "") + (
+        "the proof is checked and its jti committed to the store (replay across replicas) "
+        "before IssueToken runs; ratio against IssueToken with an unbound credential"
+    )
+    figures = [noop, issue, verify, execute, revoke, bound, dpop]
     large = _stored(plan.large_events)
     large_noop = made[(LARGE, "noop")]
     large_noop.name = f"no-op, {large} stored"

@@ -57,6 +57,9 @@ class Broker:
     # A step's key, and step tokens bound to it (cnf.jkt), for the bound figures.
     step_key: DPoPKey = field(default_factory=DPoPKey.generate)
     bound_tokens: list[str] = field(default_factory=list)
+    # A runner's key, and run credentials bound to it: every call needs a fresh proof.
+    runner_key: DPoPKey = field(default_factory=DPoPKey.generate)
+    bound_credentials: list[str] = field(default_factory=list)
 
     def metadata(self, account: BenchAccount) -> Metadata:
         return (("authorization", f"Bearer {self.signers[account.name].assertion()}"),)
@@ -107,6 +110,10 @@ class Worker:
                 started = stub.StartRun(start_run_request(), metadata=broker.metadata(ORCHESTRATOR))
                 broker.runs.append(started.run.run_id)
                 broker.credentials.append(started.run_credential)
+                bound_run = start_run_request()
+                bound_run.dpop_jwk = broker.runner_key.public_jwk_json
+                started = stub.StartRun(bound_run, metadata=broker.metadata(ORCHESTRATOR))
+                broker.bound_credentials.append(started.run_credential)
             for i in range(job["tokens"]):
                 issued = stub.IssueToken(
                     broker_pb2.IssueTokenRequest(
@@ -326,6 +333,18 @@ async def _caller(
         credential = (("authorization", f"Bearer {broker.credentials[n]}"),)
         return await stub.IssueToken(request, metadata=credential, timeout=CALL_TIMEOUT)
 
+    issue_method = "/tokenbroker.v1.TokenBrokerService/IssueToken"
+
+    async def issue_dpop(i: int) -> Any:
+        # As a runner holding a bound run credential asks: a fresh proof with every call.
+        credential = broker.bound_credentials[i % len(broker.bound_credentials)]
+        proof = broker.runner_key.proof("POST", issue_method, token=credential)
+        request = broker_pb2.IssueTokenRequest(
+            audience=AUDIENCE, permissions=PERMISSIONS, step=f"step-{i % 16}"
+        )
+        metadata = (("authorization", f"DPoP {credential}"), ("dpop", proof))
+        return await stub.IssueToken(request, metadata=metadata, timeout=CALL_TIMEOUT)
+
     api = broker.metadata(API)
 
     async def verify(i: int) -> Any:
@@ -361,6 +380,7 @@ async def _caller(
         "noop": noop,
         "issue": issue,
         "issue_bound": issue_bound,
+        "issue_dpop": issue_dpop,
         "verify": verify,
         "execute": execute,
         "revoke": revoke,
