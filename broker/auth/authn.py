@@ -295,10 +295,14 @@ class Authenticator:
             "claimed_principal": attempt.claimed,
             "peer": peer,
         }
+        # A proof's reason may hold numbers (how stale its iat is): its status is what
+        # repeats, so refusals of one kind from one peer are counted, not each written.
+        kind = reason
         if attempt.proof_status:
             details["proof_status"] = attempt.proof_status
+            kind = f"proof refused: {attempt.proof_status}"
         event = draft(ctx, self._clock(), Action.AUTHN_DENIED, Outcome.DENIED, details=details)
-        self._refusals.record(event, source=peer_source(peer), reason=reason)
+        self._refusals.record(event, source=peer_source(peer), reason=kind)
 
 
 def _bearer(value: str) -> str:
