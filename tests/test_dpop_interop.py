@@ -1,7 +1,8 @@
 """Interoperability: bound tokens and their proofs, checked by an independent DPoP check
 written from RFC 9449 §4.3 with PyJWT alone (nothing of `tokenbroker.dpop` is imported),
-so that an API in another stack can adopt them; and proofs made with PyJWT alone are
-accepted by our checkers."""
+so that an API in another stack can adopt them; proofs made with PyJWT alone are accepted by
+our checkers; and a Node.js API checking with `jose` alone (clients/node/dpop-check.mjs)
+accepts our bound tokens and proofs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import base64
 import hashlib
 import json
 import secrets
+import shutil
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -173,3 +177,51 @@ def test_a_proof_made_with_pyjwt_alone_is_accepted_by_the_broker_and_the_offline
     )
     offline = verifier.check(token, proof=_pyjwt_proof(private, token, URL), method="POST", url=URL)
     assert offline.active, offline.reason
+
+
+NODE = shutil.which("node")
+NODE_CHECK = Path(__file__).resolve().parent.parent / "clients" / "node" / "dpop-check.mjs"
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed: no Node.js API to run")
+def test_a_nodejs_api_with_jose_accepts_our_bound_token_and_proof_and_refuses_tampering(
+    server: BrokerServer, stub: Stub
+) -> None:
+    from tokenbroker.dpop import DPoPKey
+
+    key = DPoPKey.generate()
+    token = _bound_token(stub, key.public_jwk)
+    keys = stub.GetSigningKeys(broker_pb2.GetSigningKeysRequest())
+
+    def node_check(proof: str, **overrides: str) -> dict[str, Any]:
+        request = {
+            "token": token,
+            "proof": proof,
+            "jwks": json.loads(keys.jwks_json),
+            "issuer": keys.issuer,
+            "audience": AUDIENCE,
+            "method": "POST",
+            "url": URL,
+            **overrides,
+        }
+        assert NODE is not None
+        ran = subprocess.run(
+            [NODE, str(NODE_CHECK)],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        answer: dict[str, Any] = json.loads(ran.stdout)
+        return answer
+
+    accepted = node_check(key.proof("POST", URL + "?page=2", token=token))
+    assert accepted == {"ok": True, "jkt": key.thumbprint, "run_id": accepted["run_id"]}
+    assert node_check(key.proof("GET", URL, token=token))["error"] == "htm"
+    assert node_check(key.proof("POST", URL, token=token), url=URL + "/x")["error"] == "htu"
+    assert node_check(key.proof("POST", URL, token=token + "x"))["error"] == "ath"
+    other = DPoPKey.generate().proof("POST", URL, token=token)
+    assert node_check(other)["error"] == "jkt"
+    stale = key.proof("POST", URL, token=token, now=time.time() - 300)
+    assert node_check(stale)["error"].startswith("proof: ")

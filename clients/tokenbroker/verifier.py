@@ -319,6 +319,7 @@ class TokenVerifier:
         wait: float | None = 10.0,
         timeout: float = 10.0,
         leeway: float = DEFAULT_LEEWAY,
+        replay: dpop.ReplayCache | None = None,
     ) -> Self:
         """A verifier for the tokens that the broker at `target` issues for `audience`, set
         up in one call: the issuer and the signing keys from GetSigningKeys (the keys cached,
@@ -326,7 +327,8 @@ class TokenVerifier:
 
         `credentials` need role verifier (or auditor) in scope of `org` — "" follows every
         org, which needs scope "*/*/*". `follow_revocations=False` verifies signatures and
-        claims only (no credential needed then). By default waits up to `wait` seconds for
+        claims only (no credential needed then). `replay`: where the DPoP proofs of bound
+        tokens are remembered (default: in this process). By default waits up to `wait` seconds for
         the follower to catch up with the log. Raises a `BrokerError` (PermissionDenied,
         Unavailable, ...) when the broker refuses or cannot be reached.
         Close the verifier (or use `with`) to stop following and close the channel."""
@@ -353,6 +355,7 @@ class TokenVerifier:
             keys=keys,
             revocations=follower,
             leeway=leeway,
+            replay=replay,
         )
         verifier._channel = channel
         return verifier
