@@ -12,6 +12,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenbroker.bound import DPoPAuth, StepToken
 from tokenbroker.dpop import (
@@ -286,3 +289,38 @@ def test_a_step_token_is_its_string_and_never_shows_it() -> None:
     assert TOKEN not in repr(token)
     headers = token.headers("GET", URL)
     assert headers["Authorization"] == f"DPoP {TOKEN}" and headers["DPoP"].count(".") == 2
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_FIELDS = ("typ", "alg", "jwk", "crit", "jti", "htm", "htu", "iat", "ath", "nonce")
+_SIGNER = ec.generate_private_key(ec.SECP256R1())
+
+
+@settings(max_examples=150, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=3))
+def test_any_json_in_a_validly_signed_proof_gets_a_verdict_never_an_exception(
+    changes: dict[str, Any],
+) -> None:
+    header: dict[str, Any] = {"typ": "dpop+jwt", "jwk": DPoPKey(_SIGNER).public_jwk}
+    claims = _claims()
+    for name, value in changes.items():
+        (header if name in ("typ", "jwk", "crit") else claims)[name] = value
+    segments = [
+        base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+        for part in ({**header, "alg": changes.get("alg", "ES256")}, claims)
+    ]
+    signing_input = ".".join(segments).encode()
+    der = _SIGNER.sign(signing_input, ec.ECDSA(hashes.SHA256()))
+    r, s = decode_dss_signature(der)
+    signature = base64.urlsafe_b64encode(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+    proof = signing_input.decode() + "." + signature.rstrip(b"=").decode()
+    verdict = check_proof(proof, htm="POST", htu=URL, now=NOW, replay=MemoryReplayCache())
+    assert isinstance(verdict.status, TokenStatus) and verdict.reason
+    if not changes:
+        assert verdict.ok  # the control: the untouched proof is valid
