@@ -18,7 +18,8 @@ from tests.support import REPO
 STORY = [
     r" 1 ✓ broker started on 127\.0\.0\.1:\d+ \(demo policy, ",
     r" 2 ✓ test IdP https://idp\.example\.com signed an ID token for alice@example\.com",
-    r" 3 ✓ deploy-portal called ExecuteOnBehalfOf with it: run (r-\w+) handed to the executor",
+    r" 3 ✓ deploy-portal called ExecuteOnBehalfOf with it: run (r-\w+) handed to the executor, "
+    r"its run credential bound to the executor's key",
     r" 4 ✓ executor minted a step token with the run credential: aud sample-api, pipelines: read",
     r" 5 ✓ sample API verified it offline → 200: run r-\w+ for alice@example\.com \(idp_verified\)"
     r" via deploy-portal",

@@ -18,6 +18,7 @@ from broker.app import build_broker
 from broker.runs.binding import ProofRejected
 from tests.accounts import standard_accounts, write_policy
 from tests.conftest import make_settings
+from tests.conftest import standard_policy as _standard_policy
 from tests.support import ShiftedClock, as_dict, details, perms, rpc_error, start_run_request
 from tokenbroker.bound import dpop_credentials
 from tokenbroker.credentials import local_channel
@@ -513,3 +514,58 @@ def test_the_http_token_exchange_binds_to_the_key_of_a_valid_proof_and_refuses_a
     with pytest.raises(ProofRejected) as refused:
         tokens.binding_of_proof(key.proof("POST", endpoint), htm="POST", htu=endpoint, nonce="n")
     assert refused.value.status is TokenStatus.PROOF_NONCE_REQUIRED
+
+
+# -- the executor hand-off -----------------------------------------------------------------------
+
+
+def test_a_run_handed_to_an_executor_with_a_key_gets_a_credential_bound_to_it(
+    tmp_path: Path,
+) -> None:
+    from tokenbroker.samples.executor import SampleExecutor
+
+    key = DPoPKey.generate()
+    jwk_file = tmp_path / "executor.jwk.json"
+    jwk_file.write_text(key.public_jwk_json)
+    with SampleExecutor("http://127.0.0.1:9/unused", dpop_key=key) as executor:
+        settings = make_settings(
+            tmp_path / "data",
+            policy=_standard_policy(tmp_path),
+            executor_target=executor.target,
+            executor_dpop_jwk=jwk_file,
+        )
+        running = create_server(settings)
+        running.start()
+        try:
+            stub, channel = _stub_as(running, "delegator")
+            with channel:
+                run = stub.ExecuteOnBehalfOf(
+                    broker_pb2.ExecuteOnBehalfOfRequest(
+                        pipeline=start_run_request().pipeline,
+                        permission_ceiling=perms(pipelines="read"),
+                        idempotency_key="handed-1",
+                        asserted=broker_pb2.AssertedPerson(subject="u-1", email="a@example.com"),
+                    )
+                ).run
+            execution = executor.wait_for(run.run_id)
+        finally:
+            running.stop(grace=0.5)
+    # Bound to the executor's key, and usable by it: it minted, called and ended the run.
+    assert execution.credential_jkt == key.thumbprint
+    assert execution.token and execution.run_ended, execution.error
+
+
+def test_an_executor_key_that_is_not_a_public_jwk_stops_the_start(tmp_path: Path) -> None:
+    from broker.settings import SettingsError
+
+    bad = tmp_path / "executor.jwk.json"
+    bad.write_text('{"kty": "oct", "k": "c2VjcmV0"}')
+    for executor_target, message in (
+        ("127.0.0.1:1", "public JWK"),
+        ("", "needs --executor-target"),
+    ):
+        with pytest.raises(SettingsError, match=message):
+            settings = make_settings(
+                tmp_path / "data", executor_target=executor_target, executor_dpop_jwk=bad
+            )
+            create_server(settings)

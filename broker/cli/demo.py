@@ -41,6 +41,7 @@ from broker.store.factory import OpenOptions, open_store
 from broker.telemetry import logs
 from tokenbroker.client import BrokerClient
 from tokenbroker.credentials import assertion_credentials
+from tokenbroker.dpop import DPoPKey
 from tokenbroker.errors import BrokerError
 from tokenbroker.samples.api import ApiAnswer, SampleApi, call_api
 from tokenbroker.samples.executor import FINISHED, STEP_PERMISSIONS, Execution, SampleExecutor
@@ -190,8 +191,10 @@ def run(out: TextIO = sys.stdout, data_dir: Path | None = None) -> int:
 
 def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
     cast = Cast.new()
-    executor = stack.enter_context(SampleExecutor(show_leak=True))
-    server = _start_broker(cast, data_dir, executor.target)
+    # The executor holds a key of its own: the run credentials it is handed are bound to it.
+    executor_key = DPoPKey.generate()
+    executor = stack.enter_context(SampleExecutor(show_leak=True, dpop_key=executor_key))
+    server = _start_broker(cast, data_dir, executor.target, executor_key)
     stack.callback(server.stop, 0.5)
     audience = server.broker.authn.audience
     api = stack.enter_context(SampleApi(server.target, credentials=cast.api.credentials(audience)))
@@ -211,9 +214,14 @@ def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
     run_id = executed.run.run_id
     if not executed.handed_off:
         raise StepFailed(f"run {run_id} was started but not handed off to the executor")
-    story.ok(f"{PORTAL} called ExecuteOnBehalfOf with it: run {run_id} handed to the executor")
-
     execution = executor.wait_for(run_id)
+    if execution.credential_jkt != executor_key.thumbprint:
+        raise StepFailed(f"the run credential of {run_id} is not bound to the executor's key")
+    story.ok(
+        f"{PORTAL} called ExecuteOnBehalfOf with it: run {run_id} handed to the executor, "
+        "its run credential bound to the executor's key"
+    )
+
     _check_step_token(story, execution)
     _check_api_accepted(story, execution)
     _check_leak_refused(story, execution)
@@ -223,14 +231,19 @@ def _tell(story: Story, stack: ExitStack, data_dir: Path, where: str) -> None:
         _show_audit_trail(story, siem, run_id)
 
 
-def _start_broker(cast: Cast, data_dir: Path, executor_target: str) -> BrokerServer:
+def _start_broker(
+    cast: Cast, data_dir: Path, executor_target: str, executor_key: DPoPKey
+) -> BrokerServer:
     data_dir.mkdir(parents=True, exist_ok=True)
+    executor_jwk = data_dir / "executor.jwk.json"
+    executor_jwk.write_text(executor_key.public_jwk_json)
     settings = Settings(
         listen="127.0.0.1:0",
         http_listen="127.0.0.1:0",
         data_dir=data_dir,
         policy=cast.write_policy(data_dir),
         executor_target=executor_target,
+        executor_dpop_jwk=executor_jwk,
         log_level="warning",
         log_format="text",
         shutdown_grace=0.5,

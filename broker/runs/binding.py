@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from broker import limits
@@ -46,6 +47,16 @@ class Binding:
 
 
 UNBOUND = Binding()
+
+
+def jkt_of_jwk_file(path: Path) -> str:
+    """The thumbprint of the public JWK in a file (an executor's key, from the settings);
+    ValueError saying what is wrong (OSError for a file that cannot be read)."""
+    text = path.read_text()
+    try:
+        return jkt_of_jwk(text.strip(), "jwk")
+    except InvalidArgument as exc:
+        raise ValueError(exc.violations[0].rule) from None
 
 
 class ProofRejected(InvalidArgument):

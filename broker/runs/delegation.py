@@ -118,7 +118,10 @@ class Executed:
 
 
 class Handoff(Protocol):
-    """Gives a run and its credential to the system that executes pipelines."""
+    """Gives a run and its credential to the system that executes pipelines. `binding`: the
+    executor's own key, which the credential is bound to when the request named none."""
+
+    binding: Binding
 
     def hand_off(self, run: Run, credential: str) -> str:
         """Return the executor's execution id; raise HandoffFailed if it did not accept."""
@@ -337,6 +340,8 @@ class Delegation:
                 person = self._establish(ctx, rules, id_token, asserted)
                 self._check_domain(rules, person)
                 chain = (ctx.principal.name,)
+            if not binding.bound and self._handoff is not None:
+                binding = self._handoff.binding  # the executor's key, if it has one
             self._runs.require_binding(ctx, chain, binding.bound)
             started = self._runs.start(
                 ctx,

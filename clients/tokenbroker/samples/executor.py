@@ -39,12 +39,15 @@ from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from tokenbroker import tracing
+from tokenbroker.bound import dpop_credentials
 from tokenbroker.client import BrokerClient
 from tokenbroker.connect import open_channel
 from tokenbroker.credentials import bearer_credentials
+from tokenbroker.dpop import DPoPKey
 from tokenbroker.errors import BrokerError
 from tokenbroker.samples.api import AUDIENCE, ApiAnswer, call_api
 from tokenbroker.v1 import executor_pb2, executor_pb2_grpc, types_pb2
+from tokenbroker.verification import read_claims
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class Execution:
     token: str = field(default="", repr=False)
     # What the API answered to the token alone (as a leak into a log would give it).
     leaked_answer: ApiAnswer = field(default=ApiAnswer(0, {}), repr=False)
+    # The key the run credential it was handed is bound to (its cnf.jkt), "" if unbound.
+    credential_jkt: str = ""
 
 
 class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
@@ -85,11 +90,16 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
         audience: str = AUDIENCE,
         tracer_provider: trace.TracerProvider | None = None,
         show_leak: bool = False,
+        dpop_key: DPoPKey | None = None,
     ) -> None:
         """`api_url` is what the step calls; it may be set later, before runs arrive.
-        `show_leak`: also send the step token alone, as a leak would, and record the answer."""
+        `show_leak`: also send the step token alone, as a leak would, and record the answer.
+        `dpop_key`: the executor's own key, when the broker binds the run credentials it
+        hands over to it (`--executor-dpop-jwk` with `public_jwk_json`): every call then
+        carries a fresh DPoP proof."""
         self.api_url = api_url
         self.show_leak = show_leak
+        self.dpop_key = dpop_key
         self.audience = audience
         self.tracer_provider = tracer_provider
         interceptors: list[grpc.ServerInterceptor] = []
@@ -210,8 +220,11 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
             except BrokerError as exc:
                 error = error or f"could not end the run: {exc}"
             _finished(pipeline, succeeded=not error and answer.status == 200)
+        claims = read_claims(credential) or {}
+        cnf = claims.get("cnf")
+        jkt = str(cnf.get("jkt", "")) if isinstance(cnf, dict) else ""
         execution = Execution(
-            execution_id, run.run_id, answer.status, answer.body, ended, error, token, leaked
+            execution_id, run.run_id, answer.status, answer.body, ended, error, token, leaked, jkt
         )
         with self._changed:
             self._done.append(execution)
@@ -219,7 +232,12 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
 
     def _broker(self, target: str, credential: str) -> grpc.Channel:
         """A channel to the broker as the run; traced (context and baggage go out) if asked."""
-        channel = open_channel(target, bearer_credentials(credential))
+        credentials = (
+            dpop_credentials(credential, self.dpop_key)
+            if self.dpop_key is not None
+            else bearer_credentials(credential)
+        )
+        channel = open_channel(target, credentials)
         if self.tracer_provider is None:
             return channel
         return tracing.intercept_channel(channel, self.tracer_provider)
