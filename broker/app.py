@@ -227,7 +227,7 @@ def _assemble(
         external_key=settings.signing_key,
     )
     keys.load(CallContext(principal=BROKER))
-    tokens = TokenService(keys, registry, issuer, clock)
+    tokens = TokenService(keys, registry, issuer, clock, store)
     throttle = Throttle(
         RateLimit(settings.peer_rate, settings.peer_burst),
         RateLimit(settings.principal_rate, settings.principal_burst),
@@ -242,10 +242,19 @@ def _assemble(
         run_credentials or tokens.authenticate_run_credential,
         refusals=refusals,
         before_refusal=throttle.unauthenticated,
+        proofs=lambda proof, htu, credential, jkt: tokens.check_proof(
+            proof, htu=htu, credential=credential, expected_jkt=jkt
+        ),
     )
     rules = PolicyRules(policy.current)
     runs = RunLifecycle(
-        store, registry, clock, authorizer, observer=telemetry, org_ids=rules.org_ids
+        store,
+        registry,
+        clock,
+        authorizer,
+        observer=telemetry,
+        binding_policy=rules.binding_policy,
+        org_ids=rules.org_ids,
     )
     feed = AuditFeed(
         store,
@@ -278,6 +287,7 @@ def _assemble(
             rules.account_permissions,
             telemetry,
             shape_for=rules.token_shape,
+            binding_policy=rules.binding_policy,
         ),
         delegation=Delegation(
             runs,

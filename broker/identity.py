@@ -73,6 +73,12 @@ class Principal:
     roles: frozenset[str] = frozenset()
     run_id: str = ""
     auth_method: str = ""
+    # Sender constraint (RFC 9449/8705): the key a run credential is bound to (its cnf.jkt),
+    # the key of the DPoP proof this call carried (verified), and the thumbprint of the
+    # client certificate the TLS layer verified for this call.
+    bound_jkt: str = ""
+    proof_jkt: str = ""
+    certificate_x5t: str = ""
 
     @property
     def is_anonymous(self) -> bool:

@@ -219,6 +219,14 @@ JWS = _pattern(
 )
 # VerifyToken answers about any token, malformed included: only the length is limited.
 TOKEN = Text(16 * 1024, "at most 16384 characters, no NUL", None, "opaque")
+# Sender-constrained tokens: a public JWK (parsed and checked by the domain), a DPoP proof
+# (checked like a token: only the length here), the request it came with.
+JWK = Text(4096, "a public JWK as JSON, at most 4096 characters", None, "opaque")
+PROOF = Text(8 * 1024, "at most 8192 characters, no NUL", None, "opaque")
+HTTP_METHOD = _pattern(r"[A-Z]{1,16}", 16, "an HTTP method in capitals, e.g. 'GET'")
+HTTP_URL = _pattern(r"[\x21-\x7e]{1,2048}", 2048, "a URL: 1-2048 printable ASCII characters")
+THUMBPRINT = _pattern(r"[A-Za-z0-9_-]{43}", 43, "a base64url SHA-256 (43 characters)")
+NONCE = _pattern(r"[\x21-\x7e]{1,256}", 256, "1-256 printable ASCII characters")
 INPUT_KEY = _text(128, "text")
 INPUT_VALUE = Text(4096, "at most 4096 characters, no NUL", None, "opaque")
 
@@ -262,6 +270,7 @@ RULES: Mapping[str, Rule] = MappingProxyType(
                 "idempotency_key": IDEMPOTENCY_KEY,
                 "pipeline_ids": _OPTIONAL,
                 "environment": ENVIRONMENT,
+                "dpop_jwk": JWK,
             },
         ),
         **_fields("StartRunRequest.InputsEntry", {"key": INPUT_KEY, "value": INPUT_VALUE}),
@@ -281,6 +290,7 @@ RULES: Mapping[str, Rule] = MappingProxyType(
                 "id_token": JWS,
                 "pipeline_ids": _OPTIONAL,
                 "environment": ENVIRONMENT,
+                "dpop_jwk": JWK,
             },
         ),
         **_fields("ExecuteOnBehalfOfRequest.InputsEntry", {"key": INPUT_KEY, "value": INPUT_VALUE}),
@@ -294,9 +304,21 @@ RULES: Mapping[str, Rule] = MappingProxyType(
                 "ttl": TTL,
                 "inherit_from_service_account": ACCOUNT,
                 "step": STEP,
+                "dpop_jwk": JWK,
             },
         ),
-        **_fields("VerifyTokenRequest", {"token": TOKEN, "audience": AUDIENCE}),
+        **_fields(
+            "VerifyTokenRequest",
+            {
+                "token": TOKEN,
+                "audience": AUDIENCE,
+                "dpop_proof": PROOF,
+                "http_method": HTTP_METHOD,
+                "http_url": HTTP_URL,
+                "certificate_thumbprint": THUMBPRINT,
+                "dpop_nonce": NONCE,
+            },
+        ),
         **_fields("RevokeRunRequest", {"run_id": RUN_ID, "reason": REASON}),
         **_fields("GetRunRequest", {"run_id": required(RUN_ID)}),
         **_fields(

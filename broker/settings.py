@@ -38,6 +38,7 @@ class Settings:
     client_ca: Path | None = None
     insecure: bool = False
     executor_target: str = ""
+    executor_dpop_jwk: Path | None = None
     log_level: str = "info"
     log_format: str = "json"
     max_workers: int = 64
@@ -85,6 +86,8 @@ class Settings:
                 "the traffic (e.g. a service mesh sidecar)."
             )
 
+        if self.executor_dpop_jwk is not None and not self.executor_target:
+            raise SettingsError("--executor-dpop-jwk needs --executor-target")
         if self.executor_target and not self.insecure and not is_loopback(self.executor_target):
             raise SettingsError(
                 f"refusing to hand run credentials to executor {self.executor_target} in clear "
@@ -234,6 +237,8 @@ _HELP = {
     "client_ca": "CA bundle for client certificates; every caller must then present one (mTLS)",
     "insecure": "allow plaintext on a non-loopback address (warns loudly)",
     "executor_target": "gRPC address of a PipelineExecutorService to hand delegated runs to",
+    "executor_dpop_jwk": "the executor's public JWK (JSON file): run credentials handed to it "
+    "are bound to that key (DPoP, RFC 9449) unless the request named another",
     "log_level": "debug, info, warning or error",
     "log_format": "json or text",
     "max_workers": "gRPC worker threads",

@@ -128,3 +128,35 @@ def test_a_bearer_credential_names_the_caller_over_a_certificate(pki: Pki) -> No
     token = sign_assertion(root, pki.server.broker.authn.audience)
     stub = pki.stub(pki.client(ORCHESTRATOR_SPIFFE), bearer_credentials(token))
     assert stub.StartRun(start_run_request(), timeout=5).run.triggered_via == "root"
+
+
+def test_a_step_token_bound_to_the_client_certificate_needs_that_certificate(pki: Pki) -> None:
+    from cryptography import x509 as x509_
+    from cryptography.hazmat.primitives import serialization
+
+    from tokenbroker.dpop import certificate_thumbprint
+
+    client = pki.client(ORCHESTRATOR_SPIFFE)
+    stub = pki.stub(client)
+    run = stub.StartRun(start_run_request()).run
+    issued = stub.IssueToken(
+        broker_pb2.IssueTokenRequest(
+            run_id=run.run_id, audience="api.example.com", bind_client_certificate=True
+        )
+    )
+    der = x509_.load_pem_x509_certificate(client.cert_pem).public_bytes(serialization.Encoding.DER)
+    assert issued.cnf_x5t_s256 == certificate_thumbprint(der)
+
+    def verdict(thumbprint: str) -> int:
+        request = broker_pb2.VerifyTokenRequest(
+            token=issued.token, certificate_thumbprint=thumbprint
+        )
+        return stub.VerifyToken(request).status
+
+    assert verdict(issued.cnf_x5t_s256) == broker_pb2.TOKEN_STATUS_ACTIVE
+    other = pki.client(ORCHESTRATOR_SPIFFE).cert_pem
+    other_der = x509_.load_pem_x509_certificate(other).public_bytes(serialization.Encoding.DER)
+    assert (
+        verdict(certificate_thumbprint(other_der)) == broker_pb2.TOKEN_STATUS_CERTIFICATE_MISMATCH
+    )
+    assert verdict("") == broker_pb2.TOKEN_STATUS_CERTIFICATE_MISMATCH

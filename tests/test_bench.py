@@ -21,11 +21,14 @@ EXPECTED_FIGURES = [
     "VerifyToken (online)",
     "ExecuteOnBehalfOf",
     "RevokeRun",
+    "IssueToken, bound to the step's key",
+    "IssueToken by a bound run credential (proof per call)",
     "no-op, 2,000 stored",
     "IssueToken, 2,000 stored",
     "VerifyToken (online), 2,000 stored",
     "bare PyJWT jwt.decode",
     "offline TokenVerifier.check",
+    "offline TokenVerifier.check, bound token + DPoP proof",
     "revocation → offline rejection",
     "StreamAudit catch-up, 1 event/message",
     "StreamAudit catch-up, pages of 500",
@@ -76,7 +79,7 @@ def test_bench_measures_judges_prints_and_writes_every_figure_of_the_issue(
         assert name in printed
         assert figure["verdict"] in (("PASS", "MISS") if figure["target"] else ("",)), name
         assert not figure["note"].startswith("errors"), (name, figure["note"])
-    for name in EXPECTED_FIGURES[:8] + EXPECTED_FIGURES[8:10]:
+    for name in EXPECTED_FIGURES[:13]:
         assert figures[name]["samples"] > 0 and figures[name]["rate"] > 0, name
     for name in EXPECTED_FIGURES[1:5]:
         assert math.isfinite(figures[name]["ratio"]), name

@@ -26,6 +26,7 @@ from tokenbroker import (
     PermissionDenied,
     RunEnvironment,
     RunNotActive,
+    StepToken,
     TlsOptions,
     step_token,
 )
@@ -222,7 +223,12 @@ def test_a_step_token_comes_from_the_run_credential_in_the_environment(
         "TOKEN_BROKER_RUN_CREDENTIAL": started.run_credential,
     }
     token = step_token("sample-api", {"pipelines": "read"}, step="build", environ=environ)
-    verdict = client.verify_token(token, "sample-api")
+    # Bound by default: useless alone, valid with a proof by the key made for it.
+    assert isinstance(token, StepToken)
+    assert client.verify_token(token, "sample-api").reason.startswith("token is bound")
+    url = "https://sample-api.example/whoami"
+    proof = token.proof("GET", url)
+    verdict = client.verify_token(token, "sample-api", proof=proof, method="GET", url=url)
     assert verdict.active
     assert verdict.run_id == started.run.run_id
     assert verdict.claims["step"] == "build"

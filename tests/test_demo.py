@@ -21,15 +21,18 @@ from tests.support import REPO
 STORY = [
     r" 1 ✓ broker started on 127\.0\.0\.1:\d+ \(demo policy, ",
     r" 2 ✓ test IdP https://idp\.example\.com signed an ID token for alice@example\.com",
-    r" 3 ✓ deploy-portal called ExecuteOnBehalfOf with it: run (r-\w+) handed to the executor",
+    r" 3 ✓ deploy-portal called ExecuteOnBehalfOf with it: run (r-\w+) handed to the executor, "
+    r"its run credential bound to the executor's key",
     r" 4 ✓ executor minted a step token with the run credential: aud sample-api, pipelines: read",
     r" 5 ✓ sample API verified it offline → 200: run r-\w+ for alice@example\.com \(idp_verified\)"
     r" via deploy-portal",
-    r' 6 ✓ executor ended the run with RevokeRun \("pipeline finished"\)',
-    r" 7 ✓ the same step token is now rejected by the API → 401 run ended",
-    r" 8 ✓ audit trail of run r-\w+: Executed by: alice@example\.com \(verified by "
+    r" 6 ✓ a leaked copy of the step token, without the step's key, is refused → 401 "
+    r"PROOF_MISSING",
+    r' 7 ✓ executor ended the run with RevokeRun \("pipeline finished"\)',
+    r" 8 ✓ the same step token is now rejected by the API → 401 run ended",
+    r" 9 ✓ audit trail of run r-\w+: Executed by: alice@example\.com \(verified by "
     r"https://idp\.example\.com\) · Triggered via: deploy-portal",
-    r" 9 ✓ audit verify: \d+ events, chain intact, 1 of 1 signed checkpoints verified",
+    r"10 ✓ audit verify: \d+ events, chain intact, 1 of 1 signed checkpoints verified",
 ]
 
 

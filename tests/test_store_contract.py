@@ -27,9 +27,11 @@ from broker.store import (
     IdempotencyKeyTaken,
     Mutation,
     ParentNotActive,
+    ProofReplayed,
     PruneAudit,
     PruneConflict,
     RecordCheckpoint,
+    RecordProof,
     RenewLease,
     RunNotActive,
     RunQuery,
@@ -238,6 +240,40 @@ def test_idempotency_keys_of_runs_ended_before_the_cutoff_are_forgotten(store: S
     assert store.find_idempotent_run("portal", "key-r-1") is None
     assert store.find_idempotent_run("portal", "key-r-2") == ("r-2", "fp")  # still active
     assert store.get_run("r-1") is not None  # the run itself stays
+
+
+def test_a_dpop_proof_is_accepted_once_until_it_expires(store: Store) -> None:
+    store.commit(Write([], RecordProof("jkt-a", "jti-1", expires=1060.0, now=1000.0)))
+    with pytest.raises(ProofReplayed):
+        store.commit(Write([], RecordProof("jkt-a", "jti-1", expires=1061.0, now=1001.0)))
+    # Another key may use the same jti; the same key another jti.
+    store.commit(Write([], RecordProof("jkt-b", "jti-1", expires=1060.0, now=1001.0)))
+    store.commit(Write([], RecordProof("jkt-a", "jti-2", expires=1060.0, now=1001.0)))
+    # Once expired it is forgotten (the proof's iat window has closed by then anyway).
+    store.commit(Write([], RecordProof("jkt-a", "jti-1", expires=1200.0, now=1100.0)))
+    with pytest.raises(ProofReplayed):
+        store.commit(Write([], RecordProof("jkt-a", "jti-1", expires=1201.0, now=1101.0)))
+
+
+def test_one_proof_presented_concurrently_is_accepted_exactly_once(store: Store) -> None:
+    outcomes: list[bool] = []
+    lock = threading.Lock()
+
+    def present() -> None:
+        try:
+            store.commit(Write([], RecordProof("jkt-race", "jti-race", 1060.0, 1000.0)))
+            accepted = True
+        except ProofReplayed:
+            accepted = False
+        with lock:
+            outcomes.append(accepted)
+
+    threads = [threading.Thread(target=present) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == [False] * 7 + [True]
 
 
 def test_concurrent_writers_each_get_their_own_result(store: Store) -> None:

@@ -16,11 +16,13 @@ from broker.audit.events import AuditEvent
 from broker.errors import InvalidArgument
 from broker.identity import Person, VerificationMethod
 from broker.runs import model as runs
+from broker.runs.binding import Binding, jkt_of_jwk
 from broker.runs.delegation import AssertedIdentity
 from broker.runs.issuance import DEFAULT_TTL, TokenRequest
 from broker.runs.lifecycle import DEFAULT_DEADLINE, RunSpec
 from broker.runs.model import PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
+from tokenbroker.dpop import Presentation
 from tokenbroker.v1 import broker_pb2, types_pb2
 from tokenbroker.verification import CheckResult, TokenStatus
 
@@ -230,6 +232,27 @@ def token_request(request: broker_pb2.IssueTokenRequest) -> TokenRequest:
         inherit_from=request.inherit_from_service_account,
         ttl=ttl,
         step=request.step,
+        bind_jkt=jkt_of_jwk(request.dpop_jwk, "dpop_jwk"),
+        bind_proof_key=request.bind_proof_key,
+        bind_certificate=request.bind_client_certificate,
+    )
+
+
+def credential_binding(
+    request: broker_pb2.StartRunRequest | broker_pb2.ExecuteOnBehalfOfRequest,
+) -> Binding:
+    """What a run credential is to be bound to: the runner's key, if it sent one."""
+    return Binding(jkt=jkt_of_jwk(request.dpop_jwk, "dpop_jwk"))
+
+
+def presentation(request: broker_pb2.VerifyTokenRequest) -> Presentation:
+    """What came with the token at the API that asks: proof, request, certificate, nonce."""
+    return Presentation(
+        proof=request.dpop_proof,
+        htm=request.http_method,
+        htu=request.http_url,
+        certificate_thumbprint=request.certificate_thumbprint,
+        nonce=request.dpop_nonce or None,
     )
 
 

@@ -11,31 +11,57 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from broker.api import interceptor as calls
 from broker.auth.authn import Authenticator, Presented
 from broker.auth.throttle import Throttle
 from broker.identity import Principal
+from tokenbroker.dpop import certificate_thumbprint
 from tokenbroker.v1 import broker_pb2
 
 _SERVICE = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"].full_name
 # Callable with no credential at all: the public keys that verify broker tokens.
 OPEN_METHODS = frozenset({f"/{_SERVICE}/GetSigningKeys"})
+# Where a call's DPoP proof travels (RFC 9449's DPoP header, as gRPC metadata).
+DPOP_HEADER = "dpop"
 
 
-def presented(context: grpc.ServicerContext) -> Presented:
+def presented(context: grpc.ServicerContext, method: str = "") -> Presented:
+    metadata = context.invocation_metadata()
     authorization = tuple(
-        value
-        for key, value in context.invocation_metadata()
-        if key == "authorization" and isinstance(value, str)
+        value for key, value in metadata if key == "authorization" and isinstance(value, str)
     )
+    proofs = tuple(value for key, value in metadata if key == DPOP_HEADER)
     # Each property is a list of bytes (the type stubs say bytes).
     auth: Mapping[str, Any] = context.auth_context()
     sans: tuple[str, ...] = ()
+    x5t = ""
     if list(auth.get("transport_security_type", [])) == [b"ssl"]:
         values = [*auth.get("peer_uri", []), *auth.get("peer_dns", [])]
         sans = tuple(bytes(v).decode(errors="replace") for v in values)
-    return Presented(authorization, sans, context.peer())
+        x5t = _certificate_x5t(auth.get("x509_pem_cert", []))
+    return Presented(
+        authorization,
+        sans,
+        context.peer(),
+        dpop=tuple(p if isinstance(p, str) else "" for p in proofs),
+        target=method,
+        certificate_x5t=x5t,
+    )
+
+
+def _certificate_x5t(pem: Any) -> str:
+    """RFC 8705 x5t#S256 of the peer's (verified) certificate, "" when there is none."""
+    pems = list(pem)
+    if not pems:
+        return ""
+    try:
+        certificate = x509.load_pem_x509_certificate(bytes(pems[0]))
+    except ValueError:
+        return ""
+    return certificate_thumbprint(certificate.public_bytes(serialization.Encoding.DER))
 
 
 def authenticator(authn: Authenticator, throttle: Throttle | None = None) -> calls.Authenticator:
@@ -47,7 +73,7 @@ def authenticator(authn: Authenticator, throttle: Throttle | None = None) -> cal
     """
 
     def authenticate(context: grpc.ServicerContext, method: str) -> Principal:
-        shown = presented(context)
+        shown = presented(context, method)
         name = method.rsplit("/", 1)[-1]
         principal = authn.authenticate(
             shown, calls.current(), name, required=method not in OPEN_METHODS

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import grpc
 
 from broker.api import convert
+from broker.runs.binding import UNBOUND, Binding
 from broker.runs.delegation import HandoffFailed
 from broker.runs.model import Run
 from broker.telemetry.otel import Telemetry, handed_off_run_attributes
@@ -26,7 +27,9 @@ def traced_channel(channel: grpc.Channel, telemetry: Telemetry, target: str = ""
 
 
 class GrpcHandoff:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, binding: Binding = UNBOUND) -> None:
+        # The executor's key (--executor-dpop-jwk): credentials handed to it are bound to it.
+        self.binding = binding
         # Plaintext only on loopback or with --insecure: Settings refuses anything else.
         self._channel = grpc.insecure_channel(target)
         self._stub = executor_pb2_grpc.PipelineExecutorServiceStub(self._channel)

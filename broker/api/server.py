@@ -38,6 +38,7 @@ from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
 from broker.app import Broker, build_broker
 from broker.policy.file import load_policy
+from broker.runs.binding import UNBOUND, Binding, jkt_of_jwk_file
 from broker.runs.keys import load_private_key
 from broker.settings import Settings, SettingsError, is_loopback, split_host_port
 from broker.telemetry import logs, setup
@@ -165,6 +166,20 @@ def _check_signing_key(settings: Settings) -> None:
         raise SettingsError(f"--signing-key {settings.signing_key}: {reason}") from None
 
 
+def _executor_binding(settings: Settings) -> Binding:
+    """The key run credentials handed to the executor are bound to (--executor-dpop-jwk);
+    a file that is not a usable public JWK stops the start."""
+    if settings.executor_dpop_jwk is None:
+        return UNBOUND
+    try:
+        return Binding(jkt=jkt_of_jwk_file(settings.executor_dpop_jwk))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SettingsError(f"--executor-dpop-jwk {settings.executor_dpop_jwk}: {reason}") from None
+    except ValueError as exc:
+        raise SettingsError(f"--executor-dpop-jwk {settings.executor_dpop_jwk}: {exc}") from None
+
+
 def _listen_error(address: str, flag: str, exc: OSError | None) -> ListenError:
     reason = "it could not be bound"
     if exc is not None and exc.errno is not None:
@@ -271,6 +286,7 @@ def create_server(
         if settings.policy is not None:
             load_policy(settings.policy)  # every problem of the file, before anything else
         _check_signing_key(settings)
+    executor_binding = _executor_binding(settings)
     http, issuer = _bind_http(settings)
     try:
         server, port, interceptors = _bind_grpc(settings)
@@ -278,7 +294,11 @@ def create_server(
         if http is not None:
             http.stop()
         raise
-    handoff = GrpcHandoff(settings.executor_target) if settings.executor_target else None
+    handoff = (
+        GrpcHandoff(settings.executor_target, executor_binding)
+        if settings.executor_target
+        else None
+    )
     if broker is None:
         try:
             broker = build_broker(

@@ -31,8 +31,11 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
     def StartRun(
         self, request: broker_pb2.StartRunRequest, context: grpc.ServicerContext
     ) -> broker_pb2.StartRunResponse:
-        started = self._broker.runs.start(calls.current(), convert.run_spec(request))
-        credential = self._broker.tokens.mint_run_credential(started.run)
+        binding = convert.credential_binding(request)
+        started = self._broker.runs.start(
+            calls.current(), convert.run_spec(request), credential_bound=binding.bound
+        )
+        credential = self._broker.tokens.mint_run_credential(started.run, binding)
         return broker_pb2.StartRunResponse(
             run=convert.run_pb(started.run),
             run_credential=credential.token,
@@ -47,6 +50,7 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             convert.run_spec(request),
             request.id_token if request.WhichOneof("person") == "id_token" else None,
             convert.asserted_identity(request),
+            convert.credential_binding(request),
         )
         response = broker_pb2.ExecuteOnBehalfOfResponse(
             run=convert.run_pb(executed.run),
@@ -76,12 +80,16 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             expire_time=convert.timestamp(minted.expire_time),
             permissions=convert.permissions_pb(minted.permissions),
             key_id=minted.key_id,
+            cnf_jkt=minted.binding.jkt,
+            cnf_x5t_s256=minted.binding.x5t,
         )
 
     def VerifyToken(
         self, request: broker_pb2.VerifyTokenRequest, context: grpc.ServicerContext
     ) -> broker_pb2.VerifyTokenResponse:
-        result = self._broker.issuance.verify(calls.current(), request.token, request.audience)
+        result = self._broker.issuance.verify(
+            calls.current(), request.token, request.audience, convert.presentation(request)
+        )
         return convert.verification_pb(result)
 
     def RevokeRun(

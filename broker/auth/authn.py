@@ -15,6 +15,7 @@ Nothing presented is ANONYMOUS, which only open methods accept. Every refusal is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -32,12 +33,17 @@ from broker.errors import Unauthenticated
 from broker.identity import ANONYMOUS, RUN_CREDENTIAL_TYP, Principal, PrincipalKind
 from broker.policy.model import Policy, ServiceAccount
 from broker.store import Store
-from tokenbroker.verification import PARSE_ERRORS
+from tokenbroker.dpop import ProofVerdict
+from tokenbroker.verification import PARSE_ERRORS, TokenStatus
 
 log = logging.getLogger(__name__)
 
 # Given a run credential, return the run's principal or raise Unauthenticated.
 RunCredentialVerifier = Callable[[str], Principal]
+
+# Checks the DPoP proof of a call: (proof, method path, bearer credential or None, the key the
+# credential is bound to or None) -> verdict, replay included.
+ProofChecker = Callable[[str, str, str | None, str | None], ProofVerdict]
 
 # Called with (call, peer, method) before a refusal is audited; may raise ResourceExhausted.
 RefusalHook = Callable[[CallContext, str, str], None]
@@ -57,6 +63,20 @@ class Presented:
     # SANs (URIs first, then DNS names) of a client certificate the TLS layer verified.
     certificate_sans: tuple[str, ...] = ()
     peer: str = ""
+    # DPoP proofs (`dpop` metadata) and the full method path they must name (their htu).
+    dpop: tuple[str, ...] = ()
+    target: str = ""
+    # x5t#S256 of the client certificate the TLS layer verified, "" without one.
+    certificate_x5t: str = ""
+
+
+class ProofRefused(Unauthenticated):
+    """A credential presented without a valid proof of possession; `status` says which check
+    failed (recorded in the refusal's audit event as `proof_status`)."""
+
+    def __init__(self, status: TokenStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 @dataclass
@@ -65,6 +85,7 @@ class _Attempt:
 
     mechanism: str = "none"
     claimed: str = ""
+    proof_status: str = ""
 
 
 def service_account_principal(account: ServiceAccount, auth_method: str) -> Principal:
@@ -129,6 +150,7 @@ class Authenticator:
         cache: VerificationCache | None = None,
         refusals: RefusalLedger | None = None,
         before_refusal: RefusalHook = lambda ctx, peer, method: None,
+        proofs: ProofChecker | None = None,
     ) -> None:
         self._policy = policy
         self._audience = audience
@@ -139,6 +161,7 @@ class Authenticator:
         # Repeated refusals from one source for one reason are counted, not each written.
         self._refusals = refusals if refusals is not None else RefusalLedger(store, clock)
         self._before_refusal = before_refusal
+        self._proofs = proofs
 
     @property
     def audience(self) -> str:
@@ -153,12 +176,42 @@ class Authenticator:
             principal = self._identify_safely(presented, attempt)
             if required and principal.is_anonymous:
                 raise Unauthenticated(NO_CREDENTIAL)
+            principal = self._possession(principal, presented)
         except Unauthenticated as refused:
+            if isinstance(refused, ProofRefused):
+                attempt.proof_status = refused.status.name.lower()
             # Over its peer's rate, the refusal is answered (and counted) as throttled instead.
             self._before_refusal(ctx, presented.peer, method)
             self._audit_refusal(ctx, method, refused.message, attempt, presented.peer)
             raise
         return principal
+
+    def _possession(self, principal: Principal, presented: Presented) -> Principal:
+        """The principal with what the call proved it holds: a DPoP proof's key (required, and
+        by the bound key, when the credential is bound) and the client certificate."""
+        if principal.is_anonymous:
+            return principal
+        if presented.certificate_x5t:
+            principal = dataclasses.replace(principal, certificate_x5t=presented.certificate_x5t)
+        if len(presented.dpop) > 1:
+            raise ProofRefused(TokenStatus.PROOF_MALFORMED, "more than one dpop header")
+        if not presented.dpop:
+            if principal.bound_jkt:
+                raise ProofRefused(
+                    TokenStatus.PROOF_MISSING,
+                    "run credential is bound to a key (cnf.jkt): every call must carry a fresh "
+                    "DPoP proof by that key in the 'dpop' metadata",
+                )
+            return principal
+        if self._proofs is None:
+            raise ProofRefused(TokenStatus.PROOF_MALFORMED, "DPoP proofs are not accepted here")
+        credential = _credential_of(presented)
+        verdict = self._proofs(
+            presented.dpop[0], presented.target, credential, principal.bound_jkt or None
+        )
+        if not verdict.ok:
+            raise ProofRefused(verdict.status, f"credential refused: {verdict.reason}")
+        return dataclasses.replace(principal, proof_jkt=verdict.jkt)
 
     def _identify_safely(self, presented: Presented, attempt: _Attempt) -> Principal:
         """`_identify`, with a backstop: whatever a credential's bytes make a parser raise is a
@@ -242,13 +295,27 @@ class Authenticator:
             "claimed_principal": attempt.claimed,
             "peer": peer,
         }
+        # A proof's reason may hold numbers (how stale its iat is): its status is what
+        # repeats, so refusals of one kind from one peer are counted, not each written.
+        kind = reason
+        if attempt.proof_status:
+            details["proof_status"] = attempt.proof_status
+            kind = f"proof refused: {attempt.proof_status}"
         event = draft(ctx, self._clock(), Action.AUTHN_DENIED, Outcome.DENIED, details=details)
-        self._refusals.record(event, source=peer_source(peer), reason=reason)
+        self._refusals.record(event, source=peer_source(peer), reason=kind)
 
 
 def _bearer(value: str) -> str:
     scheme, _, credential = value.strip().partition(" ")
     credential = credential.strip()
-    if scheme.lower() != "bearer" or not credential:
+    # RFC 9449 §7.1 names the scheme of a bound token DPoP; the proof is checked either way.
+    if scheme.lower() not in ("bearer", "dpop") or not credential:
         raise Unauthenticated("authorization metadata must be 'Bearer <credential>'")
     return credential
+
+
+def _credential_of(presented: Presented) -> str | None:
+    """The bearer credential a proof's ath must hash, None for a certificate-only caller."""
+    if not presented.authorization:
+        return None
+    return _bearer(presented.authorization[0])

@@ -33,6 +33,7 @@ from broker.bench import accounts
 from broker.bench.accounts import API, AUDITOR, DELEGATOR, ORCHESTRATOR, ORG, BenchAccount
 from tokenbroker import messages
 from tokenbroker.credentials import AssertionSigner
+from tokenbroker.dpop import DPoPKey, MemoryReplayCache
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from tokenbroker.verifier import JwksCache, RevocationFollower, TokenVerifier, jwks_from_broker
 
@@ -53,6 +54,12 @@ class Broker:
     runs: list[str] = field(default_factory=list)  # active runs to issue tokens for
     credentials: list[str] = field(default_factory=list)  # their run credentials
     tokens: list[str] = field(default_factory=list)  # step tokens to verify
+    # A step's key, and step tokens bound to it (cnf.jkt), for the bound figures.
+    step_key: DPoPKey = field(default_factory=DPoPKey.generate)
+    bound_tokens: list[str] = field(default_factory=list)
+    # A runner's key, and run credentials bound to it: every call needs a fresh proof.
+    runner_key: DPoPKey = field(default_factory=DPoPKey.generate)
+    bound_credentials: list[str] = field(default_factory=list)
 
     def metadata(self, account: BenchAccount) -> Metadata:
         return (("authorization", f"Bearer {self.signers[account.name].assertion()}"),)
@@ -103,6 +110,10 @@ class Worker:
                 started = stub.StartRun(start_run_request(), metadata=broker.metadata(ORCHESTRATOR))
                 broker.runs.append(started.run.run_id)
                 broker.credentials.append(started.run_credential)
+                bound_run = start_run_request()
+                bound_run.dpop_jwk = broker.runner_key.public_jwk_json
+                started = stub.StartRun(bound_run, metadata=broker.metadata(ORCHESTRATOR))
+                broker.bound_credentials.append(started.run_credential)
             for i in range(job["tokens"]):
                 issued = stub.IssueToken(
                     broker_pb2.IssueTokenRequest(
@@ -114,6 +125,17 @@ class Worker:
                     metadata=broker.metadata(ORCHESTRATOR),
                 )
                 broker.tokens.append(issued.token)
+                bound = stub.IssueToken(
+                    broker_pb2.IssueTokenRequest(
+                        run_id=broker.runs[i % len(broker.runs)],
+                        audience=AUDIENCE,
+                        permissions=PERMISSIONS,
+                        ttl=Duration(seconds=3600),
+                        dpop_jwk=broker.step_key.public_jwk_json,
+                    ),
+                    metadata=broker.metadata(ORCHESTRATOR),
+                )
+                broker.bound_tokens.append(bound.token)
         return {"runs": len(broker.runs), "tokens": len(broker.tokens)}
 
     # -- unary load -----------------------------------------------------------------------
@@ -143,7 +165,20 @@ class Worker:
                 verifier = TokenVerifier(
                     issuer=broker.issuer, audience=AUDIENCE, keys=keys, revocations=follower
                 )
-                return _offline_rounds(verifier, keys, broker, job["rounds"], job["seconds"])
+
+                def bound_verifier() -> TokenVerifier:
+                    # A fresh replay cache per round: each round's proofs are new anyway.
+                    return TokenVerifier(
+                        issuer=broker.issuer,
+                        audience=AUDIENCE,
+                        keys=keys,
+                        revocations=follower,
+                        replay=MemoryReplayCache(max_entries=1_000_000),
+                    )
+
+                return _offline_rounds(
+                    verifier, bound_verifier, keys, broker, job["rounds"], job["seconds"]
+                )
             finally:
                 follower.stop()
 
@@ -287,6 +322,29 @@ async def _caller(
         credential = (("authorization", f"Bearer {broker.credentials[n]}"),)
         return await stub.IssueToken(request, metadata=credential, timeout=CALL_TIMEOUT)
 
+    step_jwk = broker.step_key.public_jwk_json
+
+    async def issue_bound(i: int) -> Any:
+        # The same, asking for a token bound to the step's key (cnf.jkt).
+        n = i % len(broker.runs)
+        request = broker_pb2.IssueTokenRequest(
+            audience=AUDIENCE, permissions=PERMISSIONS, step=f"step-{i % 16}", dpop_jwk=step_jwk
+        )
+        credential = (("authorization", f"Bearer {broker.credentials[n]}"),)
+        return await stub.IssueToken(request, metadata=credential, timeout=CALL_TIMEOUT)
+
+    issue_method = "/tokenbroker.v1.TokenBrokerService/IssueToken"
+
+    async def issue_dpop(i: int) -> Any:
+        # As a runner holding a bound run credential asks: a fresh proof with every call.
+        credential = broker.bound_credentials[i % len(broker.bound_credentials)]
+        proof = broker.runner_key.proof("POST", issue_method, token=credential)
+        request = broker_pb2.IssueTokenRequest(
+            audience=AUDIENCE, permissions=PERMISSIONS, step=f"step-{i % 16}"
+        )
+        metadata = (("authorization", f"DPoP {credential}"), ("dpop", proof))
+        return await stub.IssueToken(request, metadata=metadata, timeout=CALL_TIMEOUT)
+
     api = broker.metadata(API)
 
     async def verify(i: int) -> Any:
@@ -321,6 +379,8 @@ async def _caller(
     calls: dict[str, Call] = {
         "noop": noop,
         "issue": issue,
+        "issue_bound": issue_bound,
+        "issue_dpop": issue_dpop,
         "verify": verify,
         "execute": execute,
         "revoke": revoke,
@@ -361,7 +421,12 @@ async def _start_runs(
 
 
 def _offline_rounds(
-    verifier: TokenVerifier, keys: JwksCache, broker: Broker, rounds: int, seconds: float
+    verifier: TokenVerifier,
+    bound_verifier: Callable[[], TokenVerifier],
+    keys: JwksCache,
+    broker: Broker,
+    rounds: int,
+    seconds: float,
 ) -> Job:
     tokens = broker.tokens
     first = tokens[0]
@@ -376,16 +441,61 @@ def _offline_rounds(
     def bare(token: str) -> None:
         jwt.decode(token, key.key, algorithms=["ES256"], audience=AUDIENCE, issuer=broker.issuer)
 
-    samples: dict[str, list[float]] = {"verifier": [], "pyjwt": []}
-    throughput: dict[str, list[float]] = {"verifier": [], "pyjwt": []}
+    samples: dict[str, list[float]] = {"verifier": [], "pyjwt": [], "bound": [], "paired": []}
+    throughput: dict[str, list[float]] = {"verifier": [], "pyjwt": [], "bound": [], "paired": []}
     for _ in range(rounds + 1):  # the first round warms up
         for name, verify in (("verifier", checked), ("pyjwt", bare)):
             latencies, rate = _time_loop(verify, tokens, seconds)
             samples[name].extend(latencies)
             throughput[name].append(rate)
+        for name, (latencies, rate) in _bound_loop(bound_verifier(), broker, seconds).items():
+            samples[name].extend(latencies)
+            throughput[name].append(rate)
     return {
         "latencies": {k: v[len(v) // (rounds + 1) :] for k, v in samples.items()},
         "rates": {k: v[1:] for k, v in throughput.items()},
+    }
+
+
+BOUND_URL = "https://api.example.com/deploy"
+
+
+def _bound_loop(
+    verifier: TokenVerifier, broker: Broker, seconds: float
+) -> dict[str, tuple[list[float], float]]:
+    """TokenVerifier.check of bound tokens, each with a fresh proof made beforehand (making
+    one is the client's cost, not the verifier's), against a fresh replay cache per round —
+    alternating, call by call, with the check of an unbound token by the same verifier
+    ("paired"), so that both see the same load on a shared machine. Rates are calls per
+    second of time spent in each."""
+    pool_size = max(200, int(seconds * 20_000))
+    tokens = broker.bound_tokens
+    pool = [
+        (token, broker.step_key.proof("POST", BOUND_URL, token=token))
+        for token in itertools.islice(itertools.cycle(tokens), pool_size)
+    ]
+    latencies: list[float] = []
+    paired: list[float] = []
+    unbound = itertools.cycle(broker.tokens)
+    clock = time.perf_counter
+    stop_at = clock() + seconds
+    for token, proof in pool:
+        sent = clock()
+        result = verifier.check(token, proof=proof, method="POST", url=BOUND_URL)
+        done = clock()
+        if not result.active:
+            raise AssertionError(f"offline verifier rejected a bound token: {result.reason}")
+        latencies.append(done - sent)
+        sent = clock()
+        if not verifier.check(next(unbound)).active:
+            raise AssertionError("offline verifier rejected a valid token")
+        finished = clock()
+        paired.append(finished - sent)
+        if finished >= stop_at:
+            break
+    return {
+        "bound": (latencies, len(latencies) / sum(latencies)),
+        "paired": (paired, len(paired) / sum(paired)),
     }
 
 

@@ -50,6 +50,7 @@ from tokenbroker import tracing
 from tokenbroker.client import BrokerClient
 from tokenbroker.credentials import assertion_credentials
 from tokenbroker.defaults import SERVICE_NAME
+from tokenbroker.dpop import DPoPKey
 from tokenbroker.errors import BrokerError
 from tokenbroker.samples.api import ApiAnswer, SampleApi, call_api
 from tokenbroker.samples.executor import FINISHED, STEP_PERMISSIONS, Execution, SampleExecutor
@@ -278,8 +279,12 @@ def _tell(
     story: Story, stack: ExitStack, data_dir: Path, where: str, telemetry: DemoTelemetry
 ) -> None:
     cast = Cast.new()
-    executor = stack.enter_context(SampleExecutor(tracer_provider=telemetry.executor))
-    server = _start_broker(cast, data_dir, executor.target, telemetry.broker)
+    # The executor holds a key of its own: the run credentials it is handed are bound to it.
+    executor_key = DPoPKey.generate()
+    executor = stack.enter_context(
+        SampleExecutor(tracer_provider=telemetry.executor, show_leak=True, dpop_key=executor_key)
+    )
+    server = _start_broker(cast, data_dir, executor.target, executor_key, telemetry.broker)
     stack.callback(server.stop, 0.5)
     audience = server.broker.authn.audience
     api = stack.enter_context(
@@ -320,11 +325,18 @@ def _tell_the_run(
     run_id = executed.run.run_id
     if not executed.handed_off:
         raise StepFailed(f"run {run_id} was started but not handed off to the executor")
-    story.ok(f"{PORTAL} called ExecuteOnBehalfOf with it: run {run_id} handed to the executor")
-
     execution = executor.wait_for(run_id)
+    executor_key = executor.dpop_key
+    if executor_key is None or execution.credential_jkt != executor_key.thumbprint:
+        raise StepFailed(f"the run credential of {run_id} is not bound to the executor's key")
+    story.ok(
+        f"{PORTAL} called ExecuteOnBehalfOf with it: run {run_id} handed to the executor, "
+        "its run credential bound to the executor's key"
+    )
+
     _check_step_token(story, execution)
     _check_api_accepted(story, execution)
+    _check_leak_refused(story, execution)
     _check_run_ended(story, execution)
     _check_token_refused(story, api, execution)
     with BrokerClient(
@@ -334,15 +346,22 @@ def _tell_the_run(
 
 
 def _start_broker(
-    cast: Cast, data_dir: Path, executor_target: str, tracer_provider: TracerProvider | None
+    cast: Cast,
+    data_dir: Path,
+    executor_target: str,
+    executor_key: DPoPKey,
+    tracer_provider: TracerProvider | None,
 ) -> BrokerServer:
     data_dir.mkdir(parents=True, exist_ok=True)
+    executor_jwk = data_dir / "executor.jwk.json"
+    executor_jwk.write_text(executor_key.public_jwk_json)
     settings = Settings(
         listen="127.0.0.1:0",
         http_listen="127.0.0.1:0",
         data_dir=data_dir,
         policy=cast.write_policy(data_dir),
         executor_target=executor_target,
+        executor_dpop_jwk=executor_jwk,
         log_level="warning",
         log_format="text",
         shutdown_grace=0.5,
@@ -357,13 +376,15 @@ def _check_step_token(story: Story, execution: Execution) -> None:
     if not execution.token:
         raise StepFailed(f"the executor got no step token: {execution.error or 'no reason'}")
     claims: dict[str, Any] = jwt.decode(execution.token, options={"verify_signature": False})
+    if "jkt" not in (claims.get("cnf") or {}):
+        raise StepFailed("the step token is not bound to a key")
     permissions = claims.get("permissions") or {}
     if permissions != STEP_PERMISSIONS:
         raise StepFailed(f"the step token carries {permissions}, not {STEP_PERMISSIONS}")
     minutes = (int(claims["exp"]) - int(claims["iat"])) / 60
     story.ok(
         f"executor minted a step token with the run credential: aud {claims['aud']}, "
-        f"pipelines: read, valid {minutes:g} min"
+        f"pipelines: read, valid {minutes:g} min, bound to the step's key (cnf.jkt)"
     )
 
 
@@ -376,6 +397,16 @@ def _check_api_accepted(story: Story, execution: Execution) -> None:
     story.ok(
         f"sample API verified it offline → 200: run {body['run_id']} for {body['person']} "
         f"({body['verification']}) via {body['triggered_via']}"
+    )
+
+
+def _check_leak_refused(story: Story, execution: Execution) -> None:
+    answer = execution.leaked_answer
+    if answer.status != 401 or answer.body.get("status") != "PROOF_MISSING":
+        raise StepFailed(f"a leaked copy of the token got {answer.status} {dict(answer.body)}")
+    story.ok(
+        "a leaked copy of the step token, without the step's key, is refused → "
+        f"{answer.status} {answer.body['status']}"
     )
 
 

@@ -31,6 +31,7 @@ from broker.policy.model import (
     DEFAULT_MAX_CHAIN_DEPTH,
     WILDCARD,
     AccountKey,
+    BindingRequirements,
     ChildRuns,
     Delegation,
     IdentityProvider,
@@ -39,14 +40,29 @@ from broker.policy.model import (
     Scope,
     ServiceAccount,
 )
-from broker.runs.permissions import RESOURCE_PATTERN, PermissionSet, ladder_for
+from broker.runs.permissions import (
+    DEFAULT_LADDER,
+    LADDERS,
+    RESOURCE_PATTERN,
+    PermissionSet,
+    ladder_for,
+)
 
 MAX_CHAIN_DEPTH = 16
 # Key files and JWKS files are small; a policy naming something huge (or endless) is a mistake.
 MAX_REFERENCED_FILE_BYTES = 1024 * 1024
 SCOPED_ROLES = (Role.ORCHESTRATOR, Role.DELEGATOR, Role.AUDITOR, Role.VERIFIER)
-TOP_KEYS = ("version", "accounts", "federation")
-ACCOUNT_KEYS = ("roles", "scopes", "keys", "certificate_sans", "permissions", "delegation")
+TOP_KEYS = ("version", "accounts", "federation", "binding")
+ACCOUNT_KEYS = (
+    "roles",
+    "scopes",
+    "keys",
+    "certificate_sans",
+    "permissions",
+    "delegation",
+    "require_binding",
+)
+BINDING_KEYS = ("audiences", "levels")
 KEY_KEYS = ("kid", "pem", "jwk", "file")
 DELEGATION_KEYS = (
     "identity_providers",
@@ -123,9 +139,32 @@ class _Parser:
                 accounts[name] = account
         by_san = self.san_index(accounts)
         federation = parse_federation(data.get("federation", {}), accounts, self)
+        binding = self.binding(data.get("binding", {}), "binding")
         return Policy(
-            MappingProxyType(accounts), source, sha256, MappingProxyType(by_san), federation
+            MappingProxyType(accounts),
+            source,
+            sha256,
+            MappingProxyType(by_san),
+            federation=federation,
+            binding=binding,
         )
+
+    def binding(self, table: Any, where: str) -> BindingRequirements:
+        """`[binding]`: which step tokens must be sender-constrained."""
+        if not isinstance(table, dict):
+            self.problem(where, "must be a table")
+            return BindingRequirements()
+        self.known_keys(table, BINDING_KEYS, where)
+        audiences = self.strings(table.get("audiences", []), _join(where, "audiences"))
+        levels = self.strings(table.get("levels", []), _join(where, "levels"))
+        known = {level for ladder in LADDERS.values() for level in ladder} | set(DEFAULT_LADDER)
+        for i, level in enumerate(levels):
+            if level not in known or level == "none":
+                self.problem(
+                    f"{where}.levels[{i}]",
+                    f"unknown level {level!r} (known: {', '.join(sorted(known - {'none'}))})",
+                )
+        return BindingRequirements(frozenset(audiences), frozenset(levels))
 
     def account(self, name: str, table: Any, where: str) -> ServiceAccount | None:
         if not ACCOUNT_NAME_PATTERN.match(name):
@@ -164,7 +203,15 @@ class _Parser:
             certificate_sans=frozenset(sans),
             permissions=self.permissions(table.get("permissions", {}), _join(where, "permissions")),
             delegation=delegation,
+            require_binding=self.flag(table, "require_binding", where),
         )
+
+    def flag(self, table: Mapping[str, Any], key: str, where: str) -> bool:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            self.problem(_join(where, key), "must be true or false")
+            return False
+        return value
 
     def strings(self, value: Any, where: str) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

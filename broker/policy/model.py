@@ -124,6 +124,9 @@ class ServiceAccount:
     # Granted by IssueToken's inherit_from_service_account (intersected with the ceiling).
     permissions: PermissionSet = field(default_factory=lambda: PermissionSet.of({}))
     delegation: Delegation = field(default_factory=Delegation)
+    # Every run credential of a run whose chain this account started, and every step token
+    # of such a run, must be sender-constrained (DPoP or mTLS).
+    require_binding: bool = False
 
     def covers(self, target: PipelineRef) -> bool:
         return any(scope.covers(target) for scope in self.scopes)
@@ -155,12 +158,22 @@ class Federation:
 
 
 @dataclass(frozen=True)
+class BindingRequirements:
+    """The policy's `[binding]` table: step tokens for these audiences, and step tokens with a
+    permission at or above one of these levels (on the resource's ladder), must be bound."""
+
+    audiences: frozenset[str] = frozenset()
+    levels: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Policy:
     accounts: Mapping[str, ServiceAccount]
     source: str = ""
     sha256: str = ""
     account_by_san: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     federation: Federation = field(default_factory=Federation)
+    binding: BindingRequirements = field(default_factory=BindingRequirements)
 
     def account(self, name: str) -> ServiceAccount | None:
         return self.accounts.get(name)

@@ -15,6 +15,7 @@ from typing import Any
 
 from broker.errors import PermissionDenied
 from broker.policy.model import IdentityProvider, Policy, Role, TokenClaims
+from broker.runs.binding import BindingPolicy
 from broker.runs.claims import TokenShape
 from broker.runs.delegation import ChildScope, DelegationRules, TrustedIdp
 from broker.runs.model import PipelineIds, PipelineRef, Run
@@ -31,6 +32,7 @@ class PolicyRules:
         self._policy = policy
         self._caches: dict[tuple[str, str], JwksCache] = {}
         self._lock = threading.Lock()
+        self._binding_of: tuple[Policy | None, BindingPolicy] = (None, BindingPolicy())
 
     def account_permissions(self, name: str) -> PermissionSet | None:
         """The permissions the policy grants service account `name`, for inherit mode."""
@@ -73,6 +75,17 @@ class PolicyRules:
                 "pipeline_ids.org_id is the id of another organisation in the policy"
             )
         return ids if own is None or ids.org_id == own else replace(ids, org_id=own)
+
+    def binding_policy(self) -> BindingPolicy:
+        """Which tokens and run credentials the policy in force requires bound."""
+        policy = self._policy()
+        if policy is not self._binding_of[0]:
+            required = frozenset(a.name for a in policy.accounts.values() if a.require_binding)
+            self._binding_of = (
+                policy,
+                BindingPolicy(policy.binding.audiences, policy.binding.levels, required),
+            )
+        return self._binding_of[1]
 
     def delegation_rules(self, name: str) -> DelegationRules | None:
         account = self._policy().account(name)

@@ -44,6 +44,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.identity import Person, PrincipalKind, VerificationMethod
+from broker.runs.binding import UNBOUND, Binding
 from broker.runs.lifecycle import RunLifecycle, RunSpec, Started
 from broker.runs.model import PipelineIds, PipelineRef, Run
 from broker.runs.registry import RunRegistry
@@ -117,7 +118,10 @@ class Executed:
 
 
 class Handoff(Protocol):
-    """Gives a run and its credential to the system that executes pipelines."""
+    """Gives a run and its credential to the system that executes pipelines. `binding`: the
+    executor's own key, which the credential is bound to when the request named none."""
+
+    binding: Binding
 
     def hand_off(self, run: Run, credential: str) -> str:
         """Return the executor's execution id; raise HandoffFailed if it did not accept."""
@@ -337,7 +341,10 @@ class Delegation:
         spec: RunSpec,
         id_token: str | None,
         asserted: AssertedIdentity | None,
+        binding: Binding = UNBOUND,
     ) -> Executed:
+        """Start a run for a person; its credential is bound to `binding` (the runner's key),
+        which the policy may require for runs of this delegator's chains."""
         if not spec.idempotency_key:
             raise InvalidArgument.field("idempotency_key", "required for ExecuteOnBehalfOf")
         person: Person | None = None
@@ -353,6 +360,9 @@ class Delegation:
                 person = self._establish(ctx, rules, id_token, asserted)
                 self._check_domain(rules, person)
                 chain = (ctx.principal.name,)
+            if not binding.bound and self._handoff is not None:
+                binding = self._handoff.binding  # the executor's key, if it has one
+            self._runs.require_binding(ctx, chain, binding.bound)
             started = self._runs.start(
                 ctx,
                 spec,
@@ -365,7 +375,7 @@ class Delegation:
         except (PermissionDenied, FailedPrecondition) as refusal:
             self._audit_refusal(ctx, spec, person, claimed(id_token, asserted), refusal)
             raise
-        return self._deliver(ctx, started)
+        return self._deliver(ctx, started, binding)
 
     def _rules(self, ctx: CallContext) -> DelegationRules:
         rules = self._rules_for(ctx.principal.name)
@@ -457,12 +467,12 @@ class Delegation:
         )
         durable.commit(self._store, Write([event]), "the refusal could not be recorded")
 
-    def _deliver(self, ctx: CallContext, started: Started) -> Executed:
+    def _deliver(self, ctx: CallContext, started: Started, binding: Binding) -> Executed:
         run = started.run
         if self._handoff is None:
             # A replay answers the same caller that started the run (the idempotency key is
             # per caller), so it may receive a credential for it again.
-            credential = self._tokens.mint_run_credential(run)
+            credential = self._tokens.mint_run_credential(run, binding)
             return Executed(run, credential, handed_off=False, replayed=started.replayed)
         if started.replayed:
             if not run.is_active:
@@ -474,7 +484,8 @@ class Delegation:
             return Executed(run, None, handed_off=True, replayed=True)  # handed off already
         try:
             with self._observer.handing_off(run):
-                self._handoff.hand_off(run, self._tokens.mint_run_credential(run).token)
+                credential = self._tokens.mint_run_credential(run, binding)
+                self._handoff.hand_off(run, credential.token)
         except HandoffFailed as exc:
             self._runs.end_unchecked(ctx, run, f"executor did not accept the run: {exc}")
             raise Unavailable(

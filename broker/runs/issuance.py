@@ -20,6 +20,12 @@ from broker.errors import (
     PermissionDenied,
 )
 from broker.identity import PrincipalKind
+from broker.runs.binding import (
+    NO_BINDING_POLICY,
+    Binding,
+    BindingPolicySource,
+    refusal,
+)
 from broker.runs.claims import DEFAULT_SHAPE, TokenShape
 from broker.runs.model import Run
 from broker.runs.permissions import PermissionSet
@@ -27,7 +33,10 @@ from broker.runs.registry import RunRegistry
 from broker.runs.tokens import MintedToken, TokenService
 from broker.store import Store, StoreUnavailable, Write, durable
 from broker.telemetry.observer import NULL_OBSERVER, Observer
+from tokenbroker.dpop import Presentation
 from tokenbroker.verification import CheckResult, TokenStatus
+
+NOTHING_PRESENTED = Presentation()
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,13 @@ SUSPICIOUS = frozenset(
         TokenStatus.UNKNOWN_KEY,
         TokenStatus.WRONG_TYPE,
         TokenStatus.WRONG_ISSUER,
+        # A bound token shown without its key: most likely leaked, or a proof replayed.
+        TokenStatus.PROOF_MISSING,
+        TokenStatus.PROOF_WRONG_KEY,
+        TokenStatus.PROOF_BAD_SIGNATURE,
+        TokenStatus.PROOF_REPLAYED,
+        TokenStatus.PROOF_WRONG_TOKEN_HASH,
+        TokenStatus.CERTIFICATE_MISMATCH,
     }
 )
 
@@ -70,6 +86,11 @@ class TokenRequest:
     inherit_from: str
     ttl: float
     step: str
+    # Binding asked for: the step's key thumbprint (from its public JWK), the key of this
+    # call's DPoP proof, the client certificate of this call.
+    bind_jkt: str = ""
+    bind_proof_key: bool = False
+    bind_certificate: bool = False
 
     def __post_init__(self) -> None:
         violations = []
@@ -104,6 +125,7 @@ class Issuance:
         account_permissions: AccountPermissions,
         observer: Observer = NULL_OBSERVER,
         shape_for: ShapeFor = _default_shape,
+        binding_policy: BindingPolicySource = lambda: NO_BINDING_POLICY,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -113,6 +135,7 @@ class Issuance:
         self._account_permissions = account_permissions
         self._observer = observer
         self._shape_for = shape_for
+        self._binding_policy = binding_policy
 
     def issue(self, ctx: CallContext, request: TokenRequest) -> MintedToken:
         if _same_issuer(request.audience, self._tokens.issuer):
@@ -132,6 +155,7 @@ class Issuance:
             )
         try:
             granted = self._grant(ctx, run, request, now)
+            binding = self._binding(ctx, run, request, granted, now)
         except PermissionDenied:
             self._observer.token_issued(request.audience, "refused")
             raise
@@ -152,6 +176,7 @@ class Issuance:
             expire_time=min(now + request.ttl, run.lapsed_at()),
             step=request.step,
             shaped=shaped,
+            binding=binding,
         )
         details = {
             "jti": minted.token_id,
@@ -164,10 +189,49 @@ class Issuance:
         }
         if request.inherit_from:
             details["inherited_from"] = request.inherit_from
+        cnf = binding.cnf()
+        if cnf is not None:
+            details["cnf"] = cnf
         # Durable before the token leaves: no token without its audit event.
         self._commit(Write([draft(ctx, now, Action.TOKEN_ISSUED, Outcome.SUCCESS, run, details)]))
         self._observer.token_issued(request.audience, "issued")
         return minted
+
+    def _binding(
+        self,
+        ctx: CallContext,
+        run: Run,
+        request: TokenRequest,
+        granted: PermissionSet,
+        now: float,
+    ) -> Binding:
+        """What the token is bound to, as asked; PermissionDenied (audited) when the policy
+        requires a binding and none was asked for."""
+        jkt = request.bind_jkt
+        if request.bind_proof_key:
+            if not ctx.principal.proof_jkt:
+                raise FailedPrecondition(
+                    "bind_proof_key needs a DPoP proof with this call (metadata 'dpop')"
+                )
+            if jkt and jkt != ctx.principal.proof_jkt:
+                raise InvalidArgument.field(
+                    "dpop_jwk", "names another key than the DPoP proof of this call"
+                )
+            jkt = ctx.principal.proof_jkt
+        x5t = ""
+        if request.bind_certificate:
+            if not ctx.principal.certificate_x5t:
+                raise FailedPrecondition(
+                    "bind_client_certificate needs a call over mTLS with a client certificate"
+                )
+            x5t = ctx.principal.certificate_x5t
+        binding = Binding(jkt, x5t)
+        if not binding.bound:
+            reason = self._binding_policy().step_token_reason(run, request.audience, granted)
+            if reason is not None:
+                self._refuse(ctx, run, now, "binding required", {"binding": reason})
+                raise PermissionDenied(refusal(reason, "token"))
+        return binding
 
     def _run_for(self, ctx: CallContext, run_id: str) -> Run:
         run_id = run_id or ctx.principal.run_id
@@ -183,7 +247,7 @@ class Issuance:
     ) -> PermissionSet:
         excess = request.permissions.excess_over(run.permission_ceiling)
         if excess:
-            self._refuse(ctx, run, now, "permissions exceed the run's ceiling", excess)
+            self._refuse(ctx, run, now, "permissions exceed the run's ceiling", {"excess": excess})
             raise PermissionDenied(
                 "requested permissions exceed the run's ceiling: " + "; ".join(excess)
             )
@@ -220,21 +284,31 @@ class Issuance:
         return granted
 
     def _refuse(
-        self, ctx: CallContext, run: Run, now: float, reason: str, excess: list[str] | None = None
+        self,
+        ctx: CallContext,
+        run: Run,
+        now: float,
+        reason: str,
+        extra: dict[str, object] | None = None,
     ) -> None:
-        details: dict[str, object] = {"reason": reason}
-        if excess is not None:
-            details["excess"] = excess
-        event = draft(ctx, now, Action.TOKEN_REFUSED, Outcome.DENIED, run, details)
+        event = draft(
+            ctx, now, Action.TOKEN_REFUSED, Outcome.DENIED, run, {"reason": reason, **(extra or {})}
+        )
         self._commit(Write([event]))
 
-    def verify(self, ctx: CallContext, token: str, audience: str) -> CheckResult:
+    def verify(
+        self,
+        ctx: CallContext,
+        token: str,
+        audience: str,
+        presented: Presentation = NOTHING_PRESENTED,
+    ) -> CheckResult:
         self._authz.require(ctx, Op.VERIFY_TOKEN)
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidArgument.field("token", f"at most {MAX_TOKEN_LENGTH} characters")
         if audience and not AUDIENCE_PATTERN.match(audience):
             raise InvalidArgument.field("audience", "1-256 printable characters, no spaces")
-        result = self._tokens.check(token, audience=audience or None)
+        result = self._tokens.check(token, audience=audience or None, presented=presented)
         self._observer.token_verified(result.status.name.lower())
         if result.status in SUSPICIOUS:
             # The reason may quote the token's own header (alg, typ, kid): a short prefix only.

@@ -23,6 +23,7 @@ from broker.errors import (
 )
 from broker.identity import Person
 from broker.ids import new_run_id
+from broker.runs.binding import NO_BINDING_POLICY, BindingPolicySource, refusal
 from broker.runs.model import MAX_REASON, NO_IDS, PipelineIds, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
@@ -132,7 +133,9 @@ class RunLifecycle:
         authorizer: Authorizer,
         observer: Observer = NULL_OBSERVER,
         org_ids: OrgIds = _as_given,
+        binding_policy: BindingPolicySource = lambda: NO_BINDING_POLICY,
     ) -> None:
+        self._binding_policy = binding_policy
         self._store = store
         self._registry = registry
         self._clock = clock
@@ -150,6 +153,7 @@ class RunLifecycle:
         actor_chain: tuple[str, ...] = (),
         action: str = Action.RUN_STARTED,
         op: Op = Op.START_RUN,
+        credential_bound: bool | None = None,
     ) -> Started:
         """Start a run; a child run (`parent` given) is cut to its parent's deadline and lease.
 
@@ -158,6 +162,14 @@ class RunLifecycle:
         self._authz.require(ctx, op, pipeline=spec.pipeline)
         now = self._clock()
         spec = self._checked_ids(ctx, spec, op, now)
+        if credential_bound is not None:
+            try:
+                self.require_binding(ctx, actor_chain, credential_bound)
+            except PermissionDenied as refused:
+                why = {"reason": refused.message, "binding": "required"}
+                event = draft(ctx, now, Action.RUN_REFUSED, Outcome.DENIED, details=why)
+                self._commit(Write([replace(event, pipeline=spec.pipeline)]))
+                raise
         parent_run_id = "" if parent is None else parent.run_id
         claim = None
         if spec.idempotency_key:
@@ -228,13 +240,25 @@ class RunLifecycle:
     def _checked_ids(self, ctx: CallContext, spec: RunSpec, op: Op, now: float) -> RunSpec:
         try:
             ids = self._org_ids(spec.pipeline, spec.ids)
-        except PermissionDenied as refusal:
+        except PermissionDenied as refused:
             if op is Op.START_RUN:  # ExecuteOnBehalfOf records its refusals itself
-                details = {"reason": refusal.message, "pipeline_ids": spec.ids.as_dict()}
+                details = {"reason": refused.message, "pipeline_ids": spec.ids.as_dict()}
                 event = draft(ctx, now, Action.RUN_REFUSED, Outcome.DENIED, details=details)
                 self._commit(Write([replace(event, pipeline=spec.pipeline)]))
             raise
         return spec if ids == spec.ids else replace(spec, ids=ids)
+
+    def require_binding(
+        self, ctx: CallContext, actor_chain: tuple[str, ...], credential_bound: bool
+    ) -> None:
+        """PermissionDenied when the policy requires the credential of a run started (at its
+        chain's root) by this caller to be bound, and it is not."""
+        if credential_bound:
+            return
+        root = actor_chain[0] if actor_chain else ctx.principal.name
+        reason = self._binding_policy().run_reason(root)
+        if reason is not None:
+            raise PermissionDenied(refusal(reason, "run credential"))
 
     def _within_parent(
         self, parent: Run, now: float, deadline: float, lease_expire_time: float | None

@@ -8,7 +8,7 @@ is active: every check consults the run's state, so ending the run kills them al
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,13 @@ from broker.identity import (
     PrincipalKind,
 )
 from broker.ids import new_token_id
+from broker.runs.binding import UNBOUND, Binding, ProofRejected, StoreReplayCache
 from broker.runs.keys import KeyRing
 from broker.runs.model import Run, RunState
 from broker.runs.permissions import PermissionSet
 from broker.runs.registry import RunRegistry
+from broker.store import Store
+from tokenbroker import dpop
 from tokenbroker.verification import CheckCache, CheckResult, TokenStatus
 
 # Tokens are checked with this much tolerance for clock drift between machines.
@@ -41,6 +44,7 @@ class MintedToken:
     key_id: str
     permissions: PermissionSet
     subject: str = ""
+    binding: Binding = UNBOUND
 
 
 def person_claim(person: Person) -> dict[str, str]:
@@ -84,8 +88,12 @@ def run_claims(run: Run, issuer: str, now: float) -> dict[str, Any]:
 
 
 class TokenService:
-    def __init__(self, keys: KeyRing, registry: RunRegistry, issuer: str, clock: Clock) -> None:
+    def __init__(
+        self, keys: KeyRing, registry: RunRegistry, issuer: str, clock: Clock, store: Store
+    ) -> None:
         self._keys = keys
+        # Proofs are remembered in the store: one accepted by any replica is refused by all.
+        self.replay = StoreReplayCache(store)
         self._registry = registry
         self.issuer = issuer
         self._clock = clock
@@ -101,6 +109,7 @@ class TokenService:
         expire_time: float,
         step: str,
         shaped: Mapping[str, Any] | None = None,
+        binding: Binding = UNBOUND,
     ) -> MintedToken:
         """`shaped`: the `sub` and custom claims the policy gives this token
         (`broker.runs.claims.TokenShape`); never any of the claims set below."""
@@ -115,19 +124,73 @@ class TokenService:
             step=step,
             permissions=permissions.as_dict(),
         )
+        cnf = binding.cnf()
+        if cnf is not None:
+            claims["cnf"] = cnf
         token, kid = self._keys.sign(claims, STEP_TOKEN_TYP)
-        return MintedToken(token, token_id, int(expire_time), kid, permissions, claims["sub"])
+        return MintedToken(
+            token, token_id, int(expire_time), kid, permissions, claims["sub"], binding
+        )
 
-    def mint_run_credential(self, run: Run) -> MintedToken:
+    def mint_run_credential(self, run: Run, binding: Binding = UNBOUND) -> MintedToken:
+        """A run credential; bound to the runner's key when `binding` names one, so that it
+        is refused without a fresh DPoP proof by that key on every call."""
         now = self._clock()
         token_id = new_token_id()
         claims = run_claims(run, self.issuer, now)
         claims.update(aud=self.issuer, exp=int(run.deadline), jti=token_id)
+        cnf = binding.cnf()
+        if cnf is not None:
+            claims["cnf"] = cnf
         token, kid = self._keys.sign(claims, RUN_CREDENTIAL_TYP)
-        return MintedToken(token, token_id, int(run.deadline), kid, run.permission_ceiling)
+        return MintedToken(
+            token, token_id, int(run.deadline), kid, run.permission_ceiling, binding=binding
+        )
 
-    def check(self, token: str, *, audience: str | None, typ: str = STEP_TOKEN_TYP) -> CheckResult:
-        """Signature, type, time, issuer, audience — and the run still active.
+    def check_proof(
+        self, proof: str, *, htu: str, credential: str | None, expected_jkt: str | None
+    ) -> dpop.ProofVerdict:
+        """A DPoP proof that came with a gRPC call to method path `htu`, at the broker's clock,
+        against the store's memory of proofs seen."""
+        return dpop.check_proof(
+            proof,
+            htm=dpop.GRPC_HTM,
+            htu=htu,
+            now=self._clock(),
+            replay=self.replay,
+            token=credential,
+            expected_jkt=expected_jkt,
+        )
+
+    def binding_of_proof(
+        self,
+        proof: str,
+        *,
+        htm: str,
+        htu: str,
+        nonce: str | Callable[[str], bool] | None = None,
+    ) -> Binding:
+        """What a token requested with this DPoP proof is bound to: the proof's key (RFC 9449
+        §5, a token request: no `ath`). For the HTTP token exchange: `htm` the request's
+        method, `htu` the endpoint's own public URL, `nonce` what the endpoint requires, if
+        anything. ProofRejected (with the precise status) for an invalid or replayed proof."""
+        verdict = dpop.check_proof(
+            proof, htm=htm, htu=htu, now=self._clock(), replay=self.replay, nonce=nonce
+        )
+        if not verdict.ok:
+            raise ProofRejected(verdict.status, verdict.reason)
+        return Binding(jkt=verdict.jkt)
+
+    def check(
+        self,
+        token: str,
+        *,
+        audience: str | None,
+        typ: str = STEP_TOKEN_TYP,
+        presented: dpop.Presentation | None = None,
+    ) -> CheckResult:
+        """Signature, type, time, issuer, audience — and the run still active; with
+        `presented`, a bound token's proof of possession too (see `tokenbroker.dpop`).
 
         The token's time claims and its run's state are judged at one instant of the
         broker's clock, the same instant GetRun would report the run at."""
@@ -143,7 +206,10 @@ class TokenService:
         )
         if not result.active:
             return result
-        return self._check_run(result, now)
+        result = self._check_run(result, now)
+        if presented is None:
+            return result
+        return dpop.check_binding(result, token, presented, now=now, replay=self.replay)
 
     def _check_run(self, result: CheckResult, now: float) -> CheckResult:
         run_id = str(result.claims["run_id"])
@@ -163,4 +229,10 @@ class TokenService:
             # The reason may quote the credential's header: a short prefix only.
             raise Unauthenticated(f"run credential rejected: {limits.shown(result.reason, 200)}")
         run_id = str(result.claims["run_id"])
-        return Principal(PrincipalKind.RUN, f"run:{run_id}", run_id=run_id, auth_method="run")
+        cnf = dpop.confirmation(result.claims)
+        if isinstance(cnf, str):
+            raise Unauthenticated(f"run credential rejected: {cnf}")
+        bound = str(cnf.get(dpop.CNF_JKT, "")) if cnf is not None else ""
+        return Principal(
+            PrincipalKind.RUN, f"run:{run_id}", run_id=run_id, auth_method="run", bound_jkt=bound
+        )

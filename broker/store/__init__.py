@@ -157,6 +157,20 @@ class ForgetIdempotencyKeys:
     ended_before: float
 
 
+@dataclass(frozen=True)
+class RecordProof:
+    """Remember a DPoP proof (RFC 9449 §11.1): its key's thumbprint and `jti` until `expires`.
+    `ProofReplayed` (nothing written) when the pair is already remembered and unexpired, so
+    a proof is accepted once across every process and replica sharing the store. Entries
+    expired at `now` are deleted in the same transaction (a few per write, so the table
+    holds about the proofs of the last two minutes)."""
+
+    jkt: str
+    jti: str
+    expires: float
+    now: float
+
+
 Mutation = (
     CreateRun
     | EndRun
@@ -166,6 +180,7 @@ Mutation = (
     | RecordCheckpoint
     | PruneAudit
     | ForgetIdempotencyKeys
+    | RecordProof
 )
 
 
@@ -214,6 +229,10 @@ class IdempotencyKeyTaken(Conflict):
         super().__init__(f"idempotency key already used for run {run_id}")
         self.run_id = run_id
         self.fingerprint = fingerprint
+
+
+class ProofReplayed(Conflict):
+    """A DPoP proof (key and jti) was presented before."""
 
 
 class CheckpointConflict(Conflict):

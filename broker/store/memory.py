@@ -22,11 +22,13 @@ from broker.store import (
     IdempotencyKeyTaken,
     Mutation,
     ParentNotActive,
+    ProofReplayed,
     PruneAudit,
     PruneConflict,
     PublicKeyRecord,
     PublishKey,
     RecordCheckpoint,
+    RecordProof,
     RenewLease,
     RetireKey,
     RunNotActive,
@@ -38,6 +40,8 @@ from broker.store import (
     descendant_end,
 )
 from broker.store.factory import OpenOptions, StoreUrl
+
+PROOF_PRUNE_AT = 10_000  # remembered proofs before the expired ones are swept
 
 
 def check_url(url: StoreUrl) -> None:
@@ -58,6 +62,7 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._runs: dict[str, Run] = {}
         self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
+        self._proofs: dict[tuple[str, str], float] = {}  # (jkt, jti) -> expires
         self._events: list[AuditEvent] = []
         self._keys: dict[str, PublicKeyRecord] = {}
         self._checkpoints: list[CheckpointRecord] = []
@@ -149,6 +154,14 @@ class MemoryStore:
                 self._check_prune(through)
                 self._pruned_through = through
                 self._events = [e for e in self._events if e.sequence > through]
+                return None
+            case RecordProof():
+                seen = self._proofs.get((mutation.jkt, mutation.jti))
+                if seen is not None and seen >= mutation.now:
+                    raise ProofReplayed(mutation.jti)
+                if len(self._proofs) > PROOF_PRUNE_AT:
+                    self._proofs = {k: v for k, v in self._proofs.items() if v >= mutation.now}
+                self._proofs[(mutation.jkt, mutation.jti)] = mutation.expires
                 return None
             case ForgetIdempotencyKeys(ended_before=cutoff):
                 self._idempotency = {

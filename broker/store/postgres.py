@@ -42,10 +42,12 @@ from broker.store import (
     Mutation,
     NewerSchema,
     ParentNotActive,
+    ProofReplayed,
     PruneAudit,
     PruneConflict,
     PublishKey,
     RecordCheckpoint,
+    RecordProof,
     RenewLease,
     RetireKey,
     RunNotActive,
@@ -481,6 +483,25 @@ def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | 
             return None
         case PruneAudit(through=through):
             _prune_audit(conn, through)
+            return None
+        case RecordProof():
+            seen = conn.execute(
+                "SELECT expires FROM dpop_proofs WHERE jkt=%s AND jti=%s FOR UPDATE",
+                (mutation.jkt, mutation.jti),
+            ).fetchone()
+            if seen is not None and seen[0] >= mutation.now:
+                raise ProofReplayed(mutation.jti)
+            # A bounded sweep per write keeps the table to the proofs still in their window.
+            conn.execute(
+                "DELETE FROM dpop_proofs WHERE ctid IN (SELECT ctid FROM dpop_proofs "
+                "WHERE expires < %s LIMIT 8)",
+                (mutation.now,),
+            )
+            conn.execute(
+                "INSERT INTO dpop_proofs (jkt, jti, expires) VALUES (%s, %s, %s) "
+                "ON CONFLICT (jkt, jti) DO UPDATE SET expires = EXCLUDED.expires",
+                (mutation.jkt, mutation.jti, mutation.expires),
+            )
             return None
         case ForgetIdempotencyKeys(ended_before=cutoff):
             conn.execute(

@@ -37,10 +37,12 @@ from broker.store import (
     IdempotencyKeyTaken,
     Mutation,
     ParentNotActive,
+    ProofReplayed,
     PruneAudit,
     PruneConflict,
     PublishKey,
     RecordCheckpoint,
+    RecordProof,
     RenewLease,
     RetireKey,
     RunNotActive,
@@ -413,6 +415,24 @@ class SqliteStore(SqlReads):
                 return None
             case PruneAudit(through=through):
                 _prune_audit(conn, through)
+                return None
+            case RecordProof():
+                seen = conn.execute(
+                    "SELECT expires FROM dpop_proofs WHERE jkt=? AND jti=?",
+                    (mutation.jkt, mutation.jti),
+                ).fetchone()
+                if seen is not None and seen[0] >= mutation.now:
+                    raise ProofReplayed(mutation.jti)
+                # A bounded sweep per write keeps the table to the proofs still in their window.
+                conn.execute(
+                    "DELETE FROM dpop_proofs WHERE rowid IN (SELECT rowid FROM dpop_proofs "
+                    "WHERE expires < ? LIMIT 8)",
+                    (mutation.now,),
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO dpop_proofs (jkt, jti, expires) VALUES (?, ?, ?)",
+                    (mutation.jkt, mutation.jti, mutation.expires),
+                )
                 return None
             case ForgetIdempotencyKeys(ended_before=cutoff):
                 conn.execute(

@@ -12,6 +12,8 @@
   `TokenVerifier.for_broker(target, credentials, audience=...)` sets it up in one call.
 - Errors: `BrokerError` and its subclasses (`tokenbroker.errors`).
 - Credentials: `assertion_credentials`, `bearer_credentials`, `dev_admin_credentials`.
+- Bound tokens (RFC 9449 DPoP): `DPoPKey`, `StepToken`, `DPoPAuth` (requests/httpx),
+  `dpop_credentials` (gRPC); checking proofs: `tokenbroker.dpop`.
 - The generated messages and stubs: `tokenbroker.v1`.
 
 Names are imported on first use (PEP 562), so an API that only imports
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenbroker.aio import AsyncAuditStream, AsyncBrokerClient
+    from tokenbroker.bound import DPoPAuth, StepToken, dpop_credentials
     from tokenbroker.client import AuditStream, BrokerClient, step_token
     from tokenbroker.connect import RunEnvironment, TlsOptions
     from tokenbroker.credentials import (
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
         local_channel,
         tls_channel,
     )
+    from tokenbroker.dpop import DPoPKey
     from tokenbroker.errors import (
         BrokerError,
         ConfigurationError,
@@ -62,6 +66,8 @@ __all__ = [
     "BrokerError",
     "ConfigurationError",
     "Conflict",
+    "DPoPAuth",
+    "DPoPKey",
     "DeadlineExceeded",
     "FieldViolation",
     "Internal",
@@ -74,6 +80,7 @@ __all__ = [
     "RevocationFollower",
     "RunEnvironment",
     "RunNotActive",
+    "StepToken",
     "TlsOptions",
     "TokenRejected",
     "TokenStatus",
@@ -83,6 +90,7 @@ __all__ = [
     "assertion_credentials",
     "bearer_credentials",
     "dev_admin_credentials",
+    "dpop_credentials",
     "local_channel",
     "step_token",
     "tls_channel",
@@ -96,6 +104,8 @@ _HOME = {
     "BrokerError": "tokenbroker.errors",
     "ConfigurationError": "tokenbroker.errors",
     "Conflict": "tokenbroker.errors",
+    "DPoPAuth": "tokenbroker.bound",
+    "DPoPKey": "tokenbroker.dpop",
     "DeadlineExceeded": "tokenbroker.errors",
     "FieldViolation": "tokenbroker.errors",
     "Internal": "tokenbroker.errors",
@@ -109,6 +119,7 @@ _HOME = {
     "RevocationFollower": "tokenbroker.verifier",
     "RunEnvironment": "tokenbroker.connect",
     "RunNotActive": "tokenbroker.errors",
+    "StepToken": "tokenbroker.bound",
     "TlsOptions": "tokenbroker.connect",
     "TokenRejected": "tokenbroker.verifier",
     "TokenStatus": "tokenbroker.verification",
@@ -118,6 +129,7 @@ _HOME = {
     "assertion_credentials": "tokenbroker.credentials",
     "bearer_credentials": "tokenbroker.credentials",
     "dev_admin_credentials": "tokenbroker.credentials",
+    "dpop_credentials": "tokenbroker.bound",
     "local_channel": "tokenbroker.credentials",
     "step_token": "tokenbroker.client",
     "tls_channel": "tokenbroker.credentials",

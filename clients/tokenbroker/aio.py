@@ -26,10 +26,12 @@ import grpc
 from google.protobuf.message import Message
 
 from tokenbroker import messages
+from tokenbroker.bound import StepToken
 from tokenbroker.client import DEFAULT_TIMEOUT, local_credentials
 from tokenbroker.connect import RunEnvironment, Tls, open_aio_channel
 from tokenbroker.credentials import bearer_credentials
 from tokenbroker.defaults import DEFAULT_TARGET
+from tokenbroker.dpop import DPoPKey
 from tokenbroker.errors import REQUEST_ID_HEADER, ConfigurationError, Unavailable, from_rpc_error
 from tokenbroker.messages import Asserted, Permissions, Seconds
 from tokenbroker.retry import Attempts, Retry, RetryPolicy, rule_for
@@ -224,6 +226,8 @@ class AsyncBrokerClient:
         ttl: Seconds | None = None,
         step: str = "",
         inherit_from: str = "",
+        dpop_key: DPoPKey | None = None,
+        bind_client_certificate: bool = False,
         timeout: float | None = None,
     ) -> broker_pb2.IssueTokenResponse:
         """As `BrokerClient.issue_token`."""
@@ -234,6 +238,8 @@ class AsyncBrokerClient:
             ttl=ttl,
             step=step,
             inherit_from=inherit_from,
+            dpop_jwk=dpop_key.public_jwk_json if dpop_key is not None else "",
+            bind_client_certificate=bind_client_certificate,
         )
         return await self._unary(self._stub.IssueToken, request, timeout)
 
@@ -244,17 +250,39 @@ class AsyncBrokerClient:
         *,
         ttl: Seconds | None = None,
         step: str = "",
+        bound: bool = True,
     ) -> str:
-        """As `BrokerClient.step_token`: a token of this client's run, as a string."""
+        """As `BrokerClient.step_token`: bound to a key made in memory unless `bound=False`."""
         if not self.run_id:
             raise ConfigurationError("this client acts for no run: use AsyncBrokerClient.for_run()")
-        return (await self.issue_token(audience, permissions, ttl=ttl, step=step)).token
+        if not bound:
+            return (await self.issue_token(audience, permissions, ttl=ttl, step=step)).token
+        key = DPoPKey.generate()
+        issued = await self.issue_token(audience, permissions, ttl=ttl, step=step, dpop_key=key)
+        return StepToken(issued.token, key)
 
     async def verify_token(
-        self, token: str, audience: str = "", *, timeout: float | None = None
+        self,
+        token: str,
+        audience: str = "",
+        *,
+        proof: str = "",
+        method: str = "",
+        url: str = "",
+        certificate_thumbprint: str = "",
+        nonce: str = "",
+        timeout: float | None = None,
     ) -> broker_pb2.VerifyTokenResponse:
         """As `BrokerClient.verify_token`."""
-        request = messages.verify_token(token, audience)
+        request = messages.verify_token(
+            token,
+            audience,
+            proof=proof,
+            method=method,
+            url=url,
+            certificate_thumbprint=certificate_thumbprint,
+            nonce=nonce,
+        )
         return await self._unary(self._stub.VerifyToken, request, timeout)
 
     async def revoke_run(
@@ -478,7 +506,8 @@ async def step_token(
     ttl: Seconds | None = None,
     step: str = "",
     environ: Mapping[str, str] | None = None,
+    bound: bool = True,
 ) -> str:
     """As `tokenbroker.step_token`, awaited."""
     async with AsyncBrokerClient.for_run(environ) as client:
-        return await client.step_token(audience, permissions, ttl=ttl, step=step)
+        return await client.step_token(audience, permissions, ttl=ttl, step=step, bound=bound)

@@ -44,9 +44,11 @@ import grpc
 from google.protobuf.message import Message
 
 from tokenbroker import messages
+from tokenbroker.bound import StepToken
 from tokenbroker.connect import RunEnvironment, Tls, open_channel
 from tokenbroker.credentials import bearer_credentials, dev_admin_credentials
 from tokenbroker.defaults import DEFAULT_TARGET as DEFAULT_TARGET  # still importable from here
+from tokenbroker.dpop import DPoPKey
 from tokenbroker.errors import REQUEST_ID_HEADER, ConfigurationError, Unavailable, from_rpc_error
 from tokenbroker.messages import Asserted, Permissions, Seconds
 from tokenbroker.retry import Attempts, Retry, RetryPolicy, rule_for
@@ -264,9 +266,12 @@ class BrokerClient:
         ttl: Seconds | None = None,
         step: str = "",
         inherit_from: str = "",
+        dpop_key: DPoPKey | None = None,
+        bind_client_certificate: bool = False,
         timeout: float | None = None,
     ) -> broker_pb2.IssueTokenResponse:
-        """Mint a step token for `audience` (default run: this client's own)."""
+        """Mint a step token for `audience` (default run: this client's own); bound to
+        `dpop_key` (cnf.jkt) or to this connection's client certificate when asked."""
         request = messages.issue_token(
             audience,
             permissions,
@@ -274,6 +279,8 @@ class BrokerClient:
             ttl=ttl,
             step=step,
             inherit_from=inherit_from,
+            dpop_jwk=dpop_key.public_jwk_json if dpop_key is not None else "",
+            bind_client_certificate=bind_client_certificate,
         )
         return self._unary(self._stub.IssueToken, request, timeout)
 
@@ -284,17 +291,47 @@ class BrokerClient:
         *,
         ttl: Seconds | None = None,
         step: str = "",
+        bound: bool = True,
     ) -> str:
-        """Give me my step token: a token of this client's run for `audience`, as a string."""
+        """Give me my step token: a token of this client's run for `audience`.
+
+        Bound by default (RFC 9449): a key is made in memory for it, and the answer is a
+        `StepToken` — the token string, plus `.headers(method, url)` and `.auth()` that attach
+        a fresh proof to each request — so a copy that leaks into a log is worthless.
+        `bound=False` returns a plain bearer token, for tools that cannot send proofs."""
         if not self.run_id:
             raise ConfigurationError("this client acts for no run: use BrokerClient.for_run()")
-        return self.issue_token(audience, permissions, ttl=ttl, step=step).token
+        if not bound:
+            return self.issue_token(audience, permissions, ttl=ttl, step=step).token
+        key = DPoPKey.generate()
+        issued = self.issue_token(audience, permissions, ttl=ttl, step=step, dpop_key=key)
+        return StepToken(issued.token, key)
 
     def verify_token(
-        self, token: str, audience: str = "", *, timeout: float | None = None
+        self,
+        token: str,
+        audience: str = "",
+        *,
+        proof: str = "",
+        method: str = "",
+        url: str = "",
+        certificate_thumbprint: str = "",
+        nonce: str = "",
+        timeout: float | None = None,
     ) -> broker_pb2.VerifyTokenResponse:
-        """Check a token online; an invalid token is an answer (`active` False, `reason`)."""
-        return self._unary(self._stub.VerifyToken, messages.verify_token(token, audience), timeout)
+        """Check a token online; an invalid token is an answer (`active` False, `reason`).
+        A bound token needs what came with it: its DPoP `proof`, the request's `method` and
+        `url` (or the client certificate's thumbprint), and the nonce the API requires."""
+        request = messages.verify_token(
+            token,
+            audience,
+            proof=proof,
+            method=method,
+            url=url,
+            certificate_thumbprint=certificate_thumbprint,
+            nonce=nonce,
+        )
+        return self._unary(self._stub.VerifyToken, request, timeout)
 
     def revoke_run(
         self, run_id: str = "", reason: str = "", *, timeout: float | None = None
@@ -505,8 +542,10 @@ def step_token(
     ttl: Seconds | None = None,
     step: str = "",
     environ: Mapping[str, str] | None = None,
+    bound: bool = True,
 ) -> str:
     """Give me my step token: in a pipeline step, mint a token of this step's run for
-    `audience`, from the broker and run credential in the environment (like GITHUB_TOKEN)."""
+    `audience`, from the broker and run credential in the environment (like GITHUB_TOKEN).
+    Bound to a key made in memory unless `bound=False` (see `BrokerClient.step_token`)."""
     with BrokerClient.for_run(environ) as client:
-        return client.step_token(audience, permissions, ttl=ttl, step=step)
+        return client.step_token(audience, permissions, ttl=ttl, step=step, bound=bound)

@@ -155,23 +155,48 @@ def issue_token(
     ttl: Seconds | None = None,
     step: str = "",
     inherit_from: str = "",
+    dpop_jwk: str = "",
+    bind_proof_key: bool = False,
+    bind_client_certificate: bool = False,
 ) -> broker_pb2.IssueTokenRequest:
-    """An IssueTokenRequest for one step of a run."""
+    """An IssueTokenRequest for one step of a run (bound to a key or certificate if asked)."""
     request = broker_pb2.IssueTokenRequest(
         run_id=run_id,
         audience=audience,
         permissions=permission_list(permissions),
         inherit_from_service_account=inherit_from,
         step=step,
+        dpop_jwk=dpop_jwk,
+        bind_proof_key=bind_proof_key,
+        bind_client_certificate=bind_client_certificate,
     )
     if ttl is not None:
         request.ttl.CopyFrom(duration(ttl))
     return request
 
 
-def verify_token(token: str, audience: str = "") -> broker_pb2.VerifyTokenRequest:
-    """A VerifyTokenRequest; with an audience, a token for another API is WRONG_AUDIENCE."""
-    return broker_pb2.VerifyTokenRequest(token=token, audience=audience)
+def verify_token(
+    token: str,
+    audience: str = "",
+    *,
+    proof: str = "",
+    method: str = "",
+    url: str = "",
+    certificate_thumbprint: str = "",
+    nonce: str = "",
+) -> broker_pb2.VerifyTokenRequest:
+    """A VerifyTokenRequest; with an audience, a token for another API is WRONG_AUDIENCE. For
+    a bound token: the DPoP `proof` that came with it, the request's `method` and `url`, the
+    client certificate's thumbprint, the nonce the API requires."""
+    return broker_pb2.VerifyTokenRequest(
+        token=token,
+        audience=audience,
+        dpop_proof=proof,
+        http_method=method,
+        http_url=url,
+        certificate_thumbprint=certificate_thumbprint,
+        dpop_nonce=nonce,
+    )
 
 
 def revoke_run(run_id: str = "", reason: str = "") -> broker_pb2.RevokeRunRequest:

@@ -62,6 +62,21 @@ class TokenStatus(enum.Enum):
     RUN_EXPIRED = "run expired"
     UNKNOWN_RUN = "unknown run"
     WRONG_TYPE = "wrong token type"
+    # Sender-constrained tokens (RFC 9449 DPoP, RFC 8705 mTLS): see tokenbroker.dpop.
+    PROOF_MISSING = "bound token presented without a DPoP proof"
+    PROOF_MALFORMED = "DPoP proof malformed"
+    PROOF_WRONG_TYPE = "DPoP proof typ is not dpop+jwt"
+    PROOF_DISALLOWED_ALGORITHM = "DPoP proof algorithm not accepted"
+    PROOF_BAD_KEY = "DPoP proof jwk is not an acceptable public key"
+    PROOF_BAD_SIGNATURE = "DPoP proof signature does not verify"
+    PROOF_WRONG_KEY = "DPoP proof signed by a key the token is not bound to"
+    PROOF_WRONG_METHOD = "DPoP proof is for another method"
+    PROOF_WRONG_URL = "DPoP proof is for another URL"
+    PROOF_STALE = "DPoP proof iat outside the accepted window"
+    PROOF_REPLAYED = "DPoP proof replayed"
+    PROOF_WRONG_TOKEN_HASH = "DPoP proof ath does not match the token"
+    PROOF_NONCE_REQUIRED = "DPoP proof lacks the server nonce (use_dpop_nonce)"
+    CERTIFICATE_MISMATCH = "client certificate does not match the token's x5t#S256"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ Or assembled from its parts (e.g. keys from the broker's HTTP JWKS):
         revocations=RevocationFollower(channel).start(),
     )
     claims = verifier.verify(token)          # raises TokenRejected with a precise status
+
+A token bound to a key (`cnf.jkt`, RFC 9449) is accepted only with a valid DPoP proof of the
+request it came with — `verifier.verify(token, proof=request.headers["DPoP"], method="GET",
+url="https://api.example.com/deploy")` — and one bound to a certificate (RFC 8705) only with
+that certificate's thumbprint (`certificate_thumbprint=`). Proofs are remembered in a replay
+cache (`MemoryReplayCache` by default: one API instance; pass a shared one for several).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any, Self
 import grpc
 import jwt
 
-from tokenbroker import messages
+from tokenbroker import dpop, messages
 from tokenbroker.connect import Tls, open_channel
 from tokenbroker.errors import from_rpc_error
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -283,9 +289,15 @@ class TokenVerifier:
         revocations: RevocationFollower | None = None,
         leeway: float = DEFAULT_LEEWAY,
         clock: Callable[[], float] = time.time,
+        replay: dpop.ReplayCache | None = None,
+        proof_window: float = dpop.DEFAULT_WINDOW,
     ) -> None:
         """`leeway`: seconds of clock skew tolerated on the time claims. `clock`: the time
-        tokens are judged at (POSIX seconds), the wall clock unless a test passes its own."""
+        tokens are judged at (POSIX seconds), the wall clock unless a test passes its own.
+        `replay`: where DPoP proofs seen are remembered (default: in this process);
+        `proof_window`: seconds a proof's `iat` may differ from `clock()`."""
+        self._replay: dpop.ReplayCache = replay if replay is not None else dpop.MemoryReplayCache()
+        self._proof_window = proof_window
         self._issuer = issuer
         self._audience = audience
         self._keys = keys
@@ -307,6 +319,7 @@ class TokenVerifier:
         wait: float | None = 10.0,
         timeout: float = 10.0,
         leeway: float = DEFAULT_LEEWAY,
+        replay: dpop.ReplayCache | None = None,
     ) -> Self:
         """A verifier for the tokens that the broker at `target` issues for `audience`, set
         up in one call: the issuer and the signing keys from GetSigningKeys (the keys cached,
@@ -314,7 +327,8 @@ class TokenVerifier:
 
         `credentials` need role verifier (or auditor) in scope of `org` — "" follows every
         org, which needs scope "*/*/*". `follow_revocations=False` verifies signatures and
-        claims only (no credential needed then). By default waits up to `wait` seconds for
+        claims only (no credential needed then). `replay`: where the DPoP proofs of bound
+        tokens are remembered (default: in this process). By default waits up to `wait` seconds for
         the follower to catch up with the log. Raises a `BrokerError` (PermissionDenied,
         Unavailable, ...) when the broker refuses or cannot be reached.
         Close the verifier (or use `with`) to stop following and close the channel."""
@@ -341,6 +355,7 @@ class TokenVerifier:
             keys=keys,
             revocations=follower,
             leeway=leeway,
+            replay=replay,
         )
         verifier._channel = channel
         return verifier
@@ -370,8 +385,20 @@ class TokenVerifier:
     ) -> None:
         self.close()
 
-    def check(self, token: str) -> CheckResult:
-        """The verdict, as a value (never raises for a bad token)."""
+    def check(
+        self,
+        token: str,
+        *,
+        proof: str = "",
+        method: str = "",
+        url: str = "",
+        certificate_thumbprint: str = "",
+        nonce: str | Callable[[str], bool] | None = None,
+    ) -> CheckResult:
+        """The verdict, as a value (never raises for a bad token). For a bound token pass
+        what came with it: the `DPoP` header (`proof`), the request's `method` and `url`, the
+        client certificate's x5t#S256, and the nonce this API requires, if it does."""
+        now = self._clock()
         result = check_token(
             token,
             find_key=self._keys.find,
@@ -379,17 +406,37 @@ class TokenVerifier:
             audience=self._audience,
             expected_typ=STEP_TOKEN_TYP,
             leeway=self._leeway,
-            now=self._clock(),
+            now=now,
         )
         if result.active and self._revocations is not None:
             ended = self._revocations.status_of(str(result.claims["run_id"]))
             if ended is not None:
                 return CheckResult(ended, ended.value, result.claims, result.header)
-        return result
+        presented = dpop.Presentation(proof, method, url, certificate_thumbprint, nonce)
+        return dpop.check_binding(
+            result, token, presented, now=now, replay=self._replay, window=self._proof_window
+        )
 
-    def verify(self, token: str) -> Mapping[str, Any]:
-        """The verified claims; raises `TokenRejected` saying why the token is not valid."""
-        result = self.check(token)
+    def verify(
+        self,
+        token: str,
+        *,
+        proof: str = "",
+        method: str = "",
+        url: str = "",
+        certificate_thumbprint: str = "",
+        nonce: str | Callable[[str], bool] | None = None,
+    ) -> Mapping[str, Any]:
+        """The verified claims; raises `TokenRejected` saying why the token is not valid
+        (arguments as for `check`)."""
+        result = self.check(
+            token,
+            proof=proof,
+            method=method,
+            url=url,
+            certificate_thumbprint=certificate_thumbprint,
+            nonce=nonce,
+        )
         if not result.active:
             raise TokenRejected(result)
         return result.claims

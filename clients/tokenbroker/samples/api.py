@@ -1,9 +1,11 @@
 """A sample API that pipeline steps call with their step token: it verifies the token
 offline (published keys + the broker's revocations, no call to the broker per request).
 
-    GET /whoami   Authorization: Bearer <step token>
+    GET /whoami   Authorization: DPoP <step token>, DPoP: <proof>   (a bound token)
+                  Authorization: Bearer <step token>                  (an unbound one)
     200 {"run_id": ..., "person": ..., "triggered_via": ..., "pipeline": ..., "step": ...}
     401 {"error": "invalid_token", "reason": "run ended", "status": "RUN_ENDED"}
+    401 {"error": "invalid_token", ..., "status": "PROOF_MISSING"}   a bound token, leaked
     403 {"error": "insufficient_scope", ...}     the token lacks `pipelines: read`
 
 With a `tracer_provider`, each request is a SERVER span in the caller's trace (W3C
@@ -30,6 +32,7 @@ from typing import Any, Self
 import grpc
 from opentelemetry import trace
 
+from tokenbroker.bound import StepToken
 from tokenbroker.connect import open_channel
 from tokenbroker.samples import httptracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -58,14 +61,20 @@ def call_api(
     *,
     tracer_provider: trace.TracerProvider | None = None,
 ) -> ApiAnswer:
-    """GET `url` with `token` as the bearer token; the answer, whatever its status.
+    """GET `url` with `token`; the answer, whatever its status. A bound `StepToken` goes
+    with a fresh DPoP proof for this very request; a plain string as a bearer token (what
+    anyone holding a leaked copy could send).
 
     The request carries the current trace context and baggage; with a `tracer_provider` it
     is a CLIENT span of its own."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"the API is reached over http(s), not {url!r}")
     with httptracing.client_span(tracer_provider, "GET", url) as exchange:
-        headers = {**exchange.headers, "Authorization": f"Bearer {token}"}
+        if isinstance(token, StepToken):
+            authorization = token.headers("GET", url)
+        else:
+            authorization = {"Authorization": f"Bearer {token}"}
+        headers = {**exchange.headers, **authorization}
         request = urllib.request.Request(url, headers=headers)  # noqa: S310 (scheme checked)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
@@ -146,13 +155,15 @@ class SampleApi:
     ) -> None:
         self.stop()
 
-    def answer(self, authorization: str | None) -> ApiAnswer:
-        """The answer to a request with this Authorization header."""
+    def answer(self, authorization: str | None, proof: str | None = None) -> ApiAnswer:
+        """The answer to a GET of /whoami with these Authorization and DPoP headers. A bound
+        token is accepted only with a proof of this request: method GET, this API's own URL
+        (never the client's Host header), and the hash of the token."""
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        if scheme.lower() not in ("bearer", "dpop") or not token:
             return ApiAnswer(401, {"error": "invalid_request", "reason": "no bearer token"})
         assert self._verifier is not None, "start() the API first"
-        result = self._verifier.check(token.strip())
+        result = self._verifier.check(token.strip(), proof=proof or "", method="GET", url=self.url)
         if not result.active:
             body = {"error": "invalid_token", "reason": result.reason}
             return ApiAnswer(401, {**body, "status": result.status.name})
@@ -185,7 +196,7 @@ def _handler(api: SampleApi) -> type[BaseHTTPRequestHandler]:
                 route=route, client_address=self.client_address[0],
             ) as exchange:  # fmt: skip
                 if route:
-                    answer = api.answer(self.headers.get("Authorization"))
+                    answer = api.answer(self.headers.get("Authorization"), self.headers.get("DPoP"))
                 else:
                     answer = ApiAnswer(404, {"error": "not_found"})
                 exchange.answered(answer.status)

@@ -2,8 +2,11 @@
 
 `Execute` accepts the run at once; then, in the background, the "pipeline" has one step:
 with the run credential it mints a step token (`pipelines: read`, audience "sample-api"),
-calls the sample API with it, records what the API answered and ends the run with
-RevokeRun ("pipeline finished") — so every token of the run dies with it.
+bound to a key made in memory for the step (the client's default), calls the sample API with
+it and a fresh DPoP proof, records what the API answered and ends the run with RevokeRun
+("pipeline finished") — so every token of the run dies with it. With `show_leak` (the demo)
+it also shows what a leaked copy of the token would get: the token alone, without a proof,
+is refused.
 
     with SampleExecutor(api_url=api.url) as executor:       # serves on 127.0.0.1, port 0
         ...start a broker with --executor-target executor.target...
@@ -36,12 +39,15 @@ from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from tokenbroker import tracing
+from tokenbroker.bound import dpop_credentials
 from tokenbroker.client import BrokerClient
 from tokenbroker.connect import open_channel
 from tokenbroker.credentials import bearer_credentials
+from tokenbroker.dpop import DPoPKey
 from tokenbroker.errors import BrokerError
 from tokenbroker.samples.api import AUDIENCE, ApiAnswer, call_api
 from tokenbroker.v1 import executor_pb2, executor_pb2_grpc, types_pb2
+from tokenbroker.verification import read_claims
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,10 @@ class Execution:
     error: str = ""
     # The step token, kept so a demo can show it is refused once the run has ended.
     token: str = field(default="", repr=False)
+    # What the API answered to the token alone (as a leak into a log would give it).
+    leaked_answer: ApiAnswer = field(default=ApiAnswer(0, {}), repr=False)
+    # The key the run credential it was handed is bound to (its cnf.jkt), "" if unbound.
+    credential_jkt: str = ""
 
 
 class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
@@ -79,9 +89,17 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
         *,
         audience: str = AUDIENCE,
         tracer_provider: trace.TracerProvider | None = None,
+        show_leak: bool = False,
+        dpop_key: DPoPKey | None = None,
     ) -> None:
-        """`api_url` is what the step calls; it may be set later, before runs arrive."""
+        """`api_url` is what the step calls; it may be set later, before runs arrive.
+        `show_leak`: also send the step token alone, as a leak would, and record the answer.
+        `dpop_key`: the executor's own key, when the broker binds the run credentials it
+        hands over to it (`--executor-dpop-jwk` with `public_jwk_json`): every call then
+        carries a fresh DPoP proof."""
         self.api_url = api_url
+        self.show_leak = show_leak
+        self.dpop_key = dpop_key
         self.audience = audience
         self.tracer_provider = tracer_provider
         interceptors: list[grpc.ServerInterceptor] = []
@@ -177,6 +195,7 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
         self, execution_id: str, run: types_pb2.Run, credential: str, broker_target: str
     ) -> None:
         token, answer, error = "", ApiAnswer(0, {}), ""
+        leaked = ApiAnswer(0, {})
         ended = False
         with (
             self._pipeline_span(run) as pipeline,
@@ -189,6 +208,9 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
                     answer = call_api(self.api_url, token, tracer_provider=self.tracer_provider)
                     if answer.status != 200:
                         _failed(step, str(answer.status))
+                    if self.show_leak:
+                        # The string alone, without the key: what a build log's reader holds.
+                        leaked = call_api(self.api_url, str(token))
             except (BrokerError, OSError, ValueError) as exc:
                 error = f"step failed: {exc}"
             try:
@@ -198,8 +220,11 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
             except BrokerError as exc:
                 error = error or f"could not end the run: {exc}"
             _finished(pipeline, succeeded=not error and answer.status == 200)
+        claims = read_claims(credential) or {}
+        cnf = claims.get("cnf")
+        jkt = str(cnf.get("jkt", "")) if isinstance(cnf, dict) else ""
         execution = Execution(
-            execution_id, run.run_id, answer.status, answer.body, ended, error, token
+            execution_id, run.run_id, answer.status, answer.body, ended, error, token, leaked, jkt
         )
         with self._changed:
             self._done.append(execution)
@@ -207,7 +232,12 @@ class SampleExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):
 
     def _broker(self, target: str, credential: str) -> grpc.Channel:
         """A channel to the broker as the run; traced (context and baggage go out) if asked."""
-        channel = open_channel(target, bearer_credentials(credential))
+        credentials = (
+            dpop_credentials(credential, self.dpop_key)
+            if self.dpop_key is not None
+            else bearer_credentials(credential)
+        )
+        channel = open_channel(target, credentials)
         if self.tracer_provider is None:
             return channel
         return tracing.intercept_channel(channel, self.tracer_provider, target=target)

@@ -57,6 +57,37 @@ class _TokenStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenStat
     """Its run is not known to the broker."""
     TOKEN_STATUS_WRONG_TYPE: _TokenStatus.ValueType  # 13
     """The token is of another type (e.g. a run credential presented as a step token)."""
+    TOKEN_STATUS_PROOF_MISSING: _TokenStatus.ValueType  # 50
+    """Sender-constrained tokens (values 50-63): the token is bound (cnf) and the presentation
+    does not prove possession of its key or certificate.
+    Bound to a key (cnf.jkt) but presented without a DPoP proof.
+    """
+    TOKEN_STATUS_PROOF_MALFORMED: _TokenStatus.ValueType  # 51
+    """The DPoP proof is not a well-formed JWS, or lacks jti, htm, htu or iat."""
+    TOKEN_STATUS_PROOF_WRONG_TYPE: _TokenStatus.ValueType  # 52
+    """The DPoP proof's typ is not "dpop+jwt"."""
+    TOKEN_STATUS_PROOF_DISALLOWED_ALGORITHM: _TokenStatus.ValueType  # 53
+    """The DPoP proof's alg is not accepted (none, HS*, or not in ES256, EdDSA, RS256)."""
+    TOKEN_STATUS_PROOF_BAD_KEY: _TokenStatus.ValueType  # 54
+    """The DPoP proof's jwk header is missing, private, or not a usable public key for its alg."""
+    TOKEN_STATUS_PROOF_BAD_SIGNATURE: _TokenStatus.ValueType  # 55
+    """The DPoP proof's signature does not verify with its jwk."""
+    TOKEN_STATUS_PROOF_WRONG_KEY: _TokenStatus.ValueType  # 56
+    """The DPoP proof is signed by another key than the token's cnf.jkt."""
+    TOKEN_STATUS_PROOF_WRONG_METHOD: _TokenStatus.ValueType  # 57
+    """The DPoP proof's htm is not the request's method."""
+    TOKEN_STATUS_PROOF_WRONG_URL: _TokenStatus.ValueType  # 58
+    """The DPoP proof's htu is not the request's URL (query and fragment ignored)."""
+    TOKEN_STATUS_PROOF_STALE: _TokenStatus.ValueType  # 59
+    """The DPoP proof's iat lies outside the accepted window (60 s either way)."""
+    TOKEN_STATUS_PROOF_REPLAYED: _TokenStatus.ValueType  # 60
+    """The DPoP proof was presented before (same key and jti)."""
+    TOKEN_STATUS_PROOF_WRONG_TOKEN_HASH: _TokenStatus.ValueType  # 61
+    """The DPoP proof's ath is missing or is not the hash of this token."""
+    TOKEN_STATUS_PROOF_NONCE_REQUIRED: _TokenStatus.ValueType  # 62
+    """The verifier requires a server nonce (RFC 9449 section 8) the proof does not carry."""
+    TOKEN_STATUS_CERTIFICATE_MISMATCH: _TokenStatus.ValueType  # 63
+    """Bound to a client certificate (cnf x5t#S256) and presented without it or with another."""
 
 class TokenStatus(_TokenStatus, metaclass=_TokenStatusEnumTypeWrapper):
     """TokenStatus is the outcome of verifying a token."""
@@ -89,6 +120,37 @@ TOKEN_STATUS_UNKNOWN_RUN: TokenStatus.ValueType  # 12
 """Its run is not known to the broker."""
 TOKEN_STATUS_WRONG_TYPE: TokenStatus.ValueType  # 13
 """The token is of another type (e.g. a run credential presented as a step token)."""
+TOKEN_STATUS_PROOF_MISSING: TokenStatus.ValueType  # 50
+"""Sender-constrained tokens (values 50-63): the token is bound (cnf) and the presentation
+does not prove possession of its key or certificate.
+Bound to a key (cnf.jkt) but presented without a DPoP proof.
+"""
+TOKEN_STATUS_PROOF_MALFORMED: TokenStatus.ValueType  # 51
+"""The DPoP proof is not a well-formed JWS, or lacks jti, htm, htu or iat."""
+TOKEN_STATUS_PROOF_WRONG_TYPE: TokenStatus.ValueType  # 52
+"""The DPoP proof's typ is not "dpop+jwt"."""
+TOKEN_STATUS_PROOF_DISALLOWED_ALGORITHM: TokenStatus.ValueType  # 53
+"""The DPoP proof's alg is not accepted (none, HS*, or not in ES256, EdDSA, RS256)."""
+TOKEN_STATUS_PROOF_BAD_KEY: TokenStatus.ValueType  # 54
+"""The DPoP proof's jwk header is missing, private, or not a usable public key for its alg."""
+TOKEN_STATUS_PROOF_BAD_SIGNATURE: TokenStatus.ValueType  # 55
+"""The DPoP proof's signature does not verify with its jwk."""
+TOKEN_STATUS_PROOF_WRONG_KEY: TokenStatus.ValueType  # 56
+"""The DPoP proof is signed by another key than the token's cnf.jkt."""
+TOKEN_STATUS_PROOF_WRONG_METHOD: TokenStatus.ValueType  # 57
+"""The DPoP proof's htm is not the request's method."""
+TOKEN_STATUS_PROOF_WRONG_URL: TokenStatus.ValueType  # 58
+"""The DPoP proof's htu is not the request's URL (query and fragment ignored)."""
+TOKEN_STATUS_PROOF_STALE: TokenStatus.ValueType  # 59
+"""The DPoP proof's iat lies outside the accepted window (60 s either way)."""
+TOKEN_STATUS_PROOF_REPLAYED: TokenStatus.ValueType  # 60
+"""The DPoP proof was presented before (same key and jti)."""
+TOKEN_STATUS_PROOF_WRONG_TOKEN_HASH: TokenStatus.ValueType  # 61
+"""The DPoP proof's ath is missing or is not the hash of this token."""
+TOKEN_STATUS_PROOF_NONCE_REQUIRED: TokenStatus.ValueType  # 62
+"""The verifier requires a server nonce (RFC 9449 section 8) the proof does not carry."""
+TOKEN_STATUS_CERTIFICATE_MISMATCH: TokenStatus.ValueType  # 63
+"""Bound to a client certificate (cnf x5t#S256) and presented without it or with another."""
 Global___TokenStatus: _TypeAlias = TokenStatus  # noqa: Y015
 
 @_typing.final
@@ -125,11 +187,18 @@ class StartRunRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PIPELINE_IDS_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    DPOP_JWK_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Optional key that makes retries safe: the same caller and key return the same run."""
     environment: _builtins.str
     """Optional deployment environment, e.g. "production": 1-64 letters, digits, '.', '_' or
     '-'. Stored with the run, put into its tokens as `environment`; inherited by child runs.
+    """
+    dpop_jwk: _builtins.str
+    """Optional: bind the run credential to the runner's key (RFC 9449 DPoP): its public JWK
+    as JSON (EC P-256, Ed25519 or RSA >= 2048 bits; never a private member). The credential
+    then carries cnf.jkt, and every call presenting it must carry a fresh DPoP proof by that
+    key in the `dpop` metadata (htm "POST", htu the method path), or it is UNAUTHENTICATED.
     """
     @_builtins.property
     def pipeline(self) -> _types_pb2.PipelineRef:
@@ -170,10 +239,11 @@ class StartRunRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         pipeline_ids: _types_pb2.PipelineIds | None = ...,
         environment: _builtins.str = ...,
+        dpop_jwk: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "lease", b"lease", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "environment", b"environment", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "lease", b"lease", "permission_ceiling", b"permission_ceiling", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "dpop_jwk", b"dpop_jwk", "environment", b"environment", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "lease", b"lease", "permission_ceiling", b"permission_ceiling", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -283,6 +353,7 @@ class ExecuteOnBehalfOfRequest(_message.Message):
     ASSERTED_FIELD_NUMBER: _builtins.int
     PIPELINE_IDS_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    DPOP_JWK_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Required: the same caller and key return the same run, never a second one."""
     id_token: _builtins.str
@@ -292,6 +363,12 @@ class ExecuteOnBehalfOfRequest(_message.Message):
     environment: _builtins.str
     """Optional deployment environment, e.g. "production": 1-64 letters, digits, '.', '_' or
     '-'. Stored with the run, put into its tokens as `environment`; inherited by child runs.
+    """
+    dpop_jwk: _builtins.str
+    """Optional: bind the run credential to the runner's key (also when handed to an executor) (RFC 9449 DPoP): its public JWK
+    as JSON (EC P-256, Ed25519 or RSA >= 2048 bits; never a private member). The credential
+    then carries cnf.jkt, and every call presenting it must carry a fresh DPoP proof by that
+    key in the `dpop` metadata (htm "POST", htu the method path), or it is UNAUTHENTICATED.
     """
     @_builtins.property
     def pipeline(self) -> _types_pb2.PipelineRef:
@@ -338,10 +415,11 @@ class ExecuteOnBehalfOfRequest(_message.Message):
         asserted: Global___AssertedPerson | None = ...,
         pipeline_ids: _types_pb2.PipelineIds | None = ...,
         environment: _builtins.str = ...,
+        dpop_jwk: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["asserted", b"asserted", "deadline", b"deadline", "id_token", b"id_token", "lease", b"lease", "person", b"person", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asserted", b"asserted", "deadline", b"deadline", "environment", b"environment", "id_token", b"id_token", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "lease", b"lease", "permission_ceiling", b"permission_ceiling", "person", b"person", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asserted", b"asserted", "deadline", b"deadline", "dpop_jwk", b"dpop_jwk", "environment", b"environment", "id_token", b"id_token", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "lease", b"lease", "permission_ceiling", b"permission_ceiling", "person", b"person", "pipeline", b"pipeline", "pipeline_ids", b"pipeline_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_person: _TypeAlias = _typing.Literal["id_token", "asserted"]  # noqa: Y015
     _WhichOneofArgType_person: _TypeAlias = _typing.Literal["person", b"person"]  # noqa: Y015
@@ -449,6 +527,9 @@ class IssueTokenRequest(_message.Message):
     INHERIT_FROM_SERVICE_ACCOUNT_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    DPOP_JWK_FIELD_NUMBER: _builtins.int
+    BIND_PROOF_KEY_FIELD_NUMBER: _builtins.int
+    BIND_CLIENT_CERTIFICATE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Run the token belongs to. May be empty when the caller is the run's own credential."""
     audience: _builtins.str
@@ -459,6 +540,18 @@ class IssueTokenRequest(_message.Message):
     """
     step: _builtins.str
     """Name of the pipeline step the token is for (its `step` claim), e.g. "build"."""
+    dpop_jwk: _builtins.str
+    """Optional: bind the token to the step's key (RFC 9449 DPoP): its public JWK as JSON. The
+    token carries cnf.jkt and is worthless without a DPoP proof by that key.
+    """
+    bind_proof_key: _builtins.bool
+    """Optional: bind the token to the key of the DPoP proof sent with this call (metadata
+    `dpop`, htm "POST", htu the method path), which the broker checks.
+    """
+    bind_client_certificate: _builtins.bool
+    """Optional: bind the token to the client certificate of this (mTLS) call: cnf["x5t#S256"]
+    (RFC 8705). FAILED_PRECONDITION when the call presented no client certificate.
+    """
     @_builtins.property
     def permissions(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Permission]:
         """Permissions requested; each must be within the run's ceiling. Empty means none,
@@ -480,10 +573,13 @@ class IssueTokenRequest(_message.Message):
         inherit_from_service_account: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
         step: _builtins.str = ...,
+        dpop_jwk: _builtins.str = ...,
+        bind_proof_key: _builtins.bool = ...,
+        bind_client_certificate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "inherit_from_service_account", b"inherit_from_service_account", "permissions", b"permissions", "run_id", b"run_id", "step", b"step", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "bind_client_certificate", b"bind_client_certificate", "bind_proof_key", b"bind_proof_key", "dpop_jwk", b"dpop_jwk", "inherit_from_service_account", b"inherit_from_service_account", "permissions", b"permissions", "run_id", b"run_id", "step", b"step", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,12 +596,18 @@ class IssueTokenResponse(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     PERMISSIONS_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    CNF_JKT_FIELD_NUMBER: _builtins.int
+    CNF_X5T_S256_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The signed JWT. Never log it."""
     token_id: _builtins.str
     """The token's unique id (its `jti` claim), safe to log."""
     key_id: _builtins.str
     """Id of the key that signed it (the JWT header's `kid`)."""
+    cnf_jkt: _builtins.str
+    """The RFC 7638 thumbprint the token is bound to (its cnf.jkt); empty when not DPoP-bound."""
+    cnf_x5t_s256: _builtins.str
+    """The certificate thumbprint the token is bound to (cnf["x5t#S256"]); empty when not."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the token expires."""
@@ -522,10 +624,12 @@ class IssueTokenResponse(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         permissions: _abc.Iterable[_types_pb2.Permission] | None = ...,
         key_id: _builtins.str = ...,
+        cnf_jkt: _builtins.str = ...,
+        cnf_x5t_s256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "key_id", b"key_id", "permissions", b"permissions", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cnf_jkt", b"cnf_jkt", "cnf_x5t_s256", b"cnf_x5t_s256", "expire_time", b"expire_time", "key_id", b"key_id", "permissions", b"permissions", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,19 +643,44 @@ class VerifyTokenRequest(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     AUDIENCE_FIELD_NUMBER: _builtins.int
+    DPOP_PROOF_FIELD_NUMBER: _builtins.int
+    HTTP_METHOD_FIELD_NUMBER: _builtins.int
+    HTTP_URL_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_THUMBPRINT_FIELD_NUMBER: _builtins.int
+    DPOP_NONCE_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The token to check."""
     audience: _builtins.str
     """Expected audience; when set, a token for another audience is WRONG_AUDIENCE."""
+    dpop_proof: _builtins.str
+    """The DPoP proof that came with the token (the request's `DPoP` header). Required for a
+    token bound to a key (cnf.jkt): without it the answer is TOKEN_STATUS_PROOF_MISSING.
+    The broker remembers each proof's jti: a proof is accepted once.
+    """
+    http_method: _builtins.str
+    """The method of the request the token came with, e.g. "GET" (the proof's htm)."""
+    http_url: _builtins.str
+    """The URL of that request, e.g. "https://api.example.com/deploy" (the proof's htu)."""
+    certificate_thumbprint: _builtins.str
+    """For a token bound to a certificate: the x5t#S256 (base64url SHA-256 of the DER) of the
+    client certificate the request came with.
+    """
+    dpop_nonce: _builtins.str
+    """The nonce the API requires in proofs (RFC 9449 section 8); empty when none."""
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         audience: _builtins.str = ...,
+        dpop_proof: _builtins.str = ...,
+        http_method: _builtins.str = ...,
+        http_url: _builtins.str = ...,
+        certificate_thumbprint: _builtins.str = ...,
+        dpop_nonce: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "certificate_thumbprint", b"certificate_thumbprint", "dpop_nonce", b"dpop_nonce", "dpop_proof", b"dpop_proof", "http_method", b"http_method", "http_url", b"http_url", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
