@@ -16,6 +16,8 @@ from broker.store import StoreUrlInvalid, factory
 from tokenbroker.defaults import DEFAULT_HTTP_TARGET, DEFAULT_TARGET
 
 ENV_PREFIX = "TOKEN_BROKER_"
+# A new key waits at most a week before it signs; the old one signs (and is exposed) as long.
+MAX_KEY_PREPUBLISH = 7 * 24 * 3600.0
 
 
 class SettingsError(ValueError):
@@ -33,6 +35,7 @@ class Settings:
     issuer: str = ""
     signing_alg: str = "ES256"
     signing_key: Path | None = None
+    key_prepublish: float = 3600.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = None
@@ -64,6 +67,10 @@ class Settings:
             raise SettingsError(f"--store: {exc}") from None
         if self.signing_alg not in ("ES256", "RS256"):
             raise SettingsError(f"--signing-alg must be ES256 or RS256, not {self.signing_alg!r}")
+        if not 0 <= self.key_prepublish <= MAX_KEY_PREPUBLISH:
+            raise SettingsError(
+                f"--key-prepublish must be 0 to {MAX_KEY_PREPUBLISH:g} seconds (7 days)"
+            )
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"--log-format must be 'json' or 'text', not {self.log_format!r}")
         if self.max_workers < 4:
@@ -227,8 +234,11 @@ _HELP = {
     "(its database is missing or empty): a new audit history begins",
     "policy": "policy file (TOML); without it a development policy is created in the data dir",
     "issuer": "the `iss` of broker tokens (default: the HTTP endpoint's URL)",
-    "signing_alg": "ES256 or RS256",
+    "signing_alg": "ES256 or RS256: the default algorithm (run credentials, checkpoints, and "
+    "audiences the policy names no algorithm for)",
     "signing_key": "PEM private key to sign with (default: created in the data dir)",
+    "key_prepublish": "seconds a rotated-in signing key is in the JWKS before it signs (longer "
+    "than relying parties cache the JWKS); keys rotate --emergency skips it",
     "tls_cert": "server certificate (PEM)",
     "tls_key": "server private key (PEM)",
     "client_ca": "CA bundle for client certificates; every caller must then present one (mTLS)",

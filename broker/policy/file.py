@@ -9,6 +9,11 @@ all. Paths inside the policy (key files, JWKS files) are relative to the policy 
     certificate_sans = ["spiffe://acme.example/ci/orchestrator"]
     permissions = { artifacts = "read" }
     keys = [{ kid = "2026-01", file = "keys/ci-orchestrator.pub.pem" }]
+
+    # Tokens for these audiences (exact, or a prefix ending in "*") are signed with RS256;
+    # every other audience gets the broker's default algorithm (--signing-alg, ES256).
+    [audiences."sts.amazonaws.com"]
+    algorithm = "RS256"
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from broker.identity import BROKER
 from broker.policy.model import (
     ACCOUNT_NAME_PATTERN,
     DEFAULT_MAX_CHAIN_DEPTH,
+    TOKEN_ALGORITHMS,
     WILDCARD,
     AccountKey,
+    AudienceRule,
     ChildRuns,
     Delegation,
     IdentityProvider,
@@ -38,13 +45,15 @@ from broker.policy.model import (
     Scope,
     ServiceAccount,
 )
+from broker.runs.issuance import AUDIENCE_PATTERN
 from broker.runs.permissions import RESOURCE_PATTERN, PermissionSet, ladder_for
 
 MAX_CHAIN_DEPTH = 16
 # Key files and JWKS files are small; a policy naming something huge (or endless) is a mistake.
 MAX_REFERENCED_FILE_BYTES = 1024 * 1024
 SCOPED_ROLES = (Role.ORCHESTRATOR, Role.DELEGATOR, Role.AUDITOR, Role.VERIFIER)
-TOP_KEYS = ("version", "accounts")
+TOP_KEYS = ("version", "accounts", "audiences")
+AUDIENCE_KEYS = ("algorithm",)
 ACCOUNT_KEYS = ("roles", "scopes", "keys", "certificate_sans", "permissions", "delegation")
 KEY_KEYS = ("kid", "pem", "jwk", "file")
 DELEGATION_KEYS = (
@@ -121,7 +130,40 @@ class _Parser:
             if account is not None:
                 accounts[name] = account
         by_san = self.san_index(accounts)
-        return Policy(MappingProxyType(accounts), source, sha256, MappingProxyType(by_san))
+        audiences = self.audiences(data.get("audiences", {}), "audiences")
+        return Policy(
+            MappingProxyType(accounts), source, sha256, MappingProxyType(by_san), audiences
+        )
+
+    def audiences(self, table: Any, where: str) -> tuple[AudienceRule, ...]:
+        if not isinstance(table, dict):
+            self.problem(where, '[audiences."AUDIENCE"] tables, e.g. algorithm = "RS256"')
+            return ()
+        rules = []
+        for pattern, entry in table.items():
+            at = f'{where}."{pattern}"'
+            star = pattern.find(WILDCARD)
+            if not AUDIENCE_PATTERN.match(pattern) or star not in (-1, len(pattern) - 1):
+                self.problem(
+                    at,
+                    "an audience is 1-256 printable characters without spaces; '*' only at "
+                    "the end, as a prefix match",
+                )
+                continue
+            if not isinstance(entry, dict):
+                self.problem(at, 'must be a table, e.g. { algorithm = "RS256" }')
+                continue
+            self.known_keys(entry, AUDIENCE_KEYS, at)
+            algorithm = entry.get("algorithm")
+            if algorithm not in TOKEN_ALGORITHMS:
+                self.problem(
+                    _join(at, "algorithm"), f"must be one of {', '.join(TOKEN_ALGORITHMS)}"
+                )
+                continue
+            rules.append(AudienceRule(pattern, algorithm))
+        # Exact audiences before prefixes, longer prefixes before shorter ones.
+        rules.sort(key=lambda r: (r.pattern.endswith(WILDCARD), -len(r.pattern)))
+        return tuple(rules)
 
     def account(self, name: str, table: Any, where: str) -> ServiceAccount | None:
         if not ACCOUNT_NAME_PATTERN.match(name):

@@ -33,6 +33,11 @@ class PolicyRules:
         account = self._policy().account(name)
         return None if account is None else account.permissions
 
+    def token_algorithm(self, audience: str) -> str | None:
+        """The algorithm the policy names for tokens to `audience` (None: the default)."""
+        rule = self._policy().audience_rule(audience)
+        return None if rule is None else rule.algorithm
+
     def delegation_rules(self, name: str) -> DelegationRules | None:
         account = self._policy().account(name)
         if account is None or Role.DELEGATOR not in account.roles:

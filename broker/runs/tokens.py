@@ -8,6 +8,7 @@ is active: every check consults the run's state, so ending the run kills them al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,21 @@ def run_claims(run: Run, issuer: str, now: float) -> dict[str, Any]:
     return claims
 
 
+# The algorithm to sign a step token for an audience with; None: the key ring's default.
+AlgorithmFor = Callable[[str], str | None]
+
+
 class TokenService:
-    def __init__(self, keys: KeyRing, registry: RunRegistry, issuer: str, clock: Clock) -> None:
+    def __init__(
+        self,
+        keys: KeyRing,
+        registry: RunRegistry,
+        issuer: str,
+        clock: Clock,
+        algorithm_for: AlgorithmFor = lambda audience: None,
+    ) -> None:
         self._keys = keys
+        self._algorithm_for = algorithm_for
         self._registry = registry
         self.issuer = issuer
         self._clock = clock
@@ -105,7 +118,8 @@ class TokenService:
             step=step,
             permissions=permissions.as_dict(),
         )
-        token, kid = self._keys.sign(claims, STEP_TOKEN_TYP)
+        # Some relying parties accept only RS256: the policy chooses per audience.
+        token, kid = self._keys.sign(claims, STEP_TOKEN_TYP, self._algorithm_for(audience))
         return MintedToken(token, token_id, int(expire_time), kid, permissions)
 
     def mint_run_credential(self, run: Run) -> MintedToken:
