@@ -37,6 +37,7 @@ from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
 from broker.app import Broker, build_broker
+from broker.clock import Clock, system_clock
 from broker.policy.file import load_policy
 from broker.runs.keys import load_private_key
 from broker.settings import Settings, SettingsError, is_loopback, split_host_port
@@ -263,8 +264,10 @@ def create_server(
     broker: Broker | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
+    clock: Clock = system_clock,
 ) -> BrokerServer:
-    """Providers are used when the broker is built here; a given broker brings its own.
+    """Providers and `clock` are used when the broker is built here (tests pass a fake
+    clock; the issuer is then the bound HTTP port's URL); a given broker brings its own.
 
     Raises PolicyError, OSError (TLS files) or ListenError before anything is written."""
     if broker is None:
@@ -287,6 +290,7 @@ def create_server(
                 handoff=handoff,
                 tracer_provider=tracer_provider,
                 meter_provider=meter_provider,
+                clock=clock,
             )
         except BaseException:
             server.stop(None)
