@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -32,7 +33,7 @@ from broker import limits
 from broker.api import credentials as authn
 from broker.api.decoding import DecodeGuard
 from broker.api.handoff import GrpcHandoff, traced_channel
-from broker.api.http import HttpServer, broker_routes
+from broker.api.http import HttpServer, broker_routes, tls_context
 from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
@@ -142,13 +143,27 @@ def _bind_http(settings: Settings) -> tuple[HttpServer | None, str]:
     if not settings.http_listen:
         return None, settings.effective_issuer
     host, port = split_host_port(settings.http_listen, "--http-listen")
+    tls = _http_tls(settings)
     try:
-        http = HttpServer(host, port)
+        http = HttpServer(host, port, tls)
     except OSError as exc:
         raise _listen_error(settings.http_listen, "--http-listen", exc) from None
     shown = f"[{host}]" if ":" in host else host
-    issuer = settings.issuer.rstrip("/") or f"http://{shown}:{http.port}"
+    issuer = settings.issuer.rstrip("/") or f"{http.scheme}://{shown}:{http.port}"
     return http, issuer
+
+
+def _http_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The HTTP port's TLS context; a certificate that cannot be used stops the start."""
+    if settings.http_tls_cert is None or settings.http_tls_key is None:
+        return None
+    try:
+        return tls_context(settings.http_tls_cert, settings.http_tls_key)
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            f"--http-tls-cert {settings.http_tls_cert} / --http-tls-key "
+            f"{settings.http_tls_key}: not a matching PEM certificate and key ({exc.reason})"
+        ) from None
 
 
 def _check_signing_key(settings: Settings) -> None:
@@ -332,6 +347,9 @@ def serve(settings: Settings) -> int:
             "tokens cross the network unencrypted",
             extra={"listen": settings.listen},
         )
+    discovery_warning = settings.plain_discovery_warning()
+    if discovery_warning:
+        log.warning(discovery_warning, extra={"http_listen": settings.http_listen})
     providers = setup.providers_from_env(settings, os.environ)
     stop_log_export = (
         logs.export_to(providers.logger_provider) if providers.logger_provider else _nothing
