@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import jwt
 import pytest
 
 from broker.api.server import BrokerServer
+from broker.store.sqlite import DB_FILENAME
 from tests.cli_support import run_cli
 
 
@@ -50,3 +55,35 @@ def test_keys_rotate_emergency_signs_with_the_new_key_now(
         (again["key_id"], "signing"),
         (old, "retiring"),
     ]
+
+
+def test_keys_export_jwks_writes_every_published_key_offline_pre_published_ones_included(
+    broker: BrokerServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    rotated = run_cli(capsys, "keys", "rotate", "--json").json()
+    data_dir = broker.broker.settings.data_dir
+    database = data_dir / DB_FILENAME
+    before = database.read_bytes()
+    out = tmp_path / "jwks.json"
+    exported = run_cli(
+        capsys, "keys", "export-jwks", "--data-dir", str(data_dir), "--out", str(out)
+    )
+    assert exported.code == 0
+    assert exported.err == f"token-broker keys export-jwks: wrote 2 keys to {out}\n"
+    jwks = json.loads(out.read_text())
+    assert jwks == broker.broker.keys.jwks()  # what the broker serves, signing key first
+    assert [k["kid"] for k in jwks["keys"]] == [*rotated["retiring_key_ids"], rotated["key_id"]]
+    assert database.read_bytes() == before  # read-only
+    # Standard output too, and a verifier loads it as it is.
+    printed = run_cli(capsys, "keys", "export-jwks", "--data-dir", str(data_dir)).json()
+    assert {k.key_id for k in jwt.PyJWKSet.from_dict(printed).keys} == {
+        k["kid"] for k in jwks["keys"]
+    }
+
+
+def test_keys_export_jwks_without_a_store_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = run_cli(capsys, "keys", "export-jwks", "--data-dir", str(tmp_path / "none"))
+    assert missing.code == 2
+    assert missing.err.startswith("token-broker keys export-jwks: ")

@@ -171,13 +171,13 @@ def _export_jwks(args: argparse.Namespace) -> int:
         text = json.dumps(document, indent=2) + "\n"
         if args.out is None:
             sys.stdout.write(text)
-        else:
-            args.out.write_text(text)
+            return common.EXIT_OK
+        args.out.write_text(text)
     except BrokenPipeError:
         raise  # the reader went away (`| head`): main ends quietly
     except (StoreRefused, StoreUnavailable, OSError) as exc:
         print(f"token-broker keys export-jwks: {exc}", file=sys.stderr)
         return common.EXIT_USAGE
     count = len(document["keys"])
-    print(f"exported {count} keys", file=sys.stderr)
+    print(f"token-broker keys export-jwks: wrote {count} keys to {args.out}", file=sys.stderr)
     return common.EXIT_OK
