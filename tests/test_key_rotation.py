@@ -114,10 +114,13 @@ def test_after_the_prepublish_window_tokens_carry_the_new_kid_a_jwks_fetched_in_
     in_window = fetch_jwks(federated)  # any refetch after the rotation holds the new keys
     assert set(rotated.new_key_ids) <= {k.key_id for k in in_window.keys}
 
-    clock.advance(HOUR - 1)
+    # The broker's clock runs on in real time: move it to 30 s before the switch, then past.
+    signs_from = rotated.signs_from.ToMicroseconds() / 1e6
+    assert signs_from == pytest.approx(clock() + HOUR, abs=30)  # the default window
+    clock.advance(signs_from - 30 - clock())
     step = callers.bearer_stub(started.run_credential)
     assert kid_of(issue(step, started.run.run_id)) in rotated.retiring_key_ids
-    clock.advance(2)
+    clock.advance(signs_from - clock())
     for audience in ("api.example.com", "sts.amazonaws.com"):
         token = issue(step, started.run.run_id, audience)
         assert kid_of(token) in rotated.new_key_ids
@@ -221,3 +224,26 @@ def test_an_exact_audience_wins_over_a_prefix_and_a_longer_prefix_over_a_shorter
     assert algorithm("https://vault.example.com") == "ES256"
     assert algorithm("api.example.com") is None  # the broker's default
     assert loaded.token_algorithms() == {"ES256", "RS256"}
+
+
+def test_a_policy_reload_that_names_rs256_adds_an_rs256_key_that_signs_at_once(
+    server: BrokerServer,
+) -> None:
+    """The `server` fixture's policy names no algorithm: ES256 only, until the reload."""
+    assert {k["alg"] for k in server.broker.keys.jwks()["keys"]} == {"ES256"}
+    with callers_of(server) as on_server:
+        stub = on_server.stub(standard_accounts()["orchestrator"])
+        reload_adds_an_rs256_key(server, stub)
+
+
+def reload_adds_an_rs256_key(server: BrokerServer, stub: Stub) -> None:
+    run = stub.StartRun(start_run_request()).run
+    assert jwt.get_unverified_header(issue(stub, run.run_id, "sts.amazonaws.com"))["alg"] == (
+        "ES256"
+    )
+    policy = server.broker.policy.path
+    policy.write_text(policy.read_text() + RS256_ONLY)
+    assert server.broker.policy.reload()
+    token = issue(stub, run.run_id, "sts.amazonaws.com")
+    assert jwt.get_unverified_header(token)["alg"] == "RS256"
+    assert kid_of(token) in {k["kid"] for k in server.broker.keys.jwks()["keys"]}
