@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt
 import pytest
 from google.protobuf import duration_pb2
@@ -17,6 +18,7 @@ from google.protobuf import duration_pb2
 from broker.api.server import BrokerServer, create_server
 from broker.audit.events import Action
 from broker.policy.file import PolicyError, load_policy
+from broker.runs.keys import generate_private_key, write_private_key
 from tests.accounts import Callers, callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.support import ShiftedClock, start_run_request
@@ -247,3 +249,49 @@ def reload_adds_an_rs256_key(server: BrokerServer, stub: Stub) -> None:
     token = issue(stub, run.run_id, "sts.amazonaws.com")
     assert jwt.get_unverified_header(token)["alg"] == "RS256"
     assert kid_of(token) in {k["kid"] for k in server.broker.keys.jwks()["keys"]}
+
+
+def test_a_broker_restarted_in_the_window_keeps_the_schedule_it_read_from_the_store(
+    tmp_path: Path, clock: ShiftedClock
+) -> None:
+    settings = make_settings(tmp_path / "data", policy=standard_policy(tmp_path))
+    first = create_server(settings, clock=clock)
+    first.start()
+    try:
+        with callers_of(first) as on_first:
+            old = first.broker.keys.active.kid
+            rotated = rotate(on_first)
+    finally:
+        first.stop(grace=0.5)
+    second = create_server(settings, clock=clock)
+    second.start()
+    try:
+        assert second.broker.keys.active.kid == old  # still pre-publishing
+        assert [s.state for s in second.broker.keys.schedule()] == ["signing", "prepublished"]
+        clock.advance(rotated.signs_from.ToMicroseconds() / 1e6 - clock())
+        assert second.broker.keys.active.kid == rotated.key_id
+    finally:
+        second.stop(grace=0.5)
+
+
+def test_an_external_signing_key_cannot_sign_for_an_audience_that_wants_another_algorithm(
+    tmp_path: Path,
+) -> None:
+    pem = tmp_path / "signing.pem"
+    write_private_key(pem, generate_private_key("ES256"))
+    policy = standard_policy(tmp_path)
+    policy.write_text(policy.read_text() + RS256_ONLY)
+    settings = make_settings(tmp_path / "data", policy=policy, signing_key=pem)
+    running = create_server(settings)
+    running.start()
+    try:
+        with callers_of(running) as on_it:
+            stub = on_it.stub(standard_accounts()["orchestrator"])
+            run = stub.StartRun(start_run_request()).run
+            assert jwt.get_unverified_header(issue(stub, run.run_id))["alg"] == "ES256"
+            with pytest.raises(grpc.RpcError) as refused:
+                issue(stub, run.run_id, "sts.amazonaws.com")
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no RS256 signing key" in str(refused.value.details())
+    finally:
+        running.stop(grace=0.5)
