@@ -386,6 +386,7 @@ def serve(settings: Settings) -> int:
             "store": settings.store,
             "data_dir": str(settings.data_dir),
             "tls": settings.tls_enabled,
+            "http_tls": settings.http_tls_enabled,
             "http_port": server.http.port if server.http else None,
             "issuer": server.broker.tokens.issuer,
         },

@@ -201,11 +201,13 @@ def _signer(own: Sequence[_Own], now: float) -> SigningKey | None:
     key still scheduled to sign; failing that (a successor not yet made or active), the most
     recently activated one — better than not signing; failing that, a pre-published one."""
     live = [o for o in own if o.record.published_at(now)]
-    for candidates in (
-        [o for o in live if o.record.signs_at(now)],
-        [o for o in live if o.record.activate_time <= now],
-        live,
-    ):
+    tests: tuple[Callable[[PublicKeyRecord], bool], ...] = (
+        lambda record: record.signs_at(now),
+        lambda record: record.activate_time <= now,
+        lambda record: True,
+    )
+    for test in tests:
+        candidates = [o for o in live if test(o.record)]
         if candidates:
             chosen = max(candidates, key=lambda o: (o.record.activate_time, o.record.create_time))
             return chosen.key
