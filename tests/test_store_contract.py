@@ -232,13 +232,14 @@ def test_a_key_is_stored_with_its_schedule_and_retirement_only_ever_moves_earlie
     assert second.activate_time == 4601.0  # pre-published: signs only from then
     assert not second.signs_at(4600.0) and second.signs_at(4601.0) and second.published_at(1001.0)
 
-    store.commit(Write([event("key.retired")], RetireKey("k-1", 94601.0, 4601.0)))
+    store.commit(Write([event("key.retired")], RetireKey(("k-1",), 94601.0, 4601.0)))
     # A later, normal rotation would stop it later: the earlier schedule stands.
-    store.commit(Write([event("key.retired")], RetireKey("k-1", 99000.0, 9000.0)))
-    [first] = [k for k in store.public_keys() if k.kid == "k-1"]
+    store.commit(Write([event("key.retired")], RetireKey(("k-1", "k-2"), 99000.0, 9000.0)))
+    first, second = sorted(store.public_keys(), key=lambda k: k.kid)
     assert (first.stop_signing_time, first.retire_time) == (4601.0, 94601.0)
+    assert (second.stop_signing_time, second.retire_time) == (9000.0, 99000.0)  # one write
     # An emergency stops it sooner.
-    store.commit(Write([event("key.retired")], RetireKey("k-1", 91002.0, 1002.0)))
+    store.commit(Write([event("key.retired")], RetireKey(("k-1",), 91002.0, 1002.0)))
     [first] = [k for k in store.public_keys() if k.kid == "k-1"]
     assert (first.stop_signing_time, first.retire_time) == (1002.0, 91002.0)
     assert first.signs_at(1001.0) and not first.signs_at(1002.0)

@@ -138,10 +138,11 @@ SIGNING, PREPUBLISHED, RETIRING = "signing", "prepublished", "retiring"
 
 
 def key_state(record: PublicKeyRecord, now: float) -> str:
-    if record.activate_time > now:
-        return PREPUBLISHED
+    # A key stopped before it ever signed (an emergency overtook its rotation) is retiring.
     if record.stop_signing_time is not None and record.stop_signing_time <= now:
         return RETIRING
+    if record.activate_time > now:
+        return PREPUBLISHED
     return SIGNING
 
 
@@ -197,9 +198,9 @@ class _Own:
 
 
 def _signer(own: Sequence[_Own], now: float) -> SigningKey | None:
-    """The key this replica signs with now, of one algorithm: the most recently activated
-    key still scheduled to sign; failing that (a successor not yet made or active), the most
-    recently activated one — better than not signing; failing that, a pre-published one."""
+    """The key this replica signs with now, of one algorithm: the newest key scheduled to
+    sign now; failing that (a successor not yet made or active), the newest that has
+    activated — better than not signing; failing that, a pre-published one."""
     live = [o for o in own if o.record.published_at(now)]
     tests: tuple[Callable[[PublicKeyRecord], bool], ...] = (
         lambda record: record.signs_at(now),
@@ -209,7 +210,7 @@ def _signer(own: Sequence[_Own], now: float) -> SigningKey | None:
     for test in tests:
         candidates = [o for o in live if test(o.record)]
         if candidates:
-            chosen = max(candidates, key=lambda o: (o.record.activate_time, o.record.create_time))
+            chosen = max(candidates, key=lambda o: (o.record.create_time, o.record.activate_time))
             return chosen.key
     return None
 
@@ -344,16 +345,23 @@ class KeyRing:
             missing = self._successors_due(records)
             if not missing:
                 return
+            ctx = ctx or CallContext(principal=BROKER)
             try:
                 with self._lock:
-                    for alg, activate in missing:
-                        self._create(ctx or CallContext(principal=BROKER), alg, action, activate)
+                    for alg, activate, superseded in missing:
+                        self._create(ctx, alg, action, activate)
+                        if superseded:
+                            self._retire(ctx, superseded, activate, emergency=False)
             except Unavailable:
                 log.warning("could not make a new signing key; signing with a retiring one")
             self._rebuild()
 
-    def _successors_due(self, records: Sequence[PublicKeyRecord]) -> list[tuple[str, float]]:
-        """(algorithm, activate_time) of each key this replica must make now."""
+    def _successors_due(
+        self, records: Sequence[PublicKeyRecord]
+    ) -> list[tuple[str, float, tuple[str, ...]]]:
+        """(algorithm, activate_time, superseded kids) of each key this replica must make
+        now; a superseded key would sign only after its successor (see below) and is
+        stopped with it."""
         now = self._clock()
         due = []
         for alg in self.wanted_algorithms():
@@ -362,12 +370,16 @@ class KeyRing:
                 for r in records
                 if r.alg == alg and r.kid in self._private and r.published_at(now)
             ]
-            if any(r.stop_signing_time is None for r in own):
+            # The hand-over: when the last of the keys scheduled to stop stops (a rotation's
+            # window), or now if that has passed or there was none.
+            handover = max([now, *(r.stop_signing_time or now for r in own)])
+            # A key not scheduled to stop takes over in time; one that would sign only later
+            # (made for a normal rotation that an emergency overtook) does not, and is
+            # superseded by the new one.
+            if any(r.stop_signing_time is None and r.activate_time <= handover for r in own):
                 continue
-            # The successor signs when the last predecessor stops (pre-published for the
-            # rotation's window), or now if that has passed or there was none.
-            stops = [r.stop_signing_time for r in own if r.stop_signing_time is not None]
-            due.append((alg, max([now, *stops])))
+            late = tuple(r.kid for r in own if r.stop_signing_time is None)
+            due.append((alg, handover, late))
         return due
 
     def _rebuild(self) -> list[PublicKeyRecord]:
@@ -458,25 +470,34 @@ class KeyRing:
             ]
             action = Action.KEY_ROTATED_EMERGENCY if emergency else Action.KEY_ROTATED
             new = [self._create(ctx, alg, action, stop) for alg in self.wanted_algorithms()]
-            retire_at = stop + self._retire_after
-            for kid in old:
-                details: dict[str, Any] = {
-                    "kid": kid,
-                    "stops_signing_us": round(stop * 1e6),
-                    "unpublish_at_us": round(retire_at * 1e6),
-                }
-                if emergency:
-                    details["emergency"] = True
-                event = draft(
-                    ctx, self._clock(), Action.KEY_RETIRED, Outcome.SUCCESS, details=details
-                )
-                durable.commit(
-                    self._store,
-                    Write([event], RetireKey(kid, retire_at, stop)),
-                    "the old key was not scheduled to retire",
-                )
+            if old:
+                self._retire(ctx, old, stop, emergency=emergency)
         self.refresh()
         return Rotation(tuple(k.kid for k in new), tuple(old), stop, emergency)
+
+    def _retire(
+        self, ctx: CallContext, kids: Sequence[str], stop: float, *, emergency: bool
+    ) -> None:
+        """Schedule `kids` to stop signing at `stop` and leave the JWKS `retire_after` later,
+        in one transaction with one `key.retired` event each."""
+        retire_at = stop + self._retire_after
+        events = []
+        for kid in kids:
+            details: dict[str, Any] = {
+                "kid": kid,
+                "stops_signing_us": round(stop * 1e6),
+                "unpublish_at_us": round(retire_at * 1e6),
+            }
+            if emergency:
+                details["emergency"] = True
+            events.append(
+                draft(ctx, self._clock(), Action.KEY_RETIRED, Outcome.SUCCESS, details=details)
+            )
+        durable.commit(
+            self._store,
+            Write(events, RetireKey(tuple(kids), retire_at, stop)),
+            "the old keys were not scheduled to retire",
+        )
 
 
 def _public_key(jwk: Mapping[str, Any]) -> Any:

@@ -111,12 +111,12 @@ class PublishKey:
 
 @dataclass(frozen=True)
 class RetireKey:
-    """Schedule a key to stop signing at `stop_signing_time` and to leave the JWKS at
-    `retire_time`. Times only ever move earlier: a later RetireKey of a key already
-    scheduled changes it only if it stops it sooner (an emergency after a normal rotation);
-    otherwise nothing is written."""
+    """Schedule keys to stop signing at `stop_signing_time` and to leave the JWKS at
+    `retire_time`, all in one transaction (replicas never see a rotation half done). Times
+    only ever move earlier: a key already scheduled changes only if this stops it sooner (an
+    emergency after a normal rotation); otherwise it is left as it is."""
 
-    kid: str
+    kids: tuple[str, ...]
     retire_time: float
     stop_signing_time: float
 

@@ -141,14 +141,15 @@ class MemoryStore:
                 )
                 return None
             case RetireKey():
-                key = self._keys.get(mutation.kid)
-                stop = key.stop_signing_time if key is not None else None
-                if key is not None and (stop is None or mutation.stop_signing_time < stop):
-                    self._keys[mutation.kid] = dataclasses.replace(
-                        key,
-                        retire_time=mutation.retire_time,
-                        stop_signing_time=mutation.stop_signing_time,
-                    )
+                for kid in mutation.kids:
+                    key = self._keys.get(kid)
+                    stop = key.stop_signing_time if key is not None else None
+                    if key is not None and (stop is None or mutation.stop_signing_time < stop):
+                        self._keys[kid] = dataclasses.replace(
+                            key,
+                            retire_time=mutation.retire_time,
+                            stop_signing_time=mutation.stop_signing_time,
+                        )
                 return None
             case RecordCheckpoint(checkpoint=checkpoint):
                 self._check_checkpoint(checkpoint)

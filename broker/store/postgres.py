@@ -478,16 +478,17 @@ def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | 
             )
             return None
         case RetireKey():
-            conn.execute(
-                "UPDATE signing_keys SET retire_time=%s, stop_signing_time=%s WHERE kid=%s "
-                "AND (stop_signing_time IS NULL OR stop_signing_time > %s)",
-                (
-                    mutation.retire_time,
-                    mutation.stop_signing_time,
-                    mutation.kid,
-                    mutation.stop_signing_time,
-                ),
-            )
+            for kid in mutation.kids:
+                conn.execute(
+                    "UPDATE signing_keys SET retire_time=%s, stop_signing_time=%s WHERE kid=%s "
+                    "AND (stop_signing_time IS NULL OR stop_signing_time > %s)",
+                    (
+                        mutation.retire_time,
+                        mutation.stop_signing_time,
+                        kid,
+                        mutation.stop_signing_time,
+                    ),
+                )
             return None
         case RecordCheckpoint(checkpoint=checkpoint):
             _record_checkpoint(conn, checkpoint)

@@ -414,16 +414,17 @@ class SqliteStore(SqlReads):
                 )
                 return None
             case RetireKey():
-                conn.execute(
-                    "UPDATE signing_keys SET retire_time=?, stop_signing_time=? WHERE kid=? "
-                    "AND (stop_signing_time IS NULL OR stop_signing_time > ?)",
-                    (
-                        mutation.retire_time,
-                        mutation.stop_signing_time,
-                        mutation.kid,
-                        mutation.stop_signing_time,
-                    ),
-                )
+                for kid in mutation.kids:
+                    conn.execute(
+                        "UPDATE signing_keys SET retire_time=?, stop_signing_time=? WHERE kid=? "
+                        "AND (stop_signing_time IS NULL OR stop_signing_time > ?)",
+                        (
+                            mutation.retire_time,
+                            mutation.stop_signing_time,
+                            kid,
+                            mutation.stop_signing_time,
+                        ),
+                    )
                 return None
             case RecordCheckpoint(checkpoint=checkpoint):
                 _record_checkpoint(conn, checkpoint)
