@@ -256,10 +256,6 @@ class KeyRing:
         self._own: dict[str, tuple[_Own, ...]] = {}  # by algorithm
         self._schedule: tuple[KeyStatus, ...] = ()
 
-    @property
-    def default_algorithm(self) -> str:
-        return self._alg
-
     def wanted_algorithms(self) -> list[str]:
         """The algorithms this ring keeps a signing key for, the default first."""
         others = sorted(set(self._algorithms()) - {self._alg})
