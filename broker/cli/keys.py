@@ -33,8 +33,10 @@ def add_commands(commands: common.Commands) -> None:
         "list",
         _list,
         help="show the published verification keys and the issuer (no credential needed)",
-        description="Show the public keys that verify broker tokens (GetSigningKeys), the "
-        "active one first, and the tokens' issuer. --json includes the JWKS document.",
+        description="Show the public keys that verify broker tokens (GetSigningKeys) and "
+        "the tokens' issuer: each key's state (signing, prepublished: published but signing "
+        "only from SIGNS FROM, retiring: published for the tokens it signed) and times, the "
+        "keys that sign first. --json includes the JWKS document.",
         examples=[
             "token-broker keys list",
             "token-broker keys list --json | jq .jwks > jwks.json",
