@@ -225,9 +225,13 @@ def _assemble(
         retire_after=MAX_DEADLINE + MAX_TTL,
         authorizer=authorizer,
         external_key=settings.signing_key,
+        prepublish=settings.key_prepublish,
+        # A key for every algorithm the policy in force names for some audience.
+        algorithms=lambda: policy.current().token_algorithms(),
     )
     keys.load(CallContext(principal=BROKER))
-    tokens = TokenService(keys, registry, issuer, clock, store)
+    rules = PolicyRules(policy.current)
+    tokens = TokenService(keys, registry, issuer, clock, store, rules.token_algorithm)
     throttle = Throttle(
         RateLimit(settings.peer_rate, settings.peer_burst),
         RateLimit(settings.principal_rate, settings.principal_burst),
@@ -246,7 +250,6 @@ def _assemble(
             proof, htu=htu, credential=credential, expected_jkt=jkt
         ),
     )
-    rules = PolicyRules(policy.current)
     runs = RunLifecycle(
         store,
         registry,

@@ -16,6 +16,8 @@ from broker.store import StoreUrlInvalid, factory
 from tokenbroker.defaults import DEFAULT_HTTP_TARGET, DEFAULT_TARGET
 
 ENV_PREFIX = "TOKEN_BROKER_"
+# A new key waits at most a week before it signs; the old one signs (and is exposed) as long.
+MAX_KEY_PREPUBLISH = 7 * 24 * 3600.0
 
 
 class SettingsError(ValueError):
@@ -33,8 +35,11 @@ class Settings:
     issuer: str = ""
     signing_alg: str = "ES256"
     signing_key: Path | None = None
+    key_prepublish: float = 3600.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
     client_ca: Path | None = None
     insecure: bool = False
     executor_target: str = ""
@@ -65,6 +70,10 @@ class Settings:
             raise SettingsError(f"--store: {exc}") from None
         if self.signing_alg not in ("ES256", "RS256"):
             raise SettingsError(f"--signing-alg must be ES256 or RS256, not {self.signing_alg!r}")
+        if not 0 <= self.key_prepublish <= MAX_KEY_PREPUBLISH:
+            raise SettingsError(
+                f"--key-prepublish must be 0 to {MAX_KEY_PREPUBLISH:g} seconds (7 days)"
+            )
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"--log-format must be 'json' or 'text', not {self.log_format!r}")
         if self.max_workers < 4:
@@ -73,6 +82,12 @@ class Settings:
         _check_limits(self)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("--tls-cert and --tls-key go together: give both or neither")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise SettingsError(
+                "--http-tls-cert and --http-tls-key go together: give both or neither"
+            )
+        if self.http_tls_cert is not None and not self.http_listen:
+            raise SettingsError("--http-tls-cert needs --http-listen (the HTTP port is off)")
         if self.client_ca is not None and self.tls_cert is None:
             raise SettingsError("--client-ca (mTLS) needs --tls-cert and --tls-key")
         for name, address in (("--listen", self.listen), ("--http-listen", self.http_listen)):
@@ -99,13 +114,32 @@ class Settings:
         return self.tls_cert is not None
 
     @property
+    def http_tls_enabled(self) -> bool:
+        return self.http_tls_cert is not None
+
+    @property
     def effective_issuer(self) -> str:
         """The `iss` of broker tokens: explicit, or the URL of the HTTP discovery endpoint."""
         if self.issuer:
             return self.issuer.rstrip("/")
         host, port = split_host_port(self.http_listen or self.listen, "--http-listen")
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+        return f"{'https' if self.http_tls_enabled else 'http'}://{host}:{port}"
+
+    def plain_discovery_warning(self) -> str | None:
+        """Why serving discovery as configured is probably a mistake, or None.
+
+        Plain HTTP on a non-loopback address under an https:// issuer is right only behind a
+        proxy that terminates TLS: a warning, not a refusal."""
+        if not self.http_listen or self.http_tls_enabled or is_loopback(self.http_listen):
+            return None
+        if not self.issuer.lower().startswith("https://"):
+            return None
+        return (
+            f"the HTTP port {self.http_listen} serves discovery and the JWKS in plain HTTP "
+            f"while the issuer is {self.issuer}: relying parties fetch them over HTTPS. Give "
+            "--http-tls-cert and --http-tls-key, unless a proxy in front terminates TLS"
+        )
 
 
 def _check_audit_settings(settings: Settings) -> None:
@@ -230,10 +264,16 @@ _HELP = {
     "(its database is missing or empty): a new audit history begins",
     "policy": "policy file (TOML); without it a development policy is created in the data dir",
     "issuer": "the `iss` of broker tokens (default: the HTTP endpoint's URL)",
-    "signing_alg": "ES256 or RS256",
+    "signing_alg": "ES256 or RS256: the default algorithm (run credentials, checkpoints, and "
+    "audiences the policy names no algorithm for)",
     "signing_key": "PEM private key to sign with (default: created in the data dir)",
+    "key_prepublish": "seconds a rotated-in signing key is in the JWKS before it signs (longer "
+    "than relying parties cache the JWKS); keys rotate --emergency skips it",
     "tls_cert": "server certificate (PEM)",
     "tls_key": "server private key (PEM)",
+    "http_tls_cert": "certificate (PEM) for the HTTP port: discovery and the JWKS over HTTPS, "
+    "the default issuer https://",
+    "http_tls_key": "private key (PEM) for --http-tls-cert",
     "client_ca": "CA bundle for client certificates; every caller must then present one (mTLS)",
     "insecure": "allow plaintext on a non-loopback address (warns loudly)",
     "executor_target": "gRPC address of a PipelineExecutorService to hand delegated runs to",

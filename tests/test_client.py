@@ -181,13 +181,29 @@ def test_arguments_that_cannot_be_translated_fail_before_any_call(client: Broker
         client.issue_token("api", ttl="10m")  # type: ignore[arg-type]
 
 
-def test_rotating_the_signing_key_publishes_the_new_key_first(client: BrokerClient) -> None:
+def test_rotating_the_signing_key_publishes_the_new_key_before_it_signs(
+    client: BrokerClient,
+) -> None:
     before = client.signing_keys()
     rotated = client.rotate_signing_key()
     after = client.signing_keys()
-    assert after.keys[0].kid == rotated.key_id != before.keys[0].kid
+    assert [k.kid for k in after.keys] == [before.keys[0].kid, rotated.key_id]
+    assert [s.state for s in after.schedule] == [
+        broker_pb2.SIGNING_KEY_STATE_SIGNING,
+        broker_pb2.SIGNING_KEY_STATE_PREPUBLISHED,
+    ]
+    assert after.schedule[1].signs_from == rotated.signs_from == after.schedule[0].stops_signing
     assert before.keys[0].kid in rotated.retiring_key_ids
     assert after.issuer == before.issuer
+
+
+def test_an_emergency_rotation_signs_with_the_new_key_at_once(client: BrokerClient) -> None:
+    before = client.signing_keys()
+    rotated = client.rotate_signing_key(emergency=True)
+    after = client.signing_keys()
+    assert rotated.emergency
+    assert after.keys[0].kid == rotated.key_id != before.keys[0].kid
+    assert after.schedule[0].state == broker_pb2.SIGNING_KEY_STATE_SIGNING
 
 
 def test_a_following_audit_stream_sees_new_events_and_stops_when_cancelled(

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from broker.api.server import BrokerServer, create_server
+from broker.runs.keys import KeyStatus
 from tests.accounts import callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.support import eventually, start_run_request
@@ -97,18 +98,35 @@ def test_one_keys_rotate_rotates_every_replica_and_every_jwks_lists_every_key(
         admin_a = on_a.stub(standard_accounts()["admin"])
         before_b = b.broker.keys.active.kid
         rotated = admin_a.RotateSigningKey(broker_pb2.RotateSigningKeyRequest())
-        eventually(lambda: b.broker.keys.active.kid != before_b, what="B to follow the rotation")
+        signs_from = rotated.signs_from.ToMicroseconds() / 1e6
+
+        def successor_of_b() -> KeyStatus | None:
+            own = [s for s in b.broker.keys.schedule() if s.kid in b.broker.keys.own_kids()]
+            return next((s for s in own if s.state == "prepublished"), None)
+
+        # B reads the rotation from the store and pre-publishes its own successor, which
+        # signs when A's does; until then both replicas sign with their old keys.
+        successor = eventually(successor_of_b, what="B to follow the rotation")
+        assert successor.activate_time == pytest.approx(signs_from)
+        assert b.broker.keys.active.kid == before_b
 
         def kids(server: BrokerServer) -> set[str]:
             return {k["kid"] for k in server.broker.keys.jwks()["keys"]}
 
         # A change on one replica reaches the other's JWKS through the change feed.
         eventually(
-            lambda: kids(a) == kids(b) and b.broker.keys.active.kid in kids(a),
+            lambda: kids(a) == kids(b) and successor.kid in kids(a),
             what="both replicas' JWKS to list every key in use",
         )
         jwks_b = kids(b)
-        assert rotated.key_id in jwks_b and before_b in jwks_b  # old keys stay published
+        assert rotated.key_id in jwks_b and before_b in jwks_b
+
+        # An emergency rotation stops every old key at once, on every replica.
+        admin_a.RotateSigningKey(broker_pb2.RotateSigningKeyRequest(emergency=True))
+        eventually(
+            lambda: b.broker.keys.active.kid not in (before_b, successor.kid),
+            what="B to sign with a new key at once",
+        )
         run = on_a.stub(standard_accounts()["orchestrator"]).StartRun(start_run_request()).run
         token = (
             on_b.stub(standard_accounts()["orchestrator"])

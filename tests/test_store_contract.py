@@ -30,9 +30,11 @@ from broker.store import (
     ProofReplayed,
     PruneAudit,
     PruneConflict,
+    PublishKey,
     RecordCheckpoint,
     RecordProof,
     RenewLease,
+    RetireKey,
     RunNotActive,
     RunQuery,
     Store,
@@ -274,6 +276,30 @@ def test_one_proof_presented_concurrently_is_accepted_exactly_once(store: Store)
     for t in threads:
         t.join()
     assert sorted(outcomes) == [False] * 7 + [True]
+
+
+def test_a_key_is_stored_with_its_schedule_and_retirement_only_ever_moves_earlier(
+    store: Store,
+) -> None:
+    store.commit(Write([event("key.created")], PublishKey("k-1", "ES256", "{}", 1000.0)))
+    store.commit(Write([event("key.rotated")], PublishKey("k-2", "RS256", "{}", 1001.0, 4601.0)))
+    first, second = sorted(store.public_keys(), key=lambda k: k.kid)
+    assert (first.activate_time, first.stop_signing_time, first.retire_time) == (1000.0, None, None)
+    assert second.activate_time == 4601.0  # pre-published: signs only from then
+    assert not second.signs_at(4600.0) and second.signs_at(4601.0) and second.published_at(1001.0)
+
+    store.commit(Write([event("key.retired")], RetireKey(("k-1",), 94601.0, 4601.0)))
+    # A later, normal rotation would stop it later: the earlier schedule stands.
+    store.commit(Write([event("key.retired")], RetireKey(("k-1", "k-2"), 99000.0, 9000.0)))
+    first, second = sorted(store.public_keys(), key=lambda k: k.kid)
+    assert (first.stop_signing_time, first.retire_time) == (4601.0, 94601.0)
+    assert (second.stop_signing_time, second.retire_time) == (9000.0, 99000.0)  # one write
+    # An emergency stops it sooner.
+    store.commit(Write([event("key.retired")], RetireKey(("k-1",), 91002.0, 1002.0)))
+    [first] = [k for k in store.public_keys() if k.kid == "k-1"]
+    assert (first.stop_signing_time, first.retire_time) == (1002.0, 91002.0)
+    assert first.signs_at(1001.0) and not first.signs_at(1002.0)
+    assert first.published_at(91001.0) and not first.published_at(91002.0)
 
 
 def test_concurrent_writers_each_get_their_own_result(store: Store) -> None:

@@ -32,7 +32,7 @@ from broker.store import (
 from broker.store import sqlite_guard as guard
 from broker.store.factory import OpenOptions, StoreUrl, open_store, parse
 from broker.store.memory import MemoryStore
-from broker.store.sqlite import DB_FILENAME, SqliteStore, migrations
+from broker.store.sqlite import DB_FILENAME, KEY_SCHEDULE_VERSION, SqliteStore, migrations
 from tests.storage_support import holding_write_lock
 from tests.support import eventually
 from tests.test_store_contract import checkpoint_of, event, make_run
@@ -371,3 +371,42 @@ def test_database_files_from_before_are_made_owner_only_when_opened(data_dir: Pa
     assert stat.S_IMODE((data_dir / DB_FILENAME).stat().st_mode) == 0o600
     assert stat.S_IMODE((data_dir / "broker.db-wal").stat().st_mode) == 0o600
     store.close()
+
+
+def test_keys_of_a_store_before_key_schedules_sign_from_creation_and_retiring_ones_have_stopped(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+        "applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+    )
+    for version, sql in migrations():
+        if version < KEY_SCHEDULE_VERSION:
+            conn.executescript(sql)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+    conn.execute(f"PRAGMA application_id={guard.APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO signing_keys (kid, alg, public_jwk, create_time, retire_time) VALUES "
+        "('old', 'ES256', '{}', 1000.0, 91000.0), ('new', 'ES256', '{}', 2000.0, NULL)"
+    )
+    conn.close()
+    url = f"sqlite:{path}"
+
+    def schedules(store: Store) -> dict[str, tuple[float, float | None]]:
+        return {k.kid: (k.activate_time, k.stop_signing_time) for k in store.public_keys()}
+
+    expected = {"old": (1000.0, 1000.0), "new": (2000.0, None)}
+    reader = sqlite_store(tmp_path, url, read_only=True)  # offline tools do not migrate
+    try:
+        assert schedules(reader) == expected
+    finally:
+        reader.close()
+    writer = sqlite_store(tmp_path, url)  # the broker migrates
+    try:
+        assert schedules(writer) == expected
+        [new] = [k for k in writer.public_keys() if k.kid == "new"]
+        assert new.signs_at(2001.0)
+    finally:
+        writer.close()

@@ -16,12 +16,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf import duration_pb2
 
 from broker.api.server import BrokerServer, create_server
-from tests.accounts import callers_of, standard_accounts
+from tests.accounts import Callers, callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.support import (
     ShiftedClock,
     as_dict,
     details,
+    eventually,
     perms,
     reap,
     rpc_error,
@@ -233,21 +234,35 @@ def _hs256_with(secret: str, payload: dict[str, object], kid: str) -> str:
     return f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
 
-def test_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_the_new_key(
-    stub: Stub, admin_stub: Stub
+def test_rotation_publishes_the_new_key_at_once_and_signs_with_it_after_the_prepublish_window(
+    stub: Stub, admin_stub: Stub, callers: Callers, clock: ShiftedClock
 ) -> None:
-    run = start(stub).run
+    started = start(stub, deadline=duration_pb2.Duration(seconds=3 * 3600))
+    run = started.run
     old = issue(stub, run.run_id)
     rotated = admin_stub.RotateSigningKey(broker_pb2.RotateSigningKeyRequest(), timeout=10)
     assert rotated.key_id != old.key_id
     assert old.key_id in rotated.retiring_key_ids
-    new = issue(stub, run.run_id)
-    assert new.key_id == rotated.key_id
-    assert verify(stub, old.token).active
-    assert verify(stub, new.token).active
+    assert not rotated.emergency
+    assert rotated.signs_from.seconds == pytest.approx(clock() + 3600, abs=5)  # the default
     published = [k.kid for k in stub.GetSigningKeys(broker_pb2.GetSigningKeysRequest()).keys]
-    assert published[0] == rotated.key_id
-    assert old.key_id in published
+    assert published == [old.key_id, rotated.key_id]  # the signing key first
+    assert issue(stub, run.run_id).key_id == old.key_id  # still in the window
+
+    clock.advance(3601)
+    # An hour on, callers' assertions made by the wall clock are stale: the run's credential
+    # (checked by the broker's clock) asks instead.
+    step = callers.bearer_stub(started.run_credential)
+    new = issue(step, run.run_id)
+    assert new.key_id == rotated.key_id
+    assert verify(step, old.token).status == broker_pb2.TOKEN_STATUS_EXPIRED  # 10 min ttl
+    assert verify(step, new.token).active
+
+    def published_now() -> list[str]:
+        return [k.kid for k in step.GetSigningKeys(broker_pb2.GetSigningKeysRequest()).keys]
+
+    # The JWKS is re-read on every reaper pass (here every 0.1 s): the new key moves first.
+    eventually(lambda: published_now() == [rotated.key_id, old.key_id], what="the new order")
 
 
 def test_pyjwt_jwks_client_verifies_a_broker_token_over_http(tmp_path: Path) -> None:

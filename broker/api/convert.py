@@ -19,6 +19,7 @@ from broker.runs import model as runs
 from broker.runs.binding import Binding, jkt_of_jwk
 from broker.runs.delegation import AssertedIdentity
 from broker.runs.issuance import DEFAULT_TTL, TokenRequest
+from broker.runs.keys import PREPUBLISHED, RETIRING, SIGNING, KeyStatus
 from broker.runs.lifecycle import DEFAULT_DEADLINE, RunSpec
 from broker.runs.model import PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
@@ -274,6 +275,28 @@ def verification_pb(result: CheckResult) -> broker_pb2.VerifyTokenResponse:
 def jwk_pb(jwk: Mapping[str, Any]) -> broker_pb2.JsonWebKey:
     fields = ("kty", "kid", "use", "alg", "crv", "x", "y", "n", "e")
     return broker_pb2.JsonWebKey(**{f: str(jwk[f]) for f in fields if f in jwk})
+
+
+_KEY_STATES = {
+    SIGNING: broker_pb2.SIGNING_KEY_STATE_SIGNING,
+    PREPUBLISHED: broker_pb2.SIGNING_KEY_STATE_PREPUBLISHED,
+    RETIRING: broker_pb2.SIGNING_KEY_STATE_RETIRING,
+}
+
+
+def key_status_pb(status: KeyStatus) -> broker_pb2.SigningKeyStatus:
+    message = broker_pb2.SigningKeyStatus(
+        kid=status.kid,
+        alg=status.alg,
+        state=_KEY_STATES[status.state],
+        publish_time=timestamp(status.publish_time),
+        signs_from=timestamp(status.activate_time),
+    )
+    if status.stop_signing_time is not None:
+        message.stops_signing.CopyFrom(timestamp(status.stop_signing_time))
+    if status.retire_time is not None:
+        message.unpublish_time.CopyFrom(timestamp(status.retire_time))
+    return message
 
 
 def asserted_identity(request: broker_pb2.ExecuteOnBehalfOfRequest) -> AssertedIdentity | None:

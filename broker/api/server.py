@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -32,11 +33,12 @@ from broker import limits
 from broker.api import credentials as authn
 from broker.api.decoding import DecodeGuard
 from broker.api.handoff import GrpcHandoff, traced_channel
-from broker.api.http import HttpServer, broker_routes
+from broker.api.http import HttpServer, broker_routes, tls_context
 from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
 from broker.app import Broker, build_broker
+from broker.clock import Clock, system_clock
 from broker.policy.file import load_policy
 from broker.runs.binding import UNBOUND, Binding, jkt_of_jwk_file
 from broker.runs.keys import load_private_key
@@ -142,13 +144,27 @@ def _bind_http(settings: Settings) -> tuple[HttpServer | None, str]:
     if not settings.http_listen:
         return None, settings.effective_issuer
     host, port = split_host_port(settings.http_listen, "--http-listen")
+    tls = _http_tls(settings)
     try:
-        http = HttpServer(host, port)
+        http = HttpServer(host, port, tls)
     except OSError as exc:
         raise _listen_error(settings.http_listen, "--http-listen", exc) from None
     shown = f"[{host}]" if ":" in host else host
-    issuer = settings.issuer.rstrip("/") or f"http://{shown}:{http.port}"
+    issuer = settings.issuer.rstrip("/") or f"{http.scheme}://{shown}:{http.port}"
     return http, issuer
+
+
+def _http_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The HTTP port's TLS context; a certificate that cannot be used stops the start."""
+    if settings.http_tls_cert is None or settings.http_tls_key is None:
+        return None
+    try:
+        return tls_context(settings.http_tls_cert, settings.http_tls_key)
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            f"--http-tls-cert {settings.http_tls_cert} / --http-tls-key "
+            f"{settings.http_tls_key}: not a matching PEM certificate and key ({exc.reason})"
+        ) from None
 
 
 def _check_signing_key(settings: Settings) -> None:
@@ -278,8 +294,10 @@ def create_server(
     broker: Broker | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
+    clock: Clock = system_clock,
 ) -> BrokerServer:
-    """Providers are used when the broker is built here; a given broker brings its own.
+    """Providers and `clock` are used when the broker is built here (tests pass a fake
+    clock; the issuer is then the bound HTTP port's URL); a given broker brings its own.
 
     Raises PolicyError, OSError (TLS files) or ListenError before anything is written."""
     if broker is None:
@@ -307,6 +325,7 @@ def create_server(
                 handoff=handoff,
                 tracer_provider=tracer_provider,
                 meter_provider=meter_provider,
+                clock=clock,
             )
         except BaseException:
             server.stop(None)
@@ -348,6 +367,9 @@ def serve(settings: Settings) -> int:
             "tokens cross the network unencrypted",
             extra={"listen": settings.listen},
         )
+    discovery_warning = settings.plain_discovery_warning()
+    if discovery_warning:
+        log.warning(discovery_warning, extra={"http_listen": settings.http_listen})
     providers = setup.providers_from_env(settings, os.environ)
     stop_log_export = (
         logs.export_to(providers.logger_provider) if providers.logger_provider else _nothing
@@ -384,6 +406,7 @@ def serve(settings: Settings) -> int:
             "store": settings.store,
             "data_dir": str(settings.data_dir),
             "tls": settings.tls_enabled,
+            "http_tls": settings.http_tls_enabled,
             "http_port": server.http.port if server.http else None,
             "issuer": server.broker.tokens.issuer,
         },

@@ -134,13 +134,20 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             keys=[convert.jwk_pb(k) for k in jwks["keys"]],
             jwks_json=json.dumps(jwks),
             issuer=self._broker.tokens.issuer,
+            schedule=[convert.key_status_pb(k) for k in self._broker.keys.schedule()],
         )
 
     def RotateSigningKey(
         self, request: broker_pb2.RotateSigningKeyRequest, context: grpc.ServicerContext
     ) -> broker_pb2.RotateSigningKeyResponse:
-        new_kid, retiring = self._broker.keys.rotate(calls.current())
-        return broker_pb2.RotateSigningKeyResponse(key_id=new_kid, retiring_key_ids=retiring)
+        rotation = self._broker.keys.rotate(calls.current(), emergency=request.emergency)
+        return broker_pb2.RotateSigningKeyResponse(
+            key_id=rotation.new_kids[0],
+            retiring_key_ids=rotation.retiring_kids,
+            signs_from=convert.timestamp(rotation.signs_from),
+            new_key_ids=rotation.new_kids,
+            emergency=rotation.emergency,
+        )
 
     def StreamAudit(
         self, request: broker_pb2.StreamAuditRequest, context: grpc.ServicerContext

@@ -50,6 +50,8 @@ class Action:
     KEY_CREATED = "key.created"
     KEY_ROTATED = "key.rotated"
     KEY_RETIRED = "key.retired"
+    # A rotation that skipped pre-publishing: the new key signed at once, the old stopped.
+    KEY_ROTATED_EMERGENCY = "key.rotated_emergency"
     POLICY_LOADED = "policy.loaded"
     POLICY_RELOAD_FAILED = "policy.reload_failed"
     AUDIT_PRUNED = "audit.pruned"

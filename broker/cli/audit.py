@@ -422,3 +422,8 @@ def _value_text(key: str, value: Any) -> str:
             return time.strftime("%H:%M:%S", time.localtime(value / 1_000_000))
         return str(int(value)) if value.is_integer() else str(value)
     return str(value)
+
+
+# For other commands that read the store offline (`keys export-jwks`): the same flags.
+add_store_source = _add_source
+opened_store = _opened

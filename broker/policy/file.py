@@ -9,6 +9,11 @@ all. Paths inside the policy (key files, JWKS files) are relative to the policy 
     certificate_sans = ["spiffe://acme.example/ci/orchestrator"]
     permissions = { artifacts = "read" }
     keys = [{ kid = "2026-01", file = "keys/ci-orchestrator.pub.pem" }]
+
+    # Tokens for these audiences (exact, or a prefix ending in "*") are signed with RS256;
+    # every other audience gets the broker's default algorithm (--signing-alg, ES256).
+    [audiences."sts.amazonaws.com"]
+    algorithm = "RS256"
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from broker.policy.federation import parse_federation
 from broker.policy.model import (
     ACCOUNT_NAME_PATTERN,
     DEFAULT_MAX_CHAIN_DEPTH,
+    TOKEN_ALGORITHMS,
     WILDCARD,
     AccountKey,
+    AudienceRule,
     BindingRequirements,
     ChildRuns,
     Delegation,
@@ -40,6 +47,7 @@ from broker.policy.model import (
     Scope,
     ServiceAccount,
 )
+from broker.runs.issuance import AUDIENCE_PATTERN
 from broker.runs.permissions import (
     DEFAULT_LADDER,
     LADDERS,
@@ -52,7 +60,8 @@ MAX_CHAIN_DEPTH = 16
 # Key files and JWKS files are small; a policy naming something huge (or endless) is a mistake.
 MAX_REFERENCED_FILE_BYTES = 1024 * 1024
 SCOPED_ROLES = (Role.ORCHESTRATOR, Role.DELEGATOR, Role.AUDITOR, Role.VERIFIER)
-TOP_KEYS = ("version", "accounts", "federation", "binding")
+TOP_KEYS = ("version", "accounts", "federation", "binding", "audiences")
+AUDIENCE_KEYS = ("algorithm",)
 ACCOUNT_KEYS = (
     "roles",
     "scopes",
@@ -140,6 +149,7 @@ class _Parser:
         by_san = self.san_index(accounts)
         federation = parse_federation(data.get("federation", {}), accounts, self)
         binding = self.binding(data.get("binding", {}), "binding")
+        audiences = self.audiences(data.get("audiences", {}), "audiences")
         return Policy(
             MappingProxyType(accounts),
             source,
@@ -147,6 +157,7 @@ class _Parser:
             MappingProxyType(by_san),
             federation=federation,
             binding=binding,
+            audiences=audiences,
         )
 
     def binding(self, table: Any, where: str) -> BindingRequirements:
@@ -165,6 +176,36 @@ class _Parser:
                     f"unknown level {level!r} (known: {', '.join(sorted(known - {'none'}))})",
                 )
         return BindingRequirements(frozenset(audiences), frozenset(levels))
+
+    def audiences(self, table: Any, where: str) -> tuple[AudienceRule, ...]:
+        if not isinstance(table, dict):
+            self.problem(where, '[audiences."AUDIENCE"] tables, e.g. algorithm = "RS256"')
+            return ()
+        rules = []
+        for pattern, entry in table.items():
+            at = f'{where}."{pattern}"'
+            star = pattern.find(WILDCARD)
+            if not AUDIENCE_PATTERN.match(pattern) or star not in (-1, len(pattern) - 1):
+                self.problem(
+                    at,
+                    "an audience is 1-256 printable characters without spaces; '*' only at "
+                    "the end, as a prefix match",
+                )
+                continue
+            if not isinstance(entry, dict):
+                self.problem(at, 'must be a table, e.g. { algorithm = "RS256" }')
+                continue
+            self.known_keys(entry, AUDIENCE_KEYS, at)
+            algorithm = entry.get("algorithm")
+            if algorithm not in TOKEN_ALGORITHMS:
+                self.problem(
+                    _join(at, "algorithm"), f"must be one of {', '.join(TOKEN_ALGORITHMS)}"
+                )
+                continue
+            rules.append(AudienceRule(pattern, algorithm))
+        # Exact audiences before prefixes, longer prefixes before shorter ones.
+        rules.sort(key=lambda r: (r.pattern.endswith(WILDCARD), -len(r.pattern)))
+        return tuple(rules)
 
     def account(self, name: str, table: Any, where: str) -> ServiceAccount | None:
         if not ACCOUNT_NAME_PATTERN.match(name):

@@ -24,6 +24,8 @@ ACCOUNT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 DEFAULT_MAX_CHAIN_DEPTH = 4
 # Algorithms a service account may sign assertions with (RFC 8725 §3.1: an explicit list).
 ASSERTION_ALGORITHMS = ("ES256", "EdDSA", "RS256")
+# Algorithms the broker signs tokens with; the policy picks one per audience.
+TOKEN_ALGORITHMS = ("ES256", "RS256")
 
 
 class Role(enum.Enum):
@@ -167,6 +169,20 @@ class BindingRequirements:
 
 
 @dataclass(frozen=True)
+class AudienceRule:
+    """What the policy says about tokens for the audiences `pattern` matches: an exact
+    audience, or a prefix ending in "*" (e.g. "https://iam.googleapis.com/*")."""
+
+    pattern: str
+    algorithm: str
+
+    def matches(self, audience: str) -> bool:
+        if self.pattern.endswith(WILDCARD):
+            return audience.startswith(self.pattern[:-1])
+        return audience == self.pattern
+
+
+@dataclass(frozen=True)
 class Policy:
     accounts: Mapping[str, ServiceAccount]
     source: str = ""
@@ -174,6 +190,16 @@ class Policy:
     account_by_san: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     federation: Federation = field(default_factory=Federation)
     binding: BindingRequirements = field(default_factory=BindingRequirements)
+    # Most specific first: exact audiences, then the longest prefixes.
+    audiences: tuple[AudienceRule, ...] = ()
+
+    def audience_rule(self, audience: str) -> AudienceRule | None:
+        """The rule for `audience`: its exact entry, else the longest matching prefix."""
+        return next((rule for rule in self.audiences if rule.matches(audience)), None)
+
+    def token_algorithms(self) -> frozenset[str]:
+        """Every algorithm the policy names for some audience."""
+        return frozenset(rule.algorithm for rule in self.audiences)
 
     def account(self, name: str) -> ServiceAccount | None:
         return self.accounts.get(name)

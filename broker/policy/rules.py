@@ -87,6 +87,11 @@ class PolicyRules:
             )
         return self._binding_of[1]
 
+    def token_algorithm(self, audience: str) -> str | None:
+        """The algorithm the policy names for tokens to `audience` (None: the default)."""
+        rule = self._policy().audience_rule(audience)
+        return None if rule is None else rule.algorithm
+
     def delegation_rules(self, name: str) -> DelegationRules | None:
         account = self._policy().account(name)
         if account is None or Role.DELEGATOR not in account.roles:

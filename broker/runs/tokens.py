@@ -87,11 +87,22 @@ def run_claims(run: Run, issuer: str, now: float) -> dict[str, Any]:
     return claims
 
 
+# The algorithm to sign a step token for an audience with; None: the key ring's default.
+AlgorithmFor = Callable[[str], str | None]
+
+
 class TokenService:
     def __init__(
-        self, keys: KeyRing, registry: RunRegistry, issuer: str, clock: Clock, store: Store
+        self,
+        keys: KeyRing,
+        registry: RunRegistry,
+        issuer: str,
+        clock: Clock,
+        store: Store,
+        algorithm_for: AlgorithmFor = lambda audience: None,
     ) -> None:
         self._keys = keys
+        self._algorithm_for = algorithm_for
         # Proofs are remembered in the store: one accepted by any replica is refused by all.
         self.replay = StoreReplayCache(store)
         self._registry = registry
@@ -127,7 +138,8 @@ class TokenService:
         cnf = binding.cnf()
         if cnf is not None:
             claims["cnf"] = cnf
-        token, kid = self._keys.sign(claims, STEP_TOKEN_TYP)
+        # Some relying parties accept only RS256: the policy chooses per audience.
+        token, kid = self._keys.sign(claims, STEP_TOKEN_TYP, self._algorithm_for(audience))
         return MintedToken(
             token, token_id, int(expire_time), kid, permissions, claims["sub"], binding
         )

@@ -97,18 +97,28 @@ class RenewLease:
 
 @dataclass(frozen=True)
 class PublishKey:
-    """Publish a signing key's public half (JWK), so every replica's JWKS includes it."""
+    """Publish a signing key's public half (JWK), so every replica's JWKS includes it.
+
+    The key may sign from `activate_time` (None: at once, from `create_time`): a rotated-in
+    key is published first, so that verifiers' cached JWKS hold it before it signs."""
 
     kid: str
     alg: str
     public_jwk: str
     create_time: float
+    activate_time: float | None = None
 
 
 @dataclass(frozen=True)
 class RetireKey:
-    kid: str
+    """Schedule keys to stop signing at `stop_signing_time` and to leave the JWKS at
+    `retire_time`, all in one transaction (replicas never see a rotation half done). Times
+    only ever move earlier: a key already scheduled changes only if this stops it sooner (an
+    emergency after a normal rotation); otherwise it is left as it is."""
+
+    kids: tuple[str, ...]
     retire_time: float
+    stop_signing_time: float
 
 
 @dataclass(frozen=True)
@@ -303,11 +313,24 @@ class RunQuery:
 
 @dataclass(frozen=True)
 class PublicKeyRecord:
+    """A published key's schedule: in the JWKS from `create_time` until `retire_time`
+    (None: not scheduled), signing from `activate_time` until `stop_signing_time`."""
+
     kid: str
     alg: str
     public_jwk: str
     create_time: float
     retire_time: float | None
+    activate_time: float
+    stop_signing_time: float | None = None
+
+    def published_at(self, now: float) -> bool:
+        return self.retire_time is None or self.retire_time > now
+
+    def signs_at(self, now: float) -> bool:
+        """Whether the key is scheduled to sign at `now` (activated, not yet stopped)."""
+        stopped = self.stop_signing_time is not None and self.stop_signing_time <= now
+        return self.activate_time <= now and not stopped and self.published_at(now)
 
 
 @dataclass(frozen=True)

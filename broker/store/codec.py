@@ -198,7 +198,11 @@ class Table:
 # In the order a copy loads them: runs before the keys that name them, checkpoints before
 # the retention boundary that must sit on one.
 TABLES = (
-    Table("signing_keys", "kid, alg, public_jwk, create_time, retire_time", "kid"),
+    Table(
+        "signing_keys",
+        "kid, alg, public_jwk, create_time, retire_time, activate_time, stop_signing_time",
+        "kid",
+    ),
     Table("runs", "", "create_time, run_id"),
     Table("idempotency_keys", "scope, key, run_id, fingerprint", "scope, key"),
     Table("audit_checkpoints", CHECKPOINT_COLUMNS, "sequence"),

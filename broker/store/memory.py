@@ -135,16 +135,26 @@ class MemoryStore:
                 self._runs[mutation.run_id] = renewed
                 return renewed
             case PublishKey():
+                activate = mutation.activate_time
                 self._keys[mutation.kid] = PublicKeyRecord(
-                    mutation.kid, mutation.alg, mutation.public_jwk, mutation.create_time, None
+                    mutation.kid,
+                    mutation.alg,
+                    mutation.public_jwk,
+                    mutation.create_time,
+                    None,
+                    mutation.create_time if activate is None else activate,
                 )
                 return None
             case RetireKey():
-                key = self._keys.get(mutation.kid)
-                if key is not None and key.retire_time is None:
-                    self._keys[mutation.kid] = dataclasses.replace(
-                        key, retire_time=mutation.retire_time
-                    )
+                for kid in mutation.kids:
+                    key = self._keys.get(kid)
+                    stop = key.stop_signing_time if key is not None else None
+                    if key is not None and (stop is None or mutation.stop_signing_time < stop):
+                        self._keys[kid] = dataclasses.replace(
+                            key,
+                            retire_time=mutation.retire_time,
+                            stop_signing_time=mutation.stop_signing_time,
+                        )
                 return None
             case RecordCheckpoint(checkpoint=checkpoint):
                 self._check_checkpoint(checkpoint)

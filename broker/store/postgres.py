@@ -466,17 +466,31 @@ def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | 
             )
             return _changed_run(conn, cursor.rowcount, mutation.run_id)
         case PublishKey():
+            activate = mutation.activate_time
             conn.execute(
-                "INSERT INTO signing_keys (kid, alg, public_jwk, create_time) "
-                "VALUES (%s, %s, %s, %s)",
-                (mutation.kid, mutation.alg, mutation.public_jwk, mutation.create_time),
+                "INSERT INTO signing_keys (kid, alg, public_jwk, create_time, activate_time) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (
+                    mutation.kid,
+                    mutation.alg,
+                    mutation.public_jwk,
+                    mutation.create_time,
+                    mutation.create_time if activate is None else activate,
+                ),
             )
             return None
         case RetireKey():
-            conn.execute(
-                "UPDATE signing_keys SET retire_time=%s WHERE kid=%s AND retire_time IS NULL",
-                (mutation.retire_time, mutation.kid),
-            )
+            for kid in mutation.kids:
+                conn.execute(
+                    "UPDATE signing_keys SET retire_time=%s, stop_signing_time=%s WHERE kid=%s "
+                    "AND (stop_signing_time IS NULL OR stop_signing_time > %s)",
+                    (
+                        mutation.retire_time,
+                        mutation.stop_signing_time,
+                        kid,
+                        mutation.stop_signing_time,
+                    ),
+                )
             return None
         case RecordCheckpoint(checkpoint=checkpoint):
             _record_checkpoint(conn, checkpoint)

@@ -130,6 +130,10 @@ def _configure(conn: sqlite3.Connection) -> sqlite3.Connection:
     return conn
 
 
+# The migration that gave signing keys their activation and stop times.
+KEY_SCHEDULE_VERSION = 4
+
+
 def _connect(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
     return sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
@@ -398,17 +402,31 @@ class SqliteStore(SqlReads):
                 )
                 return self._changed_run(conn, cursor.rowcount, mutation.run_id)
             case PublishKey():
+                activate = mutation.activate_time
                 conn.execute(
-                    "INSERT INTO signing_keys (kid, alg, public_jwk, create_time) "
-                    "VALUES (?, ?, ?, ?)",
-                    (mutation.kid, mutation.alg, mutation.public_jwk, mutation.create_time),
+                    "INSERT INTO signing_keys (kid, alg, public_jwk, create_time, activate_time) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        mutation.kid,
+                        mutation.alg,
+                        mutation.public_jwk,
+                        mutation.create_time,
+                        mutation.create_time if activate is None else activate,
+                    ),
                 )
                 return None
             case RetireKey():
-                conn.execute(
-                    "UPDATE signing_keys SET retire_time=? WHERE kid=? AND retire_time IS NULL",
-                    (mutation.retire_time, mutation.kid),
-                )
+                for kid in mutation.kids:
+                    conn.execute(
+                        "UPDATE signing_keys SET retire_time=?, stop_signing_time=? WHERE kid=? "
+                        "AND (stop_signing_time IS NULL OR stop_signing_time > ?)",
+                        (
+                            mutation.retire_time,
+                            mutation.stop_signing_time,
+                            kid,
+                            mutation.stop_signing_time,
+                        ),
+                    )
                 return None
             case RecordCheckpoint(checkpoint=checkpoint):
                 _record_checkpoint(conn, checkpoint)
@@ -539,6 +557,9 @@ class SqliteStore(SqlReads):
 
     def _keeps_checkpoints(self) -> bool:
         return "audit_checkpoints" in self._tables  # read-only, on a schema before 0002
+
+    def _keeps_key_schedule(self) -> bool:
+        return self.schema_version >= KEY_SCHEDULE_VERSION  # read-only, before 0004
 
     def close(self) -> None:
         if self._closed:

@@ -35,6 +35,10 @@ class SqlReads:
         """False only for an old schema opened read-only (no checkpoint table yet)."""
         return True
 
+    def _keeps_key_schedule(self) -> bool:
+        """False only for an old schema opened read-only (keys without activation times)."""
+        return True
+
     def get_run(self, run_id: str) -> Run | None:
         m = self.dialect.mark
         rows = self._query(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id={m}", (run_id,))  # noqa: S608
@@ -80,8 +84,16 @@ class SqlReads:
         return int(row[0]) if row[0] is not None else self.head_sequence() + 1
 
     def public_keys(self) -> list[PublicKeyRecord]:
+        # Before the schedule columns (an old store read offline) every key signed from its
+        # creation, and a retiring one had stopped: what migration 0004 fills in.
+        schedule = (
+            "activate_time, stop_signing_time"
+            if self._keeps_key_schedule()
+            else "create_time, CASE WHEN retire_time IS NULL THEN NULL ELSE create_time END"
+        )
         rows = self._query(
-            "SELECT kid, alg, public_jwk, create_time, retire_time FROM signing_keys "
+            f"SELECT kid, alg, public_jwk, create_time, retire_time, {schedule} "  # noqa: S608
+            "FROM signing_keys "
             "ORDER BY create_time DESC"
         )
         return [PublicKeyRecord(*row) for row in rows]

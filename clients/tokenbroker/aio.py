@@ -334,10 +334,10 @@ class AsyncBrokerClient:
         return await self._unary(self._stub.GetSigningKeys, request, timeout)
 
     async def rotate_signing_key(
-        self, *, timeout: float | None = None
+        self, *, emergency: bool = False, timeout: float | None = None
     ) -> broker_pb2.RotateSigningKeyResponse:
         """As `BrokerClient.rotate_signing_key` (never retried)."""
-        request = broker_pb2.RotateSigningKeyRequest()
+        request = broker_pb2.RotateSigningKeyRequest(emergency=emergency)
         return await self._unary(self._stub.RotateSigningKey, request, timeout)
 
     def stream_audit(

@@ -376,10 +376,12 @@ class BrokerClient:
         return self._unary(self._stub.GetSigningKeys, broker_pb2.GetSigningKeysRequest(), timeout)
 
     def rotate_signing_key(
-        self, *, timeout: float | None = None
+        self, *, emergency: bool = False, timeout: float | None = None
     ) -> broker_pb2.RotateSigningKeyResponse:
-        """Make a new signing key active. Never retried: each call rotates again."""
-        request = broker_pb2.RotateSigningKeyRequest()
+        """Publish new signing keys, which sign once the broker's pre-publication window has
+        passed (`signs_from`), or at once with `emergency` (the old keys stop now). Never
+        retried: each call rotates again."""
+        request = broker_pb2.RotateSigningKeyRequest(emergency=emergency)
         return self._unary(self._stub.RotateSigningKey, request, timeout)
 
     def stream_audit(

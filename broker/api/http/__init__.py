@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from broker.api.http import wellknown
 from broker.api.http.routes import Request, Response, Routes
-from broker.api.http.server import HttpServer
+from broker.api.http.server import HttpServer, tls_context
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -29,4 +29,4 @@ def broker_routes(broker: Broker, issuer: str) -> Routes:
     return routes
 
 
-__all__ = ["HttpServer", "Request", "Response", "Routes", "broker_routes"]
+__all__ = ["HttpServer", "Request", "Response", "Routes", "broker_routes", "tls_context"]

@@ -9,8 +9,10 @@ that raises answers 500 with a short message and logs the traceback; no response
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from broker.api.http.routes import Request, Response, Routes
@@ -23,11 +25,28 @@ REQUEST_TIMEOUT = 10.0
 _NOT_READY = Response.json(503, {"error": "temporarily_unavailable"}, (("Retry-After", "1"),))
 
 
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 or later) from PEM files; OSError or ssl.SSLError names
+    what is wrong with them."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
 class HttpServer:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """With `tls`, every connection is TLS (the scheme is https)."""
         self.routes: Routes | None = None
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
         self._server.daemon_threads = True
+        if tls is not None:
+            # The handshake runs on the connection's own thread (see Handler.handle), never
+            # in the accepting one, where a client that stalls it would hold up every other.
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self.scheme = "https" if tls is not None else "http"
         self._thread: threading.Thread | None = None
 
     @property
@@ -74,6 +93,18 @@ class HttpServer:
             server_version = SERVICE_NAME
             protocol_version = "HTTP/1.1"
             timeout = REQUEST_TIMEOUT
+
+            def handle(self) -> None:
+                connection = self.connection
+                if isinstance(connection, ssl.SSLSocket):
+                    try:
+                        connection.do_handshake()  # bounded by `timeout`, set in setup()
+                    except (ssl.SSLError, OSError) as exc:
+                        # Plain HTTP to the TLS port, a scanner, a client giving up: no answer.
+                        log.debug("TLS handshake failed", extra={"error": str(exc)})
+                        self.close_connection = True
+                        return
+                super().handle()
 
             def do_GET(self) -> None:
                 self._dispatch("GET")

@@ -23,7 +23,10 @@ def discovery_document(issuer: str, algorithms: list[str]) -> dict[str, Any]:
         "jwks_uri": issuer + JWKS_PATH,
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
+        # Every algorithm of a published key: ES256, and RS256 once the policy asks for it.
         "id_token_signing_alg_values_supported": algorithms,
+        # As GitHub's and GitLab's issuers, whose tokens AWS, GCP, Azure and Vault accept.
+        "scopes_supported": ["openid"],
         "claims_supported": [
             "iss", "sub", "aud", "exp", "iat", "nbf", "jti", "run_id", "org", "project",
             "pipeline", "step", "permissions", "on_behalf_of", "act", "triggered_via",

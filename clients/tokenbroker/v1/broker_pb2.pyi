@@ -153,6 +153,34 @@ TOKEN_STATUS_CERTIFICATE_MISMATCH: TokenStatus.ValueType  # 63
 """Bound to a client certificate (cnf x5t#S256) and presented without it or with another."""
 Global___TokenStatus: _TypeAlias = TokenStatus  # noqa: Y015
 
+class _SigningKeyState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SigningKeyStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SigningKeyState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SIGNING_KEY_STATE_UNSPECIFIED: _SigningKeyState.ValueType  # 0
+    """Not set."""
+    SIGNING_KEY_STATE_SIGNING: _SigningKeyState.ValueType  # 1
+    """The key signs tokens now."""
+    SIGNING_KEY_STATE_PREPUBLISHED: _SigningKeyState.ValueType  # 2
+    """The key is published but signs only from `signs_from` (a rotation's pre-publication)."""
+    SIGNING_KEY_STATE_RETIRING: _SigningKeyState.ValueType  # 3
+    """The key no longer signs; it stays published until the tokens it signed have expired."""
+
+class SigningKeyState(_SigningKeyState, metaclass=_SigningKeyStateEnumTypeWrapper):
+    """SigningKeyState is where a published key stands in its schedule."""
+
+SIGNING_KEY_STATE_UNSPECIFIED: SigningKeyState.ValueType  # 0
+"""Not set."""
+SIGNING_KEY_STATE_SIGNING: SigningKeyState.ValueType  # 1
+"""The key signs tokens now."""
+SIGNING_KEY_STATE_PREPUBLISHED: SigningKeyState.ValueType  # 2
+"""The key is published but signs only from `signs_from` (a rotation's pre-publication)."""
+SIGNING_KEY_STATE_RETIRING: SigningKeyState.ValueType  # 3
+"""The key no longer signs; it stays published until the tokens it signed have expired."""
+Global___SigningKeyState: _TypeAlias = SigningKeyState  # noqa: Y015
+
 @_typing.final
 class StartRunRequest(_message.Message):
     """StartRunRequest registers a run."""
@@ -984,13 +1012,20 @@ class GetSigningKeysResponse(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     JWKS_JSON_FIELD_NUMBER: _builtins.int
     ISSUER_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     jwks_json: _builtins.str
     """The same keys as a JWKS JSON document, ready for any JWT library."""
     issuer: _builtins.str
     """The issuer (`iss`) of broker tokens."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___JsonWebKey]:
-        """The published public keys; the active one first."""
+        """The published public keys: those that sign now first (the default algorithm's first),
+        then pre-published ones, then retiring ones.
+        """
+
+    @_builtins.property
+    def schedule(self) -> _containers.RepeatedCompositeFieldContainer[Global___SigningKeyStatus]:
+        """Where each published key stands in its schedule, in the order of `keys`."""
 
     def __init__(
         self,
@@ -998,27 +1033,90 @@ class GetSigningKeysResponse(_message.Message):
         keys: _abc.Iterable[Global___JsonWebKey] | None = ...,
         jwks_json: _builtins.str = ...,
         issuer: _builtins.str = ...,
+        schedule: _abc.Iterable[Global___SigningKeyStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["issuer", b"issuer", "jwks_json", b"jwks_json", "keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issuer", b"issuer", "jwks_json", b"jwks_json", "keys", b"keys", "schedule", b"schedule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSigningKeysResponse: _TypeAlias = GetSigningKeysResponse  # noqa: Y015
 
 @_typing.final
-class RotateSigningKeyRequest(_message.Message):
-    """RotateSigningKeyRequest makes a new signing key active."""
+class SigningKeyStatus(_message.Message):
+    """SigningKeyStatus is one published key's schedule."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    KID_FIELD_NUMBER: _builtins.int
+    ALG_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PUBLISH_TIME_FIELD_NUMBER: _builtins.int
+    SIGNS_FROM_FIELD_NUMBER: _builtins.int
+    STOPS_SIGNING_FIELD_NUMBER: _builtins.int
+    UNPUBLISH_TIME_FIELD_NUMBER: _builtins.int
+    kid: _builtins.str
+    """Key id, as in `keys` and the JWT header's `kid`."""
+    alg: _builtins.str
+    """Algorithm: "ES256" or "RS256"."""
+    state: Global___SigningKeyState.ValueType
+    """Where the key stands now."""
+    @_builtins.property
+    def publish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was published (entered the JWKS)."""
+
+    @_builtins.property
+    def signs_from(self) -> _timestamp_pb2.Timestamp:
+        """When the key starts (or started) signing."""
+
+    @_builtins.property
+    def stops_signing(self) -> _timestamp_pb2.Timestamp:
+        """When the key stops (or stopped) signing; unset while no rotation has scheduled it."""
+
+    @_builtins.property
+    def unpublish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key leaves the JWKS; unset while no rotation has scheduled it."""
+
     def __init__(
         self,
+        *,
+        kid: _builtins.str = ...,
+        alg: _builtins.str = ...,
+        state: Global___SigningKeyState.ValueType = ...,
+        publish_time: _timestamp_pb2.Timestamp | None = ...,
+        signs_from: _timestamp_pb2.Timestamp | None = ...,
+        stops_signing: _timestamp_pb2.Timestamp | None = ...,
+        unpublish_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time", "signs_from", b"signs_from", "stops_signing", b"stops_signing", "unpublish_time", b"unpublish_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alg", b"alg", "kid", b"kid", "publish_time", b"publish_time", "signs_from", b"signs_from", "state", b"state", "stops_signing", b"stops_signing", "unpublish_time", b"unpublish_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SigningKeyStatus: _TypeAlias = SigningKeyStatus  # noqa: Y015
+
+@_typing.final
+class RotateSigningKeyRequest(_message.Message):
+    """RotateSigningKeyRequest publishes new signing keys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMERGENCY_FIELD_NUMBER: _builtins.int
+    emergency: _builtins.bool
+    """Skip the pre-publication window: the new keys sign at once and every older key stops
+    signing now (for a key that may be compromised). Verifiers whose cached JWKS predates
+    the rotation must refetch it to verify new tokens. Audited as `key.rotated_emergency`.
+    """
+    def __init__(
+        self,
+        *,
+        emergency: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["emergency", b"emergency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1026,27 +1124,47 @@ Global___RotateSigningKeyRequest: _TypeAlias = RotateSigningKeyRequest  # noqa: 
 
 @_typing.final
 class RotateSigningKeyResponse(_message.Message):
-    """RotateSigningKeyResponse names the new key."""
+    """RotateSigningKeyResponse names the new keys and when they sign."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     RETIRING_KEY_IDS_FIELD_NUMBER: _builtins.int
+    SIGNS_FROM_FIELD_NUMBER: _builtins.int
+    NEW_KEY_IDS_FIELD_NUMBER: _builtins.int
+    EMERGENCY_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
-    """Id of the new active key."""
+    """Id of the new key of the broker's default algorithm."""
+    emergency: _builtins.bool
+    """Whether this was an emergency rotation."""
     @_builtins.property
     def retiring_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids of keys still published for tokens they signed."""
+        """Ids of the keys that stop signing at `signs_from`; they stay published for the tokens
+        they signed.
+        """
+
+    @_builtins.property
+    def signs_from(self) -> _timestamp_pb2.Timestamp:
+        """When the new keys start signing: after the broker's pre-publication window (now for an
+        emergency rotation). Until then the old keys sign.
+        """
+
+    @_builtins.property
+    def new_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of every new key, one per algorithm the broker signs with (key_id first)."""
 
     def __init__(
         self,
         *,
         key_id: _builtins.str = ...,
         retiring_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        signs_from: _timestamp_pb2.Timestamp | None = ...,
+        new_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        emergency: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signs_from", b"signs_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "retiring_key_ids", b"retiring_key_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["emergency", b"emergency", "key_id", b"key_id", "new_key_ids", b"new_key_ids", "retiring_key_ids", b"retiring_key_ids", "signs_from", b"signs_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -190,8 +190,9 @@ class TokenBrokerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RotateSigningKey(self, request, context):
-        """RotateSigningKey makes a new signing key active; old public keys stay published until
-        every token they signed has expired. Role: admin.
+        """RotateSigningKey publishes a new signing key per algorithm, which signs once the
+        pre-publication window has passed (at once with `emergency`); the old keys sign until
+        then and stay published until every token they signed has expired. Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

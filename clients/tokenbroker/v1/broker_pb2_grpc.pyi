@@ -77,8 +77,9 @@ class TokenBrokerServiceStub:
     GetSigningKeys: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetSigningKeysRequest, _broker_pb2.GetSigningKeysResponse]
     """GetSigningKeys returns the public keys that verify broker tokens, as a JWKS. Open to all."""
     RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RotateSigningKeyRequest, _broker_pb2.RotateSigningKeyResponse]
-    """RotateSigningKey makes a new signing key active; old public keys stay published until
-    every token they signed has expired. Role: admin.
+    """RotateSigningKey publishes a new signing key per algorithm, which signs once the
+    pre-publication window has passed (at once with `emergency`); the old keys sign until
+    then and stay published until every token they signed has expired. Role: admin.
     """
     StreamAudit: _grpc.UnaryStreamMultiCallable[_broker_pb2.StreamAuditRequest, _broker_pb2.StreamAuditResponse]
     """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
@@ -138,8 +139,9 @@ class TokenBrokerServiceAsyncStub(TokenBrokerServiceStub):
     GetSigningKeys: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetSigningKeysRequest, _broker_pb2.GetSigningKeysResponse]  # type: ignore[assignment]
     """GetSigningKeys returns the public keys that verify broker tokens, as a JWKS. Open to all."""
     RotateSigningKey: _aio.UnaryUnaryMultiCallable[_broker_pb2.RotateSigningKeyRequest, _broker_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
-    """RotateSigningKey makes a new signing key active; old public keys stay published until
-    every token they signed has expired. Role: admin.
+    """RotateSigningKey publishes a new signing key per algorithm, which signs once the
+    pre-publication window has passed (at once with `emergency`); the old keys sign until
+    then and stay published until every token they signed has expired. Role: admin.
     """
     StreamAudit: _aio.UnaryStreamMultiCallable[_broker_pb2.StreamAuditRequest, _broker_pb2.StreamAuditResponse]  # type: ignore[assignment]
     """StreamAudit replays audit events after a cursor, then follows the log live, with no gap
@@ -256,8 +258,9 @@ class TokenBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _broker_pb2.RotateSigningKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.RotateSigningKeyResponse, _abc.Awaitable[_broker_pb2.RotateSigningKeyResponse]]:
-        """RotateSigningKey makes a new signing key active; old public keys stay published until
-        every token they signed has expired. Role: admin.
+        """RotateSigningKey publishes a new signing key per algorithm, which signs once the
+        pre-publication window has passed (at once with `emergency`); the old keys sign until
+        then and stay published until every token they signed has expired. Role: admin.
         """
 
     @_abc_1.abstractmethod
