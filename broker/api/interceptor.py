@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/tokenbroker.v1."
 REQUEST_ID_HEADER = "x-request-id"
+# Which worker process of `serve --workers` served the call (its index), sent beside the
+# request id: for correlating a call with that worker's logs.
+WORKER_HEADER = "x-broker-worker"
 _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 _current: contextvars.ContextVar[CallContext] = contextvars.ContextVar("call")
@@ -54,8 +57,9 @@ def _anonymous(context: grpc.ServicerContext, method: str) -> Principal:
 
 
 class CallInterceptor(grpc.ServerInterceptor):
-    def __init__(self, authenticate: Authenticator = _anonymous) -> None:
+    def __init__(self, authenticate: Authenticator = _anonymous, served_by: str = "") -> None:
         self._authenticate = authenticate
+        self._served_by = ((WORKER_HEADER, served_by),) if served_by else ()
 
     def intercept_service(
         self,
@@ -82,7 +86,7 @@ class CallInterceptor(grpc.ServerInterceptor):
 
     def _enter(self, context: grpc.ServicerContext, method: str, request: Any) -> CallContext:
         request_id = _request_id(context)
-        context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        context.send_initial_metadata(((REQUEST_ID_HEADER, request_id), *self._served_by))
         # Set a bare context first so an authentication failure is still correlated.
         trace_id = telemetry.current_trace_id()
         _current.set(CallContext(request_id=request_id, trace_id=trace_id))

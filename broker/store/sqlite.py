@@ -17,6 +17,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -75,6 +76,10 @@ DB_FILENAME = "broker.db"
 # sqlite3 shell) before it fails as UNAVAILABLE. Within one broker writes never contend.
 BUSY_TIMEOUT = 5.0
 MAX_BUSY_TIMEOUT = 600.0
+# Worker processes of one `serve --workers` share the file: each looks this often whether
+# another committed (PRAGMA data_version reads SQLite's shared memory: no I/O), which bounds
+# how late one worker learns of another's revocation.
+SHARED_POLL = 0.005
 
 
 def check_url(url: StoreUrl) -> None:
@@ -94,16 +99,27 @@ def check_url(url: StoreUrl) -> None:
         raise StoreUrlInvalid(f"store {str(url)!r}: {path.suffix} files are the store's own")
 
 
+def database_path(url: StoreUrl, data_dir: Path) -> Path:
+    return Path(url.location).expanduser() if url.location else data_dir / DB_FILENAME
+
+
 def open_url(url: StoreUrl, options: OpenOptions) -> SqliteStore:
-    database = Path(url.location).expanduser() if url.location else options.data_dir / DB_FILENAME
     return SqliteStore(
         options.data_dir,
-        database=database,
+        database=database_path(url, options.data_dir),
         read_only=options.read_only,
         create=options.create,
         history=options.history,
         busy_timeout=_busy_timeout(url),
+        held_lock=options.held_lock,
     )
+
+
+def hold_for_workers(url: StoreUrl, options: OpenOptions) -> guard.StoreLock:
+    """The store's lock, taken by the supervisor of `serve --workers` for its workers."""
+    database = database_path(url, options.data_dir)
+    guard.make_private_dirs(database.parent)
+    return guard.StoreLock(database)
 
 
 def _busy_timeout(url: StoreUrl) -> float:
@@ -217,8 +233,12 @@ class SqliteStore(SqlReads):
         create: bool = False,
         history: Sequence[Path] = (),
         busy_timeout: float = BUSY_TIMEOUT,
+        held_lock: int | None = None,
     ) -> None:
+        """`held_lock`: the store lock inherited from a `serve --workers` supervisor; the file
+        is then shared with sibling processes whose commits this one follows."""
         self.path = database if database is not None else data_dir / DB_FILENAME
+        self.shared = held_lock is not None
         self.read_only = read_only
         self._busy_timeout = busy_timeout
         self._local = threading.local()
@@ -234,7 +254,11 @@ class SqliteStore(SqlReads):
             self._snapshot, self.schema_version, self._tables = _open_snapshot(self.path)
             return
         guard.make_private_dirs(self.path.parent)
-        self._lock = guard.StoreLock(self.path)
+        self._lock = (
+            guard.StoreLock(self.path)
+            if held_lock is None
+            else guard.StoreLock.adopt(self.path, held_lock)
+        )
         try:
             self._writer, self.schema_version = _open_writer(
                 self.path, create=create, history=history, busy_timeout=busy_timeout
@@ -307,11 +331,30 @@ class SqliteStore(SqlReads):
 
     def wait_for_events(self, after: int, timeout: float) -> int:
         # This process's commits wake waiters at once; a commit by another process on the
-        # same file is seen when the wait times out and the head is read again.
+        # same file is seen when the wait times out and the head is read again — or, for
+        # the workers of one `serve --workers`, at the next look at the file's data version.
+        if self.shared:
+            return self._wait_shared(after, timeout)
         with self._committed:
             if self._head_seq > after or self._committed.wait(timeout):
                 return self._head_seq  # known from this process's own commit: no query
         return self.head_sequence()
+
+    def _wait_shared(self, after: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        seen = self._data_version()
+        while True:
+            with self._committed:
+                if self._head_seq > after or self._committed.wait(SHARED_POLL):
+                    return self._head_seq
+            version = self._data_version()
+            if version != seen or time.monotonic() >= deadline:
+                return self.head_sequence()
+
+    def _data_version(self) -> int:
+        """Changes whenever another connection (this process's writer or a sibling's)
+        commits to the file."""
+        return int(self._query("PRAGMA data_version")[0][0])
 
     def _notify(self, committed: Committed, mutation: Mutation | None) -> None:
         for listener in self._listeners:

@@ -124,6 +124,35 @@ class StoreLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
+    @classmethod
+    def adopt(cls, database: Path, fd: int) -> StoreLock:
+        """The lock a supervisor took for its worker processes, inherited as `fd`: this
+        process serves the store beside its siblings, and any other broker is still refused.
+
+        Checked, not trusted: `fd` must be the lock file of this very database and hold its
+        lock (flock on the inherited open file succeeds only for the group that holds it)."""
+        path = lock_path(database)
+        try:
+            held, expected = os.fstat(fd), os.stat(path)
+        except OSError as exc:
+            raise StoreInUse(f"{path}: the inherited store lock is unusable: {exc}") from None
+        if (held.st_dev, held.st_ino) != (expected.st_dev, expected.st_ino):
+            raise StoreInUse(f"{database}: the inherited lock is not this store's ({path})")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreInUse(
+                f"{database}: in use by another broker (holding {path}); the inherited lock "
+                "is not the one held"
+            ) from None
+        lock = cls.__new__(cls)
+        lock.path = path
+        lock._fd = fd
+        return lock
+
+    def fileno(self) -> int:
+        return self._fd
+
     def release(self) -> None:
         if self._fd >= 0:
             # Closing releases the lock; the file stays (removing it would race a new opener).
