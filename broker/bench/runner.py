@@ -31,13 +31,15 @@ from typing import Any
 
 import grpc
 
-from broker.bench import accounts, brokerproc, replicas, report, worker
+from broker.bench import accounts, baseline, brokerproc, replicas, report, worker
 from broker.bench.prefill import prefill
 from broker.bench.report import Figure
 from broker.store.sqlite import DB_FILENAME
 from tokenbroker.messages import EVENTS_PER_MESSAGE
 
-SECTIONS = ("unary", "offline", "revocation", "audit", "replicas")
+SECTIONS = ("unary", "offline", "revocation", "audit", "replicas", "workers")
+# Sections that start brokers of their own instead of the pre-filled pair.
+OWN_BROKERS = ("replicas", "workers")
 SMALL = "small"
 LARGE = "large"
 NOOP_DESCRIPTION = (
@@ -63,6 +65,8 @@ class Plan:
     fanout_subscribers: int
     fanout_seconds: float
     sections: tuple[str, ...]
+    workers: int = 2  # the N of `serve --workers N` in the workers section
+    baseline: str = ""  # a commit whose broker runs beside this one (workers section)
     runs: int = 8  # active runs whose credentials IssueToken load cycles through
     tokens: int = 64  # step tokens that verification cycles through
 
@@ -88,6 +92,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         fanout_subscribers=16,
         fanout_seconds=1.5 if quick else 3.0,
         sections=sections,
+        workers=args.workers or max(os.cpu_count() or 2, 2),
+        baseline=args.baseline or "",
     )
 
 
@@ -166,9 +172,13 @@ class Workers:
 def run(plan: Plan, work: Path, out_dir: Path) -> int:
     began = time.monotonic()
     policy = accounts.write_policy(work / "policy")
-    if set(plan.sections) == {"replicas"}:  # its own brokers only: no pre-filled stores
-        alone = replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
-        print(report.table(alone, [f"replicas, {plan.seconds * plan.rounds:g} s per figure"]))
+    if set(plan.sections) <= set(OWN_BROKERS):  # their own brokers only: no pre-filled stores
+        alone: list[Figure] = []
+        if "workers" in plan.sections:
+            alone += _workers(plan, work / "workers", policy)
+        if "replicas" in plan.sections:
+            alone += replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
+        print(report.table(alone, _own_header(plan)))
         return 0
     say(f"pre-filling {plan.small_events:,} and {plan.large_events:,} stored events")
     fill_seconds = {
@@ -193,6 +203,8 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
         for b in brokers.values():
             b.stop()
     figures += _memory_figures(memory)
+    if "workers" in plan.sections:
+        figures += _workers(plan, work / "workers", policy)
     if "replicas" in plan.sections:
         say("replicas: sqlite with one process, postgresql with one and two replicas")
         figures += replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
@@ -210,7 +222,7 @@ def _measure(
 ) -> list[Figure]:
     load = list(range(plan.clients))
     observer = plan.clients  # the last process: subscribers and the revocation watcher
-    specs = {n: {"target": b.target, "issuer": b.issuer, "pid": b.pid} for n, b in brokers.items()}
+    specs = _specs(brokers)
     workers.ask_all(
         [*load, observer], {"op": "setup", "brokers": specs, "policy_dir": str(policy_dir)}
     )
@@ -229,6 +241,10 @@ def _measure(
     if "audit" in plan.sections:
         figures += _audit(plan, workers, load, observer, brokers)
     return figures
+
+
+def _specs(brokers: dict[str, brokerproc.BrokerProcess]) -> dict[str, dict[str, Any]]:
+    return {n: {"target": b.target, "issuer": b.issuer, "pids": b.pids} for n, b in brokers.items()}
 
 
 # -- unary RPCs -------------------------------------------------------------------------------
@@ -473,6 +489,145 @@ def _fanout(
         f"{sum(s['gaps'] for s in subs)} gaps; latency = event time → received"
     )
     return figure
+
+
+# -- worker processes (`serve --workers N`) and the baseline ------------------------------
+
+WORKER_KINDS = ("noop", "issue", "verify")
+
+
+def _workers(plan: Plan, work: Path, policy: Path) -> list[Figure]:
+    """`serve --workers 1` beside `--workers N` (and the baseline commit's broker), each on a
+    fresh SQLite data dir: the no-op, IssueToken and VerifyToken, rounds interleaved; broker
+    CPU per call summed over every worker process."""
+    work.mkdir(parents=True, exist_ok=True)
+    configs: list[tuple[str, tuple[str, ...], Path | None, int]] = [
+        ("1 worker", ("--workers", "1"), None, 1),
+        (f"{plan.workers} workers", ("--workers", str(plan.workers)), None, plan.workers),
+    ]
+    if plan.baseline:
+        exported = baseline.export(plan.baseline, work / "baseline-source")
+        configs.insert(0, (f"{plan.baseline} (baseline)", (), exported, 1))
+    brokers: dict[str, brokerproc.BrokerProcess] = {}
+    try:
+        for n, (name, extra, source, _) in enumerate(configs):
+            brokers[name] = b = brokerproc.start(
+                work / f"data-{n}", policy, work / f"broker-{n}.log", extra, source=source
+            )
+            say(f"workers section: {name}: pids {b.pids}, {b.target}")
+        clients = Workers(plan.clients)
+        try:
+            made = _workers_rounds(plan, clients, brokers, configs, policy.parent)
+        finally:
+            clients.close()
+    finally:
+        for b in brokers.values():
+            b.stop()
+    return _judge_workers(plan, made, configs)
+
+
+def _workers_rounds(
+    plan: Plan,
+    clients: Workers,
+    brokers: dict[str, brokerproc.BrokerProcess],
+    configs: list[tuple[str, tuple[str, ...], Path | None, int]],
+    policy_dir: Path,
+) -> dict[tuple[str, str], Figure]:
+    load = list(range(plan.clients))
+    specs = _specs(brokers)
+    clients.ask_all(load, {"op": "setup", "brokers": specs, "policy_dir": str(policy_dir)})
+    for name in brokers:
+        clients.ask_all(
+            load, {"op": "prepare", "broker": name, "runs": plan.runs, "tokens": plan.tokens}
+        )
+    schedule = [(name, kind) for name, *_ in configs for kind in WORKER_KINDS]
+    processes = {name: count for name, _, _, count in configs}
+    rates: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
+    latencies: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
+    for round_number in range(plan.rounds + 1):
+        say(f"workers round {round_number}/{plan.rounds}" + ("" if round_number else " (warm-up)"))
+        for name, kind in schedule:
+            job = {
+                "op": "unary",
+                "broker": name,
+                "kind": kind,
+                "seconds": plan.seconds,
+                "concurrency": plan.concurrency,
+                # Two connections per worker process, the same for every configuration.
+                "connections": 2 * plan.workers,
+                "workers": processes[name],
+            }
+            answers = clients.ask_all(load, job)
+            if round_number == 0:
+                continue
+            calls = sum(len(a["latencies"]) for a in answers)
+            rates[(name, kind)].append(calls / max(a["seconds"] for a in answers))
+            cpu[(name, kind)].append(max(a["broker_cpu"] for a in answers) / max(calls, 1))
+            for a in answers:
+                latencies[(name, kind)].extend(a["latencies"])
+    made = {}
+    for name, kind in schedule:
+        key = (name, kind)
+        figure = Figure.measured(f"{UNARY_NAMES[kind]}, {name}", rates[key], latencies[key])
+        figure.cpu_us = statistics.median(cpu[key]) * 1e6 if cpu[key] else math.nan
+        made[key] = figure
+    return made
+
+
+def _judge_workers(
+    plan: Plan,
+    made: dict[tuple[str, str], Figure],
+    configs: list[tuple[str, tuple[str, ...], Path | None, int]],
+) -> list[Figure]:
+    figures: list[Figure] = []
+    base_name = configs[0][0] if plan.baseline else ""
+    single = "1 worker"
+    for name, *_ in configs:
+        noop = made[(name, "noop")]
+        issue = made[(name, "issue")].against(noop)
+        verify = made[(name, "verify")].against(noop)
+        figures += [noop, issue, verify]
+        if name == base_name:
+            continue  # the old commit is the reference, not judged
+        issue.judge(
+            "≥0.80× ops, p99 ≤2× no-op", issue.ratio >= 0.8 and issue.p99_ms <= 2 * noop.p99_ms
+        )
+        issue.note = report.shortfall(issue.ratio, 0.8) + (
+            f"; p99 {issue.p99_ms / noop.p99_ms:.2f}× the no-op's"
+        )
+        verify.judge("≥0.90× ops", verify.ratio >= 0.9)
+        verify.note = report.shortfall(verify.ratio, 0.9)
+        if name != single:
+            for kind in WORKER_KINDS:
+                one, many = made[(single, kind)], made[(name, kind)]
+                scale = f"{many.rate / one.rate:.2f}× the throughput of 1 worker"
+                many.note = f"{many.note}; {scale}" if many.note else scale
+        if base_name:
+            for kind in ("issue", "verify"):
+                figures.append(_cpu_against(made[(name, kind)], made[(base_name, kind)]))
+    return figures
+
+
+def _cpu_against(now: Figure, base: Figure) -> Figure:
+    """Broker CPU per call against the baseline's, same run: the target is at most half."""
+    figure = Figure(name=f"{now.name}: CPU per call", unit="µs/call", rate=now.cpu_us)
+    figure.cpu_us = now.cpu_us
+    figure.ratio = now.cpu_us / base.cpu_us if base.cpu_us else math.nan
+    figure.reference = base.name
+    figure.judge("≤0.50× the baseline's", figure.ratio <= 0.5)
+    figure.note = f"baseline {base.cpu_us:,.0f} µs/call; " + report.excess(figure.ratio, 0.5)
+    return figure
+
+
+def _own_header(plan: Plan) -> list[str]:
+    return [
+        f"token-broker bench --only {','.join(plan.sections)}: {plan.rounds} rounds × "
+        f"{plan.seconds:g} s, {plan.clients} client process(es) × {plan.concurrency} calls in "
+        f"flight, {2 * plan.workers} connections spread evenly over each broker's processes",
+        "cpu: all of a broker's processes (every worker), per call",
+        "",
+    ]
 
 
 # -- memory and the environment ---------------------------------------------------------------

@@ -12,6 +12,7 @@ timed from just before it is sent until its response is parsed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import os
@@ -48,7 +49,7 @@ class Broker:
 
     target: str
     issuer: str
-    pid: int
+    pids: list[int]
     signers: dict[str, AssertionSigner]
     runs: list[str] = field(default_factory=list)  # active runs to issue tokens for
     credentials: list[str] = field(default_factory=list)  # their run credentials
@@ -91,7 +92,7 @@ class Worker:
                 )
                 for a in accounts.ACCOUNTS
             }
-            self.brokers[name] = Broker(spec["target"], spec["issuer"], spec["pid"], signers)
+            self.brokers[name] = Broker(spec["target"], spec["issuer"], spec["pids"], signers)
         return {}
 
     def prepare(self, job: Job) -> Job:
@@ -128,6 +129,8 @@ class Worker:
                 seconds=job["seconds"],
                 concurrency=job["concurrency"],
                 prepare_seconds=job.get("prepare_seconds", 0.0),
+                connections=job.get("connections", 1),
+                workers=job.get("workers", 1),
             )
         )
 
@@ -221,19 +224,35 @@ Call = Callable[[int], Awaitable[Any]]
 
 
 async def _closed_loop(
-    broker: Broker, kind: str, *, seconds: float, concurrency: int, prepare_seconds: float
+    broker: Broker,
+    kind: str,
+    *,
+    seconds: float,
+    concurrency: int,
+    prepare_seconds: float,
+    connections: int = 1,
+    workers: int = 1,
 ) -> Job:
-    async with grpc.aio.insecure_channel(broker.target) as channel:
-        call = await _caller(channel, broker, kind, prepare_seconds, concurrency)
+    """`connections` > 1: that many connections of their own, as many to each of `workers`
+    broker processes (a worker process serves whole connections), the calls spread over them."""
+    async with contextlib.AsyncExitStack() as stack:
+        if connections > 1:
+            channels = await _balanced_channels(broker, connections, workers, stack)
+        else:
+            channels = [await stack.enter_async_context(grpc.aio.insecure_channel(broker.target))]
+        callers = [
+            await _caller(channel, broker, kind, prepare_seconds, concurrency)
+            for channel in channels
+        ]
         latencies: list[float] = []
         errors: dict[str, int] = {}
         counter = itertools.count()
-        cpu_before = process_cpu_seconds(broker.pid)
+        cpu_before = processes_cpu_seconds(broker.pids)
         began = time.perf_counter()
         stop_at = began + seconds
         exhausted = False
 
-        async def loop() -> None:
+        async def loop(call: Call) -> None:
             nonlocal exhausted
             while not exhausted and time.perf_counter() < stop_at:
                 i = next(counter)
@@ -249,10 +268,41 @@ async def _closed_loop(
                     continue
                 latencies.append(time.perf_counter() - sent)
 
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await asyncio.gather(*(loop(callers[n % len(callers)]) for n in range(concurrency)))
         elapsed = time.perf_counter() - began
-        cpu = process_cpu_seconds(broker.pid) - cpu_before
+        cpu = processes_cpu_seconds(broker.pids) - cpu_before
     return {"latencies": latencies, "seconds": elapsed, "errors": errors, "broker_cpu": cpu}
+
+
+async def _balanced_channels(
+    broker: Broker, connections: int, workers: int, stack: contextlib.AsyncExitStack
+) -> list[grpc.aio.Channel]:
+    """Connections until each worker process has its share (the kernel picks a worker per
+    connection at random; `x-broker-worker` says which one answered)."""
+    share = max(connections // max(workers, 1), 1)
+    kept: dict[str, list[grpc.aio.Channel]] = {}
+    for _ in range(connections * 20):
+        channel = grpc.aio.insecure_channel(
+            broker.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        call = broker_pb2_grpc.TokenBrokerServiceStub(channel).GetSigningKeys(
+            broker_pb2.GetSigningKeysRequest(), timeout=CALL_TIMEOUT
+        )
+        await call
+        served_by = str(dict(await call.initial_metadata()).get("x-broker-worker", "0"))
+        mine = kept.setdefault(served_by, [])
+        if len(mine) < share:
+            mine.append(await stack.enter_async_context(channel))
+        else:
+            await channel.close()
+        if sum(len(c) for c in kept.values()) >= share * max(workers, 1):
+            break
+    return [channel for group in kept.values() for channel in group]
+
+
+def processes_cpu_seconds(pids: list[int]) -> float:
+    """The CPU time of every process serving a broker (its workers), summed."""
+    return sum(process_cpu_seconds(pid) for pid in pids)
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -249,6 +249,7 @@ class SqliteStore(SqlReads):
         self._committed = threading.Condition()
         self._closed = False
         self._lock: guard.StoreLock | None = None
+        self._turns: guard.WriterTurns | None = None
         self._snapshot: sqlite3.Connection | None = None
         if read_only:
             self._snapshot, self.schema_version, self._tables = _open_snapshot(self.path)
@@ -259,6 +260,7 @@ class SqliteStore(SqlReads):
             if held_lock is None
             else guard.StoreLock.adopt(self.path, held_lock)
         )
+        self._turns = guard.WriterTurns(self.path) if held_lock is not None else None
         try:
             self._writer, self.schema_version = _open_writer(
                 self.path, create=create, history=history, busy_timeout=busy_timeout
@@ -293,6 +295,13 @@ class SqliteStore(SqlReads):
         return self._writes.submit(write)
 
     def _apply_batch(self, batch: list[Pending]) -> None:
+        if self._turns is None:
+            self._apply_in_transaction(batch)
+            return
+        with self._turns:
+            self._apply_in_transaction(batch)
+
+    def _apply_in_transaction(self, batch: list[Pending]) -> None:
         conn = self._writer
         outcomes: list[tuple[Pending, Committed | BaseException]] = []
         try:
@@ -576,6 +585,8 @@ class SqliteStore(SqlReads):
                 conn.close()
             self._readers.clear()
         self._writer.close()
+        if self._turns is not None:
+            self._turns.close()
         if self._lock is not None:
             self._lock.release()
 
