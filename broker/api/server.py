@@ -77,6 +77,7 @@ class BrokerServer:
     broker: Broker
     health: health.HealthServicer
     http: HttpServer | None = None
+    servicer: TokenBrokerServicer | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _writes_ready: bool | None = None
 
@@ -329,7 +330,8 @@ def create_server(
             served_by=str(worker.index) if worker is not None and worker.count > 1 else "",
         ),
     )
-    broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(broker), server)
+    servicer = TokenBrokerServicer(broker)
+    broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -341,7 +343,7 @@ def create_server(
         telemetry, executor = broker.telemetry, settings.executor_target
         handoff.instrument(lambda channel: traced_channel(channel, telemetry, executor))
         handoff.broker_target = f"{listen_host}:{port}"  # the port is known only now
-    return BrokerServer(server, port, broker, health_servicer, http)
+    return BrokerServer(server, port, broker, health_servicer, http, servicer)
 
 
 def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:

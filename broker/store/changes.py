@@ -60,6 +60,11 @@ class ChangeFeed:
         return self._head
 
     @property
+    def running(self) -> bool:
+        """Whether the feed's thread follows the log (started and not closed)."""
+        return self._thread is not None and not self._stopping.is_set()
+
+    @property
     def cursor(self) -> int:
         """Every event up to here has been handed to the page subscribers."""
         return self._cursor
