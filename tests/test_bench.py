@@ -89,7 +89,9 @@ def test_bench_measures_judges_prints_and_writes_every_figure_of_the_issue(
     for name in EXPECTED_FIGURES[15:21]:
         assert figures[name]["samples"] > 0 and figures[name]["cpu_us"] > 0, name
     # Losing no event is correctness, not speed: every subscriber saw every event, in order.
-    assert figures["live fan-out, 16 subscribers"]["verdict"] == "PASS"
+    fanout = figures["live fan-out, 16 subscribers"]["note"]
+    events = int(fanout.split(" events written")[0])
+    assert f"each subscriber received [{events}] of {events}, 0 gaps, 0 streams dropped" in fanout
     assert document["meta"]["plan"]["large_events"] == 2_000
 
 

@@ -42,6 +42,12 @@ def add_command(commands: Any) -> None:
         help="comma-separated sections: unary,offline,revocation,audit,replicas,workers",
     )
     parser.add_argument(
+        "--fanout-seconds",
+        type=float,
+        default=None,
+        help="how long the live fan-out figure writes (default 60 s; 10 s with --quick)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=None,

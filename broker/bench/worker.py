@@ -131,6 +131,7 @@ class Worker:
                 prepare_seconds=job.get("prepare_seconds", 0.0),
                 connections=job.get("connections", 1),
                 workers=job.get("workers", 1),
+                rate=job.get("rate", 0.0),
             )
         )
 
@@ -232,9 +233,12 @@ async def _closed_loop(
     prepare_seconds: float,
     connections: int = 1,
     workers: int = 1,
+    rate: float = 0.0,
 ) -> Job:
     """`connections` > 1: that many connections of their own, as many to each of `workers`
-    broker processes (a worker process serves whole connections), the calls spread over them."""
+    broker processes (a worker process serves whole connections), the calls spread over them.
+    `rate` > 0: at most that many calls per second, evenly spaced (an open loop as long as
+    the broker keeps up)."""
     async with contextlib.AsyncExitStack() as stack:
         if connections > 1:
             channels = await _balanced_channels(broker, connections, workers, stack)
@@ -256,6 +260,11 @@ async def _closed_loop(
             nonlocal exhausted
             while not exhausted and time.perf_counter() < stop_at:
                 i = next(counter)
+                if rate > 0:
+                    due = began + i / rate
+                    if due >= stop_at:
+                        return
+                    await asyncio.sleep(max(due - time.perf_counter(), 0))
                 sent = time.perf_counter()
                 try:
                     await call(i)
@@ -503,7 +512,10 @@ class _Subscriber:
     last: int = 0
     count: int = 0
     gaps: int = 0
+    dropped: bool = False
     delays: list[float] = field(default_factory=list)
+    # (seconds since the subscribers connected, delay) of each delay, for its growth
+    timed: list[tuple[float, float]] = field(default_factory=list)
 
 
 class FanOut:
@@ -539,6 +551,8 @@ class FanOut:
                 for s in self._subs
             ],
             "delays": [d for s in self._subs for d in s.delays],
+            "timed": [pair for s in self._subs for pair in s.timed],
+            "dropped": sum(s.dropped for s in self._subs),
         }
 
     def _run(self) -> None:
@@ -548,7 +562,10 @@ class FanOut:
         metadata = self._broker.metadata(AUDITOR)
         async with grpc.aio.insecure_channel(self._broker.target) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
-            request = broker_pb2.StreamAuditRequest(after_sequence=self._after)
+            # Pages, as the client library asks for them.
+            request = broker_pb2.StreamAuditRequest(
+                after_sequence=self._after, max_events_per_message=messages.EVENTS_PER_MESSAGE
+            )
             calls = [stub.StreamAudit(request, metadata=metadata) for _ in self._subs]
             for call in calls:
                 await call.initial_metadata()  # each stream is authorized and open
@@ -568,19 +585,23 @@ class FanOut:
                 if self._until is not None and sub.last >= self._until:
                     break
                 continue
+            except grpc.aio.AioRpcError:
+                sub.dropped = True  # e.g. dropped for falling behind: counted, not resumed
+                break
             if item is grpc.aio.EOF:
                 break
-            if not item.HasField("event"):
-                continue
-            event = item.event
-            if event.sequence != expected:
-                sub.gaps += 1
-            expected = event.sequence + 1
-            sub.first = sub.first or event.sequence
-            sub.last = event.sequence
-            sub.count += 1
-            if event.action == "token.issued":
-                sub.delays.append(time.time() - event.time.ToNanoseconds() / 1e9)
+            received = time.time()
+            for event in messages.events_of(item):
+                if event.sequence != expected:
+                    sub.gaps += 1
+                expected = event.sequence + 1
+                sub.first = sub.first or event.sequence
+                sub.last = event.sequence
+                sub.count += 1
+                if event.action == "token.issued":
+                    delay = received - event.time.ToNanoseconds() / 1e9
+                    sub.delays.append(delay)
+                    sub.timed.append((time.perf_counter() - self._began, delay))
             if self._until is not None and sub.last >= self._until:
                 break
         call.cancel()
