@@ -91,7 +91,7 @@ class Connection:
 
 
 def served_by(call: grpc.Call) -> str:
-    return str(dict(call.initial_metadata())[WORKER_HEADER])
+    return str(dict(call.trailing_metadata())[WORKER_HEADER])
 
 
 def one_connection_per_worker(broker: BrokerProcess, stack: ExitStack) -> dict[str, Connection]:

@@ -298,7 +298,7 @@ async def _balanced_channels(
             broker_pb2.GetSigningKeysRequest(), timeout=CALL_TIMEOUT
         )
         await call
-        served_by = str(dict(await call.initial_metadata()).get("x-broker-worker", "0"))
+        served_by = str(dict(await call.trailing_metadata()).get("x-broker-worker", "0"))
         mine = kept.setdefault(served_by, [])
         if len(mine) < share:
             mine.append(await stack.enter_async_context(channel))
