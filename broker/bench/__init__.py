@@ -60,6 +60,13 @@ def add_command(commands: Any) -> None:
         help="also run the broker of commit REF (git archive of this repository) beside this "
         "one in the workers section, and judge CPU per call against it (e.g. 4f2572c)",
     )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="FLAGS",
+        help="also run a single-process broker with these serve flags in the workers section "
+        "(an A/B of a setting in one run, e.g. --compare='--max-workers 8')",
+    )
     parser.set_defaults(handler=_run)
 
 

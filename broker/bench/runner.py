@@ -67,6 +67,7 @@ class Plan:
     sections: tuple[str, ...]
     workers: int = 2  # the N of `serve --workers N` in the workers section
     baseline: str = ""  # a commit whose broker runs beside this one (workers section)
+    compare: str = ""  # serve flags of one more single-process broker (workers section)
     runs: int = 8  # active runs whose credentials IssueToken load cycles through
     tokens: int = 64  # step tokens that verification cycles through
 
@@ -94,6 +95,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         sections=sections,
         workers=args.workers or max(os.cpu_count() or 2, 2),
         baseline=args.baseline or "",
+        compare=args.compare or "",
     )
 
 
@@ -179,6 +181,10 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
         if "replicas" in plan.sections:
             alone += replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
         print(report.table(alone, _own_header(plan)))
+        meta = _meta(plan, {}, {}, time.monotonic() - began)
+        path = out_dir / f"{_stamp()}-{meta['commit'][:10]}-{'-'.join(plan.sections)}.json"
+        report.write_json(path, alone, meta)
+        say(f"wrote {path}")
         return 0
     say(f"pre-filling {plan.small_events:,} and {plan.large_events:,} stored events")
     fill_seconds = {
@@ -213,11 +219,15 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
         figures += replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
     meta = _meta(plan, fill_seconds, memory, time.monotonic() - began)
     print(report.table(figures, _header(plan, meta)))
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _stamp()
     path = out_dir / f"{stamp}-{meta['commit'][:10]}{'-quick' if plan.quick else ''}.json"
     report.write_json(path, figures, meta)
     say(f"wrote {path} ({meta['seconds']:.0f} s in all)")
     return 0
+
+
+def _stamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def _measure(
@@ -528,9 +538,14 @@ def _workers(plan: Plan, work: Path, policy: Path) -> list[Figure]:
     CPU per call summed over every worker process."""
     work.mkdir(parents=True, exist_ok=True)
     configs: list[tuple[str, tuple[str, ...], Path | None, int]] = [
-        ("1 worker", ("--workers", "1"), None, 1),
-        (f"{plan.workers} workers", ("--workers", str(plan.workers)), None, plan.workers),
+        ("1 worker", ("--workers", "1"), None, 1)
     ]
+    if plan.workers > 1:
+        configs.append(
+            (f"{plan.workers} workers", ("--workers", str(plan.workers)), None, plan.workers)
+        )
+    if plan.compare:
+        configs.append((f"1 worker {plan.compare}", tuple(plan.compare.split()), None, 1))
     if plan.baseline:
         exported = baseline.export(plan.baseline, work / "baseline-source")
         configs.insert(0, (f"{plan.baseline} (baseline)", (), exported, 1))
