@@ -578,16 +578,22 @@ class FanOut:
 
     async def _follow(self, call: Any, sub: _Subscriber) -> None:
         expected = self._after + 1
+        reading: asyncio.Future[Any] | None = None
         while not self._done.is_set():
-            try:
-                item = await asyncio.wait_for(call.read(), timeout=0.2)
-            except TimeoutError:
+            # One read at a time, never cancelled: cancelling a read ends the whole call.
+            reading = reading or asyncio.ensure_future(call.read())
+            done, _ = await asyncio.wait({reading}, timeout=0.2)
+            if not done:
                 if self._until is not None and sub.last >= self._until:
                     break
                 continue
+            try:
+                item = reading.result()
             except grpc.aio.AioRpcError:
                 sub.dropped = True  # e.g. dropped for falling behind: counted, not resumed
                 break
+            finally:
+                reading = None
             if item is grpc.aio.EOF:
                 break
             received = time.time()
