@@ -37,6 +37,7 @@ EXPECTED_FIGURES = [
     "no-op (Health/Check), 2 workers",
     "IssueToken, 2 workers",
     "VerifyToken (online), 2 workers",
+    "revocation → offline rejection, across 2 workers",
     "IssueToken, sqlite, 1 process",
     "VerifyToken, sqlite, 1 process",
     "IssueToken, postgresql, 1 replica",

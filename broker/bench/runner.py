@@ -559,12 +559,38 @@ def _workers(plan: Plan, work: Path, policy: Path) -> list[Figure]:
         clients = Workers(plan.clients)
         try:
             made = _workers_rounds(plan, clients, brokers, configs, policy.parent)
+            across = _revocation_across(plan, clients, f"{plan.workers} workers")
         finally:
             clients.close()
     finally:
         for b in brokers.values():
             b.stop()
-    return _judge_workers(plan, made, configs)
+    return _judge_workers(plan, made, configs) + across
+
+
+def _revocation_across(plan: Plan, clients: Workers, name: str) -> list[Figure]:
+    """RevokeRun through worker 0 → an offline verifier following worker 1's log rejects."""
+    if plan.workers < 2:
+        return []
+    say(f"revocation across workers ({name})")
+    job = {
+        "op": "revocation",
+        "broker": name,
+        "samples": plan.revocation_samples,
+        "poll": 0.0002,
+        "limit": 5.0,
+        "across": True,
+    }
+    answer = clients.ask(0, job)
+    figure = Figure.measured(
+        f"revocation → offline rejection, across {name}", [], answer["latencies"], unit=""
+    )
+    figure.judge("p99 ≤50 ms", figure.p99_ms <= 50)
+    figure.note = (
+        "RevokeRun through worker 0; TokenVerifier with a RevocationFollower streaming from "
+        "worker 1, polled every 0.2 ms; " + report.excess(figure.p99_ms / 50, 1.0)
+    )
+    return [figure]
 
 
 def _workers_rounds(

@@ -158,8 +158,12 @@ class Worker:
         broker = self.brokers[job["broker"]]
         latencies: list[float] = []
         revoke_calls: list[float] = []
-        with grpc.insecure_channel(broker.target) as channel:
-            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+        # Across workers (`across`): revoke through worker 0, follow the log on worker 1.
+        across = job.get("across", False)
+        with contextlib.ExitStack() as stack:
+            revoking = stack.enter_context(_channel_to(broker, "0" if across else ""))
+            channel = stack.enter_context(_channel_to(broker, "1")) if across else revoking
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(revoking)
             follower = RevocationFollower(channel, org=ORG, metadata=broker.metadata(API)).start()
             try:
                 verifier = TokenVerifier(
@@ -469,6 +473,25 @@ def _time_loop(
 
 
 # -- revocation latency ---------------------------------------------------------------------
+
+
+def _channel_to(broker: Broker, worker: str, attempts: int = 64) -> grpc.Channel:
+    """A channel on a connection of its own to worker process `worker` of `serve --workers`
+    ("" : whichever answers)."""
+    for _ in range(attempts):
+        channel = grpc.insecure_channel(
+            broker.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        if not worker:
+            return channel
+        stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+        _, call = stub.GetSigningKeys.with_call(
+            broker_pb2.GetSigningKeysRequest(), timeout=CALL_TIMEOUT
+        )
+        if dict(call.trailing_metadata() or ()).get("x-broker-worker") == worker:
+            return channel
+        channel.close()
+    raise RuntimeError(f"no connection reached worker {worker} in {attempts} attempts")
 
 
 def _revoke_and_watch(

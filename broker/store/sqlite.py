@@ -1,10 +1,10 @@
 """SQLite backend: the embedded default (`sqlite:` or `sqlite:PATH`).
 
 WAL mode with `synchronous=FULL`, so an acknowledged write survives `kill -9` and power loss.
-One writer thread applies writes in *group commits*: every write queued while the previous
-transaction was syncing shares the next transaction and its single fsync, each in its own
-savepoint so that one write's conflict does not undo another's. Readers use their own
-per-thread connections and never block the writer.
+Writes are applied in *group commits* led by the callers (broker.store.groupcommit): every
+write queued while the previous transaction was syncing shares the next transaction and its
+single fsync, each in its own savepoint so that one write's conflict does not undo another's.
+Readers use their own per-thread connections and never block the writer.
 
 Opening checks the file first (broker.store.sqlite_guard): a store that must not be served
 is refused before anything is written to it. Opened read-only (offline tools), the store
