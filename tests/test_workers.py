@@ -248,3 +248,26 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_worker_that_keeps_dying_stops_the_supervisor_with_a_non_zero_exit(
+    two_workers: BrokerProcess,
+) -> None:
+    killed: set[int] = set()
+    for _ in range(6):  # one more than the deaths in a row the supervisor tolerates
+        pid = eventually(
+            partial(_new_pid_of_worker, two_workers, 1, killed),
+            within=60,
+            what="worker 1 (re)started",
+        )
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    assert two_workers.process.wait(60) == 1, two_workers.logs()
+    assert "worker keeps dying; stopping every worker" in two_workers.logs()
+    for pid in live_workers(two_workers).values():
+        eventually(partial(_stopped, pid), within=30, what=f"worker {pid} to stop")
+
+
+def _new_pid_of_worker(broker: BrokerProcess, index: int, seen: set[int]) -> int | None:
+    pid = live_workers(broker).get(index)
+    return pid if pid is not None and pid not in seen else None
