@@ -43,18 +43,19 @@ log = logging.getLogger(__name__)
 KEY_DIR = "keys"
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, held_lock: int | None = None) -> Store:
     """The store `--store` names. Raises StoreRefused (nothing changed) if it must not be
     opened; an empty one is created only in a data dir that never held a broker, or with
-    --init-store."""
-    return open_store_url(settings.store, store_options(settings))
+    --init-store. `held_lock`: a worker of `serve --workers` (see OpenOptions)."""
+    return open_store_url(settings.store, store_options(settings, held_lock))
 
 
-def store_options(settings: Settings) -> OpenOptions:
+def store_options(settings: Settings, held_lock: int | None = None) -> OpenOptions:
     data_dir = settings.data_dir
     return OpenOptions(
         data_dir=data_dir,
         create=settings.init_store,
+        held_lock=held_lock,
         # What a broker leaves in its data dir: a database missing beside these was lost.
         history=(
             data_dir / KEY_DIR,
@@ -147,6 +148,7 @@ def build_broker(
     meter_provider: MeterProvider | None = None,
     run_credentials: RunCredentialVerifier | None = None,
     signer: CheckpointSigner | None = None,
+    held_lock: int | None = None,
 ) -> Broker:
     """Everything the broker needs, loaded and ready.
 
@@ -156,11 +158,12 @@ def build_broker(
     Raises PolicyError (before opening anything) when the policy is invalid, and
     StoreRefused when the store must not be opened. The store is opened before anything is
     written into the data dir, so that a first start is told from a lost database.
+    `held_lock`: this process is a worker of `serve --workers` (see OpenOptions).
     """
     issuer = issuer or settings.effective_issuer
     given_policy = load_policy(settings.policy) if settings.policy else None
     opened = store is None
-    store = open_store(settings) if store is None else store
+    store = open_store(settings, held_lock) if store is None else store
     try:
         return _assemble(
             settings,

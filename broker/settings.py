@@ -47,6 +47,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     max_workers: int = 64
+    workers: int = 1
     shutdown_grace: float = 4.0
     reap_interval: float = 1.0
     otel_console: bool = False
@@ -78,6 +79,7 @@ class Settings:
             raise SettingsError(f"--log-format must be 'json' or 'text', not {self.log_format!r}")
         if self.max_workers < 4:
             raise SettingsError("--max-workers must be at least 4")
+        _check_workers(self)
         _check_audit_settings(self)
         _check_limits(self)
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -139,6 +141,20 @@ class Settings:
             f"the HTTP port {self.http_listen} serves discovery and the JWKS in plain HTTP "
             f"while the issuer is {self.issuer}: relying parties fetch them over HTTPS. Give "
             "--http-tls-cert and --http-tls-key, unless a proxy in front terminates TLS"
+        )
+
+
+MAX_PROCESSES = 64
+
+
+def _check_workers(settings: Settings) -> None:
+    if not 1 <= settings.workers <= MAX_PROCESSES:
+        raise SettingsError(f"--workers must be 1 to {MAX_PROCESSES}")
+    if settings.workers > 1 and factory.parse(settings.store).scheme == "memory":
+        raise SettingsError(
+            f"--workers {settings.workers} needs a store the processes share (sqlite: or "
+            "postgresql://); memory: lives inside one process, so its workers would each "
+            "hold a different broker"
         )
 
 
@@ -281,7 +297,9 @@ _HELP = {
     "are bound to that key (DPoP, RFC 9449) unless the request named another",
     "log_level": "debug, info, warning or error",
     "log_format": "json or text",
-    "max_workers": "gRPC worker threads",
+    "max_workers": "gRPC worker threads (per process)",
+    "workers": "broker processes serving one address (SO_REUSEPORT) over one store; "
+    "a supervisor restarts any that dies (needs sqlite: or postgresql://)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",
     "reap_interval": "seconds between checks for runs past their deadline or lease",
     "otel_console": "print OpenTelemetry spans to stderr",

@@ -186,14 +186,25 @@ def test_list_runs_rejects_a_forged_page_token(stub: Stub) -> None:
 
 
 def test_every_response_carries_a_request_id_and_echoes_a_valid_one(stub: Stub) -> None:
+    # With the status (trailing metadata) when the call succeeds...
     _, call = stub.StartRun.with_call(
         start_run_request(), metadata=(("x-request-id", "ci-1234"),), timeout=5
     )
-    assert ("x-request-id", "ci-1234") in call.initial_metadata()
+    assert ("x-request-id", "ci-1234") in call.trailing_metadata()
     _, call = stub.StartRun.with_call(start_run_request(), timeout=5)
     assert any(
-        k == "x-request-id" and str(v).startswith("req-") for k, v in call.initial_metadata()
+        k == "x-request-id" and str(v).startswith("req-") for k, v in call.trailing_metadata()
     )
+    # ...and first (initial metadata) when it fails, where clients have always read it.
+    error = rpc_error(
+        lambda: stub.GetRun(
+            broker_pb2.GetRunRequest(run_id="r-missing"),
+            metadata=(("x-request-id", "ci-5678"),),
+            timeout=5,
+        )
+    )
+    assert isinstance(error, grpc.Call)
+    assert ("x-request-id", "ci-5678") in error.initial_metadata()
 
 
 def _audit(stub: Stub, run_id: str) -> list[types_pb2.AuditEvent]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
@@ -200,27 +200,64 @@ def audit_event_pb(event: AuditEvent) -> types_pb2.AuditEvent:
 
 
 class EncodedEvents:
-    """Audit events converted to protobuf once per process, for every stream that sends them:
-    N live subscribers cost one conversion per event, not N. Keyed by (sequence, hash), which
-    names one event for good; bounded, oldest first out."""
+    """Audit events encoded once per process for every stream that sends them: N live
+    subscribers (and every catch-up) cost one conversion and one serialisation per event, not
+    N. Responses are then put together from the encoded events' bytes (`event_message`,
+    `page_message`) and sent as they are (the interceptor's serializer passes bytes through).
+    Keyed by (sequence, hash), which names one event for good; bounded, oldest first out."""
 
     def __init__(self, capacity: int = 20_000) -> None:
         self._capacity = capacity
-        self._encoded: dict[tuple[int, str], types_pb2.AuditEvent] = {}
+        self._encoded: dict[tuple[int, str], bytes] = {}
         self._lock = threading.Lock()
+        self.encodings = 0  # how many events were encoded (each exactly once while cached)
 
-    def of(self, event: AuditEvent) -> types_pb2.AuditEvent:
+    def of(self, event: AuditEvent) -> bytes:
+        """The serialised `AuditEvent` message."""
         key = (event.sequence, event.hash)
         encoded = self._encoded.get(key)
-        if encoded is None:
-            encoded = audit_event_pb(event)
-            with self._lock:
+        if encoded is not None:
+            return encoded
+        with self._lock:  # two streams reaching a new event together encode it once
+            encoded = self._encoded.get(key)
+            if encoded is None:
+                encoded = audit_event_pb(event).SerializeToString()
+                self.encodings += 1
                 self._encoded[key] = encoded
                 if len(self._encoded) > self._capacity:
                     # dicts keep insertion order: drop the oldest tenth at once.
                     for stale in list(itertools.islice(self._encoded, self._capacity // 10)):
                         del self._encoded[stale]
         return encoded
+
+
+# StreamAuditResponse: `event` is field 1, `page` field 3; AuditEventPage: `events` field 1
+# (all length-delimited). Fixed by the contract: fields are never renumbered.
+_EVENT_TAG = b"\x0a"
+_PAGE_TAG = b"\x1a"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+def event_message(encoded: bytes) -> bytes:
+    """A serialised StreamAuditResponse carrying one encoded event."""
+    return _field(_EVENT_TAG, encoded)
+
+
+def page_message(encoded: Sequence[bytes]) -> bytes:
+    """A serialised StreamAuditResponse carrying a page of encoded events."""
+    return _field(_PAGE_TAG, b"".join(_field(_EVENT_TAG, event) for event in encoded))
 
 
 def token_request(request: broker_pb2.IssueTokenRequest) -> TokenRequest:

@@ -60,6 +60,19 @@ class ListenError(OSError):
     """An address the broker cannot listen on (taken, not local, not allowed)."""
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    """This process is worker `index` of `count` started by `serve --workers`
+    (broker.api.workers): the supervisor checked and reserved the addresses, binds nothing
+    itself but shares the gRPC port (SO_REUSEPORT), and holds the store for its workers
+    (`held_lock`, an inherited descriptor; None for PostgreSQL)."""
+
+    index: int
+    count: int
+    held_lock: int | None = None
+    ready_fd: int = -1  # written once serving: the supervisor waits for it
+
+
 @dataclass
 class BrokerServer:
     grpc_server: grpc.Server
@@ -67,6 +80,7 @@ class BrokerServer:
     broker: Broker
     health: health.HealthServicer
     http: HttpServer | None = None
+    servicer: TokenBrokerServicer | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _writes_ready: bool | None = None
 
@@ -261,16 +275,21 @@ def _bound(
     return lambda details: interceptor.intercept_service(continuation, details)
 
 
-def _bind_grpc(settings: Settings) -> tuple[grpc.Server, int, _LateInterceptors]:
+def _bind_grpc(
+    settings: Settings, worker: WorkerSlot | None = None
+) -> tuple[grpc.Server, int, _LateInterceptors]:
     credentials = _credentials(settings)
-    _check_address(settings.listen)
+    if worker is None:
+        _check_address(settings.listen)  # a worker's supervisor checked and holds it
     interceptors = _LateInterceptors()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         # An undecodable body is refused first, before any span, authentication or audit.
         interceptors=[DecodeGuard(), interceptors],
         options=[
-            ("grpc.so_reuseport", 0),
+            # One process alone must be told when its port is taken; the workers of one
+            # `serve --workers` share theirs, which their supervisor holds for them.
+            ("grpc.so_reuseport", 0 if worker is None else 1),
             # Explicit, documented message limits: a request larger than any valid one is
             # refused by gRPC itself (RESOURCE_EXHAUSTED) before it is read into memory, and
             # no reply may exceed what a default gRPC client accepts (4 MiB).
@@ -295,9 +314,11 @@ def create_server(
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
     clock: Clock = system_clock,
+    worker: WorkerSlot | None = None,
 ) -> BrokerServer:
     """Providers and `clock` are used when the broker is built here (tests pass a fake
     clock; the issuer is then the bound HTTP port's URL); a given broker brings its own.
+    `worker`: this process is one of the workers of `serve --workers`.
 
     Raises PolicyError, OSError (TLS files) or ListenError before anything is written."""
     if broker is None:
@@ -307,7 +328,7 @@ def create_server(
     executor_binding = _executor_binding(settings)
     http, issuer = _bind_http(settings)
     try:
-        server, port, interceptors = _bind_grpc(settings)
+        server, port, interceptors = _bind_grpc(settings, worker)
     except BaseException:
         if http is not None:
             http.stop()
@@ -326,6 +347,7 @@ def create_server(
                 tracer_provider=tracer_provider,
                 meter_provider=meter_provider,
                 clock=clock,
+                held_lock=worker.held_lock if worker is not None else None,
             )
         except BaseException:
             server.stop(None)
@@ -342,9 +364,13 @@ def create_server(
             broker.telemetry.meter_provider,
             server=tracing.listen_attributes(listen_host, port),
         ),
-        CallInterceptor(authenticate=authn.authenticator(broker.authn, broker.throttle)),
+        CallInterceptor(
+            authenticate=authn.authenticator(broker.authn, broker.throttle),
+            served_by=str(worker.index) if worker is not None and worker.count > 1 else "",
+        ),
     )
-    broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(broker), server)
+    servicer = TokenBrokerServicer(broker)
+    broker_pb2_grpc.add_TokenBrokerServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -356,12 +382,17 @@ def create_server(
         telemetry, executor = broker.telemetry, settings.executor_target
         handoff.instrument(lambda channel: traced_channel(channel, telemetry, executor))
         handoff.broker_target = f"{listen_host}:{port}"  # the port is known only now
-    return BrokerServer(server, port, broker, health_servicer, http)
+    return BrokerServer(server, port, broker, health_servicer, http, servicer)
 
 
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT; return the process exit code."""
-    if not settings.tls_enabled and not is_loopback(settings.listen):
+def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:
+    """Run until SIGTERM or SIGINT; return the process exit code. With `--workers` N > 1
+    this process supervises N broker processes instead (broker.api.workers)."""
+    if settings.workers > 1 and worker is None:
+        from broker.api import workers
+
+        return workers.supervise(settings)
+    if worker is None and not settings.tls_enabled and not is_loopback(settings.listen):
         log.warning(
             "INSECURE: serving plaintext gRPC on a non-loopback address; credentials and "
             "tokens cross the network unencrypted",
@@ -379,6 +410,7 @@ def serve(settings: Settings) -> int:
             settings,
             tracer_provider=providers.tracer_provider,
             meter_provider=providers.meter_provider,
+            worker=worker,
         )
     except BaseException:
         stop_log_export()
@@ -399,7 +431,7 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGHUP, on_hangup)
     server.start()
     log.info(
-        "token-broker serving",
+        "token-broker serving" if worker is None else "token-broker worker serving",
         extra={
             "listen": settings.listen,
             "port": server.port,
@@ -411,6 +443,10 @@ def serve(settings: Settings) -> int:
             "issuer": server.broker.tokens.issuer,
         },
     )
+    if worker is not None:
+        from broker.api import workers
+
+        workers.report_ready(worker, stopping)
     stopping.wait()
     server.stop()
     log.info("token-broker stopped")

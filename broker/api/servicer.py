@@ -16,7 +16,7 @@ from broker.audit.feed import AuditFilter, Heartbeat
 from broker.errors import InvalidArgument
 from broker.runs.lifecycle import DEFAULT_PAGE_SIZE
 from broker.store import RunQuery
-from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 # StreamAudit pages: at most this many events, and about this many bytes, per message.
 MAX_EVENTS_PER_MESSAGE = 1000
@@ -149,9 +149,15 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             emergency=rotation.emergency,
         )
 
-    def StreamAudit(
+    @property
+    def encoded_events(self) -> convert.EncodedEvents:
+        return self._encoded
+
+    def StreamAudit(  # type: ignore[override]  # bytes: responses serialised already
         self, request: broker_pb2.StreamAuditRequest, context: grpc.ServicerContext
-    ) -> Iterator[broker_pb2.StreamAuditResponse]:
+    ) -> Iterator[broker_pb2.StreamAuditResponse | bytes]:
+        """Events go out as bytes put together from each event's one encoding (the
+        interceptor's serializer sends bytes as they are); heartbeats as messages."""
         f = request.filter
         event_filter = AuditFilter(
             run_id=f.run_id,
@@ -178,23 +184,19 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
                 )
             elif per_message == 1:
                 for event in item:
-                    yield broker_pb2.StreamAuditResponse(event=self._encoded.of(event))
+                    yield convert.event_message(self._encoded.of(event))
             else:
                 for chunk in _pages([self._encoded.of(e) for e in item], per_message):
-                    yield broker_pb2.StreamAuditResponse(
-                        page=broker_pb2.AuditEventPage(events=chunk)
-                    )
+                    yield convert.page_message(chunk)
 
 
-def _pages(
-    events: list[types_pb2.AuditEvent], per_message: int
-) -> Iterator[list[types_pb2.AuditEvent]]:
+def _pages(events: list[bytes], per_message: int) -> Iterator[list[bytes]]:
     """Consecutive chunks of at most `per_message` events and about MAX_PAGE_BYTES each, so
     a page stays far below gRPC's 4 MB message limit whatever the events hold."""
-    chunk: list[types_pb2.AuditEvent] = []
+    chunk: list[bytes] = []
     size = 0
     for event in events:
-        event_size = event.ByteSize()
+        event_size = len(event)
         if chunk and (len(chunk) == per_message or size + event_size > MAX_PAGE_BYTES):
             yield chunk
             chunk, size = [], 0

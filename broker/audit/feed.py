@@ -1,15 +1,23 @@
 """Following the audit log: replay from a cursor, then live, with no gap and no duplicate.
 
-Every subscriber reads the log *from the store* by sequence, whether catching up or live;
-commits only wake it. So the switch from replay to live cannot skip or repeat an event,
-a slow subscriber simply reads further behind (never blocking writers or other
-subscribers), and memory per subscriber is one page.
+A subscriber first catches up by reading the log by sequence, page by page (from the change
+feed's memory of recent events, else from the store). Once it has read everything the change
+feed has handed out, it joins the *live* subscribers: the change feed's thread reads each new
+page once, and hands every live subscriber the events its filter matches (decoded once, shared
+by all; the transport encodes each once too). A live subscriber thus costs a filter check per
+event and one wake-up per page, not a read and a decode.
+
+A live subscriber that cannot keep up (its stream is not read fast enough) does not slow the
+others or the writers: once `max_backlog` events wait for it, it is dropped with UNAVAILABLE
+naming the sequence to resume after — resuming catches up from the store in pages, then joins
+the live subscribers again.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator, Iterator
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -25,6 +33,13 @@ from broker.telemetry.observer import NULL_OBSERVER, Observer
 
 PAGE_SIZE = 500
 RUN_ENDINGS = frozenset({Action.RUN_ENDED, Action.RUN_EXPIRED})
+# Events that may wait for one live subscriber before it is dropped (references to events
+# shared by all subscribers: ~10k is a few seconds of a busy broker, a little memory).
+MAX_BACKLOG = 10_000
+# A live subscriber sends at most one message per this long: what commits meanwhile goes out
+# in the next one. Sending is the cost of fan-out (~60 µs of broker CPU per message on the
+# sync server), so under load 64 subscribers cost 64 messages per interval, not per commit.
+LIVE_INTERVAL = 0.015
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,20 @@ def run_ending_view(event: AuditEvent) -> AuditEvent:
     return AuditEvent(sequence=event.sequence, draft=kept, prev_hash="", hash="")
 
 
+class _Live:
+    """A live subscriber: what the change feed's thread handed it and it has not taken."""
+
+    __slots__ = ("cursor", "dropped", "filter", "pending", "scanned", "wake")
+
+    def __init__(self, cursor: int, event_filter: AuditFilter) -> None:
+        self.filter = event_filter
+        self.cursor = cursor  # every event up to here was considered for it
+        self.scanned = cursor
+        self.pending: list[AuditEvent] = []
+        self.dropped = 0  # the backlog it was dropped at (0: not dropped)
+        self.wake = threading.Event()
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     """Every event up to `scanned_through` has been considered for this subscriber."""
@@ -98,6 +127,7 @@ class AuditFeed:
         max_subscribers: int = 32,
         max_per_principal: int = 4,
         changes: ChangeFeed | None = None,
+        max_backlog: int = MAX_BACKLOG,
     ) -> None:
         self._store = store
         self._observer = observer
@@ -115,6 +145,12 @@ class AuditFeed:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._subscribers = 0
+        self._max_backlog = max_backlog
+        self._live: list[_Live] = []
+        self._live_lock = threading.Lock()
+        # The last sequence handed to live subscribers: one who has read this far may join.
+        self._dispatched = self._changes.cursor
+        self._changes.subscribe(pages=self._on_page)
 
     @property
     def subscribers(self) -> int:
@@ -128,6 +164,31 @@ class AuditFeed:
         """End every follower (shutdown)."""
         self._closed.set()
         self._changes.wake()
+        with self._live_lock:
+            for live in self._live:
+                live.wake.set()
+
+    @property
+    def live_subscribers(self) -> int:
+        return len(self._live)
+
+    def _on_page(self, page: Sequence[AuditEvent]) -> None:
+        """On the change feed's thread: hand each live subscriber what its filter matches."""
+        last = page[-1].sequence
+        with self._live_lock:
+            self._dispatched = last
+            for live in self._live:
+                if live.dropped:
+                    continue
+                matched = [e for e in page if e.sequence > live.cursor and live.filter.matches(e)]
+                live.cursor = max(live.cursor, last)
+                if not matched:
+                    continue
+                live.pending.extend(matched)
+                if len(live.pending) > self._max_backlog:
+                    live.dropped = len(live.pending)
+                    live.pending = []  # it resumes from the store; keep nothing for it
+                live.wake.set()
 
     def follow(
         self,
@@ -261,6 +322,12 @@ class AuditFeed:
                 continue
             if stop_at_head:
                 return
+            if self._changes.running:
+                live = self._join_live(cursor, event_filter)
+                if live is not None:
+                    yield from self._follow_live(live, heartbeat_every, cancelled)
+                    return
+                continue  # the feed handed out more meanwhile: read on, then join
             if self._clock() - last_beat >= heartbeat_every:
                 last_beat = self._clock()
                 yield Heartbeat(cursor, last_beat)
@@ -269,10 +336,54 @@ class AuditFeed:
             # Not the end of the log: the broker is stopping. Say so, so the subscriber
             # resumes (from another replica or after the restart) instead of taking it as done.
             raise Unavailable(f"the broker is shutting down; resume with after_sequence={cursor}")
-        if self._closed and not cancelled():
-            # Not the end of the log: the broker is stopping. Say so, so the subscriber
-            # resumes (from another replica or after the restart) instead of taking it as done.
-            raise Unavailable(f"the broker is shutting down; resume with after_sequence={cursor}")
+
+    def _join_live(self, cursor: int, event_filter: AuditFilter) -> _Live | None:
+        with self._live_lock:
+            if cursor < self._dispatched:
+                return None
+            live = _Live(cursor, event_filter)
+            self._live.append(live)
+            return live
+
+    def _follow_live(
+        self, live: _Live, heartbeat_every: float, cancelled: Callable[[], bool]
+    ) -> Iterator[list[AuditEvent] | Heartbeat]:
+        # Where a resumed stream may start: nothing after it was delivered.
+        delivered = live.cursor
+        last_beat = self._clock()
+        sent = 0.0
+        try:
+            while not self._closed.is_set() and not cancelled():
+                live.wake.wait(timeout=min(0.5, heartbeat_every))
+                since = time.monotonic() - sent
+                if since < LIVE_INTERVAL:
+                    self._closed.wait(LIVE_INTERVAL - since)
+                with self._live_lock:
+                    live.wake.clear()
+                    batch, live.pending = live.pending, []
+                    dropped, scanned = live.dropped, live.cursor
+                if dropped:
+                    raise Unavailable(
+                        f"this stream fell {dropped} events behind the live log (the limit is "
+                        f"{self._max_backlog}): it is read too slowly; resume with "
+                        f"after_sequence={delivered}"
+                    )
+                if batch:
+                    self._observer.audit_delivered(self._changes.head - batch[-1].sequence)
+                    delivered = batch[-1].sequence
+                    sent = time.monotonic()
+                    yield batch
+                elif self._clock() - last_beat >= heartbeat_every:
+                    last_beat = self._clock()
+                    delivered = max(delivered, scanned)
+                    yield Heartbeat(scanned, last_beat)
+            if self._closed.is_set() and not cancelled():
+                raise Unavailable(
+                    f"the broker is shutting down; resume with after_sequence={delivered}"
+                )
+        finally:
+            with self._live_lock:
+                self._live.remove(live)
 
     def _gap(self, cursor: int, found: int) -> NoReturn:
         oldest = self._store.oldest_sequence()

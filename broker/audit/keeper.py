@@ -81,7 +81,8 @@ class AuditKeeper:
         changes.subscribe(pages=self._on_events, local=self._on_commit)
 
     def _on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
-        # Called on the writer's thread: only note that work is due, never write from here.
+        # Called by the commit in progress: only note that work is due, never write from here
+        # (a write would wait for the very commit that calls it).
         if committed.events:
             self._note_head(committed.events[-1].sequence)
 

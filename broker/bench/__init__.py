@@ -18,7 +18,8 @@ def add_command(commands: Any) -> None:
         description="Start a real broker on the SQLite default and measure IssueToken, "
         "VerifyToken, ExecuteOnBehalfOf, RevokeRun, offline verification, revocation latency, "
         "audit streaming and growth, each beside a no-op RPC served by the same server.",
-        epilog="examples:\n  token-broker bench --quick\n  token-broker bench --out bench.json",
+        epilog="examples:\n  token-broker bench --quick\n  token-broker bench --out bench.json\n"
+        "  token-broker bench --only workers --baseline 4f2572c",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -38,7 +39,33 @@ def add_command(commands: Any) -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated sections: unary,offline,revocation,audit,replicas",
+        help="comma-separated sections: unary,offline,revocation,audit,replicas,workers",
+    )
+    parser.add_argument(
+        "--fanout-seconds",
+        type=float,
+        default=None,
+        help="how long the live fan-out figure writes (default 60 s; 10 s with --quick)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="the N of `serve --workers N` in the workers section (default: the CPUs, at least 2)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REF",
+        help="also run the broker of commit REF (git archive of this repository) beside this "
+        "one in the workers section, and judge CPU per call against it (e.g. 4f2572c)",
+    )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="FLAGS",
+        help="also run a single-process broker with these serve flags in the workers section "
+        "(an A/B of a setting in one run, e.g. --compare='--max-workers 8')",
     )
     parser.set_defaults(handler=_run)
 

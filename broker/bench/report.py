@@ -64,6 +64,24 @@ class Figure:
         return self
 
 
+def shortfall(measured: float, target: float) -> str:
+    """How far `measured` is from a floor `target` ("needs 1.6× more"), or "met"."""
+    if math.isnan(measured) or math.isnan(target):
+        return "not measured"
+    if measured >= target:
+        return f"met ({measured:.2f}× against {target:.2f}×)"
+    return f"missed: needs {target / measured:.2f}× more ({measured:.2f}× against {target:.2f}×)"
+
+
+def excess(measured: float, ceiling: float) -> str:
+    """How far `measured` is above a ceiling ("needs 2.3× less"), or "met"."""
+    if math.isnan(measured) or math.isnan(ceiling):
+        return "not measured"
+    if measured <= ceiling:
+        return f"met ({measured:.2f}× against at most {ceiling:.2f}×)"
+    return f"missed: needs {measured / ceiling:.2f}× less ({measured:.2f}× against {ceiling:.2f}×)"
+
+
 def _num(value: float, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"

@@ -31,13 +31,15 @@ from typing import Any
 
 import grpc
 
-from broker.bench import accounts, brokerproc, replicas, report, worker
+from broker.bench import accounts, baseline, brokerproc, replicas, report, worker
 from broker.bench.prefill import prefill
 from broker.bench.report import Figure
 from broker.store.sqlite import DB_FILENAME
 from tokenbroker.messages import EVENTS_PER_MESSAGE
 
-SECTIONS = ("unary", "offline", "revocation", "audit", "replicas")
+SECTIONS = ("unary", "offline", "revocation", "audit", "replicas", "workers")
+# Sections that start brokers of their own instead of the pre-filled pair.
+OWN_BROKERS = ("replicas", "workers")
 SMALL = "small"
 LARGE = "large"
 NOOP_DESCRIPTION = (
@@ -63,6 +65,9 @@ class Plan:
     fanout_subscribers: int
     fanout_seconds: float
     sections: tuple[str, ...]
+    workers: int = 2  # the N of `serve --workers N` in the workers section
+    baseline: str = ""  # a commit whose broker runs beside this one (workers section)
+    compare: str = ""  # serve flags of one more single-process broker (workers section)
     runs: int = 8  # active runs whose credentials IssueToken load cycles through
     tokens: int = 64  # step tokens that verification cycles through
 
@@ -85,9 +90,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         revocation_samples=50 if quick else 200,
         catchup_rounds=2 if quick else 3,
         catchup_events=20_000 if quick else 100_000,
-        fanout_subscribers=16,
-        fanout_seconds=1.5 if quick else 3.0,
+        fanout_subscribers=64,
+        fanout_seconds=args.fanout_seconds or (10.0 if quick else 60.0),
         sections=sections,
+        workers=args.workers or max(os.cpu_count() or 2, 2),
+        baseline=args.baseline or "",
+        compare=args.compare or "",
     )
 
 
@@ -166,9 +174,17 @@ class Workers:
 def run(plan: Plan, work: Path, out_dir: Path) -> int:
     began = time.monotonic()
     policy = accounts.write_policy(work / "policy")
-    if set(plan.sections) == {"replicas"}:  # its own brokers only: no pre-filled stores
-        alone = replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
-        print(report.table(alone, [f"replicas, {plan.seconds * plan.rounds:g} s per figure"]))
+    if set(plan.sections) <= set(OWN_BROKERS):  # their own brokers only: no pre-filled stores
+        alone: list[Figure] = []
+        if "workers" in plan.sections:
+            alone += _workers(plan, work / "workers", policy)
+        if "replicas" in plan.sections:
+            alone += replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
+        print(report.table(alone, _own_header(plan)))
+        meta = _meta(plan, {}, {}, time.monotonic() - began)
+        path = out_dir / f"{_stamp()}-{meta['commit'][:10]}-{'-'.join(plan.sections)}.json"
+        report.write_json(path, alone, meta)
+        say(f"wrote {path}")
         return 0
     say(f"pre-filling {plan.small_events:,} and {plan.large_events:,} stored events")
     fill_seconds = {
@@ -180,7 +196,10 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
     memory: dict[str, dict[str, dict[str, int]]] = {}
     try:
         for name in (SMALL, LARGE):
-            brokers[name] = b = brokerproc.start(work / name, policy, work / f"{name}.log")
+            # Each live stream holds a server thread, and at most half of them may stream:
+            # room for every fan-out subscriber beside the unary load.
+            threads = ("--max-workers", str(2 * plan.fanout_subscribers + 32))
+            brokers[name] = b = brokerproc.start(work / name, policy, work / f"{name}.log", threads)
             say(f"broker {name}: pid {b.pid}, {b.target} (attach a profiler here)")
         memory["start"] = {name: b.memory_kib() for name, b in brokers.items()}
         workers = Workers(plan.clients + 1)
@@ -193,16 +212,22 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
         for b in brokers.values():
             b.stop()
     figures += _memory_figures(memory)
+    if "workers" in plan.sections:
+        figures += _workers(plan, work / "workers", policy)
     if "replicas" in plan.sections:
         say("replicas: sqlite with one process, postgresql with one and two replicas")
         figures += replicas.run(work / "replicas", policy, plan.seconds * plan.rounds)
     meta = _meta(plan, fill_seconds, memory, time.monotonic() - began)
     print(report.table(figures, _header(plan, meta)))
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _stamp()
     path = out_dir / f"{stamp}-{meta['commit'][:10]}{'-quick' if plan.quick else ''}.json"
     report.write_json(path, figures, meta)
     say(f"wrote {path} ({meta['seconds']:.0f} s in all)")
     return 0
+
+
+def _stamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def _measure(
@@ -210,7 +235,7 @@ def _measure(
 ) -> list[Figure]:
     load = list(range(plan.clients))
     observer = plan.clients  # the last process: subscribers and the revocation watcher
-    specs = {n: {"target": b.target, "issuer": b.issuer, "pid": b.pid} for n, b in brokers.items()}
+    specs = _specs(brokers)
     workers.ask_all(
         [*load, observer], {"op": "setup", "brokers": specs, "policy_dir": str(policy_dir)}
     )
@@ -229,6 +254,10 @@ def _measure(
     if "audit" in plan.sections:
         figures += _audit(plan, workers, load, observer, brokers)
     return figures
+
+
+def _specs(brokers: dict[str, brokerproc.BrokerProcess]) -> dict[str, dict[str, Any]]:
+    return {n: {"target": b.target, "issuer": b.issuer, "pids": b.pids} for n, b in brokers.items()}
 
 
 # -- unary RPCs -------------------------------------------------------------------------------
@@ -456,10 +485,16 @@ def _audit(
     return [single, catchup, _fanout(plan, workers, load, observer, brokers[SMALL])]
 
 
+FANOUT_RATE = 420.0  # IssueToken per second while the subscribers follow (target: ≥ 400)
+
+
 def _fanout(
     plan: Plan, workers: Workers, load: list[int], observer: int, broker: brokerproc.BrokerProcess
 ) -> Figure:
-    say(f"live fan-out to {plan.fanout_subscribers} subscribers")
+    say(
+        f"live fan-out to {plan.fanout_subscribers} subscribers, IssueToken at "
+        f"{FANOUT_RATE:g}/s for {plan.fanout_seconds:g} s"
+    )
     after = _head(broker.data_dir)
     workers.ask(
         observer,
@@ -478,6 +513,7 @@ def _fanout(
             "kind": "issue",
             "seconds": plan.fanout_seconds,
             "concurrency": plan.concurrency,
+            "rate": FANOUT_RATE / len(load),
         },
     )
     until = _head(broker.data_dir)
@@ -490,20 +526,206 @@ def _fanout(
     delivered = sum(s["count"] for s in subs)
     written = sum(len(w["latencies"]) for w in writes)
     write_rate = written / max(w["seconds"] for w in writes)
+    cpu_per_write = max(w["broker_cpu"] for w in writes) / max(written, 1) * 1e6
     figure = Figure.measured(
         f"live fan-out, {plan.fanout_subscribers} subscribers",
         [delivered / answer["seconds"]] if answer["seconds"] > 0 else [],
         answer["delays"],
         unit="events/s",
     )
-    figure.judge(f"{plan.fanout_subscribers} × all, no loss", lossless)
+    # Growth: the p99 of the last third of the run against the first third's.
+    thirds = [_p99_of_third(answer["timed"], k, plan.fanout_seconds) for k in (0, 2)]
+    steady = thirds[1] <= 50 and figure.p99_ms <= 50
+    figure.judge(
+        f"{plan.fanout_subscribers} × all in order, p99 ≤50 ms, not growing, ≥400 writes/s",
+        lossless and steady and write_rate >= 400,
+    )
     got = sorted({s["count"] for s in subs})
     figure.note = (
-        f"{expected} events written ({written} IssueToken at {write_rate:,.0f}/s meanwhile); "
-        f"each subscriber received {got} of {expected}, "
-        f"{sum(s['gaps'] for s in subs)} gaps; latency = event time → received"
+        f"{expected} events written ({written} IssueToken at {write_rate:,.0f}/s, "
+        f"{plan.fanout_seconds:g} s, broker CPU {cpu_per_write:,.0f} µs per IssueToken and "
+        f"its fan-out); each subscriber received {got} of {expected}, "
+        f"{sum(s['gaps'] for s in subs)} gaps, {answer['dropped']} streams dropped; latency = "
+        f"event time → received, p99 {thirds[0]:.1f} ms in the first third of the run, "
+        f"{thirds[1]:.1f} ms in the last; pages of {EVENTS_PER_MESSAGE}"
     )
     return figure
+
+
+def _p99_of_third(timed: list[tuple[float, float]], third: int, seconds: float) -> float:
+    """p99 in ms of the delays received in that third (0, 1, 2) of the writing time."""
+    chosen = [delay for at, delay in timed if third <= 3 * at / seconds < third + 1]
+    return report.percentile(chosen, 99) * 1e3
+
+
+# -- worker processes (`serve --workers N`) and the baseline ------------------------------
+
+WORKER_KINDS = ("noop", "issue", "verify")
+
+
+def _workers(plan: Plan, work: Path, policy: Path) -> list[Figure]:
+    """`serve --workers 1` beside `--workers N` (and the baseline commit's broker), each on a
+    fresh SQLite data dir: the no-op, IssueToken and VerifyToken, rounds interleaved; broker
+    CPU per call summed over every worker process."""
+    work.mkdir(parents=True, exist_ok=True)
+    configs: list[tuple[str, tuple[str, ...], Path | None, int]] = [
+        ("1 worker", ("--workers", "1"), None, 1)
+    ]
+    if plan.workers > 1:
+        configs.append(
+            (f"{plan.workers} workers", ("--workers", str(plan.workers)), None, plan.workers)
+        )
+    if plan.compare:
+        configs.append((f"1 worker {plan.compare}", tuple(plan.compare.split()), None, 1))
+    if plan.baseline:
+        exported = baseline.export(plan.baseline, work / "baseline-source")
+        configs.insert(0, (f"{plan.baseline} (baseline)", (), exported, 1))
+    brokers: dict[str, brokerproc.BrokerProcess] = {}
+    try:
+        for n, (name, extra, source, _) in enumerate(configs):
+            brokers[name] = b = brokerproc.start(
+                work / f"data-{n}", policy, work / f"broker-{n}.log", extra, source=source
+            )
+            say(f"workers section: {name}: pids {b.pids}, {b.target}")
+        clients = Workers(plan.clients)
+        try:
+            made = _workers_rounds(plan, clients, brokers, configs, policy.parent)
+            across = _revocation_across(plan, clients, f"{plan.workers} workers")
+        finally:
+            clients.close()
+    finally:
+        for b in brokers.values():
+            b.stop()
+    return _judge_workers(plan, made, configs) + across
+
+
+def _revocation_across(plan: Plan, clients: Workers, name: str) -> list[Figure]:
+    """RevokeRun through worker 0 → an offline verifier following worker 1's log rejects."""
+    if plan.workers < 2:
+        return []
+    say(f"revocation across workers ({name})")
+    job = {
+        "op": "revocation",
+        "broker": name,
+        "samples": plan.revocation_samples,
+        "poll": 0.0002,
+        "limit": 5.0,
+        "across": True,
+    }
+    answer = clients.ask(0, job)
+    figure = Figure.measured(
+        f"revocation → offline rejection, across {name}", [], answer["latencies"], unit=""
+    )
+    figure.judge("p99 ≤50 ms", figure.p99_ms <= 50)
+    figure.note = (
+        "RevokeRun through worker 0; TokenVerifier with a RevocationFollower streaming from "
+        "worker 1, polled every 0.2 ms; " + report.excess(figure.p99_ms / 50, 1.0)
+    )
+    return [figure]
+
+
+def _workers_rounds(
+    plan: Plan,
+    clients: Workers,
+    brokers: dict[str, brokerproc.BrokerProcess],
+    configs: list[tuple[str, tuple[str, ...], Path | None, int]],
+    policy_dir: Path,
+) -> dict[tuple[str, str], Figure]:
+    load = list(range(plan.clients))
+    specs = _specs(brokers)
+    clients.ask_all(load, {"op": "setup", "brokers": specs, "policy_dir": str(policy_dir)})
+    for name in brokers:
+        clients.ask_all(
+            load, {"op": "prepare", "broker": name, "runs": plan.runs, "tokens": plan.tokens}
+        )
+    schedule = [(name, kind) for name, *_ in configs for kind in WORKER_KINDS]
+    processes = {name: count for name, _, _, count in configs}
+    rates: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
+    latencies: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in schedule}
+    for round_number in range(plan.rounds + 1):
+        say(f"workers round {round_number}/{plan.rounds}" + ("" if round_number else " (warm-up)"))
+        for name, kind in schedule:
+            job = {
+                "op": "unary",
+                "broker": name,
+                "kind": kind,
+                "seconds": plan.seconds,
+                "concurrency": plan.concurrency,
+                # Two connections per worker process, the same for every configuration.
+                "connections": 2 * plan.workers,
+                "workers": processes[name],
+            }
+            answers = clients.ask_all(load, job)
+            if round_number == 0:
+                continue
+            calls = sum(len(a["latencies"]) for a in answers)
+            rates[(name, kind)].append(calls / max(a["seconds"] for a in answers))
+            cpu[(name, kind)].append(max(a["broker_cpu"] for a in answers) / max(calls, 1))
+            for a in answers:
+                latencies[(name, kind)].extend(a["latencies"])
+    made = {}
+    for name, kind in schedule:
+        key = (name, kind)
+        figure = Figure.measured(f"{UNARY_NAMES[kind]}, {name}", rates[key], latencies[key])
+        figure.cpu_us = statistics.median(cpu[key]) * 1e6 if cpu[key] else math.nan
+        made[key] = figure
+    return made
+
+
+def _judge_workers(
+    plan: Plan,
+    made: dict[tuple[str, str], Figure],
+    configs: list[tuple[str, tuple[str, ...], Path | None, int]],
+) -> list[Figure]:
+    figures: list[Figure] = []
+    base_name = configs[0][0] if plan.baseline else ""
+    single = "1 worker"
+    for name, *_ in configs:
+        noop = made[(name, "noop")]
+        issue = made[(name, "issue")].against(noop)
+        verify = made[(name, "verify")].against(noop)
+        figures += [noop, issue, verify]
+        if name == base_name:
+            continue  # the old commit is the reference, not judged
+        issue.judge(
+            "≥0.80× ops, p99 ≤2× no-op", issue.ratio >= 0.8 and issue.p99_ms <= 2 * noop.p99_ms
+        )
+        issue.note = report.shortfall(issue.ratio, 0.8) + (
+            f"; p99 {issue.p99_ms / noop.p99_ms:.2f}× the no-op's"
+        )
+        verify.judge("≥0.90× ops", verify.ratio >= 0.9)
+        verify.note = report.shortfall(verify.ratio, 0.9)
+        if name != single:
+            for kind in WORKER_KINDS:
+                one, many = made[(single, kind)], made[(name, kind)]
+                scale = f"{many.rate / one.rate:.2f}× the throughput of 1 worker"
+                many.note = f"{many.note}; {scale}" if many.note else scale
+        if base_name:
+            for kind in ("issue", "verify"):
+                figures.append(_cpu_against(made[(name, kind)], made[(base_name, kind)]))
+    return figures
+
+
+def _cpu_against(now: Figure, base: Figure) -> Figure:
+    """Broker CPU per call against the baseline's, same run: the target is at most half."""
+    figure = Figure(name=f"{now.name}: CPU per call", unit="µs/call", rate=now.cpu_us)
+    figure.cpu_us = now.cpu_us
+    figure.ratio = now.cpu_us / base.cpu_us if base.cpu_us else math.nan
+    figure.reference = base.name
+    figure.judge("≤0.50× the baseline's", figure.ratio <= 0.5)
+    figure.note = f"baseline {base.cpu_us:,.0f} µs/call; " + report.excess(figure.ratio, 0.5)
+    return figure
+
+
+def _own_header(plan: Plan) -> list[str]:
+    return [
+        f"token-broker bench --only {','.join(plan.sections)}: {plan.rounds} rounds × "
+        f"{plan.seconds:g} s, {plan.clients} client process(es) × {plan.concurrency} calls in "
+        f"flight, {2 * plan.workers} connections spread evenly over each broker's processes",
+        "cpu: all of a broker's processes (every worker), per call",
+        "",
+    ]
 
 
 # -- memory and the environment ---------------------------------------------------------------

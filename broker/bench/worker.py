@@ -12,6 +12,7 @@ timed from just before it is sent until its response is parsed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import os
@@ -49,7 +50,7 @@ class Broker:
 
     target: str
     issuer: str
-    pid: int
+    pids: list[int]
     signers: dict[str, AssertionSigner]
     runs: list[str] = field(default_factory=list)  # active runs to issue tokens for
     credentials: list[str] = field(default_factory=list)  # their run credentials
@@ -98,7 +99,7 @@ class Worker:
                 )
                 for a in accounts.ACCOUNTS
             }
-            self.brokers[name] = Broker(spec["target"], spec["issuer"], spec["pid"], signers)
+            self.brokers[name] = Broker(spec["target"], spec["issuer"], spec["pids"], signers)
         return {}
 
     def prepare(self, job: Job) -> Job:
@@ -150,6 +151,9 @@ class Worker:
                 seconds=job["seconds"],
                 concurrency=job["concurrency"],
                 prepare_seconds=job.get("prepare_seconds", 0.0),
+                connections=job.get("connections", 1),
+                workers=job.get("workers", 1),
+                rate=job.get("rate", 0.0),
             )
         )
 
@@ -189,8 +193,12 @@ class Worker:
         broker = self.brokers[job["broker"]]
         latencies: list[float] = []
         revoke_calls: list[float] = []
-        with grpc.insecure_channel(broker.target) as channel:
-            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+        # Across workers (`across`): revoke through worker 0, follow the log on worker 1.
+        across = job.get("across", False)
+        with contextlib.ExitStack() as stack:
+            revoking = stack.enter_context(_channel_to(broker, "0" if across else ""))
+            channel = stack.enter_context(_channel_to(broker, "1")) if across else revoking
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(revoking)
             follower = RevocationFollower(channel, org=ORG, metadata=broker.metadata(API)).start()
             try:
                 verifier = TokenVerifier(
@@ -256,22 +264,46 @@ Call = Callable[[int], Awaitable[Any]]
 
 
 async def _closed_loop(
-    broker: Broker, kind: str, *, seconds: float, concurrency: int, prepare_seconds: float
+    broker: Broker,
+    kind: str,
+    *,
+    seconds: float,
+    concurrency: int,
+    prepare_seconds: float,
+    connections: int = 1,
+    workers: int = 1,
+    rate: float = 0.0,
 ) -> Job:
-    async with grpc.aio.insecure_channel(broker.target) as channel:
-        call = await _caller(channel, broker, kind, prepare_seconds, concurrency)
+    """`connections` > 1: that many connections of their own, as many to each of `workers`
+    broker processes (a worker process serves whole connections), the calls spread over them.
+    `rate` > 0: at most that many calls per second, evenly spaced (an open loop as long as
+    the broker keeps up)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if connections > 1:
+            channels = await _balanced_channels(broker, connections, workers, stack)
+        else:
+            channels = [await stack.enter_async_context(grpc.aio.insecure_channel(broker.target))]
+        callers = [
+            await _caller(channel, broker, kind, prepare_seconds, concurrency)
+            for channel in channels
+        ]
         latencies: list[float] = []
         errors: dict[str, int] = {}
         counter = itertools.count()
-        cpu_before = process_cpu_seconds(broker.pid)
+        cpu_before = processes_cpu_seconds(broker.pids)
         began = time.perf_counter()
         stop_at = began + seconds
         exhausted = False
 
-        async def loop() -> None:
+        async def loop(call: Call) -> None:
             nonlocal exhausted
             while not exhausted and time.perf_counter() < stop_at:
                 i = next(counter)
+                if rate > 0:
+                    due = began + i / rate
+                    if due >= stop_at:
+                        return
+                    await asyncio.sleep(max(due - time.perf_counter(), 0))
                 sent = time.perf_counter()
                 try:
                     await call(i)
@@ -284,10 +316,41 @@ async def _closed_loop(
                     continue
                 latencies.append(time.perf_counter() - sent)
 
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await asyncio.gather(*(loop(callers[n % len(callers)]) for n in range(concurrency)))
         elapsed = time.perf_counter() - began
-        cpu = process_cpu_seconds(broker.pid) - cpu_before
+        cpu = processes_cpu_seconds(broker.pids) - cpu_before
     return {"latencies": latencies, "seconds": elapsed, "errors": errors, "broker_cpu": cpu}
+
+
+async def _balanced_channels(
+    broker: Broker, connections: int, workers: int, stack: contextlib.AsyncExitStack
+) -> list[grpc.aio.Channel]:
+    """Connections until each worker process has its share (the kernel picks a worker per
+    connection at random; `x-broker-worker` says which one answered)."""
+    share = max(connections // max(workers, 1), 1)
+    kept: dict[str, list[grpc.aio.Channel]] = {}
+    for _ in range(connections * 20):
+        channel = grpc.aio.insecure_channel(
+            broker.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        call = broker_pb2_grpc.TokenBrokerServiceStub(channel).GetSigningKeys(
+            broker_pb2.GetSigningKeysRequest(), timeout=CALL_TIMEOUT
+        )
+        await call
+        served_by = str(dict(await call.trailing_metadata()).get("x-broker-worker", "0"))
+        mine = kept.setdefault(served_by, [])
+        if len(mine) < share:
+            mine.append(await stack.enter_async_context(channel))
+        else:
+            await channel.close()
+        if sum(len(c) for c in kept.values()) >= share * max(workers, 1):
+            break
+    return [channel for group in kept.values() for channel in group]
+
+
+def processes_cpu_seconds(pids: list[int]) -> float:
+    """The CPU time of every process serving a broker (its workers), summed."""
+    return sum(process_cpu_seconds(pid) for pid in pids)
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -522,6 +585,25 @@ def _time_loop(
 # -- revocation latency ---------------------------------------------------------------------
 
 
+def _channel_to(broker: Broker, worker: str, attempts: int = 64) -> grpc.Channel:
+    """A channel on a connection of its own to worker process `worker` of `serve --workers`
+    ("" : whichever answers)."""
+    for _ in range(attempts):
+        channel = grpc.insecure_channel(
+            broker.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        if not worker:
+            return channel
+        stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+        _, call = stub.GetSigningKeys.with_call(
+            broker_pb2.GetSigningKeysRequest(), timeout=CALL_TIMEOUT
+        )
+        if dict(call.trailing_metadata() or ()).get("x-broker-worker") == worker:
+            return channel
+        channel.close()
+    raise RuntimeError(f"no connection reached worker {worker} in {attempts} attempts")
+
+
 def _revoke_and_watch(
     stub: broker_pb2_grpc.TokenBrokerServiceStub,
     broker: Broker,
@@ -563,7 +645,10 @@ class _Subscriber:
     last: int = 0
     count: int = 0
     gaps: int = 0
+    dropped: bool = False
     delays: list[float] = field(default_factory=list)
+    # (seconds since the subscribers connected, delay) of each delay, for its growth
+    timed: list[tuple[float, float]] = field(default_factory=list)
 
 
 class FanOut:
@@ -599,6 +684,8 @@ class FanOut:
                 for s in self._subs
             ],
             "delays": [d for s in self._subs for d in s.delays],
+            "timed": [pair for s in self._subs for pair in s.timed],
+            "dropped": sum(s.dropped for s in self._subs),
         }
 
     def _run(self) -> None:
@@ -608,7 +695,10 @@ class FanOut:
         metadata = self._broker.metadata(AUDITOR)
         async with grpc.aio.insecure_channel(self._broker.target) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
-            request = broker_pb2.StreamAuditRequest(after_sequence=self._after)
+            # Pages, as the client library asks for them.
+            request = broker_pb2.StreamAuditRequest(
+                after_sequence=self._after, max_events_per_message=messages.EVENTS_PER_MESSAGE
+            )
             calls = [stub.StreamAudit(request, metadata=metadata) for _ in self._subs]
             for call in calls:
                 await call.initial_metadata()  # each stream is authorized and open
@@ -621,26 +711,36 @@ class FanOut:
 
     async def _follow(self, call: Any, sub: _Subscriber) -> None:
         expected = self._after + 1
+        reading: asyncio.Future[Any] | None = None
         while not self._done.is_set():
-            try:
-                item = await asyncio.wait_for(call.read(), timeout=0.2)
-            except TimeoutError:
+            # One read at a time, never cancelled: cancelling a read ends the whole call.
+            reading = reading or asyncio.ensure_future(call.read())
+            done, _ = await asyncio.wait({reading}, timeout=0.2)
+            if not done:
                 if self._until is not None and sub.last >= self._until:
                     break
                 continue
+            try:
+                item = reading.result()
+            except grpc.aio.AioRpcError:
+                sub.dropped = True  # e.g. dropped for falling behind: counted, not resumed
+                break
+            finally:
+                reading = None
             if item is grpc.aio.EOF:
                 break
-            if not item.HasField("event"):
-                continue
-            event = item.event
-            if event.sequence != expected:
-                sub.gaps += 1
-            expected = event.sequence + 1
-            sub.first = sub.first or event.sequence
-            sub.last = event.sequence
-            sub.count += 1
-            if event.action == "token.issued":
-                sub.delays.append(time.time() - event.time.ToNanoseconds() / 1e9)
+            received = time.time()
+            for event in messages.events_of(item):
+                if event.sequence != expected:
+                    sub.gaps += 1
+                expected = event.sequence + 1
+                sub.first = sub.first or event.sequence
+                sub.last = event.sequence
+                sub.count += 1
+                if event.action == "token.issued":
+                    delay = received - event.time.ToNanoseconds() / 1e9
+                    sub.delays.append(delay)
+                    sub.timed.append((time.perf_counter() - self._began, delay))
             if self._until is not None and sub.last >= self._until:
                 break
         call.cancel()

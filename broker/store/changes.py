@@ -60,6 +60,11 @@ class ChangeFeed:
         return self._head
 
     @property
+    def running(self) -> bool:
+        """Whether the feed's thread follows the log (started and not closed)."""
+        return self._thread is not None and not self._stopping.is_set()
+
+    @property
     def cursor(self) -> int:
         """Every event up to here has been handed to the page subscribers."""
         return self._cursor
@@ -68,7 +73,8 @@ class ChangeFeed:
         self, pages: PageSubscriber | None = None, local: LocalSubscriber | None = None
     ) -> None:
         """`pages` gets every committed event, in order, once, on the feed's thread; `local`
-        gets this process's commits on the writer's thread, before the writer returns."""
+        gets this process's commits on the committing thread, before the commit returns; it
+        must not write (the write would wait for the commit that calls it)."""
         if pages is not None:
             self._page_subscribers.append(pages)
         if local is not None:

@@ -67,12 +67,24 @@ class OpenOptions:
     `history`: paths whose presence shows that the data dir was used before (keys, the
     development policy); the store adds its own marks. An empty store is created without
     `create` only where none exists.
+    `held_lock`: a descriptor, inherited from the supervisor of `serve --workers`, that holds
+    the store for this process's group (see `hold_for_workers`): the store is then shared
+    with sibling processes, which it follows.
     """
 
     data_dir: Path = Path("var")
     read_only: bool = False
     create: bool = False
     history: tuple[Path, ...] = ()
+    held_lock: int | None = None
+
+
+class Hold(Protocol):
+    """A store held for a group of worker processes (see `hold_for_workers`)."""
+
+    def fileno(self) -> int: ...
+
+    def release(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -96,6 +108,15 @@ def open_store(url: str | StoreUrl, options: OpenOptions | None = None) -> Store
     """Open the store the URL names. Raises StoreRefused (nothing changed) if it must not be."""
     parsed = parse(url) if isinstance(url, str) else url
     return backend(parsed.scheme).open_url(parsed, options or OpenOptions())
+
+
+def hold_for_workers(url: str | StoreUrl, options: OpenOptions) -> Hold | None:
+    """Hold the store for the workers of one `serve --workers` (they inherit the descriptor
+    and pass it back as `OpenOptions.held_lock`), so that any other broker is refused as
+    before. None for a backend that admits several brokers anyway (PostgreSQL)."""
+    parsed = parse(url) if isinstance(url, str) else url
+    hold = getattr(backend(parsed.scheme), "hold_for_workers", None)
+    return None if hold is None else cast(Hold, hold(parsed, options))
 
 
 def backend(scheme: str) -> Backend:

@@ -1,10 +1,10 @@
 """SQLite backend: the embedded default (`sqlite:` or `sqlite:PATH`).
 
 WAL mode with `synchronous=FULL`, so an acknowledged write survives `kill -9` and power loss.
-One writer thread applies writes in *group commits*: every write queued while the previous
-transaction was syncing shares the next transaction and its single fsync, each in its own
-savepoint so that one write's conflict does not undo another's. Readers use their own
-per-thread connections and never block the writer.
+Writes are applied in *group commits* led by the callers (broker.store.groupcommit): every
+write queued while the previous transaction was syncing shares the next transaction and its
+single fsync, each in its own savepoint so that one write's conflict does not undo another's.
+Readers use their own per-thread connections and never block the writer.
 
 Opening checks the file first (broker.store.sqlite_guard): a store that must not be served
 is refused before anything is written to it. Opened read-only (offline tools), the store
@@ -17,6 +17,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -77,6 +78,10 @@ DB_FILENAME = "broker.db"
 # sqlite3 shell) before it fails as UNAVAILABLE. Within one broker writes never contend.
 BUSY_TIMEOUT = 5.0
 MAX_BUSY_TIMEOUT = 600.0
+# Worker processes of one `serve --workers` share the file: each looks this often whether
+# another committed (PRAGMA data_version reads SQLite's shared memory: no I/O), which bounds
+# how late one worker learns of another's revocation.
+SHARED_POLL = 0.005
 
 
 def check_url(url: StoreUrl) -> None:
@@ -96,16 +101,27 @@ def check_url(url: StoreUrl) -> None:
         raise StoreUrlInvalid(f"store {str(url)!r}: {path.suffix} files are the store's own")
 
 
+def database_path(url: StoreUrl, data_dir: Path) -> Path:
+    return Path(url.location).expanduser() if url.location else data_dir / DB_FILENAME
+
+
 def open_url(url: StoreUrl, options: OpenOptions) -> SqliteStore:
-    database = Path(url.location).expanduser() if url.location else options.data_dir / DB_FILENAME
     return SqliteStore(
         options.data_dir,
-        database=database,
+        database=database_path(url, options.data_dir),
         read_only=options.read_only,
         create=options.create,
         history=options.history,
         busy_timeout=_busy_timeout(url),
+        held_lock=options.held_lock,
     )
+
+
+def hold_for_workers(url: StoreUrl, options: OpenOptions) -> guard.StoreLock:
+    """The store's lock, taken by the supervisor of `serve --workers` for its workers."""
+    database = database_path(url, options.data_dir)
+    guard.make_private_dirs(database.parent)
+    return guard.StoreLock(database)
 
 
 def _busy_timeout(url: StoreUrl) -> float:
@@ -223,8 +239,12 @@ class SqliteStore(SqlReads):
         create: bool = False,
         history: Sequence[Path] = (),
         busy_timeout: float = BUSY_TIMEOUT,
+        held_lock: int | None = None,
     ) -> None:
+        """`held_lock`: the store lock inherited from a `serve --workers` supervisor; the file
+        is then shared with sibling processes whose commits this one follows."""
         self.path = database if database is not None else data_dir / DB_FILENAME
+        self.shared = held_lock is not None
         self.read_only = read_only
         self._busy_timeout = busy_timeout
         self._local = threading.local()
@@ -235,12 +255,18 @@ class SqliteStore(SqlReads):
         self._committed = threading.Condition()
         self._closed = False
         self._lock: guard.StoreLock | None = None
+        self._turns: guard.WriterTurns | None = None
         self._snapshot: sqlite3.Connection | None = None
         if read_only:
             self._snapshot, self.schema_version, self._tables = _open_snapshot(self.path)
             return
         guard.make_private_dirs(self.path.parent)
-        self._lock = guard.StoreLock(self.path)
+        self._lock = (
+            guard.StoreLock(self.path)
+            if held_lock is None
+            else guard.StoreLock.adopt(self.path, held_lock)
+        )
+        self._turns = guard.WriterTurns(self.path) if held_lock is not None else None
         try:
             self._writer, self.schema_version = _open_writer(
                 self.path, create=create, history=history, busy_timeout=busy_timeout
@@ -275,6 +301,13 @@ class SqliteStore(SqlReads):
         return self._writes.submit(write)
 
     def _apply_batch(self, batch: list[Pending]) -> None:
+        if self._turns is None:
+            self._apply_in_transaction(batch)
+            return
+        with self._turns:
+            self._apply_in_transaction(batch)
+
+    def _apply_in_transaction(self, batch: list[Pending]) -> None:
         conn = self._writer
         outcomes: list[tuple[Pending, Committed | BaseException]] = []
         try:
@@ -313,11 +346,30 @@ class SqliteStore(SqlReads):
 
     def wait_for_events(self, after: int, timeout: float) -> int:
         # This process's commits wake waiters at once; a commit by another process on the
-        # same file is seen when the wait times out and the head is read again.
+        # same file is seen when the wait times out and the head is read again — or, for
+        # the workers of one `serve --workers`, at the next look at the file's data version.
+        if self.shared:
+            return self._wait_shared(after, timeout)
         with self._committed:
             if self._head_seq > after or self._committed.wait(timeout):
                 return self._head_seq  # known from this process's own commit: no query
         return self.head_sequence()
+
+    def _wait_shared(self, after: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        seen = self._data_version()
+        while True:
+            with self._committed:
+                if self._head_seq > after or self._committed.wait(SHARED_POLL):
+                    return self._head_seq
+            version = self._data_version()
+            if version != seen or time.monotonic() >= deadline:
+                return self.head_sequence()
+
+    def _data_version(self) -> int:
+        """Changes whenever another connection (this process's writer or a sibling's)
+        commits to the file."""
+        return int(self._query("PRAGMA data_version")[0][0])
 
     def _notify(self, committed: Committed, mutation: Mutation | None) -> None:
         for listener in self._listeners:
@@ -574,6 +626,8 @@ class SqliteStore(SqlReads):
                 conn.close()
             self._readers.clear()
         self._writer.close()
+        if self._turns is not None:
+            self._turns.close()
         if self._lock is not None:
             self._lock.release()
 
