@@ -86,11 +86,13 @@ def test_bench_measures_judges_prints_and_writes_every_figure_of_the_issue(
         assert name in printed
         assert figure["verdict"] in (("PASS", "MISS") if figure["target"] else ("",)), name
         assert not figure["note"].startswith("errors"), (name, figure["note"])
-    for name in EXPECTED_FIGURES[:13]:
+    # By name, not position: sections add figures.
+    rated = EXPECTED_FIGURES[: EXPECTED_FIGURES.index("revocation → offline rejection")]
+    for name in rated:
         assert figures[name]["samples"] > 0 and figures[name]["rate"] > 0, name
-    for name in EXPECTED_FIGURES[1:5]:
+    for name in ("IssueToken", "VerifyToken (online)", "ExecuteOnBehalfOf", "RevokeRun"):
         assert math.isfinite(figures[name]["ratio"]), name
-    for name in EXPECTED_FIGURES[15:21]:
+    for name in [n for n in EXPECTED_FIGURES if n.endswith((", 1 worker", ", 2 workers"))]:
         assert figures[name]["samples"] > 0 and figures[name]["cpu_us"] > 0, name
     # Losing no event is correctness, not speed: every subscriber saw every event, in order.
     fanout = figures["live fan-out, 16 subscribers"]["note"]
