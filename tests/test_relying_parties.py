@@ -13,7 +13,6 @@ default.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import ssl
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.settings import Settings
 from tests.accounts import policy_toml, standard_accounts
 from tests.certs import new_ca, server_cert
 from tests.relying_parties import (
@@ -115,11 +113,8 @@ class Broker:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], ssl.SSLContext | None]:
-    """HTTPS when this broker can serve it (`--http-tls-cert`, issue 20 item 4), with a test
-    CA the relying parties trust; plain HTTP otherwise. The tests take the scheme from the
-    issuer the broker announces, so they run either way."""
-    if "http_tls_cert" not in {f.name for f in dataclasses.fields(Settings)}:
-        return [], None
+    """HTTPS as a cloud requires (`--http-tls-cert`), with a test CA the relying parties
+    trust: the announced issuer is then an https:// URL."""
     ca = new_ca()
     cert, key = server_cert(ca).write(tmp_path_factory.mktemp("tls"), "http")
     trusting = ssl.create_default_context(cadata=ca.cert_pem.decode())
@@ -156,11 +151,11 @@ def provider(broker: Broker, tls: tuple[list[str], ssl.SSLContext | None]) -> Oi
     return OidcProvider(broker.issuer, tls[1])
 
 
-def test_discovery_is_fetched_over_the_issuers_own_scheme_and_names_that_issuer(
+def test_discovery_is_fetched_over_https_and_names_that_issuer(
     broker: Broker, provider: OidcProvider
 ) -> None:
     assert provider.discovery["issuer"] == broker.issuer
-    assert broker.issuer.startswith("https://" if provider.ssl_context else "http://")
+    assert broker.issuer.startswith("https://") and provider.ssl_context is not None
     assert provider.discovery["jwks_uri"].startswith(broker.issuer + "/")
     assert "ES256" in provider.discovery["id_token_signing_alg_values_supported"]
     assert {"sub", "aud", "org_id", "pipeline_id", "environment"} <= set(
