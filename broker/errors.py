@@ -45,6 +45,11 @@ class PermissionDenied(BrokerError):
     """The caller is known but may not do this."""
 
 
+class ScopeExceeded(PermissionDenied):
+    """The caller may act, but asked for more than it may grant: permissions beyond a run's
+    ceiling. (OAuth answers it as `invalid_scope`; gRPC as any PermissionDenied.)"""
+
+
 class NotFound(BrokerError):
     """The named thing does not exist (or is invisible to this caller)."""
 

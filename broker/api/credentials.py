@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from broker.api import interceptor as calls
 from broker.auth.authn import Authenticator, Presented
 from broker.auth.throttle import Throttle
+from broker.context import CallContext
 from broker.identity import Principal
 from tokenbroker.dpop import certificate_thumbprint
 from tokenbroker.v1 import broker_pb2
@@ -73,16 +74,34 @@ def authenticator(authn: Authenticator, throttle: Throttle | None = None) -> cal
     """
 
     def authenticate(context: grpc.ServicerContext, method: str) -> Principal:
-        shown = presented(context, method)
         name = method.rsplit("/", 1)[-1]
-        principal = authn.authenticate(
-            shown, calls.current(), name, required=method not in OPEN_METHODS
+        return admitted(
+            authn,
+            throttle,
+            presented(context, method),
+            calls.current(),
+            name,
+            required=method not in OPEN_METHODS,
         )
-        if throttle is not None:
-            if principal.is_anonymous:
-                throttle.unauthenticated(calls.current(), shown.peer, name)
-            else:
-                throttle.authenticated(calls.current(), principal, name)
-        return principal
 
     return authenticate
+
+
+def admitted(
+    authn: Authenticator,
+    throttle: Throttle | None,
+    shown: Presented,
+    call: CallContext,
+    method: str,
+    *,
+    required: bool,
+) -> Principal:
+    """Who presented `shown`, within their rate: what every call goes through, over gRPC or
+    HTTP, before the domain sees it. Raises Unauthenticated or ResourceExhausted (audited)."""
+    principal = authn.authenticate(shown, call, method, required=required)
+    if throttle is not None:
+        if principal.is_anonymous:
+            throttle.unauthenticated(call, shown.peer, method)
+        else:
+            throttle.authenticated(call, principal, method)
+    return principal

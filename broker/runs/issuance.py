@@ -18,6 +18,7 @@ from broker.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ScopeExceeded,
 )
 from broker.identity import PrincipalKind
 from broker.runs.binding import (
@@ -248,7 +249,7 @@ class Issuance:
         excess = request.permissions.excess_over(run.permission_ceiling)
         if excess:
             self._refuse(ctx, run, now, "permissions exceed the run's ceiling", {"excess": excess})
-            raise PermissionDenied(
+            raise ScopeExceeded(
                 "requested permissions exceed the run's ceiling: " + "; ".join(excess)
             )
         if not request.inherit_from:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from broker.api.http.exchange import GRANT_TYPE, TOKEN_PATH
+from broker.api.http.introspection import INTROSPECTION_PATH
 from broker.api.http.routes import Request, Response, Routes
 
 if TYPE_CHECKING:
@@ -21,6 +23,14 @@ def discovery_document(issuer: str, algorithms: list[str]) -> dict[str, Any]:
     return {
         "issuer": issuer,
         "jwks_uri": issuer + JWKS_PATH,
+        "token_endpoint": issuer + TOKEN_PATH,
+        "grant_types_supported": [GRANT_TYPE],
+        # Token exchange authenticates by its subject_token (the run credential) alone.
+        "token_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint": issuer + INTROSPECTION_PATH,
+        # A signed assertion: as a client assertion (RFC 7523) or, as over gRPC, a bearer.
+        "introspection_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "introspection_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         # Every algorithm of a published key: ES256, and RS256 once the policy asks for it.
