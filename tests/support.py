@@ -137,6 +137,18 @@ class BrokerProcess:
     def logs(self) -> str:
         return self.log_path.read_text()
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP port's base URL (discovery, OAuth endpoints), from the serving log line."""
+        for line in self.logs().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("msg") == "token-broker serving" and entry.get("http_port"):
+                return f"http://127.0.0.1:{entry['http_port']}"
+        raise AssertionError("the broker serves no HTTP port")
+
     def terminate_and_wait(self, timeout: float = 10) -> int:
         self.process.terminate()
         return self.process.wait(timeout)
