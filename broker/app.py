@@ -19,6 +19,7 @@ from broker.auth.authz import PolicyAuthorizer
 from broker.auth.throttle import RateLimit, Throttle
 from broker.clock import Clock, system_clock
 from broker.context import CallContext
+from broker.errors import FailedPrecondition
 from broker.identity import BROKER
 from broker.policy import dev as devpolicy
 from broker.policy.file import load_policy
@@ -65,6 +66,36 @@ def store_options(settings: Settings, held_lock: int | None = None) -> OpenOptio
     )
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the broker is ready for all of its work, and if not, why: the one answer that
+    the HTTP `/readyz` and the gRPC health service both report."""
+
+    store_writable: bool
+    policy_loaded: bool
+    keys_present: bool
+    draining: bool
+
+    @property
+    def ready(self) -> bool:
+        return not self.reasons
+
+    @property
+    def reasons(self) -> list[str]:
+        reasons = []
+        if self.draining:
+            reasons.append("draining: shutting down, finishing the calls in flight")
+        if not self.store_writable:
+            reasons.append(
+                "store cannot take writes (disk full or read-only): reads and verification only"
+            )
+        if not self.policy_loaded:
+            reasons.append("no policy loaded")
+        if not self.keys_present:
+            reasons.append("no active signing key")
+        return reasons
+
+
 @dataclass
 class Broker:
     settings: Settings
@@ -84,6 +115,8 @@ class Broker:
     changes: ChangeFeed
     refusals: RefusalLedger
     throttle: Throttle
+    # Set when the server begins to shut down: not ready from then on.
+    draining: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
     _next_forget: float = 0.0
@@ -125,7 +158,21 @@ class Broker:
         path = getattr(self.store, "path", None)
         return headroom.can_write(path) if isinstance(path, Path) else True
 
+    def readiness(self) -> Readiness:
+        """Store writable, policy loaded, a key to sign with, not draining — now."""
+        try:
+            keys_present = bool(self.keys.active)
+        except FailedPrecondition:
+            keys_present = False
+        return Readiness(
+            store_writable=self.writes_ready(),
+            policy_loaded=self.policy.current() is not None,
+            keys_present=keys_present,
+            draining=self.draining.is_set(),
+        )
+
     def close(self) -> None:
+        self.draining.set()
         self._stop.set()
         self.feed.close()
         self.delegation.close()

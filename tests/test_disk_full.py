@@ -4,21 +4,32 @@ answered, reads still work, writes fail closed, and readiness says so — also f
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker.api.server import WRITES_HEALTH_NAME, BrokerServer, create_server
+from broker.api.server import SERVICE_NAME, WRITES_HEALTH_NAME, BrokerServer, create_server
 from broker.cli import main as cli
 from tests.accounts import callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.disk_support import SmallDisk, small_disk
-from tests.support import details, reached, rpc_error, start_broker_process, start_run_request
+from tests.support import (
+    BrokerProcess,
+    details,
+    reached,
+    rpc_error,
+    start_broker_process,
+    start_run_request,
+)
 from tokenbroker.credentials import dev_admin_credentials, local_channel
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
@@ -40,6 +51,14 @@ def _health(channel: grpc.Channel, service: str) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
     return status
+
+
+def _readyz(process: BrokerProcess) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(process.http_url + "/readyz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
 
 
 def _eventually(condition: Callable[[], bool], within: float = 10.0) -> bool:
@@ -97,9 +116,12 @@ def test_readiness_reports_writes_not_serving_while_the_disk_is_full_and_serving
         assert _health(channel, WRITES_HEALTH_NAME) == SERVING
         disk.fill()
         assert _eventually(lambda: _health(channel, WRITES_HEALTH_NAME) == NOT_SERVING)
-        assert _health(channel, "") == SERVING  # reads and verification still work
+        # Reads and verification still work; ready for everything (as /readyz says) it is not.
+        assert _health(channel, SERVICE_NAME) == SERVING
+        assert _health(channel, "") == NOT_SERVING
         disk.free()
         assert _eventually(lambda: _health(channel, WRITES_HEALTH_NAME) == SERVING)
+        assert _eventually(lambda: _health(channel, "") == SERVING)
     with callers_of(server_on_disk) as callers:
         stub = callers.stub(standard_accounts()["root"])
         assert stub.StartRun(start_run_request(), timeout=5).run.run_id
@@ -127,8 +149,13 @@ def test_broker_restarted_after_a_crash_with_the_disk_full_serves_reads_and_veri
     try:
         with local_channel(restarted.target, dev_admin_credentials(data)) as channel:
             stub = Stub(channel)
-            assert _health(channel, "") == SERVING
+            assert _health(channel, SERVICE_NAME) == SERVING
             assert _health(channel, WRITES_HEALTH_NAME) == NOT_SERVING
+            assert _health(channel, "") == NOT_SERVING
+            status, readiness = _readyz(restarted)
+            assert status == 503
+            assert readiness["checks"]["store_writable"] is False
+            assert "store cannot take writes" in readiness["reasons"][0]
             got = stub.GetRun(broker_pb2.GetRunRequest(run_id=ended), timeout=10).run
             assert got.state == types_pb2.RUN_STATE_ENDED
             listed = stub.ListRuns(broker_pb2.ListRunsRequest(), timeout=10).runs
@@ -144,6 +171,7 @@ def test_broker_restarted_after_a_crash_with_the_disk_full_serves_reads_and_veri
 
             disk.free()
             assert _eventually(lambda: _health(channel, WRITES_HEALTH_NAME) == SERVING)
+            assert _eventually(lambda: _readyz(restarted)[0] == 200)
             assert stub.StartRun(start_run_request(), timeout=10).run.run_id
         assert "storage cannot take writes" in restarted.logs()
     finally:

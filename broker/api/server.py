@@ -37,7 +37,7 @@ from broker.api.http import HttpServer, broker_routes, tls_context
 from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
-from broker.app import Broker, build_broker
+from broker.app import Broker, Readiness, build_broker
 from broker.clock import Clock, system_clock
 from broker.policy.file import load_policy
 from broker.runs.binding import UNBOUND, Binding, jkt_of_jwk_file
@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"].full_name
 # Health name for "takes writes": NOT_SERVING while storage refuses them (a full disk), when
-# "" and SERVICE_NAME stay SERVING because reads and verification still work.
+# SERVICE_NAME stays SERVING because reads and verification still work ("" is NOT_SERVING: not
+# ready for everything, as /readyz says).
 WRITES_HEALTH_NAME = "tokenbroker.v1.writes"
-WRITES_PROBE_INTERVAL = 1.0
+READINESS_PROBE_INTERVAL = 1.0
 
 
 class ListenError(OSError):
@@ -93,31 +94,35 @@ class BrokerServer:
             self.http.start()
         self.grpc_server.start()
         self.broker.start_background()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        self.probe_writes()
-        threading.Thread(target=self._watch_writes, name="writes-probe", daemon=True).start()
+        self.probe_readiness()
+        threading.Thread(target=self._watch_readiness, name="readiness", daemon=True).start()
 
-    def probe_writes(self) -> bool:
-        """Set the writes health status from the storage's state now; log each change."""
-        ready = self.broker.writes_ready()
-        if ready != self._writes_ready and not self._stopping.is_set():
-            self._writes_ready = ready
-            if ready:
-                self.health.set(WRITES_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+    def probe_readiness(self) -> Readiness:
+        """Set the health statuses from the broker's readiness now (the same answer `/readyz`
+        gives): "" is SERVING only when ready; the service stays SERVING while it answers
+        calls (reads and verification work on a full disk); WRITES_HEALTH_NAME follows the
+        store. Logs each change of the store's state."""
+        readiness = self.broker.readiness()
+        if self._stopping.is_set():
+            return readiness
+        self.health.set("", _status(readiness.ready))
+        self.health.set(SERVICE_NAME, _status(not readiness.draining))
+        self.health.set(WRITES_HEALTH_NAME, _status(readiness.store_writable))
+        if readiness.store_writable != self._writes_ready:
+            self._writes_ready = readiness.store_writable
+            if readiness.store_writable:
                 log.info("storage takes writes", extra={"health": WRITES_HEALTH_NAME})
             else:
-                self.health.set(WRITES_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
                 log.error(
                     "storage cannot take writes (disk full or read-only): serving reads and "
                     "verification only; writes fail with UNAVAILABLE until it can",
                     extra={"health": WRITES_HEALTH_NAME},
                 )
-        return ready
+        return readiness
 
-    def _watch_writes(self) -> None:
-        while not self._stopping.wait(WRITES_PROBE_INTERVAL):
-            self.probe_writes()
+    def _watch_readiness(self) -> None:
+        while not self._stopping.wait(READINESS_PROBE_INTERVAL):
+            self.probe_readiness()
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight unary calls finish within
@@ -127,6 +132,7 @@ class BrokerServer:
         running when the grace ends: clients see CANCELLED, which the client library
         retries like UNAVAILABLE where that is safe (tokenbroker.retry)."""
         grace = self.broker.settings.shutdown_grace if grace is None else grace
+        self.broker.draining.set()  # /readyz answers 503 from now on
         self._stopping.set()
         self.health.enter_graceful_shutdown()
         self.broker.feed.close()  # followers end with UNAVAILABLE: resume elsewhere or later
@@ -134,6 +140,12 @@ class BrokerServer:
         if self.http is not None:
             self.http.stop()
         self.broker.close()
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    if serving:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
