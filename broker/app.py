@@ -38,6 +38,7 @@ from broker.store.changes import ChangeFeed
 from broker.store.factory import OpenOptions
 from broker.store.factory import open_store as open_store_url
 from broker.telemetry.otel import Telemetry
+from broker.telemetry.scrape import PrometheusScrape
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +197,14 @@ def build_broker(
     run_credentials: RunCredentialVerifier | None = None,
     signer: CheckpointSigner | None = None,
     held_lock: int | None = None,
+    scrape: PrometheusScrape | None = None,
 ) -> Broker:
     """Everything the broker needs, loaded and ready.
 
     `issuer` (the `iss` of broker tokens and the audience of callers' assertions) defaults
     from settings. Without providers, telemetry is a no-op (`serve` builds them from OTEL_*
-    variables). Audit checkpoints are signed by `signer`, by default the key ring.
+    variables; `scrape` is the Prometheus reader of `meter_provider`, for /metrics). Audit
+    checkpoints are signed by `signer`, by default the key ring.
     Raises PolicyError (before opening anything) when the policy is invalid, and
     StoreRefused when the store must not be opened. The store is opened before anything is
     written into the data dir, so that a first start is told from a lost database.
@@ -223,6 +226,7 @@ def build_broker(
             meter_provider=meter_provider,
             run_credentials=run_credentials,
             signer=signer,
+            scrape=scrape,
         )
     except StoreUnavailable as exc:
         # Reading the store at start failed (a damaged page, an I/O error): not serving.
@@ -248,6 +252,7 @@ def _assemble(
     meter_provider: MeterProvider | None,
     run_credentials: RunCredentialVerifier | None,
     signer: CheckpointSigner | None,
+    scrape: PrometheusScrape | None,
 ) -> Broker:
     if settings.policy is not None and given_policy is not None:
         policy_path, first_policy = settings.policy, given_policy
@@ -264,7 +269,7 @@ def _assemble(
     policy.record_in_force()
     refusals = RefusalLedger(store, clock, settings.refusal_audit_interval)
     authorizer = PolicyAuthorizer(policy.current, store, clock, refusals)
-    telemetry = Telemetry(tracer_provider, meter_provider, settings.metric_audiences)
+    telemetry = Telemetry(tracer_provider, meter_provider, settings.metric_audiences, scrape)
     keys = KeyRing(
         store,
         clock,

@@ -58,7 +58,8 @@ def _readyz(process: BrokerProcess) -> tuple[int, dict[str, Any]]:
         with urllib.request.urlopen(process.http_url + "/readyz", timeout=5) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as refused:
-        return refused.code, json.loads(refused.read())
+        with refused:
+            return refused.code, json.loads(refused.read())
 
 
 def _eventually(condition: Callable[[], bool], within: float = 10.0) -> bool:

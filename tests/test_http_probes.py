@@ -34,7 +34,8 @@ def get(process: BrokerProcess, path: str) -> tuple[int, dict[str, str], dict[st
         with urllib.request.urlopen(process.http_url + path, timeout=5) as response:
             return response.status, dict(response.headers), json.loads(response.read())
     except urllib.error.HTTPError as refused:
-        return refused.code, dict(refused.headers), json.loads(refused.read())
+        with refused:
+            return refused.code, dict(refused.headers), json.loads(refused.read())
 
 
 class HeldExecutor(executor_pb2_grpc.PipelineExecutorServiceServicer):

@@ -44,6 +44,7 @@ from broker.runs.binding import UNBOUND, Binding, jkt_of_jwk_file
 from broker.runs.keys import load_private_key
 from broker.settings import Settings, SettingsError, is_loopback, split_host_port
 from broker.telemetry import logs, setup
+from broker.telemetry.scrape import PrometheusScrape
 from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -327,6 +328,7 @@ def create_server(
     meter_provider: MeterProvider | None = None,
     clock: Clock = system_clock,
     worker: WorkerSlot | None = None,
+    scrape: PrometheusScrape | None = None,
 ) -> BrokerServer:
     """Providers and `clock` are used when the broker is built here (tests pass a fake
     clock; the issuer is then the bound HTTP port's URL); a given broker brings its own.
@@ -360,6 +362,7 @@ def create_server(
                 meter_provider=meter_provider,
                 clock=clock,
                 held_lock=worker.held_lock if worker is not None else None,
+                scrape=scrape,
             )
         except BaseException:
             server.stop(None)
@@ -423,6 +426,7 @@ def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:
             tracer_provider=providers.tracer_provider,
             meter_provider=providers.meter_provider,
             worker=worker,
+            scrape=providers.scrape,
         )
     except BaseException:
         stop_log_export()

@@ -32,6 +32,7 @@ from broker.telemetry.metrics import (
     VERIFICATION_RESULT,
     BrokerMetrics,
 )
+from broker.telemetry.scrape import PrometheusScrape
 from tokenbroker import tracing
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,10 @@ class Telemetry:
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         max_audiences: int = DEFAULT_MAX_AUDIENCES,
+        scrape: PrometheusScrape | None = None,
     ) -> None:
+        # What /metrics renders: a reader on `meter_provider` (None: no scraping).
+        self.scrape = scrape
         self.tracer_provider = tracer_provider or trace.NoOpTracerProvider()
         self.meter_provider = meter_provider or metrics.NoOpMeterProvider()
         self.metrics = BrokerMetrics(

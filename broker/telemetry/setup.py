@@ -6,7 +6,9 @@ explicitly, and without them every instrument is a no-op.
 Each signal goes over OTLP with the protocol `OTEL_EXPORTER_OTLP_[SIGNAL_]PROTOCOL` names:
 `grpc` (the broker's default) or `http/protobuf`. Spans and metrics are exported when an
 endpoint is configured (or `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` say `otlp`),
-logs only when `OTEL_LOGS_EXPORTER=otlp`.
+logs only when `OTEL_LOGS_EXPORTER=otlp`. Whenever the HTTP port serves, the MeterProvider also
+has a Prometheus reader, rendered at `/metrics` (`broker.telemetry.scrape`): one set of
+instruments for OTLP push and scraping.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
@@ -25,6 +28,7 @@ from opentelemetry.sdk.metrics.export import (
     MetricReader,
     PeriodicExportingMetricReader,
 )
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -35,7 +39,22 @@ from broker.settings import Settings
 from broker.telemetry.quiet import QuietMetricExporter
 from tokenbroker.defaults import SERVICE_NAME
 
+if TYPE_CHECKING:  # the Prometheus exporter is imported only where /metrics is served
+    from broker.telemetry.scrape import PrometheusScrape
+
 log = logging.getLogger(__name__)
+
+# tokenbroker.tracing.SERVER_DURATION, named here: importing tracing would load grpc into the
+# domain (tests/test_layers.py); tests/test_http_metrics.py checks the View takes effect.
+SERVER_DURATION = "rpc.server.call.duration"
+# rpc.server.call.duration, in seconds. The broker's own time for a unary call is sub-ms to a
+# few ms on an idle machine and reaches ~100 ms under load (docs/performance.md: client-side
+# p99 of 4-22 ms through a loaded broker), so the buckets are dense from 100 µs to 250 ms
+# (1-2.5-5 steps); audit streams, which last as long as they follow, land in the tail.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 GRPC = "grpc"
 HTTP = "http/protobuf"
@@ -53,6 +72,8 @@ class Providers:
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
     logger_provider: LoggerProvider | None = None
+    # The Prometheus reader of meter_provider, rendered at the HTTP port's /metrics.
+    scrape: PrometheusScrape | None = None
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Flush and stop the exporters, waiting at most `timeout` (a dead collector must not
@@ -165,7 +186,8 @@ def _disabled(environ: Mapping[str, str]) -> bool:
 def providers_from_env(settings: Settings, environ: Mapping[str, str]) -> Providers:
     """The broker's providers per the standard variables: spans and metrics over OTLP when an
     endpoint is configured, spans to stderr with --otel-console, logs over OTLP with
-    OTEL_LOGS_EXPORTER=otlp; otherwise none at all.
+    OTEL_LOGS_EXPORTER=otlp, metrics for /metrics whenever the HTTP port serves; otherwise
+    none at all.
 
     OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none and OTEL_METRICS_EXPORTER=none switch
     parts off; OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_[SIGNAL_]PROTOCOL,
@@ -175,10 +197,12 @@ def providers_from_env(settings: Settings, environ: Mapping[str, str]) -> Provid
     if _disabled(environ):
         return Providers()
     resource = _resource(environ, SERVICE_NAME)
+    meter_provider, scrape = _meter_provider(environ, resource, scrape=bool(settings.http_listen))
     return Providers(
         _tracer_provider(environ, resource, console=settings.otel_console),
-        _meter_provider(environ, resource),
+        meter_provider,
         _logger_provider(environ, resource),
+        scrape,
     )
 
 
@@ -231,21 +255,51 @@ def _grpc_headers(otlp: Otlp) -> dict[str, str] | None:
     return {key.lower(): value for key, value in otlp.headers.items()} or None
 
 
-def _meter_provider(environ: Mapping[str, str], resource: Resource) -> MeterProvider | None:
+def _meter_provider(
+    environ: Mapping[str, str], resource: Resource, *, scrape: bool
+) -> tuple[MeterProvider | None, PrometheusScrape | None]:
+    """OTLP push when configured, and a Prometheus reader when `scrape` (the HTTP port
+    serves /metrics): one MeterProvider, one set of instruments, for both."""
+    if "none" in _exporters(environ, "METRICS"):
+        return None, None
+    readers: list[MetricReader] = []
     otlp = otlp_config(environ, "METRICS")
-    if otlp is None:
-        return None
+    if otlp is not None:
+        # A collector that takes traces only answers every export with an error: say so once.
+        exporter = QuietMetricExporter(_metric_exporter(otlp), otlp.endpoint)
+        readers.append(
+            PeriodicExportingMetricReader(exporter, export_interval_millis=_interval(environ))
+        )
+    prometheus = None
+    if scrape:
+        from broker.telemetry.scrape import PrometheusScrape  # only here: a costly import
+
+        prometheus = PrometheusScrape()
+        readers.append(prometheus.reader)
+    if not readers:
+        return None, None
+    provider = MeterProvider(
+        metric_readers=readers, resource=resource, views=views(), shutdown_on_exit=False
+    )
+    return provider, prometheus
+
+
+def views() -> list[View]:
+    """Histogram buckets that fit what the broker measures (docs/performance.md)."""
+    return [
+        View(
+            instrument_name=SERVER_DURATION,
+            aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS),
+        )
+    ]
+
+
+def _interval(environ: Mapping[str, str]) -> float:
     try:
-        interval = float(environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000"))
+        return float(environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000"))
     except ValueError:
         log.warning("OTEL_METRIC_EXPORT_INTERVAL is not a number; exporting every 60 s")
-        interval = 60000.0
-    # A collector that takes traces only answers every export with an error: say so once.
-    exporter = QuietMetricExporter(_metric_exporter(otlp), otlp.endpoint)
-    readers: list[MetricReader] = [
-        PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
-    ]
-    return MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
+        return 60000.0
 
 
 def _metric_exporter(otlp: Otlp) -> MetricExporter:
