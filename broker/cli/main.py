@@ -67,10 +67,11 @@ telemetry (OpenTelemetry's standard variables; without them nothing is exported)
 examples:
   token-broker serve --data-dir ./var --listen {DEFAULT_TARGET}
   TOKEN_BROKER_LISTEN=127.0.0.1:7000 token-broker serve
+  token-broker serve --check --policy policy.toml --store postgresql://broker@db/tokenbroker
   make run ARGS="--listen 127.0.0.1:7000 --http-listen 127.0.0.1:7001"
 
 exit status:
-  0  stopped on SIGTERM or SIGINT, cleanly
+  0  stopped on SIGTERM or SIGINT, cleanly (--check: the configuration is valid)
   1  could not start: an address is taken, the store refuses to open, ...
   2  usage or configuration error: a bad flag or setting, an invalid policy file,
      a missing TLS file"""
@@ -81,6 +82,12 @@ def _serve(args: argparse.Namespace) -> int:
     from broker.store import StoreRefused
 
     config = settings.from_sources(args, os.environ)
+    if args.check:
+        from broker.cli import servecheck
+
+        print(servecheck.check(config).text())
+        print("token-broker serve --check: the configuration is valid; serve would start")
+        return common.EXIT_OK
     logs.configure(config.log_level, config.log_format)
     try:
         return serve(config)
@@ -109,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=common.HelpFormatter,
     )
     settings.add_arguments(serve, os.environ)
+    serve.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the settings, policy, TLS files, signing keys and the store (opened "
+        "read-only), print what would be served, and exit: 0 valid, 2 a configuration "
+        "problem, 1 the store cannot be reached or opened (like nginx -t)",
+    )
     serve.set_defaults(handler=_serve)
     assertion.add_command(commands)
     audit.add_commands(commands)

@@ -99,6 +99,11 @@ def _alg_of(private_key: PrivateKey) -> str:
     return "RS256"
 
 
+def key_id(private_key: PrivateKey) -> str:
+    """The kid the broker publishes `private_key` under (its JWK thumbprint)."""
+    return public_jwk(private_key, _alg_of(private_key))["kid"]
+
+
 def load_private_key(path: Path) -> PrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
