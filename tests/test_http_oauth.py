@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import duration_pb2, json_format
 
 from broker.api import oauth_status
+from broker.api.http import Request, broker_routes
 from broker.api.http.exchange import ACCESS_TOKEN_TYPE, GRANT_TYPE, JWT_TYPE
 from broker.api.http.introspection import CLIENT_ASSERTION_TYPE
 from broker.api.oauth_status import Endpoint
@@ -485,3 +486,29 @@ def test_an_error_description_is_short_printable_ascii_without_quotes() -> None:
     assert len(described) < 400
     assert all(c not in described for c in '"\\\n\u202e')
     assert described.isascii()
+
+
+def test_over_plaintext_http_on_a_non_loopback_address_the_oauth_endpoints_refuse(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        tmp_path / "data", policy=standard_policy(tmp_path), http_listen="0.0.0.0:50052"
+    )
+    broker = build_broker(settings)
+    try:
+        routes = broker_routes(broker, "https://broker.example.com")
+        form = urllib.parse.urlencode({"grant_type": GRANT_TYPE}).encode()
+        for path in ("/oauth2/token", "/oauth2/introspect"):
+            handler = routes.resolve("POST", path)
+            assert handler is not None
+            request = Request("POST", path, {}, {"content-type": FORM}, form, "10.0.0.7")
+            answer = handler(request)
+            assert answer.status == 400
+            assert b"plaintext HTTP on a non-loopback address" in answer.body
+        discovery = routes.resolve("GET", "/.well-known/openid-configuration")
+        assert discovery is not None
+        document = json.loads(discovery(Request("GET", "", {}, {}, b"", "10.0.0.7")).body)
+        assert "token_endpoint" not in document and "introspection_endpoint" not in document
+        assert document["jwks_uri"] == "https://broker.example.com/.well-known/jwks.json"
+    finally:
+        broker.close()

@@ -34,6 +34,7 @@ from broker.api import credentials as authn
 from broker.api.decoding import DecodeGuard
 from broker.api.handoff import GrpcHandoff, traced_channel
 from broker.api.http import HttpServer, broker_routes, tls_context
+from broker.api.http.oauth import carries_credentials_safely
 from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
 from broker.api.servicer import TokenBrokerServicer
@@ -416,6 +417,12 @@ def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:
     discovery_warning = settings.plain_discovery_warning()
     if discovery_warning:
         log.warning(discovery_warning, extra={"http_listen": settings.http_listen})
+    if settings.http_listen and not carries_credentials_safely(settings):
+        log.warning(
+            "token exchange and introspection are off: the HTTP port is plaintext on a "
+            "non-loopback address; terminate TLS in front and start with --insecure",
+            extra={"http_listen": settings.http_listen},
+        )
     providers = setup.providers_from_env(settings, os.environ)
     stop_log_export = (
         logs.export_to(providers.logger_provider) if providers.logger_provider else _nothing

@@ -29,6 +29,7 @@ from broker.auth.authn import Presented
 from broker.context import CallContext
 from broker.errors import BrokerError, FieldViolation, InvalidArgument
 from broker.ids import new_request_id
+from broker.settings import Settings, is_loopback
 from broker.telemetry import otel as telemetry
 
 if TYPE_CHECKING:
@@ -99,10 +100,27 @@ class OAuthCall:
 Handler = Callable[[OAuthCall], dict[str, Any]]
 
 
+def carries_credentials_safely(settings: Settings) -> bool:
+    """Whether the HTTP port may take credentials and hand out tokens: the port speaks plain
+    HTTP, so only on loopback, or with --insecure when something in front (a proxy, a mesh
+    sidecar) terminates TLS — the rule gRPC's port follows too."""
+    return bool(settings.http_listen) and (settings.insecure or is_loopback(settings.http_listen))
+
+
+PLAINTEXT_REFUSAL = invalid_request(
+    "not served over plaintext HTTP on a non-loopback address: credentials and tokens would "
+    "cross the network in clear text; terminate TLS in front of the broker and start it with "
+    "--insecure, or use the gRPC port"
+)
+
+
 def serve(broker: Broker, endpoint: Endpoint, handler: Handler) -> Callable[[Request], Response]:
     """A route answering `handler`'s document as JSON, or the OAuth error of its refusal."""
+    safe = carries_credentials_safely(broker.settings)
 
     def route(request: Request) -> Response:
+        if not safe:
+            return Response.json(400, PLAINTEXT_REFUSAL.document(), NO_STORE)
         request_id = _request_id(request)
         headers = (*NO_STORE, ("X-Request-Id", request_id))
         tracer = broker.telemetry.tracer_provider.get_tracer("broker.api.http")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.api.http.exchange import GRANT_TYPE, TOKEN_PATH
 from broker.api.http.introspection import INTROSPECTION_PATH
+from broker.api.http.oauth import carries_credentials_safely
 from broker.api.http.routes import Request, Response, Routes
 
 if TYPE_CHECKING:
@@ -19,18 +20,19 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 _CACHE = (("Cache-Control", "public, max-age=60"),)
 
 
-def discovery_document(issuer: str, algorithms: list[str]) -> dict[str, Any]:
+def discovery_document(issuer: str, algorithms: list[str], oauth: bool = True) -> dict[str, Any]:
+    """`oauth`: whether the token and introspection endpoints are served (not over plaintext
+    HTTP on a non-loopback address without --insecure)."""
+    document = _verifying(issuer, algorithms)
+    if oauth:
+        document.update(_oauth(issuer))
+    return document
+
+
+def _verifying(issuer: str, algorithms: list[str]) -> dict[str, Any]:
     return {
         "issuer": issuer,
         "jwks_uri": issuer + JWKS_PATH,
-        "token_endpoint": issuer + TOKEN_PATH,
-        "grant_types_supported": [GRANT_TYPE],
-        # Token exchange authenticates by its subject_token (the run credential) alone.
-        "token_endpoint_auth_methods_supported": ["none"],
-        "introspection_endpoint": issuer + INTROSPECTION_PATH,
-        # A signed assertion: as a client assertion (RFC 7523) or, as over gRPC, a bearer.
-        "introspection_endpoint_auth_methods_supported": ["private_key_jwt"],
-        "introspection_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         # Every algorithm of a published key: ES256, and RS256 once the policy asks for it.
@@ -45,13 +47,29 @@ def discovery_document(issuer: str, algorithms: list[str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _oauth(issuer: str) -> dict[str, Any]:
+    return {
+        "token_endpoint": issuer + TOKEN_PATH,
+        "grant_types_supported": [GRANT_TYPE],
+        # Token exchange authenticates by its subject_token (the run credential) alone.
+        "token_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint": issuer + INTROSPECTION_PATH,
+        # A signed assertion: as a client assertion (RFC 7523) or, as over gRPC, a bearer.
+        "introspection_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "introspection_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA", "RS256"],
+    }
+
+
 def register(routes: Routes, broker: Broker, issuer: str) -> None:
+    oauth = carries_credentials_safely(broker.settings)
+
     def jwks(request: Request) -> Response:
         return Response.json(200, broker.keys.jwks(), _CACHE)
 
     def discovery(request: Request) -> Response:
         algorithms = sorted({key["alg"] for key in broker.keys.jwks()["keys"]})
-        return Response.json(200, discovery_document(issuer, algorithms), _CACHE)
+        document = discovery_document(issuer, algorithms, oauth)
+        return Response.json(200, document, _CACHE)
 
     routes.add("GET", JWKS_PATH, jwks)
     routes.add("GET", DISCOVERY_PATH, discovery)
