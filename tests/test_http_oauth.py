@@ -512,3 +512,23 @@ def test_over_plaintext_http_on_a_non_loopback_address_the_oauth_endpoints_refus
         assert document["jwks_uri"] == "https://broker.example.com/.well-known/jwks.json"
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize(
+    "subject_token",
+    [
+        " ",
+        "Bearer x",
+        "a.b.c",
+        "\u202e.\u0000.x",
+        "eyJhbGciOiJub25lIn0.e30.",
+        "eyJ0eXAiOiJ0b2tlbmJyb2tlci1ydW4rand0IiwiYWxnIjoiRVMyNTYifQ.e30.AAAA",
+        "x" * 16_000,
+    ],
+)
+def test_a_hostile_subject_token_is_invalid_request_never_500(
+    http_server: BrokerServer, subject_token: str
+) -> None:
+    reply = exchange(http_server, exchange_form(subject_token))
+    assert (reply.status, reply.document["error"]) == (400, "invalid_request"), reply.document
+    assert reply.document["error_description"].startswith("subject_token")
