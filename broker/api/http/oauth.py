@@ -64,7 +64,6 @@ class OAuthCall:
     request: Request
     form: dict[str, list[str]]
     context: CallContext
-    endpoint: Endpoint
 
     @property
     def peer(self) -> str:
@@ -149,7 +148,7 @@ def _answer(
 ) -> tuple[int, dict[str, Any], tuple[tuple[str, str], ...]]:
     call: OAuthCall | None = None
     try:
-        call = OAuthCall(broker, request, form_of(request), context, endpoint)
+        call = OAuthCall(broker, request, form_of(request), context)
         return 200, handler(call), ()
     except Refusal as refusal:
         error = refusal.error
