@@ -87,6 +87,16 @@ def test_an_unreachable_store_exits_1_naming_it(
     assert "Connection refused" in result.err or "connection failed" in result.err
 
 
+def test_a_password_in_the_store_url_is_never_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"postgresql://broker:s3cret@127.0.0.1:{closed_port()}/tokenbroker"
+    result = run_cli(capsys, *CHECK, "--data-dir", str(tmp_path / "d"), "--store", store)
+    assert result.code == 1
+    assert "s3cret" not in result.err + result.out
+    assert "postgresql://broker:***@127.0.0.1" in result.err
+
+
 def test_a_lost_database_in_a_used_data_dir_exits_1_as_serve_would_refuse_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

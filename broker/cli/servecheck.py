@@ -13,6 +13,7 @@ reached or must not be opened — the same codes `serve` itself exits with.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,14 @@ def _keys(settings: Settings, local: list[str], published: list[str] | None) -> 
     return shown
 
 
+def shown_store(store: str) -> str:
+    """The store URL as printed: a password in it is never shown."""
+    return _PASSWORD.sub(r"\1:***@", store)
+
+
+_PASSWORD = re.compile(r"(//[^:/@]*):[^@/]*@")
+
+
 def _store(settings: Settings) -> tuple[str, list[str] | None]:
     """A line about the store, and the key ids published in it (None: no store yet)."""
     url = parse(settings.store)  # StoreUrlInvalid is a ValueError: exit 2
@@ -145,22 +154,26 @@ def _store(settings: Settings) -> tuple[str, list[str] | None]:
     except StoreNotFound as exc:
         return _no_store_yet(settings, url.scheme, options.history, exc), None
     except (StoreRefused, StoreUnavailable, OSError) as exc:
-        raise common.CliError(f"store {settings.store}: {exc}", common.EXIT_FAILED) from None
+        raise common.CliError(
+            f"store {shown_store(settings.store)}: {exc}", common.EXIT_FAILED
+        ) from None
     try:
         return _describe(settings, store), [record.kid for record in store.public_keys()]
     except StoreUnavailable as exc:
         raise common.CliError(
-            f"store {settings.store}: cannot be read: {exc}", common.EXIT_FAILED
+            f"store {shown_store(settings.store)}: cannot be read: {exc}", common.EXIT_FAILED
         ) from None
     finally:
         store.close()
 
 
 def _describe(settings: Settings, store: Store) -> str:
-    where = getattr(store, "path", None) or settings.store
+    shown = shown_store(settings.store)
+    where = getattr(store, "path", None)
+    located = f"{shown} ({where})" if where is not None else shown
     schema = getattr(store, "schema_version", "?")
     head = store.head_sequence()
-    return f"{settings.store} ({where}): schema {schema}, {head} audit events, reachable"
+    return f"{located}: schema {schema}, {head} audit events, reachable"
 
 
 def _no_store_yet(
@@ -169,8 +182,8 @@ def _no_store_yet(
     if scheme == "sqlite" and not settings.init_store and any(p.exists() for p in history):
         # What serve refuses too: a database lost from a data dir that held a broker.
         raise common.CliError(
-            f"store {settings.store}: {why}; the data dir held a broker before "
+            f"store {shown_store(settings.store)}: {why}; the data dir held a broker before "
             "(start with --init-store to begin a new audit history)",
             common.EXIT_FAILED,
         )
-    return f"{settings.store}: none yet ({why}); an empty one is created at start"
+    return f"{shown_store(settings.store)}: none yet ({why}); an empty one is created at start"
