@@ -10,14 +10,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from broker import limits
 from broker.api.credentials import admitted
-from broker.api.http.routes import Request, Response
+from broker.api.http.routes import MAX_FORM_FIELDS, Request, Response
 from broker.api.oauth_status import (
     Endpoint,
     OAuthError,
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 # A form of an OAuth request has a handful of parameters; none is longer than a token.
-MAX_FIELDS = 32
+MAX_FIELDS = MAX_FORM_FIELDS
 MAX_VALUE_CHARS = limits.TOKEN.max_chars
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -182,8 +181,7 @@ def form_of(request: Request) -> dict[str, list[str]]:
     if media_type != FORM_TYPE:
         raise Refusal(invalid_request(f"Content-Type must be {FORM_TYPE}"))
     try:
-        text = request.body.decode("ascii")  # percent-encoded: anything else is not a form
-        form = _parse(text)
+        form = request.form(MAX_FIELDS)
     except ValueError:  # UnicodeDecodeError is one
         raise Refusal(
             invalid_request(f"not a form: name=value pairs joined by '&', at most {MAX_FIELDS}")
@@ -198,19 +196,6 @@ def form_of(request: Request) -> dict[str, list[str]]:
         if "\x00" in name or any("\x00" in v for v in values):
             raise Refusal(invalid_request(f"{limits.shown(name, 64)}: contains NUL"))
     return form
-
-
-def _parse(text: str) -> dict[str, list[str]]:
-    if not text:
-        return {}
-    return parse_qs(
-        text,
-        keep_blank_values=True,
-        strict_parsing=True,
-        encoding="utf-8",
-        errors="strict",
-        max_num_fields=MAX_FIELDS,
-    )
 
 
 def renamed(error: InvalidArgument, names: Mapping[str, str]) -> InvalidArgument:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+MAX_FORM_FIELDS = 32
+
 
 @dataclass(frozen=True)
 class Request:
@@ -29,9 +31,21 @@ class Request:
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
 
-    def form(self) -> dict[str, list[str]]:
-        """An `application/x-www-form-urlencoded` body (RFC 6749 requests), strictly parsed."""
-        return parse_qs(self.body.decode("ascii"), keep_blank_values=True, strict_parsing=True)
+    def form(self, max_fields: int = MAX_FORM_FIELDS) -> dict[str, list[str]]:
+        """An `application/x-www-form-urlencoded` body (RFC 6749 requests), strictly parsed:
+        ASCII on the wire, UTF-8 once decoded, at most `max_fields` fields. ValueError (or
+        its UnicodeDecodeError) for anything else."""
+        text = self.body.decode("ascii")
+        if not text:
+            return {}
+        return parse_qs(
+            text,
+            keep_blank_values=True,
+            strict_parsing=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=max_fields,
+        )
 
 
 @dataclass(frozen=True)
