@@ -38,6 +38,7 @@ from broker.errors import (
 )
 from tests.accounts import Callers, callers_of, sign_assertion, standard_accounts
 from tests.conftest import make_settings, standard_policy
+from tests.otel_support import InMemorySdk, attributes_of
 from tests.support import ShiftedClock, reap, start_run_request
 from tokenbroker.v1 import broker_pb2
 
@@ -532,3 +533,33 @@ def test_a_hostile_subject_token_is_invalid_request_never_500(
     reply = exchange(http_server, exchange_form(subject_token))
     assert (reply.status, reply.document["error"]) == (400, "invalid_request"), reply.document
     assert reply.document["error_description"].startswith("subject_token")
+
+
+def test_an_exchange_is_a_server_span_naming_the_run_and_counted_as_issue_token_is(
+    tmp_path: Path, broker_sdk: InMemorySdk
+) -> None:
+    settings = make_settings(
+        tmp_path / "data", policy=standard_policy(tmp_path), http_listen="127.0.0.1:0"
+    )
+    broker = build_broker(
+        settings,
+        tracer_provider=broker_sdk.tracer_provider,
+        meter_provider=broker_sdk.meter_provider,
+    )
+    running = create_server(settings, broker=broker)
+    running.start()
+    try:
+        with callers_of(running) as callers:
+            run_id, credential = run_credential(callers)
+            assert exchange(running, exchange_form(credential)).status == 200
+    finally:
+        running.stop(grace=0.5)
+    (span,) = [s for s in broker_sdk.spans() if s.name == "POST /oauth2/token"]
+    attributes = attributes_of(span)
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["tokenbroker.principal"] == f"run:{run_id}"
+    assert attributes["cicd.pipeline.run.id"] == run_id
+    assert (
+        broker_sdk.total("tokenbroker.tokens.issued", **{"tokenbroker.token.outcome": "issued"})
+        == 1
+    )
