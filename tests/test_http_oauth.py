@@ -563,3 +563,22 @@ def test_an_exchange_is_a_server_span_naming_the_run_and_counted_as_issue_token_
         broker_sdk.total("tokenbroker.tokens.issued", **{"tokenbroker.token.outcome": "issued"})
         == 1
     )
+
+
+def test_a_run_ended_between_checking_the_credential_and_minting_is_invalid_grant(
+    http_server: BrokerServer, http_callers: Callers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id, credential = run_credential(http_callers)
+    orchestrator = http_callers.stub(standard_accounts()["orchestrator"])
+    authenticate = http_server.broker.authn.authenticate
+
+    def authenticate_then_end_the_run(*args: Any, **kwargs: Any) -> Any:
+        principal = authenticate(*args, **kwargs)
+        if principal.run_id == run_id:  # the race: the run ends right after the check
+            orchestrator.RevokeRun(broker_pb2.RevokeRunRequest(run_id=run_id), timeout=5)
+        return principal
+
+    monkeypatch.setattr(http_server.broker.authn, "authenticate", authenticate_then_end_the_run)
+    reply = exchange(http_server, exchange_form(credential))
+    assert (reply.status, reply.document["error"]) == (400, "invalid_grant")
+    assert "no longer active" in reply.document["error_description"]
