@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -38,7 +39,9 @@ from broker.store.changes import ChangeFeed
 from broker.store.factory import OpenOptions
 from broker.store.factory import open_store as open_store_url
 from broker.telemetry.otel import Telemetry
-from broker.telemetry.scrape import PrometheusScrape
+
+if TYPE_CHECKING:  # the Prometheus exporter is imported only where /metrics is served
+    from broker.telemetry.scrape import PrometheusScrape
 
 log = logging.getLogger(__name__)
 

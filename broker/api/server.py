@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -45,9 +45,11 @@ from broker.runs.binding import UNBOUND, Binding, jkt_of_jwk_file
 from broker.runs.keys import load_private_key
 from broker.settings import Settings, SettingsError, is_loopback, split_host_port
 from broker.telemetry import logs, setup
-from broker.telemetry.scrape import PrometheusScrape
 from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
+
+if TYPE_CHECKING:  # the Prometheus exporter is imported only where /metrics is served
+    from broker.telemetry.scrape import PrometheusScrape
 
 log = logging.getLogger(__name__)
 

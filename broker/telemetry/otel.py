@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from opentelemetry import context as context_api
 from opentelemetry import metrics, trace
@@ -32,8 +32,10 @@ from broker.telemetry.metrics import (
     VERIFICATION_RESULT,
     BrokerMetrics,
 )
-from broker.telemetry.scrape import PrometheusScrape
 from tokenbroker import tracing
+
+if TYPE_CHECKING:  # the exporter is imported only where /metrics is served
+    from broker.telemetry.scrape import PrometheusScrape
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,8 @@ class PrometheusScrape:
         self.registry = CollectorRegistry(auto_describe=False)
         self.reader = PrometheusMetricReader(registry=self.registry)
 
+    content_type = CONTENT_TYPE
+
     def render(self) -> bytes:
         """Collect now (observable gauges are read at this moment) and render as text."""
         return generate_latest(self.registry, escaping="underscores")

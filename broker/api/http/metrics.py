@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from broker.api.http.routes import Request, Response, Routes
-from broker.telemetry.scrape import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -21,6 +20,7 @@ def register(routes: Routes, broker: Broker, issuer: str) -> None:
         scrape = broker.telemetry.scrape
         if scrape is None:
             return Response.json(404, {"error": _OFF})
-        return Response(200, scrape.render(), CONTENT_TYPE, (("Cache-Control", "no-store"),))
+        headers = (("Cache-Control", "no-store"),)
+        return Response(200, scrape.render(), scrape.content_type, headers)
 
     routes.add("GET", METRICS_PATH, metrics)
