@@ -45,7 +45,8 @@ def test_a_valid_configuration_prints_what_would_be_served_and_exits_0(
     assert lines["grpc"].strip() == "127.0.0.1:50051 (plaintext)"
     assert lines["http"].strip().startswith("127.0.0.1:50052 (")
     assert lines["issuer"].strip() == "https://broker.example.com"
-    assert "5 accounts: ci-orchestrator [orchestrator]" in lines["policy"]
+    accounts = len(standard_accounts())
+    assert f"{accounts} accounts: ci-orchestrator [orchestrator]" in lines["policy"]
     assert "schema" in lines["store"] and "reachable" in lines["store"]
     (active_kid,) = {key["kid"] for key in server.broker.keys.jwks()["keys"]}
     assert active_kid in lines["signing keys"]
