@@ -20,6 +20,7 @@ from broker.api import oauth_status
 from broker.api.http import Request, broker_routes
 from broker.api.http.exchange import ACCESS_TOKEN_TYPE, GRANT_TYPE, JWT_TYPE
 from broker.api.http.introspection import CLIENT_ASSERTION_TYPE
+from broker.api.http.oauth import carries_credentials_safely
 from broker.api.oauth_status import Endpoint
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
@@ -582,3 +583,17 @@ def test_a_run_ended_between_checking_the_credential_and_minting_is_invalid_gran
     reply = exchange(http_server, exchange_form(credential))
     assert (reply.status, reply.document["error"]) == (400, "invalid_grant")
     assert "no longer active" in reply.document["error_description"]
+
+
+def test_the_oauth_endpoints_are_served_over_https_loopback_or_with_insecure_only(
+    tmp_path: Path,
+) -> None:
+    def safe(**overrides: object) -> bool:
+        return carries_credentials_safely(make_settings(tmp_path, **overrides))
+
+    assert safe(http_listen="127.0.0.1:0")
+    assert not safe(http_listen="0.0.0.0:50052")
+    assert safe(http_listen="0.0.0.0:50052", insecure=True)
+    tls = {"http_tls_cert": tmp_path / "c.pem", "http_tls_key": tmp_path / "k.pem"}
+    assert safe(http_listen="0.0.0.0:50052", **tls)
+    assert not safe(http_listen="")

@@ -422,7 +422,8 @@ def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:
     if settings.http_listen and not carries_credentials_safely(settings):
         log.warning(
             "token exchange and introspection are off: the HTTP port is plaintext on a "
-            "non-loopback address; terminate TLS in front and start with --insecure",
+            "non-loopback address; give --http-tls-cert, or terminate TLS in front and start "
+            "with --insecure",
             extra={"http_listen": settings.http_listen},
         )
     providers = setup.providers_from_env(settings, os.environ)

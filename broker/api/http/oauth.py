@@ -99,16 +99,18 @@ Handler = Callable[[OAuthCall], dict[str, Any]]
 
 
 def carries_credentials_safely(settings: Settings) -> bool:
-    """Whether the HTTP port may take credentials and hand out tokens: the port speaks plain
-    HTTP, so only on loopback, or with --insecure when something in front (a proxy, a mesh
-    sidecar) terminates TLS — the rule gRPC's port follows too."""
-    return bool(settings.http_listen) and (settings.insecure or is_loopback(settings.http_listen))
+    """Whether the HTTP port may take credentials and hand out tokens: over TLS
+    (--http-tls-cert), on loopback, or with --insecure when something in front (a proxy, a
+    mesh sidecar) terminates TLS — the rule gRPC's port follows too."""
+    if not settings.http_listen:
+        return False
+    return settings.http_tls_enabled or settings.insecure or is_loopback(settings.http_listen)
 
 
 PLAINTEXT_REFUSAL = invalid_request(
     "not served over plaintext HTTP on a non-loopback address: credentials and tokens would "
-    "cross the network in clear text; terminate TLS in front of the broker and start it with "
-    "--insecure, or use the gRPC port"
+    "cross the network in clear text; serve HTTPS (--http-tls-cert), or terminate TLS in front "
+    "of the broker and start it with --insecure, or use the gRPC port"
 )
 
 
