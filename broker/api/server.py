@@ -59,6 +59,7 @@ SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"].full
 # ready for everything, as /readyz says).
 WRITES_HEALTH_NAME = "tokenbroker.v1.writes"
 READINESS_PROBE_INTERVAL = 1.0
+SIGNAL_POLL_INTERVAL = 1.0
 
 
 class ListenError(OSError):
@@ -473,7 +474,12 @@ def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:
         from broker.api import workers
 
         workers.report_ready(worker, stopping)
-    stopping.wait()
+    # Wake every second: Python runs a signal handler only on the main thread, when it runs
+    # bytecode. Seen once under load: a broker that ignored SIGTERM for good, its main thread
+    # asleep in an untimed wait here and every other thread idle (py-spy) — the signal had
+    # set its flag without waking this thread.
+    while not stopping.wait(SIGNAL_POLL_INTERVAL):
+        pass
     server.stop()
     log.info("token-broker stopped")
     stop_log_export()
