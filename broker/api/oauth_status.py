@@ -7,6 +7,8 @@ parameter was wrong (token endpoint, RFC 8693 / introspection endpoint, RFC 7662
 
 - InvalidArgument: `invalid_target` when only `audience`/`resource` is wrong, `invalid_scope`
   when only `scope` is, else `invalid_request` (400) / `invalid_request` (400).
+- ProofRefused (a DPoP proof that fails a check, RFC 9449 §5): `invalid_dpop_proof` (400) at
+  the token endpoint.
 - Unauthenticated: `invalid_request` (400) — there the subject_token is the credential, and
   RFC 8693 §2.2.2 says an invalid one MUST be `invalid_request` / `invalid_client` (401, with
   `WWW-Authenticate: Bearer`, RFC 7662 §2.3 and RFC 6750 §3).
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker import errors, limits
+from broker.auth.authn import ProofRefused
 
 MAX_DESCRIPTION = 300
 # RFC 6749 §5.2: error_description is %x20-21 / %x23-5B / %x5D-7E — ASCII without '"' or '\'.
@@ -77,6 +80,8 @@ def oauth_error_for(error: errors.BrokerError, endpoint: Endpoint, request_id: s
     if isinstance(error, errors.InvalidArgument):
         return OAuthError(400, _invalid_argument_code(error) if token else "invalid_request",
                           error.message)  # fmt: skip
+    if isinstance(error, ProofRefused) and token:
+        return OAuthError(400, "invalid_dpop_proof", error.message)
     if isinstance(error, errors.Unauthenticated):
         if token:
             return OAuthError(400, "invalid_request", "subject_token: " + error.message)

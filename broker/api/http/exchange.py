@@ -24,6 +24,12 @@ Decisions the RFCs leave open (docs: README "HTTP endpoints"):
   `…:access_token`, or `…:jwt` when that was requested (the same token either way).
 - No `actor_token`: the run credential already carries its run's actors (`act`); no
   `resource`: name the API in `audience`.
+- DPoP (RFC 9449 §5): with a `DPoP` header the step token is bound to the proof's key
+  (`cnf.jkt`) and `token_type` is `DPoP`. The proof's `htu` is this endpoint's URL as
+  discovery announces it (`token_endpoint`), `htm` POST, and its `ath` hashes the
+  subject_token it accompanies — so the proof also proves possession of a bound run
+  credential, which without a proof is refused here as over gRPC. A proof that fails any
+  check answers `invalid_dpop_proof`.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
     from broker.app import Broker
 
 TOKEN_PATH = "/oauth2/token"
+DPOP_HEADER = "dpop"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
@@ -109,9 +116,18 @@ def _exchange(call: OAuthCall) -> dict[str, Any]:
         raise Refusal(
             invalid_request("actor_token: not accepted; the run credential names its actors")
         )
+    proof = call.request.header(DPOP_HEADER)
+    proofs = (proof,) if proof is not None else ()
     # Authenticated first, as over gRPC: an anonymous caller learns nothing of its request.
+    # A proof is checked there too, against this endpoint's URL and the subject_token (ath).
     context = call.authenticate(
-        Presented(authorization=(f"Bearer {subject_token}",), peer=call.peer), "IssueToken"
+        Presented(
+            authorization=(f"{'DPoP' if proofs else 'Bearer'} {subject_token}",),
+            peer=call.peer,
+            dpop=proofs,
+            target=call.broker.tokens.issuer + TOKEN_PATH,
+        ),
+        "IssueToken",
     )
     if context.principal.kind is not PrincipalKind.RUN:
         raise Refusal(
@@ -123,6 +139,7 @@ def _exchange(call: OAuthCall) -> dict[str, Any]:
             )
         )
     request = _issue_token_request(call)
+    request.bind_proof_key = bool(proofs)
     try:
         validation.check(request)
         token_request = convert.token_request(request)
@@ -132,7 +149,8 @@ def _exchange(call: OAuthCall) -> dict[str, Any]:
     return {
         "access_token": minted.token,
         "issued_token_type": requested,
-        "token_type": "Bearer",
+        # RFC 9449 §5: a token bound to the proof's key is of type DPoP.
+        "token_type": "DPoP" if proofs else "Bearer",
         "expires_in": max(0, int(minted.expire_time - call.broker.clock())),
         "scope": scope_of(minted.permissions),
     }
