@@ -66,6 +66,20 @@ def test_a_new_data_dir_is_valid_and_nothing_is_written_into_it(
     assert not data_dir.exists()
 
 
+def test_an_empty_postgresql_database_is_valid_as_a_first_deployment_and_stays_empty(
+    tmp_path: Path, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An init container runs --check before the first broker ever starts: the database is
+    still empty then, and serve would create the store in it."""
+    result = run_cli(capsys, *CHECK, "--data-dir", str(tmp_path / "data"), "--store", pg_dsn)
+    assert result.code == 0, result.err
+    assert "holds no token-broker store" in result.out
+    assert "an empty one is created at start" in result.out
+    # Still empty: a read-only look applies no migration.
+    rerun = run_cli(capsys, *CHECK, "--data-dir", str(tmp_path / "data"), "--store", pg_dsn)
+    assert rerun.code == 0 and "an empty one is created at start" in rerun.out
+
+
 def test_a_bad_policy_exits_2_naming_the_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

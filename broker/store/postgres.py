@@ -52,6 +52,7 @@ from broker.store import (
     RetireKey,
     RunNotActive,
     StoredEvent,
+    StoreNotFound,
     StoreRefused,
     StoreUnavailable,
     StoreUrlInvalid,
@@ -177,7 +178,7 @@ class PostgresStore(SqlReads):
                 check_version(self._writer) if read_only else migrate(self._writer)
             )
             if read_only and self.schema_version == 0:
-                raise StoreRefused(f"{_safe(dsn)}: holds no token-broker store")
+                raise StoreNotFound(f"{_safe(dsn)}: holds no token-broker store")
             self._pool = ConnectionPool(
                 dsn,
                 min_size=1,
