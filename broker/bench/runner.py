@@ -583,8 +583,9 @@ def _workers(plan: Plan, work: Path, policy: Path) -> list[Figure]:
     brokers: dict[str, brokerproc.BrokerProcess] = {}
     try:
         for n, (name, extra, source, _) in enumerate(configs):
+            given = policy if source is None else _baseline_policy(policy)
             brokers[name] = b = brokerproc.start(
-                work / f"data-{n}", policy, work / f"broker-{n}.log", extra, source=source
+                work / f"data-{n}", given, work / f"broker-{n}.log", extra, source=source
             )
             say(f"workers section: {name}: pids {b.pids}, {b.target}")
         clients = Workers(plan.clients)
@@ -597,6 +598,15 @@ def _workers(plan: Plan, work: Path, policy: Path) -> list[Figure]:
         for b in brokers.values():
             b.stop()
     return _judge_workers(plan, made, configs) + across
+
+
+def _baseline_policy(policy: Path) -> Path:
+    """The bench policy as an older broker reads it: before the least-privilege `verifier`
+    role existed, what an offline verifier needed was the `auditor` role (same accounts,
+    same keys, in the same directory)."""
+    older = policy.with_name("policy-baseline.toml")
+    older.write_text(policy.read_text().replace('roles = ["verifier"]', 'roles = ["auditor"]'))
+    return older
 
 
 def _revocation_across(plan: Plan, clients: Workers, name: str) -> list[Figure]:
