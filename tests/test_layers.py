@@ -30,6 +30,8 @@ STORE_MAY_IMPORT = (
     "broker.runs.model",
     "broker.runs.permissions",
     "broker.audit.events",
+    # The tree's maths (hashes and the frontier), stored beside the events they cover.
+    "broker.audit.merkle",
 )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.audit import events as audit
+from broker.audit import merkle
 from broker.audit.events import AuditDraft, Outcome
 from broker.runs.model import PipelineIds, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
@@ -20,6 +21,7 @@ from broker.store import (
     CheckpointConflict,
     CheckpointRecord,
     Committed,
+    Conflict,
     CreateRun,
     EndRun,
     ForgetIdempotencyKeys,
@@ -40,8 +42,10 @@ from broker.store import (
     Store,
     UnknownRun,
     Write,
+    all_stored_events,
 )
 from broker.store.factory import OpenOptions, open_store
+from tokenbroker.merkle import root_of_leaves, verify_consistency, verify_inclusion
 
 
 @pytest.fixture
@@ -468,3 +472,61 @@ def test_the_change_feed_remembers_recent_events_gaplessly_and_says_when_it_cann
     assert [e.sequence for e in feed.recent(0, 10) or []] == list(range(1, 8))
     assert [e.sequence for e in feed.recent(3, 2) or []] == [4, 5]
     assert feed.recent(7, 10) is None  # beyond what was read: ask the store
+
+
+def _root(store: Store, size: int) -> bytes:
+    return merkle.root_at(size, store.tree_nodes)
+
+
+def _expected_root(store: Store) -> bytes:
+    leaves = [merkle.leaf_hash(audit.canonical_bytes(e.record)) for e in all_stored_events(store)]
+    return root_of_leaves(leaves)
+
+
+def test_every_event_is_a_leaf_of_the_merkle_tree_written_with_it(store: Store) -> None:
+    assert store.tree_base() == 0
+    assert _root(store, 0) == merkle.EMPTY_ROOT
+    roots = []
+    for batch in (1, 2, 5, 1, 13):
+        store.commit(Write([event("run.started") for _ in range(batch)]))
+        roots.append(_root(store, store.head_sequence()))
+    assert store.head_sequence() == 22
+    assert roots[-1] == _expected_root(store)
+    # Every older tree is still there, whole: its root is the same as when it was the head.
+    assert _root(store, 3) == roots[1] and _root(store, 8) == roots[2]
+
+
+def test_a_refused_write_adds_no_leaf_and_its_neighbours_in_the_batch_do(store: Store) -> None:
+    store.commit(Write([event("run.started", "r-1")], CreateRun(make_run("r-1"))))
+    results: list[object] = []
+
+    def write(w: Write) -> None:
+        try:
+            results.append(store.commit(w))
+        except Conflict as exc:
+            results.append(exc)
+
+    writes = [
+        Write([event("run.renewed", "r-1")]),
+        Write([event("run.ended", "nope")], EndRun("nope", RunState.ENDED, 1001.0, "x", "y")),
+        Write([event("run.renewed", "r-1")]),
+    ]
+    threads = [threading.Thread(target=write, args=(w,)) for w in writes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(isinstance(r, Conflict) for r in results) == 1
+    assert store.head_sequence() == 3
+    assert store.tree_nodes([(0, 3)]) == {}
+    assert _root(store, 3) == _expected_root(store)
+
+
+def test_inclusion_and_consistency_proofs_come_from_the_stored_nodes(store: Store) -> None:
+    store.commit(Write([event("run.started") for _ in range(37)]))
+    events = list(all_stored_events(store))
+    root, old_root = _root(store, 37), _root(store, 20)
+    for index in (0, 19, 36):
+        leaf = merkle.leaf_hash(audit.canonical_bytes(events[index].record))
+        verify_inclusion(leaf, index, 37, merkle.inclusion_proof(index, 37, store.tree_nodes), root)
+    verify_consistency(20, 37, merkle.consistency_proof(20, 37, store.tree_nodes), old_root, root)

@@ -410,3 +410,47 @@ def test_keys_of_a_store_before_key_schedules_sign_from_creation_and_retiring_on
         assert new.signs_at(2001.0)
     finally:
         writer.close()
+
+
+def _as_before_the_tree(db: Path) -> None:
+    """Turn a store back into one written before migration 0004 (no tree, no tree_base)."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP TABLE audit_tree")
+    conn.execute("ALTER TABLE audit_retention DROP COLUMN tree_base")
+    conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
+    conn.close()
+
+
+def test_opening_a_store_from_before_the_tree_builds_it_over_every_existing_event(
+    tmp_path: Path,
+) -> None:
+    from broker.audit import merkle
+    from broker.store import all_stored_events
+    from tokenbroker.merkle import root_of_leaves
+
+    store = SqliteStore(tmp_path)
+    for _ in range(3):
+        store.commit(Write([event("run.started") for _ in range(4001)]))
+    store.close()
+    _as_before_the_tree(tmp_path / DB_FILENAME)
+
+    store = SqliteStore(tmp_path)  # migrates, then builds the tree a page at a time
+    try:
+        store.commit(Write([event("run.ended")]))  # and keeps it growing from there
+        leaves = [
+            merkle.leaf_hash(audit.canonical_bytes(e.record)) for e in all_stored_events(store)
+        ]
+        assert len(leaves) == 12004
+        assert merkle.root_at(12004, store.tree_nodes) == root_of_leaves(leaves)
+        assert store.tree_base() == 0
+    finally:
+        store.close()
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "broker", "audit", "verify", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            check=False,
+            timeout=120,
+        ).returncode
+        == 0
+    )

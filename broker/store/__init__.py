@@ -414,6 +414,16 @@ class Store(Protocol):
         """The smallest sequence of a retained event with time >= `time` (None if none)."""
         ...
 
+    def tree_nodes(self, ids: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The stored Merkle tree nodes among `ids` ((level, index) of full subtrees; see
+        broker.audit.merkle); absent ids are left out."""
+        ...
+
+    def tree_base(self) -> int:
+        """Leaf i of the tree is the event with sequence tree_base + i + 1 (0 unless events
+        were pruned before the store had a tree)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -207,6 +207,7 @@ TABLES = (
     Table("idempotency_keys", "scope, key, run_id, fingerprint", "scope, key"),
     Table("audit_checkpoints", CHECKPOINT_COLUMNS, "sequence"),
     Table("audit_events", EVENT_COLUMNS, "sequence"),
+    Table("audit_tree", "level, idx, hash", "level, idx"),
 )
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 from bisect import bisect_right
+from collections.abc import Sequence
 
 from broker.audit import events as audit
 from broker.audit.events import AuditEvent
+from broker.audit.merkle import Frontier, NodeId
 from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
@@ -69,6 +71,8 @@ class MemoryStore:
         self._pruned_through = 0
         # The chain's head survives pruning even when every event is gone.
         self._head = (0, audit.GENESIS_HASH)
+        self._tree: dict[NodeId, bytes] = {}
+        self._frontier = Frontier(0, [])
         self._listeners: list[CommitListener] = []
         self._committed = threading.Condition(self._lock)
 
@@ -87,7 +91,9 @@ class MemoryStore:
                     cascade_events.append(draft)
             events = []
             for draft in [*write.events, *cascade_events]:
-                event = audit.seal(draft, self._head[0] + 1, self._head[1])
+                event, body = audit.seal_with_record(draft, self._head[0] + 1, self._head[1])
+                for level, index, digest in self._frontier.append(body):
+                    self._tree[(level, index)] = digest
                 self._events.append(event)
                 self._head = (event.sequence, event.hash)
                 events.append(event)
@@ -287,6 +293,13 @@ class MemoryStore:
         with self._lock:
             found = [e.sequence for e in self._events if round(e.draft.time * 1_000_000) >= bound]
             return min(found, default=None)
+
+    def tree_nodes(self, ids: Sequence[NodeId]) -> dict[NodeId, bytes]:
+        with self._lock:
+            return {i: self._tree[i] for i in ids if i in self._tree}
+
+    def tree_base(self) -> int:
+        return 0
 
     def public_keys(self) -> list[PublicKeyRecord]:
         with self._lock:

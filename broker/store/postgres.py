@@ -28,6 +28,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from broker.audit import events as audit
+from broker.audit.merkle import Frontier, MissingNodes
 from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
@@ -59,6 +60,7 @@ from broker.store import (
     UnknownRun,
     Write,
     descendant_end,
+    treerows,
 )
 from broker.store.codec import (
     CHECKPOINT_COLUMNS,
@@ -193,6 +195,14 @@ class PostgresStore(SqlReads):
         except BaseException:
             self._writer.close()
             raise
+        self._tree = treerows.FrontierCache()
+        self._frontier = Frontier(0, [])
+        if not read_only:
+            try:
+                self._build_tree()
+            except psycopg.Error as exc:
+                self.close_connections()
+                raise StoreUnavailable(f"cannot build the audit tree: {_first_line(exc)}") from exc
         self._listeners: list[CommitListener] = []
         self._writes = WriteQueue(self._apply_batch, "pg-writer")
         self._closed = False
@@ -224,12 +234,17 @@ class PostgresStore(SqlReads):
             conn = self._writer_connection()
             with conn.transaction():
                 head = _lock_head(conn)
+                self._frontier = self._tree.frontier(
+                    head, self._tree_base, _executor(conn), POSTGRESQL
+                )
                 for pending in batch:
+                    write_frontier = self._frontier.copy()
                     try:
                         with conn.transaction():  # a savepoint: one conflict undoes one write
                             committed, head = self._apply(conn, pending.write, head)
                         outcomes.append((pending, committed))
                     except (Conflict, psycopg.errors.IntegrityError) as refused:
+                        self._frontier = write_frontier
                         conflict = (
                             refused
                             if isinstance(refused, Conflict)
@@ -240,7 +255,9 @@ class PostgresStore(SqlReads):
                     "UPDATE audit_head SET sequence=%s, hash=%s WHERE id=1", (head[0], head[1])
                 )
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(head[0])))
-        except psycopg.Error as exc:
+            self._tree.keep(head, self._frontier)
+        except (psycopg.Error, MissingNodes) as exc:
+            self._tree.forget()
             log.error(
                 "storage write failed", extra={"error": _first_line(exc), "writes": len(batch)}
             )
@@ -293,9 +310,31 @@ class PostgresStore(SqlReads):
                     audit.time_us(draft.time),
                 ),
             )
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    treerows.insert_sql(POSTGRESQL).encode(), self._frontier.append(body)
+                )
             head = (sequence, event.hash)
             events.append(event)
         return Committed(run, events, tuple(cascaded)), head
+
+    def _build_tree(self, page: int = 5000) -> None:
+        """Append to the tree every event it lacks (a store from before the tree), a page per
+        transaction under the head lock, so replicas starting together build it once."""
+        conn = self._writer
+        built = 0
+        while True:
+            with conn.transaction():
+                _lock_head(conn)
+                frontier, rows = treerows.missing_events(_executor(conn), POSTGRESQL, page)
+                nodes = treerows.append_rows(frontier, rows)
+                with conn.cursor() as cursor:
+                    cursor.executemany(treerows.insert_sql(POSTGRESQL).encode(), nodes)
+            if not rows:
+                break
+            built += len(rows)
+            treerows.log_progress(built, built)
+        self._tree_base = treerows.tree_base(_executor(conn))
 
     # -- following -----------------------------------------------------------------------
 
@@ -362,14 +401,16 @@ class PostgresStore(SqlReads):
         with self._reader() as conn, conn.transaction(), conn.cursor() as cursor:
             cursor.executemany(sql.encode(), rows)
 
-    def finish_load(self, pruned_through: int, head: tuple[int, str]) -> None:
-        """After a copy: the chain's head row and the retention boundary."""
+    def finish_load(self, pruned_through: int, head: tuple[int, str], tree_base: int) -> None:
+        """After a copy: the chain's head row, the retention boundary, the tree's start."""
         with self._reader() as conn, conn.transaction():
             conn.execute("UPDATE audit_head SET sequence=%s, hash=%s WHERE id=1", head)
+            conn.execute("UPDATE audit_retention SET tree_base=%s WHERE id=1", (tree_base,))
             if pruned_through:
                 conn.execute(
                     "UPDATE audit_retention SET pruned_through=%s WHERE id=1", (pruned_through,)
                 )
+        self._tree_base = tree_base
 
     def stored_events(self, after: int, limit: int) -> list[StoredEvent]:
         rows = self._query(
@@ -382,6 +423,10 @@ class PostgresStore(SqlReads):
     def head_sequence(self) -> int:
         with self._reader() as conn:
             return _head_of(conn)
+
+    def close_connections(self) -> None:
+        self._pool.close()
+        self._writer.close()
 
     def close(self) -> None:
         if self._closed:
@@ -409,6 +454,13 @@ def _first_line(exc: BaseException) -> str:
 
 def _as_conflict(refused: Exception) -> Conflict:
     return refused if isinstance(refused, Conflict) else Conflict(_first_line(refused))
+
+
+def _executor(conn: psycopg.Connection[Any]) -> treerows.Execute:
+    def execute(text: str, params: tuple[Any, ...]) -> list[Any]:
+        return conn.execute(text.encode(), params).fetchall()
+
+    return execute
 
 
 def _lock_head(conn: psycopg.Connection[Any]) -> tuple[int, str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.audit import events as audit
+from broker.audit.merkle import Frontier, MissingNodes
 from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
@@ -54,6 +55,7 @@ from broker.store import (
     UnknownRun,
     Write,
     descendant_end,
+    treerows,
 )
 from broker.store import sqlite_guard as guard
 from broker.store.codec import (
@@ -257,6 +259,8 @@ class SqliteStore(SqlReads):
         self._lock: guard.StoreLock | None = None
         self._turns: guard.WriterTurns | None = None
         self._snapshot: sqlite3.Connection | None = None
+        self._tree = treerows.FrontierCache()
+        self._frontier = Frontier(0, [])
         if read_only:
             self._snapshot, self.schema_version, self._tables = _open_snapshot(self.path)
             return
@@ -272,6 +276,8 @@ class SqliteStore(SqlReads):
                 self.path, create=create, history=history, busy_timeout=busy_timeout
             )
             self._tables = _tables(self._writer)
+            _build_tree(self._writer)
+            self._tree_base = treerows.tree_base(self._on_writer)
             self._head_seq, self._head_hash = self._read_head()
         except sqlite3.Error as exc:
             self._abandon()
@@ -315,9 +321,13 @@ class SqliteStore(SqlReads):
             # The head is read inside the writing transaction, never trusted across
             # transactions: whatever else wrote to the file since is continued, not forked.
             self._head_seq, self._head_hash = self._read_head()
+            self._frontier = self._tree.frontier(
+                (self._head_seq, self._head_hash), self._tree_base, self._on_writer, SQLITE
+            )
             for pending in batch:
                 conn.execute("SAVEPOINT w")
                 write_head = (self._head_seq, self._head_hash)
+                write_frontier = self._frontier.copy()
                 try:
                     outcomes.append((pending, self._apply(conn, pending.write)))
                     conn.execute("RELEASE w")
@@ -326,10 +336,13 @@ class SqliteStore(SqlReads):
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
                     self._head_seq, self._head_hash = write_head
+                    self._frontier = write_frontier
                     conflict = refused if isinstance(refused, Conflict) else Conflict(str(refused))
                     outcomes.append((pending, conflict))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+            self._tree.keep((self._head_seq, self._head_hash), self._frontier)
+        except (sqlite3.Error, MissingNodes) as exc:
+            self._tree.forget()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.error("storage write failed", extra={"error": str(exc), "writes": len(batch)})
@@ -406,6 +419,7 @@ class SqliteStore(SqlReads):
                     audit.time_us(draft.time),
                 ),
             )
+            conn.executemany(treerows.insert_sql(SQLITE), self._frontier.append(body))
             self._head_seq, self._head_hash = sequence, event.hash
             events.append(event)
         return Committed(run, events, tuple(cascaded))
@@ -521,6 +535,9 @@ class SqliteStore(SqlReads):
             raise RunNotActive(run_id)
         return run_from_row(row)
 
+    def _on_writer(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        return self._writer.execute(sql, params).fetchall()
+
     def _read_head(self) -> tuple[int, str]:
         row = self._writer.execute(
             "SELECT sequence, hash FROM audit_events ORDER BY sequence DESC LIMIT 1"
@@ -576,8 +593,15 @@ class SqliteStore(SqlReads):
         sql = f"INSERT INTO {table.name} ({columns_of(table)}) VALUES ({marks})"  # noqa: S608
         self._bulk(lambda conn: conn.executemany(sql, rows))
 
-    def finish_load(self, pruned_through: int, head: tuple[int, str]) -> None:
-        """After a copy: the retention boundary (the head is read from the rows)."""
+    def finish_load(self, pruned_through: int, head: tuple[int, str], tree_base: int) -> None:
+        """After a copy: the retention boundary and where the tree starts (the head is read
+        from the rows)."""
+        self._bulk(
+            lambda conn: conn.execute(
+                "UPDATE audit_retention SET tree_base=? WHERE id=1", (tree_base,)
+            )
+        )
+        self._tree_base = tree_base
         if pruned_through:
             self._bulk(
                 lambda conn: conn.execute(
@@ -612,6 +636,9 @@ class SqliteStore(SqlReads):
 
     def _keeps_key_schedule(self) -> bool:
         return self.schema_version >= KEY_SCHEDULE_VERSION  # read-only, before 0004
+
+    def _keeps_tree(self) -> bool:
+        return "audit_tree" in self._tables  # read-only, on a schema before 0004
 
     def close(self) -> None:
         if self._closed:
@@ -656,6 +683,29 @@ def _open_writer(
         conn.close()
         raise
     return conn, version
+
+
+def _build_tree(conn: sqlite3.Connection, page: int = 5000) -> None:
+    """Append to the tree every event it lacks (a store from before the tree), a page per
+    transaction: an interrupted build resumes where it stopped."""
+
+    def execute(sql: str, params: tuple[Any, ...]) -> list[Any]:
+        return conn.execute(sql, params).fetchall()
+
+    built = 0
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            frontier, rows = treerows.missing_events(execute, SQLITE, page)
+            conn.executemany(treerows.insert_sql(SQLITE), treerows.append_rows(frontier, rows))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if not rows:
+            return
+        built += len(rows)
+        treerows.log_progress(built, built + (0 if len(rows) < page else page))
 
 
 def _open_snapshot(path: Path) -> tuple[sqlite3.Connection, int, set[str]]:

@@ -7,11 +7,13 @@ backend: how it knows its head, and how it reads raw rows for verification.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from broker.audit.events import AuditEvent
+from broker.audit.merkle import NodeId
 from broker.runs.model import Run
-from broker.store import CheckpointRecord, PublicKeyRecord, RunQuery
+from broker.store import CheckpointRecord, PublicKeyRecord, RunQuery, treerows
 from broker.store.codec import (
     CHECKPOINT_COLUMNS,
     RUN_COLUMNS,
@@ -38,6 +40,18 @@ class SqlReads:
     def _keeps_key_schedule(self) -> bool:
         """False only for an old schema opened read-only (keys without activation times)."""
         return True
+
+    def _keeps_tree(self) -> bool:
+        """False only for an old schema opened read-only (no audit tree yet)."""
+        return True
+
+    def tree_nodes(self, ids: Sequence[NodeId]) -> dict[NodeId, bytes]:
+        if not self._keeps_tree():
+            return {}
+        return treerows.read_nodes(self._query, self.dialect, ids)
+
+    def tree_base(self) -> int:
+        return treerows.tree_base(self._query) if self._keeps_tree() else 0
 
     def get_run(self, run_id: str) -> Run | None:
         m = self.dialect.mark

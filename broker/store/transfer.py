@@ -23,7 +23,7 @@ class Copyable(Store, Protocol):
 
     def load_rows(self, table: Table, rows: list[tuple[Any, ...]]) -> None: ...
 
-    def finish_load(self, pruned_through: int, head: tuple[int, str]) -> None: ...
+    def finish_load(self, pruned_through: int, head: tuple[int, str], tree_base: int) -> None: ...
 
 
 @dataclass
@@ -60,5 +60,5 @@ def copy_store(source: Store, target: Store) -> Copied:
         latest = source.latest_checkpoint()
         if latest is not None:
             copied.head = (latest.sequence, latest.hash)
-    writer.finish_load(source.pruned_through(), copied.head)
+    writer.finish_load(source.pruned_through(), copied.head, source.tree_base())
     return copied
