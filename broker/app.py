@@ -14,7 +14,9 @@ from opentelemetry.trace import TracerProvider
 from broker.audit.checkpoints import CheckpointSigner
 from broker.audit.feed import AuditFeed
 from broker.audit.keeper import DAY, AuditKeeper, KeeperSettings
+from broker.audit.lognote import LOG_KEY_FILE, LogKey, origin_for
 from broker.audit.refusals import RefusalLedger
+from broker.audit.treehead import TreeHeads
 from broker.auth.authn import Authenticator, RunCredentialVerifier
 from broker.auth.authz import PolicyAuthorizer
 from broker.auth.throttle import RateLimit, Throttle
@@ -116,6 +118,7 @@ class Broker:
     policy: PolicySource
     authn: Authenticator
     keeper: AuditKeeper
+    tree_heads: TreeHeads
     changes: ChangeFeed
     refusals: RefusalLedger
     throttle: Throttle
@@ -369,6 +372,13 @@ def _assemble(
             signer or CheckpointSigning(keys),
             _keeper_settings(settings, issuer),
             changes=changes,
+        ),
+        tree_heads=TreeHeads(
+            store,
+            LogKey.load_or_create(
+                settings.audit_log_key or settings.data_dir / LOG_KEY_FILE, origin_for(issuer)
+            ),
+            authorizer,
         ),
         changes=changes,
         refusals=refusals,

@@ -54,6 +54,7 @@ class Settings:
     audit_checkpoint_events: int = 1000
     audit_checkpoint_interval: float = 60.0
     audit_retention_days: float = 0.0
+    audit_log_key: Path | None = None
     max_request_bytes: int = limits.DEFAULT_MAX_REQUEST_BYTES
     peer_rate: float = 20.0
     peer_burst: int = 100
@@ -307,6 +308,8 @@ _HELP = {
     "audit_checkpoint_interval": "... or after this many seconds, if any event was written",
     "audit_retention_days": "delete audit events older than this, whole checkpointed ranges "
     "only (0 = keep forever)",
+    "audit_log_key": "Ed25519 PEM key that signs audit tree heads and exports, with its "
+    ".vkey beside it (default: audit-log-key.pem in the data dir, created)",
     "max_request_bytes": "largest request message accepted (larger: RESOURCE_EXHAUSTED)",
     "peer_rate": "calls per second a peer may make without a valid credential (0 = no limit)",
     "peer_burst": "... at most this many at once",

@@ -95,8 +95,11 @@ def test_an_operator_tails_exports_and_verifies_and_sees_tampering(tmp_path: Pat
     exported = tmp_path / "audit.jsonl"
     result = token_broker("audit", "export", "--data-dir", str(data), "-o", str(exported))
     assert result.returncode == 0, result.stderr
-    assert len(exported.read_text().splitlines()) == 4
-    assert token_broker("audit", "verify", "--file", str(exported)).returncode == 0
+    assert len(exported.read_text().splitlines()) == 5  # the signed statement, 4 events
+    vkey = str(data / "audit-log-key.pem.vkey")  # the broker created its log key
+    assert (
+        token_broker("audit", "verify", "--file", str(exported), "--log-key", vkey).returncode == 0
+    )
     conn: sqlite3.Connection = attacker_connection(data / "broker.db")
     conn.execute("UPDATE audit_events SET record=replace(record, 'done', 'oops') WHERE sequence=4")
     conn.close()

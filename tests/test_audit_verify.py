@@ -6,7 +6,7 @@ import hashlib
 import io
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import pytest
 
 from broker.audit import checkpoints
 from broker.audit import events as audit
+from broker.audit.lognote import LOG_KEY_FILE, LogKey
 from broker.cli import main as cli
 from broker.store import Write
 from broker.store.sqlite import SqliteStore
@@ -39,6 +40,7 @@ class Log:
 def build_log(data_dir: Path, *, retention_seconds: float = 0.0, prune: bool = False) -> None:
     """30 events (the key's publication, then 29 more), checkpointed at 10, 20 and 30."""
     store = SqliteStore(data_dir)
+    LogKey.load_or_create(data_dir / LOG_KEY_FILE, "audit.test.example/audit")
     signer = make_signer()
     clock = FakeClock(1000.0)
     keep = keeper(store, signer, clock, retention_seconds=retention_seconds)
@@ -268,6 +270,8 @@ def test_a_pruned_log_verifies_from_the_signed_checkpoint_at_its_boundary(
 def export(
     capsys: pytest.CaptureFixture[str], log: Log, out: Path, *extra: str
 ) -> tuple[Path, Path, Path]:
+    """Export with the checkpoints, the JWKS and the log key (written beside `out`, the
+    log key as `out`.vkey); verify args are `files(out)`."""
     cps, jwks = out.with_suffix(".cp.jsonl"), out.with_suffix(".jwks.json")
     code, _, err = run(
         capsys,
@@ -280,40 +284,63 @@ def export(
         str(cps),
         "--jwks",
         str(jwks),
+        "--log-key",
+        str(out.with_suffix(".vkey")),
         *extra,
     )
     assert code == 0, err
     return out, cps, jwks
 
 
+def files(out: Path) -> tuple[str, ...]:
+    """The verify arguments for an export written by `export`."""
+    cps, jwks, vkey = (out.with_suffix(s) for s in (".cp.jsonl", ".jwks.json", ".vkey"))
+    return (
+        "--file",
+        str(out),
+        "--checkpoints",
+        str(cps),
+        "--jwks",
+        str(jwks),
+        "--log-key",
+        str(vkey),
+    )
+
+
 def test_an_export_is_json_lines_of_records_with_their_hashes_and_verifies_offline(
     log: Log, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    out, cps, jwks = export(capsys, log, tmp_path / "audit.jsonl", "--after", "15")
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    out, _, _ = export(capsys, log, tmp_path / "audit.jsonl", "--after", "15")
+    statement, *lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert list(statement) == ["export_statement"]
+    assert statement["export_statement"].startswith("tokenbroker-audit-export/v1\n")
     assert [line["sequence"] for line in lines] == list(range(16, 31))
     first = dict(lines[0])
     prev_hash, stored = first.pop("prev_hash"), first.pop("hash")
     assert audit.chain_hash(prev_hash, first) == stored
-    args = ("--file", str(out), "--checkpoints", str(cps), "--jwks", str(jwks))
+    args = files(out)
     code, report = verify_json(capsys, *args)
     assert code == 0, report
     assert (report["first_sequence"], report["anchored_through"]) == (16, 30)
+    assert report["signed_range"] == "16..30"
+    assert report["tree_roots_verified"] == 3  # the checkpoints at 20 and 30, the statement's
 
 
 def test_an_edited_or_reordered_export_fails_at_that_sequence(
     log: Log, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    out, cps, jwks = export(capsys, log, tmp_path / "audit.jsonl")
-    lines = out.read_text().splitlines()
-    args = ("--file", str(out), "--checkpoints", str(cps), "--jwks", str(jwks))
-    out.write_text("\n".join([*lines[:21], lines[21].replace('"test"', '"x"'), *lines[22:]]))
+    out, _, _ = export(capsys, log, tmp_path / "audit.jsonl")
+    statement, *lines = out.read_text().splitlines()
+    args = files(out)
+    out.write_text(
+        "\n".join([statement, *lines[:21], lines[21].replace('"test"', '"x"'), *lines[22:]])
+    )
     code, report = verify_json(capsys, *args)
     assert (code, report["first_bad_sequence"]) == (1, 22)
-    out.write_text("\n".join([*lines[:5], lines[6], lines[5], *lines[7:]]))
+    out.write_text("\n".join([statement, *lines[:5], lines[6], lines[5], *lines[7:]]))
     code, report = verify_json(capsys, *args)
     assert (code, report["first_bad_sequence"]) == (1, 6)
-    out.write_text("\n".join([*lines[:7], "not json", *lines[8:]]))
+    out.write_text("\n".join([statement, *lines[:7], "not json", *lines[8:]]))
     code, report = verify_json(capsys, *args)
     assert (code, report["first_bad_sequence"]) == (1, 8)
 
@@ -363,3 +390,112 @@ def test_progress_is_shown_on_a_terminal_and_cleared_afterwards(
     assert "verifying audit log: 5000/5000 (100%) events" in shown
     assert shown.endswith("\r\x1b[K")
     assert "OK:" in capsys.readouterr().out
+
+
+def _rewrite(out: Path, keep: Callable[[list[str]], list[str]]) -> None:
+    """Rewrite an export's event lines (the statement stays first)."""
+    statement, *lines = out.read_text().splitlines()
+    out.write_text("\n".join([statement, *keep(lines)]) + "\n")
+
+
+@pytest.mark.parametrize("after", ["0", "10"])
+@pytest.mark.parametrize(
+    ("cut", "first_bad", "problem"),
+    [
+        (lambda lines: lines[1:], "first", "event {first} is missing from the start"),
+        (lambda lines: lines[3:], "first", "events {first}..{first+2} are missing from the start"),
+        (lambda lines: lines[:-1], "30", "event 30 is missing from the end"),
+        (lambda lines: lines[:-4], "27", "events 27..30 are missing from the end"),
+        (lambda lines: [*lines[:4], *lines[7:]], "first+4", "{first+4}..{first+6} missing"),
+        (lambda lines: [], "first", "events {first}..30 are missing from the end"),
+    ],
+    ids=["first-line", "first-lines", "last-line", "last-lines", "middle", "all"],
+)
+def test_an_export_missing_its_first_last_or_middle_events_fails_naming_them(
+    log: Log,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    after: str,
+    cut: Callable[[list[str]], list[str]],
+    first_bad: str,
+    problem: str,
+) -> None:
+    out, _, _ = export(capsys, log, tmp_path / "audit.jsonl", "--after", after)
+    first = int(after) + 1
+    _rewrite(out, cut)
+    code, report = verify_json(capsys, *files(out))
+    assert code == 1 and report["ok"] is False
+    names = {"first": first, "first+2": first + 2, "first+4": first + 4, "first+6": first + 6}
+    assert report["first_bad_sequence"] == eval(first_bad, {}, names)
+    expected = problem.format_map(_Sums(names))
+    assert expected in str(report["problem"]), report["problem"]
+    assert f"signed for {first}..30" in str(report["problem"]) or "missing (found" in str(
+        report["problem"]
+    )
+
+
+class _Sums(dict[str, int]):
+    """`{first+2}` in a format string: a name plus a number."""
+
+    def __missing__(self, key: str) -> int:
+        name, _, extra = key.partition("+")
+        return self[name] + int(extra or 0)
+
+
+def test_an_export_without_its_signed_statement_fails(
+    log: Log, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, _, _ = export(capsys, log, tmp_path / "audit.jsonl")
+    out.write_text("\n".join(out.read_text().splitlines()[1:]) + "\n")
+    code, report = verify_json(capsys, *files(out))
+    assert code == 1
+    assert "no signed statement of its range" in str(report["problem"])
+
+
+def test_an_export_statement_edited_or_signed_by_another_key_fails(
+    log: Log, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, _, _ = export(capsys, log, tmp_path / "audit.jsonl", "--after", "10")
+    statement, *lines = out.read_text().splitlines()
+    note = json.loads(statement)["export_statement"]
+    # Claim the export starts later, as someone who cut its first lines would.
+    forged = json.dumps({"export_statement": note.replace("first 11\n", "first 14\n")})
+    out.write_text("\n".join([forged, *lines[3:]]) + "\n")
+    code, report = verify_json(capsys, *files(out))
+    assert code == 1 and "does not verify" in str(report["problem"])
+    # Re-signed with another key under the same name: the real verifier key refuses it.
+    other = LogKey.generate("audit.test.example/audit")
+    text = note.split("\n\n")[0].replace("first 11\n", "first 14\n") + "\n"
+    resigned = json.dumps({"export_statement": other.sign(text)})
+    out.write_text("\n".join([resigned, *lines[3:]]) + "\n")
+    code, report = verify_json(capsys, *files(out))
+    assert code == 1 and "no signature by audit.test.example/audit" in str(report["problem"])
+
+
+def test_verifying_an_export_needs_the_log_key(
+    log: Log, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, cps, jwks = export(capsys, log, tmp_path / "audit.jsonl")
+    code, _, err = run(
+        capsys, "verify", "--file", str(out), "--checkpoints", str(cps), "--jwks", str(jwks)
+    )
+    assert code == 2 and "--log-key" in err
+
+
+def test_an_export_is_refused_without_the_log_key_that_signs_it(
+    log: Log, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (log.data_dir / LOG_KEY_FILE).unlink()
+    code, out, err = run(capsys, "export", "--data-dir", str(log.data_dir))
+    assert code == 2 and not out
+    assert "no audit log key at" in err and "--log-private-key" in err
+
+
+def test_the_database_walk_rebuilds_the_merkle_tree_and_catches_a_forged_node(
+    log: Log, attacker: sqlite3.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, report = verify_json(capsys, "--data-dir", str(log.data_dir))
+    assert code == 0 and report["tree_roots_verified"] == 4  # three checkpoints, the head
+    attacker.execute("UPDATE audit_tree SET hash=zeroblob(32) WHERE level=0 AND idx=29")
+    code, report = verify_json(capsys, "--data-dir", str(log.data_dir))
+    assert code == 1 and "Merkle tree" in str(report["problem"])

@@ -11,6 +11,8 @@ the published public keys alone (`PublishedKeys`), offline.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -67,15 +69,26 @@ class PrivateKeySigner:
 
 
 def claims_for(
-    sequence: int, chain_hash: str, prev_sequence: int, now: float, issuer: str
+    sequence: int,
+    chain_hash: str,
+    prev_sequence: int,
+    now: float,
+    issuer: str,
+    tree: tuple[int, bytes] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The claims of a checkpoint; with `tree` (size, root), also the Merkle tree's root at
+    that event (`tree_size`, `tree_root` in base64), so one signature covers both."""
+    claims: dict[str, Any] = {
         "iss": issuer,
         "iat": int(now),
         "seq": sequence,
         "hash": chain_hash,
         "prev_seq": prev_sequence,
     }
+    if tree is not None:
+        claims["tree_size"] = tree[0]
+        claims["tree_root"] = base64.b64encode(tree[1]).decode()
+    return claims
 
 
 def key_id(jws: str) -> str:
@@ -96,6 +109,8 @@ class VerifiedCheckpoint:
     prev_sequence: int
     issued_at: int
     kid: str
+    # The Merkle tree at this event (size, root), when the checkpoint states it.
+    tree: tuple[int, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +185,24 @@ def _checked_claims(claims: Mapping[str, Any], kid: str) -> VerifiedCheckpoint:
         raise CheckpointInvalid("seq and prev_seq must be integers with 0 <= prev_seq < seq")
     if not (isinstance(chain_hash, str) and _HEX_HASH.match(chain_hash)):
         raise CheckpointInvalid("hash must be 64 lowercase hex digits")
-    return VerifiedCheckpoint(sequence, chain_hash, prev, int(claims["iat"]), kid)
+    return VerifiedCheckpoint(
+        sequence, chain_hash, prev, int(claims["iat"]), kid, _tree_claims(claims)
+    )
+
+
+def _tree_claims(claims: Mapping[str, Any]) -> tuple[int, bytes] | None:
+    size, root = claims.get("tree_size"), claims.get("tree_root")
+    if size is None and root is None:
+        return None  # a checkpoint from before the tree
+    if not (isinstance(size, int) and size >= 0 and isinstance(root, str)):
+        raise CheckpointInvalid("tree_size and tree_root must be a count and base64")
+    try:
+        digest = base64.b64decode(root, validate=True)
+    except (ValueError, binascii.Error):
+        raise CheckpointInvalid("tree_root is not base64") from None
+    if len(digest) != 32:
+        raise CheckpointInvalid("tree_root is not a SHA-256 hash")
+    return size, digest
 
 
 def verify_record(keys: PublishedKeys, record: CheckpointRecord) -> VerifiedCheckpoint:

@@ -213,6 +213,10 @@ class ChainWalker:
         self, sequence: int, record: Mapping[str, Any], prev_hash: str, stored_hash: str
     ) -> ChainBreak | None:
         expected = self.expected_sequence
+        if expected is not None and sequence > expected + 1:
+            return ChainBreak(
+                expected, f"sequences {expected}..{sequence - 1} missing (found {sequence})"
+            )
         if expected is not None and sequence != expected:
             return ChainBreak(expected, f"sequence {expected} missing (found {sequence})")
         if not record:

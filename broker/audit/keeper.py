@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from broker.audit import checkpoints
+from broker.audit import checkpoints, merkle
 from broker.audit.checkpoints import CheckpointSigner
 from broker.audit.events import Action, AuditDraft, AuditEvent, Outcome
 from broker.clock import Clock
@@ -147,7 +147,7 @@ class AuditKeeper:
         event = found[0]
         now = self._clock()
         claims = checkpoints.claims_for(
-            event.sequence, event.hash, prev, now, self._settings.issuer
+            event.sequence, event.hash, prev, now, self._settings.issuer, self._tree_at(event)
         )
         jws = self._signer.sign(claims, typ=checkpoints.CHECKPOINT_TYP)
         record = CheckpointRecord(
@@ -161,6 +161,15 @@ class AuditKeeper:
         self._checkpointed = record.sequence
         log.info("audit checkpoint", extra={"sequence": record.sequence, "kid": record.kid})
         return record
+
+    def _tree_at(self, event: AuditEvent) -> tuple[int, bytes] | None:
+        """The Merkle tree's (size, root) with `event` as its last leaf."""
+        size = event.sequence - self._store.tree_base()
+        try:
+            return size, merkle.root_at(size, self._store.tree_nodes)
+        except merkle.MissingNodes:
+            log.warning("the audit tree lacks nodes; checkpoint signed without its root")
+            return None
 
     def prune(self) -> int | None:
         """Delete every whole checkpointed range older than retention, in bounded steps.

@@ -12,21 +12,26 @@ sequence is reported), 2 usage (bad arguments, missing or unreadable input).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from google.protobuf import json_format
 
 from broker import limits
+from broker.audit import events as audit
 from broker.audit import export as auditlog
+from broker.audit import merkle
 from broker.audit import verify as auditverify
 from broker.audit.checkpoints import PublishedKeys
+from broker.audit.lognote import LOG_KEY_FILE, LogKey, LogKeyMissing
 from broker.cli import common
 from broker.settings import ENV_PREFIX
 from broker.store import (
@@ -37,6 +42,7 @@ from broker.store import (
     all_stored_events,
 )
 from broker.store.factory import OpenOptions, open_store
+from tokenbroker.merkle import ProofError, VerifierKey, verify_note
 from tokenbroker.v1 import types_pb2
 
 EXIT_OK = 0
@@ -109,6 +115,13 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="public keys (JWKS) to check checkpoints with; required with --checkpoints, and "
         "for a database it replaces the keys stored in it (pin keys you obtained elsewhere)",
     )
+    verify.add_argument(
+        "--log-key",
+        metavar="VKEY",
+        help="with --file: the log's verifier key (a file, or the key itself), which signed "
+        "the export's statement of its range; `audit export --log-key` writes it, the broker "
+        "serves it at /audit/log-key",
+    )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(handler=_verify)
 
@@ -138,6 +151,16 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--checkpoints", type=Path, help="also write the signed checkpoints for this range here"
     )
     export.add_argument("--jwks", type=Path, help="also write the public keys (JWKS) here")
+    export.add_argument(
+        "--log-key", type=Path, metavar="FILE", help="also write the log's verifier key here"
+    )
+    export.add_argument(
+        "--log-private-key",
+        type=Path,
+        metavar="PEM",
+        help="the audit log key that signs the export's statement of its range "
+        f"[env {ENV_PREFIX}AUDIT_LOG_KEY; default {LOG_KEY_FILE} beside the database]",
+    )
     export.set_defaults(handler=_export)
 
 
@@ -201,6 +224,9 @@ def _run_verify(args: argparse.Namespace) -> auditverify.Report:
             if args.checkpoints is not None and pinned is None:
                 raise UsageError("--checkpoints needs --jwks, the keys that signed them")
             checkpoints = auditlog.read_checkpoints(args.checkpoints) if args.checkpoints else []
+            statement = _statement_of(args.file, args.log_key)
+            if isinstance(statement, str):
+                return auditverify.Report(str(args.file), ok=False, problem=statement)
             return auditverify.verify(
                 str(args.file),
                 auditlog.read_events(args.file),
@@ -208,9 +234,10 @@ def _run_verify(args: argparse.Namespace) -> auditverify.Report:
                 pinned or PublishedKeys([]),
                 pruned_through=None,
                 progress=progress.update,
+                statement=statement,
             )
-        if args.checkpoints is not None:
-            raise UsageError("--checkpoints goes with --file; a database holds its own")
+        if args.checkpoints is not None or args.log_key is not None:
+            raise UsageError("--checkpoints and --log-key go with --file; a database holds its own")
         with _opened(args) as (store, source):
             progress.total = store.head_sequence() - store.oldest_sequence() + 1
             keys = pinned or PublishedKeys.from_records(store.public_keys())
@@ -221,9 +248,60 @@ def _run_verify(args: argparse.Namespace) -> auditverify.Report:
                 keys,
                 pruned_through=store.pruned_through(),
                 progress=progress.update,
+                tree=_stored_tree(store),
             )
     finally:
         progress.done()
+
+
+def _statement_of(path: Path, log_key: str | None) -> auditlog.ExportStatement | str:
+    """The export's verified statement of its range, or why there is none to trust."""
+    note = auditlog.read_statement(path)
+    if note is None:
+        return (
+            "the export has no signed statement of its range (its first line was removed, or "
+            "an older broker wrote it): events missing at its start or end cannot be ruled out"
+        )
+    if log_key is None:
+        raise UsageError(
+            "--file needs --log-key, the log's verifier key (`audit export --log-key FILE` "
+            "writes it; the broker serves it at /audit/log-key)"
+        )
+    key = _verifier_key(log_key)
+    try:
+        statement = auditlog.ExportStatement.parse(verify_note(note, key))
+    except ProofError as exc:
+        return f"the export's statement of its range does not verify: {exc}"
+    except ValueError as exc:
+        return f"the export's statement of its range is malformed: {exc}"
+    if statement.origin != key.name:
+        return f"the export is of log {statement.origin!r}, the key is {key.name!r}'s"
+    return statement
+
+
+def _verifier_key(text: str) -> VerifierKey:
+    path = Path(text)
+    try:
+        value = path.read_text() if path.is_file() else text
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    try:
+        return VerifierKey.parse(value)
+    except ProofError as exc:
+        raise UsageError(f"--log-key: {exc}") from None
+
+
+def _stored_tree(store: Store) -> auditverify.TreeCheck | None:
+    """The stored tree to re-build while walking a database: its frontier where the
+    retained events start and its root at the head (None for a store without a tree)."""
+    base = store.tree_base()
+    head = store.head_sequence()
+    try:
+        start = merkle.Frontier.read(store.pruned_through() - base, store.tree_nodes)
+        root = merkle.root_at(head - base, store.tree_nodes) if head > base else merkle.EMPTY_ROOT
+    except merkle.MissingNodes:
+        return None
+    return auditverify.TreeCheck(base, start, root, stored=store.tree_nodes)
 
 
 def _read_jwks(path: Path) -> PublishedKeys:
@@ -258,9 +336,16 @@ def _describe(report: auditverify.Report) -> str:
             f"retention: events through {report.pruned_through} were pruned; the chain is "
             "verified from the signed checkpoint there"
         )
+    if report.signed_range:
+        lines.append(f"range: the export's signed statement covers {report.signed_range}")
     lines.append(
         f"checkpoints: {report.checkpoints_verified} of {report.checkpoints} verified"
         + (f"; anchored through {report.anchored_through}" if report.anchored_through else "")
+        + (
+            f"; Merkle roots reproduced: {report.tree_roots_verified}"
+            if report.tree_roots_verified
+            else ""
+        )
     )
     last = report.last_sequence or 0
     if report.ok and last > report.anchored_through:
@@ -310,7 +395,11 @@ def _export(args: argparse.Namespace) -> int:
                     f"events after {args.after} are no longer retained; the oldest available "
                     f"sequence is {store.oldest_sequence()} (export with --after {pruned})"
                 )
-            count = _write_events(store, args.after, args.output)
+            key = _export_key(args)
+            statement = _export_statement(store, args.after, key.name)
+            count = _write_export(store, key.sign(statement.text()), statement, args.output)
+            if args.log_key is not None:
+                args.log_key.write_text(key.verifier.text() + "\n")
             if args.checkpoints is not None:
                 since = max(args.after, pruned) - 1
                 lines = (auditlog.checkpoint_line(c) for c in all_checkpoints(store, since))
@@ -321,27 +410,82 @@ def _export(args: argparse.Namespace) -> int:
                 args.jwks.write_text(json.dumps(keys.jwks(), indent=2, sort_keys=True) + "\n")
     except BrokenPipeError:
         raise  # the reader went away (`| head`): main ends quietly
-    except (UsageError, StoreRefused, StoreUnavailable, OSError) as exc:
+    except (UsageError, StoreRefused, StoreUnavailable, OSError, LogKeyMissing, ValueError) as exc:
         print(f"token-broker audit export: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"exported {count} events after sequence {args.after}", file=sys.stderr)
     return EXIT_OK
 
 
-def _write_events(store: Store, after: int, output: Path | None) -> int:
-    lines = (auditlog.event_line(e) for e in all_stored_events(store, after))
+def _export_key(args: argparse.Namespace) -> LogKey:
+    path = args.log_private_key or os.environ.get(ENV_PREFIX + "AUDIT_LOG_KEY")
+    if path is None:
+        folder = args.db.parent if args.db is not None else _data_dir(args)
+        path = folder / LOG_KEY_FILE
+    try:
+        return LogKey.load(Path(path))
+    except LogKeyMissing as exc:
+        raise UsageError(
+            f"{exc}: an export is signed with the broker's audit log key, so that events "
+            "missing at its start or end show; name the key with --log-private-key"
+        ) from None
+
+
+def _export_statement(store: Store, after: int, origin: str) -> auditlog.ExportStatement:
+    """What the export will hold: the events after `after` (or the oldest retained) up to
+    the head as it is now, with the hashes and the tree that pin that range."""
+    start = max(after, store.pruned_through())
+    last = store.head_sequence()
+    if start > last:
+        raise UsageError(f"nothing to export after {after}: the log ends at {last}")
+    statement = auditlog.ExportStatement(
+        origin, start + 1, last, _chain_hash_at(store, start), _chain_hash_at(store, last)
+    )
+    base = store.tree_base()
+    try:
+        left = merkle.Frontier.read(start - base, store.tree_nodes).hashes
+        root = merkle.root_at(last - base, store.tree_nodes)
+    except merkle.MissingNodes:
+        return statement  # a store from before the tree (read-only, not yet migrated)
+    return replace(statement, tree_base=base, tree_size=last - base, tree_root=root, left=left)
+
+
+def _chain_hash_at(store: Store, sequence: int) -> str:
+    if sequence == 0:
+        return audit.GENESIS_HASH
+    found = store.stored_events(sequence - 1, 1)
+    if found and found[0].sequence == sequence:
+        return found[0].hash
+    checkpoint = store.latest_checkpoint(at_most=sequence)
+    if checkpoint is not None and checkpoint.sequence == sequence:
+        return checkpoint.hash  # the retention boundary
+    raise UsageError(f"event {sequence} is not retained; cannot state where the export starts")
+
+
+def _write_export(
+    store: Store, note: str, statement: auditlog.ExportStatement, output: Path | None
+) -> int:
+    events = all_stored_events(store, statement.first - 1)
+    lines = itertools.chain(
+        [auditlog.statement_line(note)],
+        (auditlog.event_line(e) for e in events if e.sequence <= statement.last),
+    )
     if output is None:
         count = auditlog.write_lines(lines, sys.stdout)
         sys.stdout.flush()
-        return count
+        return count - 1
     with output.open("w", encoding="utf-8") as out:
-        return auditlog.write_lines(lines, out)
+        return auditlog.write_lines(lines, out) - 1
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR") or "var")
 
 
 @contextmanager
 def _opened(args: argparse.Namespace) -> Iterator[tuple[Store, str]]:
     """The store the arguments name, opened read-only, and how to name it in a report."""
-    data_dir = Path(args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR") or "var")
+    data_dir = _data_dir(args)
     if args.db is not None:
         url = f"sqlite:{args.db}"
     else:

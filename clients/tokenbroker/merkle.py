@@ -200,7 +200,7 @@ class VerifierKey:
 
     @classmethod
     def parse(cls, text: str) -> VerifierKey:
-        parts = text.strip().split("+")
+        parts = text.strip().split("+", 2)  # the base64 key may hold "+" itself
         if len(parts) != 3 or not _valid_name(parts[0]):
             raise ProofError("a verifier key is <name>+<hex key id>+<base64 key>")
         name, hex_id, encoded = parts
