@@ -345,6 +345,14 @@ RULES: Mapping[str, Rule] = MappingProxyType(
         # Each element of a repeated string field has its own rule, under "<field>[]".
         f"{_V}.AuditFilter.actions[]": ACTION,
         **_fields(
+            "ProveInclusionRequest",
+            {"sequence": Range(1, MAX_SEQUENCE), "tree_size": Range(0, MAX_SEQUENCE)},
+        ),
+        **_fields(
+            "ProveConsistencyRequest",
+            {"first": Range(1, MAX_SEQUENCE), "second": Range(0, MAX_SEQUENCE)},
+        ),
+        **_fields(
             "StreamAuditRequest",
             {
                 "after_sequence": Range(0, MAX_SEQUENCE),

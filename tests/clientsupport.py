@@ -124,6 +124,24 @@ class FlakyBroker(broker_pb2_grpc.TokenBrokerServiceServicer):
         self._attempt("GetSigningKeys", request, context)
         return broker_pb2.GetSigningKeysResponse(issuer="https://fake")
 
+    def GetTreeHead(
+        self, request: broker_pb2.GetTreeHeadRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.GetTreeHeadResponse:
+        self._attempt("GetTreeHead", request, context)
+        return broker_pb2.GetTreeHeadResponse()
+
+    def ProveInclusion(
+        self, request: broker_pb2.ProveInclusionRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ProveInclusionResponse:
+        self._attempt("ProveInclusion", request, context)
+        return broker_pb2.ProveInclusionResponse()
+
+    def ProveConsistency(
+        self, request: broker_pb2.ProveConsistencyRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ProveConsistencyResponse:
+        self._attempt("ProveConsistency", request, context)
+        return broker_pb2.ProveConsistencyResponse()
+
     def StreamAudit(
         self, request: broker_pb2.StreamAuditRequest, context: grpc.ServicerContext
     ) -> Iterator[broker_pb2.StreamAuditResponse]:

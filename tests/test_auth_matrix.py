@@ -48,6 +48,9 @@ GetSigningKeys        AA         AA            AA         AA       AA        AA 
 RotateSigningKey      UU         --            --         --       --        AA     --
 StreamAudit           UU         --            --         A-       --        --     A-
 StreamAudit(endings)  UU         --            --         A-       A-        --     --
+GetTreeHead           UU         --            --         AA       --        --     --
+ProveInclusion        UU         --            --         A-       --        --     --
+ProveConsistency      UU         --            --         AA       --        --     --
 """
 
 RPC_OPS: dict[str, Op | None] = {
@@ -63,6 +66,9 @@ RPC_OPS: dict[str, Op | None] = {
     "RotateSigningKey": Op.ROTATE_KEYS,
     "StreamAudit": Op.READ_AUDIT,
     "StreamAudit(endings)": Op.FOLLOW_RUN_ENDINGS,
+    "GetTreeHead": Op.PROVE_AUDIT,
+    "ProveInclusion": Op.READ_AUDIT,
+    "ProveConsistency": Op.PROVE_AUDIT,
 }
 
 
@@ -144,8 +150,10 @@ def _decision_target(rpc: str, caller: str, target: str) -> dict[str, Any]:
         return {"pipeline": pipeline, "run": run}
     if rpc == "StreamAudit(endings)":
         return {"pipeline": PipelineRef(pipeline.org, "*", "*")}
-    if rpc in ("VerifyToken", "RotateSigningKey"):
+    if rpc in ("VerifyToken", "RotateSigningKey", "GetTreeHead", "ProveConsistency"):
         return {}
+    if rpc == "ProveInclusion":  # the proven event's pipeline
+        return {"pipeline": pipeline}
     return {"run": run}
 
 
@@ -197,6 +205,12 @@ class Matrix:
         spec = RunSpec(pipeline, PermissionSet.of({"artifacts": "write"}), lease_seconds=600)
         return self.server.broker.runs.start(ctx, spec).run.run_id
 
+    def started_event(self, run_id: str) -> int:
+        """The sequence of the run's run.started event."""
+        store = self.server.broker.store
+        events = store.read_events(0, store.head_sequence())
+        return next(e.sequence for e in events if e.draft.run_id == run_id)
+
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
@@ -247,6 +261,10 @@ REQUESTS: dict[str, Callable[[PipelineRef, str], Any]] = {
         filter=broker_pb2.AuditFilter(actions=["run.ended", "run.expired"], org=p.org),
         stop_at_head=True,
     ),
+    "GetTreeHead": lambda p, r: broker_pb2.GetTreeHeadRequest(),
+    # `sequence` is the run's run.started event, filled in by the test (see _request).
+    "ProveInclusion": lambda p, r: broker_pb2.ProveInclusionRequest(),
+    "ProveConsistency": lambda p, r: broker_pb2.ProveConsistencyRequest(first=1),
 }
 
 
@@ -273,7 +291,10 @@ def test_grpc_call_answers_as_the_table_says(
         own = run_id if target == "in_scope" else matrix.new_run(IN_SCOPE)
         stub = matrix.callers.bearer_stub(fake_run_credential(own))
     assert stub is not None
-    code, message = _status(stub, rpc, REQUESTS[rpc](pipeline, run_id))
+    request = REQUESTS[rpc](pipeline, run_id)
+    if rpc == "ProveInclusion":
+        request.sequence = matrix.started_event(run_id)
+    code, message = _status(stub, rpc, request)
     want = expected(rpc, caller, target)
     if want == "U":
         assert code is grpc.StatusCode.UNAUTHENTICATED, message

@@ -21,6 +21,9 @@ EVERY_RPC = [
     "GetSigningKeys",
     "RotateSigningKey",
     "StreamAudit",
+    "GetTreeHead",
+    "ProveInclusion",
+    "ProveConsistency",
 ]
 
 

@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from broker import limits
 from broker.audit import events as audit
 from broker.audit.events import AuditEvent
+from broker.audit.treehead import InclusionProof, TreeHead
 from broker.errors import InvalidArgument
 from broker.identity import Person, VerificationMethod
 from broker.runs import model as runs
@@ -341,3 +342,24 @@ def asserted_identity(request: broker_pb2.ExecuteOnBehalfOfRequest) -> AssertedI
         return None
     a = request.asserted
     return AssertedIdentity(subject=a.subject, email=a.email, display_name=a.display_name)
+
+
+def tree_head_pb(head: TreeHead) -> broker_pb2.TreeHead:
+    return broker_pb2.TreeHead(
+        origin=head.origin,
+        tree_size=head.size,
+        root_hash=head.root,
+        checkpoint=head.note,
+        tree_base=head.base,
+    )
+
+
+def inclusion_pb(proof: InclusionProof) -> broker_pb2.ProveInclusionResponse:
+    return broker_pb2.ProveInclusionResponse(
+        record=audit.canonical_bytes(proof.event.record).decode(),
+        prev_hash=proof.event.prev_hash,
+        hash=proof.event.hash,
+        leaf_index=proof.leaf_index,
+        proof=proof.hashes,
+        tree_head=tree_head_pb(proof.head),
+    )

@@ -149,6 +149,36 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
             emergency=rotation.emergency,
         )
 
+    def GetTreeHead(
+        self, request: broker_pb2.GetTreeHeadRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.GetTreeHeadResponse:
+        heads = self._broker.tree_heads
+        return broker_pb2.GetTreeHeadResponse(
+            tree_head=convert.tree_head_pb(heads.tree_head(calls.current())),
+            verifier_key=heads.verifier_key,
+        )
+
+    def ProveInclusion(
+        self, request: broker_pb2.ProveInclusionRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ProveInclusionResponse:
+        proof = self._broker.tree_heads.prove_inclusion(
+            calls.current(), request.sequence, request.tree_size
+        )
+        return convert.inclusion_pb(proof)
+
+    def ProveConsistency(
+        self, request: broker_pb2.ProveConsistencyRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.ProveConsistencyResponse:
+        proof = self._broker.tree_heads.prove_consistency(
+            calls.current(), request.first, request.second
+        )
+        return broker_pb2.ProveConsistencyResponse(
+            first=proof.first,
+            second=proof.second,
+            proof=proof.hashes,
+            tree_head=convert.tree_head_pb(proof.head),
+        )
+
     @property
     def encoded_events(self) -> convert.EncodedEvents:
         return self._encoded

@@ -18,7 +18,7 @@ from broker.audit import merkle
 from broker.audit.lognote import LogKey
 from broker.auth.authz import Authorizer, Op
 from broker.context import CallContext
-from broker.errors import FailedPrecondition, InvalidArgument, NotFound
+from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from broker.runs.model import PipelineRef
 from broker.store import Store, StoredEvent
 from tokenbroker.merkle import checkpoint_text
@@ -90,7 +90,7 @@ class TreeHeads:
         return TreeHead(self._key.name, size, root, self._tree_base(), note)
 
     def tree_head(self, ctx: CallContext) -> TreeHead:
-        self._authz.require(ctx, Op.READ_AUDIT)
+        self._authz.require(ctx, Op.PROVE_AUDIT)
         return self.latest()
 
     def prove_inclusion(self, ctx: CallContext, sequence: int, tree_size: int) -> InclusionProof:
@@ -98,8 +98,15 @@ class TreeHeads:
         tree as it stands), with a head signed for that size."""
         found = self._store.stored_events(sequence - 1, 1) if sequence > 0 else []
         event = found[0] if found and found[0].sequence == sequence else None
-        # An auditor scoped to some pipelines may prove the events of those pipelines.
-        self._authz.require(ctx, Op.READ_AUDIT, pipeline=_pipeline_of(event))
+        # An auditor scoped to some pipelines may prove the events of those pipelines; the
+        # refusal never names the pipeline of an event outside them.
+        try:
+            self._authz.require(ctx, Op.READ_AUDIT, pipeline=_pipeline_of(event))
+        except PermissionDenied:
+            raise PermissionDenied(
+                f"{ctx.principal.name} may not prove event {sequence}: it is not an event "
+                "of a pipeline inside its auditor scope"
+            ) from None
         head = self._head_for(tree_size)
         index = sequence - head.base - 1
         if not 0 <= index < head.size:
@@ -115,7 +122,7 @@ class TreeHeads:
 
     def prove_consistency(self, ctx: CallContext, first: int, second: int) -> ConsistencyProof:
         """Proof that the tree of `second` leaves (0: as it stands) extends that of `first`."""
-        self._authz.require(ctx, Op.READ_AUDIT)
+        self._authz.require(ctx, Op.PROVE_AUDIT)
         head = self._head_for(second)
         if not 0 < first <= head.size:
             raise InvalidArgument.field("first", f"must be between 1 and {head.size}")

@@ -42,6 +42,8 @@ class Op(enum.Enum):
     READ_AUDIT = "read_audit"
     # Which runs ended, and when: what offline verifiers need, without people or inputs.
     FOLLOW_RUN_ENDINGS = "follow_run_endings"
+    # Tree heads and consistency proofs: hashes and sizes only, never an event's content.
+    PROVE_AUDIT = "prove_audit"
     ROTATE_KEYS = "rotate_keys"
 
 
@@ -96,6 +98,7 @@ ROLE_GRANTS: Mapping[Role, Mapping[Op, Grant]] = MappingProxyType(
         Role.AUDITOR: {
             Op.READ_AUDIT: Grant.IN_SCOPE,
             Op.FOLLOW_RUN_ENDINGS: Grant.IN_SCOPE,
+            Op.PROVE_AUDIT: Grant.ANYWHERE,
             Op.READ_RUN: Grant.IN_SCOPE,
             Op.LIST_RUNS: Grant.IN_SCOPE,
         },
@@ -130,6 +133,7 @@ DOING: Mapping[Op, str] = MappingProxyType(
         Op.LIST_RUNS: "list runs",
         Op.READ_AUDIT: "read the audit log",
         Op.FOLLOW_RUN_ENDINGS: "follow run endings",
+        Op.PROVE_AUDIT: "read the audit log's tree heads and consistency proofs",
         Op.ROTATE_KEYS: "rotate signing keys",
     }
 )

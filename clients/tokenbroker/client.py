@@ -384,6 +384,24 @@ class BrokerClient:
         request = broker_pb2.RotateSigningKeyRequest(emergency=emergency)
         return self._unary(self._stub.RotateSigningKey, request, timeout)
 
+    def tree_head(self, *, timeout: float | None = None) -> broker_pb2.GetTreeHeadResponse:
+        """The audit log's latest signed tree head and the key that verifies it."""
+        return self._unary(self._stub.GetTreeHead, broker_pb2.GetTreeHeadRequest(), timeout)
+
+    def prove_inclusion(
+        self, sequence: int, tree_size: int = 0, *, timeout: float | None = None
+    ) -> broker_pb2.ProveInclusionResponse:
+        """Event `sequence` and its inclusion proof in the tree of `tree_size` (0: latest)."""
+        request = broker_pb2.ProveInclusionRequest(sequence=sequence, tree_size=tree_size)
+        return self._unary(self._stub.ProveInclusion, request, timeout)
+
+    def prove_consistency(
+        self, first: int, second: int = 0, *, timeout: float | None = None
+    ) -> broker_pb2.ProveConsistencyResponse:
+        """The proof that the tree of `second` (0: latest) extends the tree of `first`."""
+        request = broker_pb2.ProveConsistencyRequest(first=first, second=second)
+        return self._unary(self._stub.ProveConsistency, request, timeout)
+
     def stream_audit(
         self,
         after: int = 0,

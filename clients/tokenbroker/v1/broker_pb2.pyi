@@ -1343,3 +1343,226 @@ class StreamAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
 Global___StreamAuditResponse: _TypeAlias = StreamAuditResponse  # noqa: Y015
+
+@_typing.final
+class TreeHead(_message.Message):
+    """TreeHead is a signed tree head of the audit log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    ROOT_HASH_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    TREE_BASE_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    """The log's name, the first line of the checkpoint (and the signing key's name)."""
+    tree_size: _builtins.int
+    """How many leaves (events) the tree holds."""
+    root_hash: _builtins.bytes
+    """The Merkle tree's root hash (32 bytes, SHA-256)."""
+    checkpoint: _builtins.str
+    """The checkpoint as a signed note: origin, size and base64 root, a blank line, then the
+    signature line(s). Verify it with the verifier key alone.
+    """
+    tree_base: _builtins.int
+    """Leaf i is the event with sequence tree_base + i + 1 (0 unless events were pruned
+    before the log had a tree).
+    """
+    def __init__(
+        self,
+        *,
+        origin: _builtins.str = ...,
+        tree_size: _builtins.int = ...,
+        root_hash: _builtins.bytes = ...,
+        checkpoint: _builtins.str = ...,
+        tree_base: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "origin", b"origin", "root_hash", b"root_hash", "tree_base", b"tree_base", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TreeHead: _TypeAlias = TreeHead  # noqa: Y015
+
+@_typing.final
+class GetTreeHeadRequest(_message.Message):
+    """GetTreeHeadRequest is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTreeHeadRequest: _TypeAlias = GetTreeHeadRequest  # noqa: Y015
+
+@_typing.final
+class GetTreeHeadResponse(_message.Message):
+    """GetTreeHeadResponse carries the latest signed tree head."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TREE_HEAD_FIELD_NUMBER: _builtins.int
+    VERIFIER_KEY_FIELD_NUMBER: _builtins.int
+    verifier_key: _builtins.str
+    """The note verifier key that signs heads: `<name>+<hex key id>+<base64(0x01 || key)>`."""
+    @_builtins.property
+    def tree_head(self) -> Global___TreeHead:
+        """The head of the tree as it stands."""
+
+    def __init__(
+        self,
+        *,
+        tree_head: Global___TreeHead | None = ...,
+        verifier_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tree_head", b"tree_head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tree_head", b"tree_head", "verifier_key", b"verifier_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTreeHeadResponse: _TypeAlias = GetTreeHeadResponse  # noqa: Y015
+
+@_typing.final
+class ProveInclusionRequest(_message.Message):
+    """ProveInclusionRequest asks for the audit path of one event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The event's sequence."""
+    tree_size: _builtins.int
+    """The tree to prove it in, by its size; 0 for the tree as it stands."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        tree_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProveInclusionRequest: _TypeAlias = ProveInclusionRequest  # noqa: Y015
+
+@_typing.final
+class ProveInclusionResponse(_message.Message):
+    """ProveInclusionResponse is an event, where it sits in the tree, and the proof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    TREE_HEAD_FIELD_NUMBER: _builtins.int
+    record: _builtins.str
+    """The event's canonical record, exactly as hashed: the leaf's data."""
+    prev_hash: _builtins.str
+    """The chain hashes stored with the event (the hash chain's link before it, and its own)."""
+    hash: _builtins.str
+    """The event's chain hash."""
+    leaf_index: _builtins.int
+    """The event's leaf index (sequence - tree_base - 1)."""
+    @_builtins.property
+    def proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The audit path, leaf to root (32-byte hashes)."""
+
+    @_builtins.property
+    def tree_head(self) -> Global___TreeHead:
+        """A signed head of the tree the path leads to."""
+
+    def __init__(
+        self,
+        *,
+        record: _builtins.str = ...,
+        prev_hash: _builtins.str = ...,
+        hash: _builtins.str = ...,
+        leaf_index: _builtins.int = ...,
+        proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        tree_head: Global___TreeHead | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tree_head", b"tree_head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "leaf_index", b"leaf_index", "prev_hash", b"prev_hash", "proof", b"proof", "record", b"record", "tree_head", b"tree_head"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProveInclusionResponse: _TypeAlias = ProveInclusionResponse  # noqa: Y015
+
+@_typing.final
+class ProveConsistencyRequest(_message.Message):
+    """ProveConsistencyRequest asks for the proof that one tree extends another."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    SECOND_FIELD_NUMBER: _builtins.int
+    first: _builtins.int
+    """The earlier tree size (at least 1)."""
+    second: _builtins.int
+    """The later tree size; 0 for the tree as it stands."""
+    def __init__(
+        self,
+        *,
+        first: _builtins.int = ...,
+        second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "second", b"second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProveConsistencyRequest: _TypeAlias = ProveConsistencyRequest  # noqa: Y015
+
+@_typing.final
+class ProveConsistencyResponse(_message.Message):
+    """ProveConsistencyResponse is the proof and the later tree's signed head."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_FIELD_NUMBER: _builtins.int
+    SECOND_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    TREE_HEAD_FIELD_NUMBER: _builtins.int
+    first: _builtins.int
+    """The earlier tree size."""
+    second: _builtins.int
+    """The later tree size."""
+    @_builtins.property
+    def proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The consistency proof (32-byte hashes)."""
+
+    @_builtins.property
+    def tree_head(self) -> Global___TreeHead:
+        """A signed head of the later tree."""
+
+    def __init__(
+        self,
+        *,
+        first: _builtins.int = ...,
+        second: _builtins.int = ...,
+        proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        tree_head: Global___TreeHead | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tree_head", b"tree_head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "proof", b"proof", "second", b"second", "tree_head", b"tree_head"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProveConsistencyResponse: _TypeAlias = ProveConsistencyResponse  # noqa: Y015

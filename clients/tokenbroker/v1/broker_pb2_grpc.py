@@ -102,6 +102,21 @@ class TokenBrokerServiceStub:
                 request_serializer=tokenbroker_dot_v1_dot_broker__pb2.StreamAuditRequest.SerializeToString,
                 response_deserializer=tokenbroker_dot_v1_dot_broker__pb2.StreamAuditResponse.FromString,
                 _registered_method=True)
+        self.GetTreeHead = channel.unary_unary(
+                '/tokenbroker.v1.TokenBrokerService/GetTreeHead',
+                request_serializer=tokenbroker_dot_v1_dot_broker__pb2.GetTreeHeadRequest.SerializeToString,
+                response_deserializer=tokenbroker_dot_v1_dot_broker__pb2.GetTreeHeadResponse.FromString,
+                _registered_method=True)
+        self.ProveInclusion = channel.unary_unary(
+                '/tokenbroker.v1.TokenBrokerService/ProveInclusion',
+                request_serializer=tokenbroker_dot_v1_dot_broker__pb2.ProveInclusionRequest.SerializeToString,
+                response_deserializer=tokenbroker_dot_v1_dot_broker__pb2.ProveInclusionResponse.FromString,
+                _registered_method=True)
+        self.ProveConsistency = channel.unary_unary(
+                '/tokenbroker.v1.TokenBrokerService/ProveConsistency',
+                request_serializer=tokenbroker_dot_v1_dot_broker__pb2.ProveConsistencyRequest.SerializeToString,
+                response_deserializer=tokenbroker_dot_v1_dot_broker__pb2.ProveConsistencyResponse.FromString,
+                _registered_method=True)
 
 
 class TokenBrokerServiceServicer:
@@ -210,6 +225,34 @@ class TokenBrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTreeHead(self, request, context):
+        """GetTreeHead returns a signed tree head of the audit log as it stands: a C2SP checkpoint
+        (https://c2sp.org/tlog-checkpoint) over the Merkle tree of every event (RFC 9162
+        hashing), signed with the broker's Ed25519 audit log key. Role: auditor (any scope: a
+        head names only a size and a hash). Also served without a credential over HTTP, at
+        /audit/checkpoint (and the key at /audit/log-key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProveInclusion(self, request, context):
+        """ProveInclusion returns an event, its leaf index and its audit path (RFC 9162 §2.1.3)
+        in a tree of the log, with a signed head for that tree. Role: auditor in scope of the
+        event's pipeline (an event on no pipeline needs an auditor of every pipeline).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProveConsistency(self, request, context):
+        """ProveConsistency returns the proof (RFC 9162 §2.1.4) that a later tree of the log
+        extends an earlier one, with a signed head for the later tree. Role: auditor (any scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenBrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +310,21 @@ def add_TokenBrokerServiceServicer_to_server(servicer, server):
                     servicer.StreamAudit,
                     request_deserializer=tokenbroker_dot_v1_dot_broker__pb2.StreamAuditRequest.FromString,
                     response_serializer=tokenbroker_dot_v1_dot_broker__pb2.StreamAuditResponse.SerializeToString,
+            ),
+            'GetTreeHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTreeHead,
+                    request_deserializer=tokenbroker_dot_v1_dot_broker__pb2.GetTreeHeadRequest.FromString,
+                    response_serializer=tokenbroker_dot_v1_dot_broker__pb2.GetTreeHeadResponse.SerializeToString,
+            ),
+            'ProveInclusion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProveInclusion,
+                    request_deserializer=tokenbroker_dot_v1_dot_broker__pb2.ProveInclusionRequest.FromString,
+                    response_serializer=tokenbroker_dot_v1_dot_broker__pb2.ProveInclusionResponse.SerializeToString,
+            ),
+            'ProveConsistency': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProveConsistency,
+                    request_deserializer=tokenbroker_dot_v1_dot_broker__pb2.ProveConsistencyRequest.FromString,
+                    response_serializer=tokenbroker_dot_v1_dot_broker__pb2.ProveConsistencyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -579,6 +637,87 @@ class TokenBrokerService:
             '/tokenbroker.v1.TokenBrokerService/StreamAudit',
             tokenbroker_dot_v1_dot_broker__pb2.StreamAuditRequest.SerializeToString,
             tokenbroker_dot_v1_dot_broker__pb2.StreamAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTreeHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenbroker.v1.TokenBrokerService/GetTreeHead',
+            tokenbroker_dot_v1_dot_broker__pb2.GetTreeHeadRequest.SerializeToString,
+            tokenbroker_dot_v1_dot_broker__pb2.GetTreeHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProveInclusion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenbroker.v1.TokenBrokerService/ProveInclusion',
+            tokenbroker_dot_v1_dot_broker__pb2.ProveInclusionRequest.SerializeToString,
+            tokenbroker_dot_v1_dot_broker__pb2.ProveInclusionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProveConsistency(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenbroker.v1.TokenBrokerService/ProveConsistency',
+            tokenbroker_dot_v1_dot_broker__pb2.ProveConsistencyRequest.SerializeToString,
+            tokenbroker_dot_v1_dot_broker__pb2.ProveConsistencyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,22 @@ class TokenBrokerServiceStub:
     for whom it ran, its details, the call's ids or the chain hashes.
     A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
     """
+    GetTreeHead: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetTreeHeadRequest, _broker_pb2.GetTreeHeadResponse]
+    """GetTreeHead returns a signed tree head of the audit log as it stands: a C2SP checkpoint
+    (https://c2sp.org/tlog-checkpoint) over the Merkle tree of every event (RFC 9162
+    hashing), signed with the broker's Ed25519 audit log key. Role: auditor (any scope: a
+    head names only a size and a hash). Also served without a credential over HTTP, at
+    /audit/checkpoint (and the key at /audit/log-key).
+    """
+    ProveInclusion: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ProveInclusionRequest, _broker_pb2.ProveInclusionResponse]
+    """ProveInclusion returns an event, its leaf index and its audit path (RFC 9162 §2.1.3)
+    in a tree of the log, with a signed head for that tree. Role: auditor in scope of the
+    event's pipeline (an event on no pipeline needs an auditor of every pipeline).
+    """
+    ProveConsistency: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ProveConsistencyRequest, _broker_pb2.ProveConsistencyResponse]
+    """ProveConsistency returns the proof (RFC 9162 §2.1.4) that a later tree of the log
+    extends an earlier one, with a signed head for the later tree. Role: auditor (any scope).
+    """
 
 @_typing.type_check_only
 class TokenBrokerServiceAsyncStub(TokenBrokerServiceStub):
@@ -150,6 +166,22 @@ class TokenBrokerServiceAsyncStub(TokenBrokerServiceStub):
     "run.expired", no `person` or `principal`) and receives each without who ended the run,
     for whom it ran, its details, the call's ids or the chain hashes.
     A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
+    """
+    GetTreeHead: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetTreeHeadRequest, _broker_pb2.GetTreeHeadResponse]  # type: ignore[assignment]
+    """GetTreeHead returns a signed tree head of the audit log as it stands: a C2SP checkpoint
+    (https://c2sp.org/tlog-checkpoint) over the Merkle tree of every event (RFC 9162
+    hashing), signed with the broker's Ed25519 audit log key. Role: auditor (any scope: a
+    head names only a size and a hash). Also served without a credential over HTTP, at
+    /audit/checkpoint (and the key at /audit/log-key).
+    """
+    ProveInclusion: _aio.UnaryUnaryMultiCallable[_broker_pb2.ProveInclusionRequest, _broker_pb2.ProveInclusionResponse]  # type: ignore[assignment]
+    """ProveInclusion returns an event, its leaf index and its audit path (RFC 9162 §2.1.3)
+    in a tree of the log, with a signed head for that tree. Role: auditor in scope of the
+    event's pipeline (an event on no pipeline needs an auditor of every pipeline).
+    """
+    ProveConsistency: _aio.UnaryUnaryMultiCallable[_broker_pb2.ProveConsistencyRequest, _broker_pb2.ProveConsistencyResponse]  # type: ignore[assignment]
+    """ProveConsistency returns the proof (RFC 9162 §2.1.4) that a later tree of the log
+    extends an earlier one, with a signed head for the later tree. Role: auditor (any scope).
     """
 
 class TokenBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -275,6 +307,40 @@ class TokenBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         "run.expired", no `person` or `principal`) and receives each without who ended the run,
         for whom it ran, its details, the call's ids or the chain hashes.
         A principal may hold a few streams at once (default 4): more are RESOURCE_EXHAUSTED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTreeHead(
+        self,
+        request: _broker_pb2.GetTreeHeadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetTreeHeadResponse, _abc.Awaitable[_broker_pb2.GetTreeHeadResponse]]:
+        """GetTreeHead returns a signed tree head of the audit log as it stands: a C2SP checkpoint
+        (https://c2sp.org/tlog-checkpoint) over the Merkle tree of every event (RFC 9162
+        hashing), signed with the broker's Ed25519 audit log key. Role: auditor (any scope: a
+        head names only a size and a hash). Also served without a credential over HTTP, at
+        /audit/checkpoint (and the key at /audit/log-key).
+        """
+
+    @_abc_1.abstractmethod
+    def ProveInclusion(
+        self,
+        request: _broker_pb2.ProveInclusionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ProveInclusionResponse, _abc.Awaitable[_broker_pb2.ProveInclusionResponse]]:
+        """ProveInclusion returns an event, its leaf index and its audit path (RFC 9162 §2.1.3)
+        in a tree of the log, with a signed head for that tree. Role: auditor in scope of the
+        event's pipeline (an event on no pipeline needs an auditor of every pipeline).
+        """
+
+    @_abc_1.abstractmethod
+    def ProveConsistency(
+        self,
+        request: _broker_pb2.ProveConsistencyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ProveConsistencyResponse, _abc.Awaitable[_broker_pb2.ProveConsistencyResponse]]:
+        """ProveConsistency returns the proof (RFC 9162 §2.1.4) that a later tree of the log
+        extends an earlier one, with a signed head for the later tree. Role: auditor (any scope).
         """
 
 def add_TokenBrokerServiceServicer_to_server(servicer: TokenBrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
