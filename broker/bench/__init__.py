@@ -39,7 +39,7 @@ def add_command(commands: Any) -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated sections: unary,offline,revocation,audit,replicas,workers",
+        help="comma-separated sections: unary,offline,revocation,audit,replicas,workers,merkle",
     )
     parser.add_argument(
         "--fanout-seconds",

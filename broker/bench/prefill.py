@@ -3,8 +3,9 @@
 The growth figures compare a broker holding 10^3 stored events with one holding 10^6. The
 history is written straight into the file in large transactions (minutes of RPCs otherwise):
 runs that ended two days ago, each with its `run.started`, `token.issued` and `run.ended`
-events, sealed into one valid hash chain exactly as the store seals them, so that
-`token-broker audit verify` still passes on the result.
+events, sealed into one valid hash chain exactly as the store seals them, with the Merkle
+tree's nodes as the store writes them, so that `token-broker audit verify` still passes on
+the result and the broker starts without building a tree.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from types import MappingProxyType
 
 from broker.audit import events as audit
 from broker.audit.events import Action, AuditDraft, Outcome
+from broker.audit.merkle import Frontier, Node
 from broker.bench.accounts import ORCHESTRATOR, ORG
 from broker.ids import new_run_id, new_token_id
 from broker.runs.model import PipelineRef, Run, RunState
@@ -94,8 +96,10 @@ def prefill(data_dir: Path, events: int) -> float:
 
 def _write(conn: sqlite3.Connection, events: int) -> None:
     sequence, head = 0, audit.GENESIS_HASH
+    frontier = Frontier(0, [])
     run_rows: list[tuple[object, ...]] = []
     event_rows: list[tuple[object, ...]] = []
+    nodes: list[Node] = []
     placeholders = ", ".join("?" * len(RUN_COLUMNS.split(",")))
     for run, drafts in _runs(events, time.time() - AGE):
         run_rows.append(run_to_row(run))
@@ -114,10 +118,11 @@ def _write(conn: sqlite3.Connection, events: int) -> None:
                     audit.time_us(d.time),
                 )
             )
+            nodes.extend(frontier.append(body))
             head = event.hash
         if len(event_rows) >= BATCH:
-            _flush(conn, placeholders, run_rows, event_rows)
-    _flush(conn, placeholders, run_rows, event_rows)
+            _flush(conn, placeholders, run_rows, event_rows, nodes)
+    _flush(conn, placeholders, run_rows, event_rows, nodes)
 
 
 def _flush(
@@ -125,6 +130,7 @@ def _flush(
     placeholders: str,
     run_rows: list[tuple[object, ...]],
     event_rows: list[tuple[object, ...]],
+    nodes: list[Node],
 ) -> None:
     conn.execute("BEGIN")
     conn.executemany(f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({placeholders})", run_rows)  # noqa: S608
@@ -133,6 +139,8 @@ def _flush(
         "principal, time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         event_rows,
     )
+    conn.executemany("INSERT INTO audit_tree (level, idx, hash) VALUES (?, ?, ?)", nodes)
     conn.execute("COMMIT")
     run_rows.clear()
     event_rows.clear()
+    nodes.clear()

@@ -31,13 +31,13 @@ from typing import Any
 
 import grpc
 
-from broker.bench import accounts, baseline, brokerproc, replicas, report, worker
+from broker.bench import accounts, baseline, brokerproc, merkle, replicas, report, worker
 from broker.bench.prefill import prefill
 from broker.bench.report import Figure
 from broker.store.sqlite import DB_FILENAME
 from tokenbroker.messages import EVENTS_PER_MESSAGE
 
-SECTIONS = ("unary", "offline", "revocation", "audit", "replicas", "workers")
+SECTIONS = ("unary", "offline", "revocation", "audit", "replicas", "workers", "merkle")
 # Sections that start brokers of their own instead of the pre-filled pair.
 OWN_BROKERS = ("replicas", "workers")
 SMALL = "small"
@@ -194,6 +194,12 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
     brokers: dict[str, brokerproc.BrokerProcess] = {}
     figures: list[Figure] = []
     memory: dict[str, dict[str, dict[str, int]]] = {}
+    if "merkle" in plan.sections:
+        say("merkle: appends and proofs on the pre-filled stores, in this process")
+        figures += merkle.measure({SMALL: work / SMALL, LARGE: work / LARGE}, plan.quick)
+        if set(plan.sections) == {"merkle"}:
+            print(report.table(figures, ["merkle: the audit tree in-process, no brokers"]))
+            return 0
     try:
         for name in (SMALL, LARGE):
             # Each live stream holds a server thread, and at most half of them may stream:
@@ -204,7 +210,7 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
         memory["start"] = {name: b.memory_kib() for name, b in brokers.items()}
         workers = Workers(plan.clients + 1)
         try:
-            figures = _measure(plan, workers, brokers, policy.parent)
+            figures += _measure(plan, workers, brokers, policy.parent)
         finally:
             workers.close()
         memory["end"] = {name: b.memory_kib() for name, b in brokers.items()}
