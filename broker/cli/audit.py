@@ -12,6 +12,7 @@ sequence is reported), 2 usage (bad arguments, missing or unreadable input).
 from __future__ import annotations
 
 import argparse
+import base64
 import itertools
 import json
 import os
@@ -42,7 +43,15 @@ from broker.store import (
     all_stored_events,
 )
 from broker.store.factory import OpenOptions, open_store
-from tokenbroker.merkle import ProofError, VerifierKey, verify_note
+from tokenbroker.merkle import (
+    CONSISTENCY_BUNDLE,
+    INCLUSION_BUNDLE,
+    ProofError,
+    VerifierKey,
+    check_consistency_bundle,
+    check_inclusion_bundle,
+    verify_note,
+)
 from tokenbroker.v1 import types_pb2
 
 EXIT_OK = 0
@@ -69,6 +78,8 @@ def add_commands(commands: common.Commands) -> None:
     _add_verify(sub)
     _add_export(sub)
     _add_tail(sub)
+    _add_prove(sub)
+    _add_check(sub)
 
 
 def _raw(parser: argparse.ArgumentParser) -> None:
@@ -192,6 +203,79 @@ def _add_tail(sub: common.Commands) -> None:
     tail.add_argument("--project", default="", help="only events of this project")
     tail.add_argument("--json", action="store_true", help="one JSON object per event (JSON Lines)")
     common.add_connection_flags(tail)
+
+
+def _add_prove(sub: common.Commands) -> None:
+    prove = common.add_command(
+        sub,
+        "prove",
+        _prove,
+        help="fetch a self-contained proof bundle from a running broker",
+        description="Ask a running broker for a proof and write it as a self-contained JSON "
+        "bundle that `audit check` verifies offline with only the log's public key: "
+        "--sequence N: the event, its leaf index, its inclusion proof and a signed tree head; "
+        "--consistency-from FILE: the proof that today's tree extends the one in a signed "
+        "checkpoint you kept (both heads included). Needs role auditor (for an event, in "
+        "scope of its pipeline).",
+        examples=[
+            "token-broker audit prove --sequence 1234 --out event-1234.json",
+            "token-broker audit prove --consistency-from yesterday.checkpoint --out grew.json",
+            "curl -s http://127.0.0.1:50052/audit/checkpoint > yesterday.checkpoint",
+        ],
+    )
+    what = prove.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sequence", type=_positive, metavar="N", help="the event to prove")
+    what.add_argument(
+        "--consistency-from",
+        type=Path,
+        metavar="FILE",
+        help="a signed checkpoint (as /audit/checkpoint serves it) the log must extend",
+    )
+    prove.add_argument(
+        "--tree-size", type=_sequence, default=0, metavar="N", help="prove in this tree (0: now)"
+    )
+    prove.add_argument("--out", "-o", type=Path, help="file to write (default: stdout)")
+    common.add_connection_flags(prove)
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = sub.add_parser(
+        "check",
+        help="verify a proof bundle offline, with only the log's public key",
+        description="Verify a bundle written by `audit prove`, offline: the signed tree "
+        "head(s) against the log's verifier key, then the inclusion proof of the event or the "
+        "consistency proof between the two heads. Nothing else is trusted.",
+        epilog="exit status: 0 verified, 1 the proof or a signature does not verify, 2 usage\n"
+        "examples:\n"
+        "  token-broker audit check event-1234.json --key log.vkey\n"
+        "  token-broker audit check --consistency grew.json --old yesterday.checkpoint "
+        "--key log.vkey",
+    )
+    _raw(check)
+    check.add_argument("bundle", type=Path, help="the bundle `audit prove` wrote")
+    check.add_argument(
+        "--key",
+        required=True,
+        metavar="VKEY",
+        help="the log's verifier key (a file, or the key itself), as /audit/log-key serves it",
+    )
+    check.add_argument(
+        "--consistency", action="store_true", help="the bundle is a consistency proof"
+    )
+    check.add_argument(
+        "--old",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="with --consistency: the older signed checkpoint you kept (instead of the copy "
+        "in the bundle)",
+    )
+    check.set_defaults(handler=_check)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sequence number (1 or more)")
+    return int(text)
 
 
 def _sequence(text: str) -> int:
@@ -495,6 +579,91 @@ def _opened(args: argparse.Namespace) -> Iterator[tuple[Store, str]]:
         yield store, str(getattr(store, "path", url))
     finally:
         store.close()
+
+
+# -- prove and check --------------------------------------------------------------------------
+
+
+def _prove(args: argparse.Namespace) -> int:
+    with common.connect(args) as client:
+        if args.sequence is not None:
+            proved = client.prove_inclusion(args.sequence, args.tree_size)
+            bundle: dict[str, Any] = {
+                "type": INCLUSION_BUNDLE,
+                "sequence": args.sequence,
+                "record": proved.record,
+                "prev_hash": proved.prev_hash,
+                "hash": proved.hash,
+                "leaf_index": proved.leaf_index,
+                "tree_size": proved.tree_head.tree_size,
+                "tree_base": proved.tree_head.tree_base,
+                "proof": [base64.b64encode(h).decode() for h in proved.proof],
+                "checkpoint": proved.tree_head.checkpoint,
+            }
+        else:
+            old = _read_text(args.consistency_from)
+            first = _checkpoint_size(old)
+            grown = client.prove_consistency(first, args.tree_size)
+            bundle = {
+                "type": CONSISTENCY_BUNDLE,
+                "first": grown.first,
+                "second": grown.second,
+                "proof": [base64.b64encode(h).decode() for h in grown.proof],
+                "old_checkpoint": old,
+                "checkpoint": grown.tree_head.checkpoint,
+            }
+    text = json.dumps(bundle, indent=2, sort_keys=True) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text)
+        print(f"token-broker audit prove: wrote {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _checkpoint_size(note: str) -> int:
+    """The tree size a checkpoint states (its signature is checked by `audit check`)."""
+    lines = note.split("\n")
+    if len(lines) < 3 or not lines[1].isdigit() or int(lines[1]) < 1:
+        raise common.CliError("--consistency-from: not a signed checkpoint of a non-empty tree")
+    return int(lines[1])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise common.CliError(f"{path}: {exc}") from None
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        key = _verifier_key(args.key)
+        bundle = json.loads(_read_text(args.bundle))
+        if not isinstance(bundle, dict):
+            raise UsageError(f"{args.bundle}: not a bundle (a JSON object)")
+        old = _read_text(args.old) if args.old is not None else None
+    except (UsageError, common.CliError, ValueError) as exc:
+        print(f"token-broker audit check: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.consistency:
+            before, after = check_consistency_bundle(bundle, key, old)
+            print(
+                f"OK: the log {after.origin} of {after.size} events extends its tree of "
+                f"{before.size} (both heads signed by {key.name})"
+            )
+        else:
+            head = check_inclusion_bundle(bundle, key)
+            print(
+                f"OK: event {limits.shown(str(bundle.get('sequence')))} is leaf "
+                f"{bundle['leaf_index']} of the log {head.origin} of {head.size} events "
+                f"(head signed by {key.name})"
+            )
+    except ProofError as exc:
+        print(f"FAILED: {args.bundle}: {exc}")
+        return EXIT_TAMPERED
+    return EXIT_OK
 
 
 # -- tail ------------------------------------------------------------------------------------

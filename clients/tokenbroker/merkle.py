@@ -292,3 +292,64 @@ def verify_checkpoint(note: str, key: VerifierKey) -> Checkpoint:
 def checkpoint_text(origin: str, size: int, root: bytes) -> str:
     """The body a checkpoint signs (before its signature lines)."""
     return f"{origin}\n{size}\n{base64.b64encode(root).decode()}\n"
+
+
+# -- bundles: what `token-broker audit prove` writes and `audit check` reads ------------------
+
+INCLUSION_BUNDLE = "tokenbroker-audit-inclusion/v1"
+CONSISTENCY_BUNDLE = "tokenbroker-audit-consistency/v1"
+
+
+def _proof_of(bundle: dict[str, object]) -> list[bytes]:
+    hashes = bundle.get("proof")
+    if not isinstance(hashes, list) or len(hashes) > MAX_PROOF_HASHES:
+        raise ProofError(f"the bundle's proof is a list of at most {MAX_PROOF_HASHES} hashes")
+    try:
+        return [base64.b64decode(str(h), validate=True) for h in hashes]
+    except (ValueError, binascii.Error):
+        raise ProofError("the bundle's proof hashes are not base64") from None
+
+
+def _count(bundle: dict[str, object], name: str) -> int:
+    value = bundle.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TREE_SIZE:
+        raise ProofError(f"the bundle's {name} is not a count")
+    return value
+
+
+def _note(bundle: dict[str, object], name: str) -> str:
+    value = bundle.get(name)
+    if not isinstance(value, str):
+        raise ProofError(f"the bundle has no {name}")
+    return value
+
+
+def check_inclusion_bundle(bundle: dict[str, object], key: VerifierKey) -> Checkpoint:
+    """Check an inclusion bundle offline: its checkpoint is signed by `key`, and the event
+    (`record`, the exact bytes hashed) is leaf `leaf_index` of that tree. Returns the
+    checkpoint; ProofError says what failed."""
+    if bundle.get("type") != INCLUSION_BUNDLE:
+        raise ProofError(f"not a {INCLUSION_BUNDLE} bundle")
+    head = verify_checkpoint(_note(bundle, "checkpoint"), key)
+    record = _note(bundle, "record")
+    index = _count(bundle, "leaf_index")
+    if _count(bundle, "tree_size") != head.size:
+        raise ProofError("the bundle's tree size is not its checkpoint's")
+    verify_inclusion(leaf_hash(record.encode()), index, head.size, _proof_of(bundle), head.root)
+    return head
+
+
+def check_consistency_bundle(
+    bundle: dict[str, object], key: VerifierKey, old_checkpoint: str | None = None
+) -> tuple[Checkpoint, Checkpoint]:
+    """Check a consistency bundle offline: both checkpoints signed by `key` (the old one may
+    be one the auditor kept, given as `old_checkpoint`), and the newer tree extends the
+    older. Returns (old, new); ProofError says what failed."""
+    if bundle.get("type") != CONSISTENCY_BUNDLE:
+        raise ProofError(f"not a {CONSISTENCY_BUNDLE} bundle")
+    old = verify_checkpoint(old_checkpoint or _note(bundle, "old_checkpoint"), key)
+    new = verify_checkpoint(_note(bundle, "checkpoint"), key)
+    if (_count(bundle, "first"), _count(bundle, "second")) != (old.size, new.size):
+        raise ProofError("the bundle's sizes are not its checkpoints'")
+    verify_consistency(old.size, new.size, _proof_of(bundle), old.root, new.root)
+    return old, new
