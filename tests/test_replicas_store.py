@@ -7,9 +7,11 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from broker.audit import events as audit
+from broker.audit import merkle
 from broker.bench.pgcluster import Cluster
 from broker.runs.model import RunState
 from broker.store import (
@@ -19,11 +21,13 @@ from broker.store import (
     IdempotencyKeyTaken,
     RunNotActive,
     Write,
+    all_stored_events,
 )
 from broker.store.changes import ChangeFeed
 from broker.store.factory import OpenOptions
 from broker.store.postgres import PostgresStore
 from tests.test_store_contract import event, make_run
+from tokenbroker.merkle import root_of_leaves
 
 
 @pytest.fixture
@@ -52,6 +56,30 @@ def test_concurrent_writes_from_three_replicas_form_one_gapless_chain(
     assert [s.sequence for s in stored] == list(range(1, 121))
     rows = [(s.sequence, s.record, s.prev_hash, s.hash) for s in stored]
     assert audit.verify_chain(rows, start_prev_hash=audit.GENESIS_HASH) is None
+    # One Merkle tree too, whichever replica closed which subtree.
+    leaves = [merkle.leaf_hash(audit.canonical_bytes(s.record)) for s in stored]
+    for store in replicas:
+        assert merkle.root_at(120, store.tree_nodes) == root_of_leaves(leaves)
+
+
+def test_opening_a_database_from_before_the_tree_builds_it_once(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    store.commit(Write([event("run.started") for _ in range(6001)]))
+    store.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # back to schema version 2
+        conn.execute("DROP TABLE audit_tree")
+        conn.execute("ALTER TABLE audit_retention DROP COLUMN tree_base")
+        conn.execute("DELETE FROM schema_migrations WHERE version >= 3")
+    opened = [PostgresStore(pg_dsn), PostgresStore(pg_dsn)]  # the second finds it built
+    try:
+        opened[1].commit(Write([event("run.ended")]))
+        stored = list(all_stored_events(opened[0]))
+        leaves = [merkle.leaf_hash(audit.canonical_bytes(s.record)) for s in stored]
+        assert len(leaves) == 6002
+        assert merkle.root_at(6002, opened[0].tree_nodes) == root_of_leaves(leaves)
+    finally:
+        for store in opened:
+            store.close()
 
 
 def test_an_idempotency_key_holds_across_replicas(replicas: tuple[PostgresStore, ...]) -> None:
