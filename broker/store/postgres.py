@@ -28,7 +28,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from broker.audit import events as audit
-from broker.audit.merkle import Frontier, MissingNodes
+from broker.audit.merkle import Frontier, MissingNodes, Node
 from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
@@ -293,6 +293,7 @@ class PostgresStore(SqlReads):
                 cascaded.append(ended)
                 drafts.append(draft)
         events = []
+        nodes: list[Node] = []
         for draft in drafts:
             sequence = head[0] + 1
             event, body = audit.seal_with_record(draft, sequence, head[1])
@@ -310,12 +311,11 @@ class PostgresStore(SqlReads):
                     audit.time_us(draft.time),
                 ),
             )
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    treerows.insert_sql(POSTGRESQL).encode(), self._frontier.append(body)
-                )
+            nodes.extend(self._frontier.append(body))
             head = (sequence, event.hash)
             events.append(event)
+        with conn.cursor() as cursor:
+            cursor.executemany(treerows.insert_sql(POSTGRESQL).encode(), nodes)
         return Committed(run, events, tuple(cascaded)), head
 
     def _build_tree(self, page: int = 5000) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.audit import events as audit
-from broker.audit.merkle import Frontier, MissingNodes
+from broker.audit.merkle import Frontier, MissingNodes, Node
 from broker.runs.model import Run
 from broker.store import (
     CheckpointConflict,
@@ -402,6 +402,7 @@ class SqliteStore(SqlReads):
                 cascaded.append(ended)
                 drafts.append(draft)
         events = []
+        nodes: list[Node] = []
         for draft in drafts:
             sequence = self._head_seq + 1
             event, body = audit.seal_with_record(draft, sequence, self._head_hash)
@@ -419,9 +420,10 @@ class SqliteStore(SqlReads):
                     audit.time_us(draft.time),
                 ),
             )
-            conn.executemany(treerows.insert_sql(SQLITE), self._frontier.append(body))
+            nodes.extend(self._frontier.append(body))
             self._head_seq, self._head_hash = sequence, event.hash
             events.append(event)
+        conn.executemany(treerows.insert_sql(SQLITE), nodes)
         return Committed(run, events, tuple(cascaded))
 
     def _apply_mutation(self, conn: sqlite3.Connection, mutation: Mutation) -> Run | None:
