@@ -23,6 +23,11 @@ from broker.runs.model import PipelineRef
 from broker.store import Store, StoredEvent
 from tokenbroker.merkle import checkpoint_text
 
+# C2SP tlog-tiles: tiles are 2^8 = 256 hashes wide, one tile level per 8 tree levels.
+TILE_HEIGHT = 8
+TILE_WIDTH = 1 << TILE_HEIGHT
+TILE_LEVELS = 8  # 8 * 8 = 64 tree levels: any tree of up to 2^63 leaves
+
 
 @dataclass(frozen=True)
 class TreeHead:
@@ -128,6 +133,24 @@ class TreeHeads:
             raise InvalidArgument.field("first", f"must be between 1 and {head.size}")
         hashes = merkle.consistency_proof(first, head.size, self._store.tree_nodes)
         return ConsistencyProof(first, head.size, hashes, head)
+
+    def tile(self, level: int, index: int, width: int) -> bytes | None:
+        """A C2SP tlog-tiles hash tile (https://c2sp.org/tlog-tiles): the hashes of the
+        `width` nodes from `index * 256` at tree level `8 * level`, concatenated; None while
+        the log does not hold them all. Every stored full subtree is such a node, and none
+        ever changes, so a tile once served is served the same forever."""
+        if not (0 <= level < TILE_LEVELS and 1 <= width <= TILE_WIDTH and index >= 0):
+            return None
+        height = TILE_HEIGHT * level
+        size = max(self._store.head_sequence() - self._tree_base(), 0)
+        first = index * TILE_WIDTH
+        if first + width > size >> height:
+            return None
+        ids = [(height, first + i) for i in range(width)]
+        nodes = self._store.tree_nodes(ids)
+        if len(nodes) != width:
+            return None
+        return b"".join(nodes[i] for i in ids)
 
     def _head_for(self, tree_size: int) -> TreeHead:
         latest = self.latest()
