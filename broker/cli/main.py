@@ -20,6 +20,7 @@ from broker.cli import (
     store,
     token,
     traced,
+    witness,
 )
 from broker.telemetry import logs
 from tokenbroker.defaults import DEFAULT_TARGET, SERVICE_NAME
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_commands(commands)
     policy.add_commands(commands)
     store.add_commands(commands)
+    witness.add_command(commands)
     demo.add_command(commands)
     bench.add_command(commands)
     _name_commands(parser)

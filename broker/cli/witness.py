@@ -1,0 +1,120 @@
+"""`token-broker witness`: follow a broker's signed tree heads, cosign each that extends the
+last one accepted, and fail loudly on a fork, a rewrite or a rollback.
+
+Exit codes: 0 (with --once: the head was accepted), 1 an alarm (the log showed two
+histories; the line on stderr says which), 2 usage. The broker is reached as every
+broker-calling command reaches it; the witness needs role auditor (any scope).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit.witness import Alarm, Prover, Witness, WitnessKey
+from broker.cli import common
+from tokenbroker.client import BrokerClient
+from tokenbroker.merkle import ProofError, VerifierKey
+
+EXIT_ALARM = 1
+
+
+def add_command(commands: common.Commands) -> None:
+    witness = common.add_command(
+        commands,
+        "witness",
+        _witness,
+        help="follow a broker's signed tree heads; cosign each one consistent with the last",
+        description="Follow the audit log's signed tree heads (GetTreeHead). Each new head "
+        "must verify with the log's key and be consistent with the last head this witness "
+        "accepted (ProveConsistency, checked here); then it is cosigned (C2SP "
+        "tlog-cosignature) and kept in --state. A head that shrinks the log, a second head for "
+        "the same size, or a history that does not extend the accepted one is an alarm: one "
+        "line on stderr and exit 1. Needs role auditor (any scope).",
+        examples=[
+            "token-broker witness --log-key log.vkey --state ./witness --once",
+            "token-broker witness --log-key log.vkey --state ./witness --interval 30 "
+            "--target broker:50051 --account witness-1 --key witness-1.pem",
+        ],
+    )
+    witness.add_argument(
+        "--log-key", required=True, metavar="VKEY", help="the log's verifier key (file or text)"
+    )
+    witness.add_argument(
+        "--state", required=True, type=Path, metavar="DIR", help="where accepted heads are kept"
+    )
+    witness.add_argument(
+        "--witness-key",
+        type=Path,
+        metavar="PEM",
+        help="the witness's Ed25519 key (default: witness-key.pem in --state, created)",
+    )
+    witness.add_argument("--name", default="witness", help="the witness's name in cosignatures")
+    witness.add_argument(
+        "--interval", type=common.positive_seconds, default=30.0, metavar="SECONDS"
+    )
+    witness.add_argument("--once", action="store_true", help="check one head, then exit")
+    common.add_connection_flags(witness)
+
+
+def _witness(args: argparse.Namespace) -> int:
+    log_key = _log_key(args.log_key)
+    key = _witness_key(args.witness_key or args.state / "witness-key.pem", args.name)
+    witness = Witness(log_key, key, args.state, time.time)
+    stop = threading.Event()
+    with common.connect(args) as client:
+        while True:
+            try:
+                accepted = witness.observe(client.tree_head().tree_head.checkpoint, _prover(client))
+            except Alarm as alarm:
+                print(f"token-broker witness: ALARM: {alarm}", file=sys.stderr, flush=True)
+                return EXIT_ALARM
+            head = accepted.checkpoint
+            print(f"accepted {head.origin} size {head.size}", flush=True)
+            if args.once or stop.wait(args.interval):
+                return 0
+
+
+def _prover(client: BrokerClient) -> Prover:
+    def prove(first: int, second: int) -> list[bytes]:
+        answer = client.prove_consistency(first, second)
+        if (answer.first, answer.second) != (first, second):
+            raise ProofError(f"asked for {first}..{second}, got {answer.first}..{answer.second}")
+        return list(answer.proof)
+
+    return prove
+
+
+def _log_key(text: str) -> VerifierKey:
+    path = Path(text)
+    try:
+        return VerifierKey.parse(path.read_text() if path.is_file() else text)
+    except (ProofError, OSError) as exc:
+        raise common.CliError(f"--log-key: {exc}") from None
+
+
+def _witness_key(path: Path, name: str) -> WitnessKey:
+    if path.exists():
+        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(private, Ed25519PrivateKey):
+            raise common.CliError(f"{path}: the witness key must be an Ed25519 private key")
+        return WitnessKey(name, private)
+    private = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(
+            private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return WitnessKey(name, private)
