@@ -33,7 +33,7 @@ from broker.audit import merkle
 from broker.audit import verify as auditverify
 from broker.audit.checkpoints import PublishedKeys
 from broker.audit.lognote import LOG_KEY_FILE, LogKey, LogKeyMissing
-from broker.cli import common
+from broker.cli import common, console
 from broker.settings import ENV_PREFIX
 from broker.store import (
     Store,
@@ -80,6 +80,7 @@ def add_commands(commands: common.Commands) -> None:
     _add_tail(sub)
     _add_prove(sub)
     _add_check(sub)
+    console.add_command(sub)
 
 
 def _raw(parser: argparse.ArgumentParser) -> None:
