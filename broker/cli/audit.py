@@ -113,7 +113,8 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         epilog="exit status: 0 intact, 1 tampered, 2 usage error\n"
         "examples:\n"
         "  token-broker audit verify --data-dir /var/lib/token-broker\n"
-        "  token-broker audit verify --file audit.jsonl --checkpoints cp.jsonl --jwks jwks.json",
+        "  token-broker audit verify --file audit.jsonl --checkpoints cp.jsonl --jwks jwks.json "
+        "--log-key log.vkey",
     )
     _raw(verify)
     source = _add_source(verify)
@@ -143,11 +144,12 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "export",
         help="write audit events as JSON Lines (for a SIEM)",
         description="Write audit events after a sequence as JSON Lines: each line is the "
-        "event's canonical record plus prev_hash and hash, so the file can be verified with "
-        "`audit verify --file`.",
+        "event's canonical record plus prev_hash and hash, after a first line stating the "
+        "range, signed with the audit log key, so the file can be verified with "
+        "`audit verify --file --log-key` and a missing start, end or middle shows.",
         epilog="example:\n"
         "  token-broker audit export --after 1200 --output audit.jsonl \\\n"
-        "      --checkpoints checkpoints.jsonl --jwks jwks.json",
+        "      --checkpoints checkpoints.jsonl --jwks jwks.json --log-key log.vkey",
     )
     _raw(export)
     _add_source(export)
