@@ -4,6 +4,7 @@ even though every head it is shown is signed with the log's real key."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -81,6 +82,8 @@ def test_a_witness_cosigns_heads_that_extend_the_one_it_accepted(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
     assert verify_cosignature(cosigned, "witness", public) > 0
+    name, _, encoded = (state / "witness.vkey").read_text().strip().split("+", 2)
+    assert name == "witness" and base64.b64decode(encoded) == b"\x04" + public
     assert len((state / "accepted.jsonl").read_text().splitlines()) == 2
 
 

@@ -68,6 +68,9 @@ def _witness(args: argparse.Namespace) -> int:
     log_key = _log_key(args.log_key)
     key = _witness_key(args.witness_key or args.state / "witness-key.pem", args.name)
     witness = Witness(log_key, key, args.state, time.time)
+    vkey = args.state / "witness.vkey"  # what a log's operator configures to count this witness
+    if not vkey.exists():
+        vkey.write_text(key.verifier_text() + "\n")
     stop = threading.Event()
     with common.connect(args) as client:
         while True:
