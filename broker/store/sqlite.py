@@ -640,7 +640,7 @@ class SqliteStore(SqlReads):
         return self.schema_version >= KEY_SCHEDULE_VERSION  # read-only, before 0004
 
     def _keeps_tree(self) -> bool:
-        return "audit_tree" in self._tables  # read-only, on a schema before 0005
+        return "audit_tree" in self._tables  # read-only, on a schema before 0007
 
     def close(self) -> None:
         if self._closed:
