@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/tokenbroker/v1/*.proto)
 GEN_DIR := clients
 
-.PHONY: install postgres-server node-deps run test wheels lint typecheck buflint breaking contract-baseline protos check-protos limits-doc pytest bench demo clean
+.PHONY: install postgres-server browser node-deps run test wheels lint typecheck buflint breaking contract-baseline protos check-protos limits-doc pytest bench demo clean
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml clients/pyproject.toml
 run: install
 	$(BIN)/token-broker serve $(ARGS)
 
-test: install postgres-server node-deps check-protos lint typecheck buflint breaking wheels pytest
+test: install postgres-server browser node-deps check-protos lint typecheck buflint breaking wheels pytest
 
 # The PostgreSQL tests start a throw-away server of their own (tests/pgcluster.py); they need
 # the server binaries. On a machine without them, as root, this installs Debian's package.
@@ -38,6 +38,19 @@ postgres-server:
 	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }; \
 	else \
 	  echo "PostgreSQL server binaries missing: install the postgresql package (the tests need initdb)"; exit 1; \
+	fi
+
+# The audit console's test renders its page in headless Chromium (Debian's package); on a
+# machine without it, as root, this installs it, as postgres-server does PostgreSQL.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  echo "Chromium present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium package for the audit console test"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
+	else \
+	  echo "Chromium missing: install the chromium package (the audit console test needs it)"; exit 1; \
 	fi
 
 # The Node.js delegate (clients/node) and its test need its packages, exactly as locked; on a

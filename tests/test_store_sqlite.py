@@ -5,6 +5,7 @@ test_store_contract.py."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -454,3 +455,18 @@ def test_opening_a_store_from_before_the_tree_builds_it_over_every_existing_even
         ).returncode
         == 0
     )
+
+
+def test_migrations_are_numbered_once_each_so_none_is_silently_skipped(tmp_path: Path) -> None:
+    from broker.store.codec import numbered_migrations
+
+    for backend in ("sqlite", "postgresql"):
+        versions = [version for version, _ in numbered_migrations(backend)]
+        assert versions == list(range(1, len(versions) + 1)), backend
+    for name in ("0001_initial.sql", "0002_a.sql", "0002_b.sql"):
+        (tmp_path / name).write_text("-- nothing")
+    with pytest.raises(RuntimeError, match=re.escape("0002_a.sql, 0002_b.sql")):
+        numbered_migrations("sqlite", tmp_path)
+    (tmp_path / "0002_b.sql").rename(tmp_path / "0004_b.sql")
+    with pytest.raises(RuntimeError, match=re.escape("numbered 1..N")):
+        numbered_migrations("sqlite", tmp_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
 from types import MappingProxyType
 from typing import Any
 
@@ -213,3 +215,21 @@ TABLES = (
 
 def columns_of(table: Table) -> str:
     return table.columns or RUN_COLUMNS
+
+
+def numbered_migrations(backend: str, folder: Traversable | None = None) -> list[tuple[int, str]]:
+    """(version, sql) of every file in broker/store/migrations/<backend>, in order, numbered
+    1..N without a gap or a repeat: two branches that both add "0004_…" would otherwise apply
+    one of them and silently skip the other on every store that already reached 4."""
+    if folder is None:
+        folder = resources.files("broker.store").joinpath("migrations", backend)
+    found = sorted(
+        (int(entry.name.split("_", 1)[0]), entry.name, entry.read_text())
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    )
+    versions = [version for version, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        names = ", ".join(name for _, name, _ in found)
+        raise RuntimeError(f"{backend} migrations must be numbered 1..N once each: {names}")
+    return [(version, sql) for version, _, sql in found]

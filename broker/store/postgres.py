@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from typing import Any
 
 import psycopg
@@ -70,6 +69,7 @@ from broker.store.codec import (
     columns_of,
     descendants_query,
     live_parent_query,
+    numbered_migrations,
     run_from_row,
     run_to_row,
 )
@@ -87,13 +87,7 @@ _RUN_PLACEHOLDERS = ", ".join(["%s"] * len(RUN_COLUMNS.split(",")))
 
 def migrations() -> list[tuple[int, str]]:
     """(version, sql) for every migration in broker/store/migrations/postgresql, in order."""
-    folder = resources.files("broker.store").joinpath("migrations", "postgresql")
-    found = [
-        (int(entry.name.split("_", 1)[0]), entry.read_text())
-        for entry in folder.iterdir()
-        if entry.name.endswith(".sql")
-    ]
-    return sorted(found)
+    return numbered_migrations("postgresql")
 
 
 def migrate(conn: psycopg.Connection[Any]) -> int:

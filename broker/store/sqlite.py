@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +65,7 @@ from broker.store.codec import (
     columns_of,
     descendants_query,
     live_parent_query,
+    numbered_migrations,
     run_from_row,
     run_to_row,
 )
@@ -160,12 +160,7 @@ def _connect(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connecti
 
 def migrations() -> list[tuple[int, str]]:
     """(version, sql) for every migration in broker/store/migrations/sqlite, in order."""
-    found = []
-    folder = resources.files("broker.store").joinpath("migrations", "sqlite")
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
-    return sorted(found)
+    return numbered_migrations("sqlite")
 
 
 def latest_version() -> int:
