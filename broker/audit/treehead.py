@@ -112,6 +112,14 @@ class TreeHeads:
                 f"{ctx.principal.name} may not prove event {sequence}: it is not an event "
                 "of a pipeline inside its auditor scope"
             ) from None
+        index, hashes, head = self.inclusion_path(sequence, tree_size)
+        if event is None:
+            raise NotFound(f"event {sequence} is no longer retained")
+        return InclusionProof(event, index, hashes, head)
+
+    def inclusion_path(self, sequence: int, tree_size: int) -> tuple[int, list[bytes], TreeHead]:
+        """(leaf index, audit path, signed head) of event `sequence` in the tree of
+        `tree_size` leaves (0: as it stands). Only hashes: public, like the tiles."""
         head = self._head_for(tree_size)
         index = sequence - head.base - 1
         if not 0 <= index < head.size:
@@ -120,14 +128,15 @@ class TreeHeads:
                 f"event {sequence} is not in the tree of size {head.size} (its leaves are "
                 f"events {head.base + 1}..{head.base + head.size})",
             )
-        if event is None:
-            raise NotFound(f"event {sequence} is no longer retained")
-        hashes = merkle.inclusion_proof(index, head.size, self._store.tree_nodes)
-        return InclusionProof(event, index, hashes, head)
+        return index, merkle.inclusion_proof(index, head.size, self._store.tree_nodes), head
 
     def prove_consistency(self, ctx: CallContext, first: int, second: int) -> ConsistencyProof:
         """Proof that the tree of `second` leaves (0: as it stands) extends that of `first`."""
         self._authz.require(ctx, Op.PROVE_AUDIT)
+        return self.consistency(first, second)
+
+    def consistency(self, first: int, second: int) -> ConsistencyProof:
+        """The consistency proof itself: only hashes, public like the tiles."""
         head = self._head_for(second)
         if not 0 < first <= head.size:
             raise InvalidArgument.field("first", f"must be between 1 and {head.size}")

@@ -2,7 +2,8 @@
 concern registers its paths on — discovery and JWKS (wellknown), RFC 8693 token exchange
 (exchange) and RFC 7662 introspection (introspection), which share their OAuth plumbing (oauth),
 the probes `/healthz` and `/readyz` (health), the Prometheus scrape `/metrics` (metrics) and the
-audit log's signed tree head (auditlog) and its hash tiles (tiles).
+audit log's signed tree head (auditlog), its hash tiles (tiles) and its Merkle proofs
+(proofs).
 
 Every route module has `register(routes, broker, issuer)`; `ROUTE_MODULES` names them, so a new
 endpoint is a new module and one line here. Handlers receive a bounded, parsed `Request` and
@@ -14,7 +15,16 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from broker.api.http import auditlog, exchange, health, introspection, metrics, tiles, wellknown
+from broker.api.http import (
+    auditlog,
+    exchange,
+    health,
+    introspection,
+    metrics,
+    proofs,
+    tiles,
+    wellknown,
+)
 from broker.api.http.routes import Request, Response, Routes
 from broker.api.http.server import HttpServer, tls_context
 
@@ -29,6 +39,7 @@ ROUTE_MODULES: tuple[ModuleType, ...] = (
     metrics,
     auditlog,
     tiles,
+    proofs,
 )
 
 
