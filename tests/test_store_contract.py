@@ -22,6 +22,7 @@ from broker.store import (
     CheckpointRecord,
     Committed,
     Conflict,
+    CosignatureRecord,
     CreateRun,
     EndRun,
     ForgetIdempotencyKeys,
@@ -34,6 +35,7 @@ from broker.store import (
     PruneConflict,
     PublishKey,
     RecordCheckpoint,
+    RecordCosignature,
     RecordProof,
     RenewLease,
     RetireKey,
@@ -259,6 +261,18 @@ def test_a_dpop_proof_is_accepted_once_until_it_expires(store: Store) -> None:
     store.commit(Write([], RecordProof("jkt-a", "jti-1", expires=1200.0, now=1100.0)))
     with pytest.raises(ProofReplayed):
         store.commit(Write([], RecordProof("jkt-a", "jti-1", expires=1201.0, now=1101.0)))
+
+
+def test_witness_cosignatures_are_kept_once_per_witness_and_tree_size(store: Store) -> None:
+    first = CosignatureRecord(5, b"r" * 32, "w1+0011+AQ", "\u2014 w1 AAAA")
+    store.commit(Write([], RecordCosignature(first)))
+    store.commit(Write([], RecordCosignature(CosignatureRecord(5, b"r" * 32, "w1+0011+AQ", "x"))))
+    second = CosignatureRecord(5, b"r" * 32, "w2+0022+AQ", "\u2014 w2 BBBB")
+    store.commit(Write([], RecordCosignature(second)))
+    store.commit(Write([], RecordCosignature(CosignatureRecord(6, b"s" * 32, "w1+0011+AQ", "y"))))
+    assert store.cosignatures(5) == [first, second]
+    assert [c.line for c in store.cosignatures(6)] == ["y"]
+    assert store.cosignatures(7) == []
 
 
 def test_one_proof_presented_concurrently_is_accepted_exactly_once(store: Store) -> None:

@@ -181,6 +181,25 @@ class RecordProof:
     now: float
 
 
+@dataclass(frozen=True)
+class CosignatureRecord:
+    """A witness's accepted cosignature of the signed tree head for `tree_size` leaves with
+    root `root`: its C2SP signature line, by the witness whose verifier key is `witness`."""
+
+    tree_size: int
+    root: bytes
+    witness: str
+    line: str
+
+
+@dataclass(frozen=True)
+class RecordCosignature:
+    """Keep a witness's cosignature; a second one by the same witness for the same tree size
+    is ignored (the first stands: both say the same thing)."""
+
+    cosignature: CosignatureRecord
+
+
 Mutation = (
     CreateRun
     | EndRun
@@ -191,6 +210,7 @@ Mutation = (
     | PruneAudit
     | ForgetIdempotencyKeys
     | RecordProof
+    | RecordCosignature
 )
 
 
@@ -417,6 +437,10 @@ class Store(Protocol):
     def tree_nodes(self, ids: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """The stored Merkle tree nodes among `ids` ((level, index) of full subtrees; see
         broker.audit.merkle); absent ids are left out."""
+        ...
+
+    def cosignatures(self, tree_size: int) -> list[CosignatureRecord]:
+        """The witnesses' cosignatures kept for the tree head of `tree_size` leaves."""
         ...
 
     def tree_base(self) -> int:

@@ -18,6 +18,7 @@ from broker.store import (
     CommitListener,
     Committed,
     Conflict,
+    CosignatureRecord,
     CreateRun,
     EndRun,
     ForgetIdempotencyKeys,
@@ -30,6 +31,7 @@ from broker.store import (
     PublicKeyRecord,
     PublishKey,
     RecordCheckpoint,
+    RecordCosignature,
     RecordProof,
     RenewLease,
     RetireKey,
@@ -68,6 +70,7 @@ class MemoryStore:
         self._events: list[AuditEvent] = []
         self._keys: dict[str, PublicKeyRecord] = {}
         self._checkpoints: list[CheckpointRecord] = []
+        self._cosignatures: dict[tuple[int, str], CosignatureRecord] = {}
         self._pruned_through = 0
         # The chain's head survives pruning even when every event is gone.
         self._head = (0, audit.GENESIS_HASH)
@@ -178,6 +181,9 @@ class MemoryStore:
                 if len(self._proofs) > PROOF_PRUNE_AT:
                     self._proofs = {k: v for k, v in self._proofs.items() if v >= mutation.now}
                 self._proofs[(mutation.jkt, mutation.jti)] = mutation.expires
+                return None
+            case RecordCosignature(cosignature=c):
+                self._cosignatures.setdefault((c.tree_size, c.witness), c)
                 return None
             case ForgetIdempotencyKeys(ended_before=cutoff):
                 self._idempotency = {
@@ -297,6 +303,11 @@ class MemoryStore:
     def tree_nodes(self, ids: Sequence[NodeId]) -> dict[NodeId, bytes]:
         with self._lock:
             return {i: self._tree[i] for i in ids if i in self._tree}
+
+    def cosignatures(self, tree_size: int) -> list[CosignatureRecord]:
+        with self._lock:
+            kept = [c for (size, _), c in self._cosignatures.items() if size == tree_size]
+        return sorted(kept, key=lambda c: c.witness)
 
     def tree_base(self) -> int:
         return 0

@@ -47,6 +47,7 @@ from broker.store import (
     PruneConflict,
     PublishKey,
     RecordCheckpoint,
+    RecordCosignature,
     RecordProof,
     RenewLease,
     RetireKey,
@@ -562,6 +563,13 @@ def _apply_mutation(conn: psycopg.Connection[Any], mutation: Mutation) -> Run | 
                 "INSERT INTO dpop_proofs (jkt, jti, expires) VALUES (%s, %s, %s) "
                 "ON CONFLICT (jkt, jti) DO UPDATE SET expires = EXCLUDED.expires",
                 (mutation.jkt, mutation.jti, mutation.expires),
+            )
+            return None
+        case RecordCosignature(cosignature=c):
+            conn.execute(
+                "INSERT INTO audit_cosignatures (tree_size, root, witness, line) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (tree_size, witness) DO NOTHING",
+                (c.tree_size, c.root, c.witness, c.line),
             )
             return None
         case ForgetIdempotencyKeys(ended_before=cutoff):

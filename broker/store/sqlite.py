@@ -43,6 +43,7 @@ from broker.store import (
     PruneConflict,
     PublishKey,
     RecordCheckpoint,
+    RecordCosignature,
     RecordProof,
     RenewLease,
     RetireKey,
@@ -515,6 +516,13 @@ class SqliteStore(SqlReads):
                     (mutation.jkt, mutation.jti, mutation.expires),
                 )
                 return None
+            case RecordCosignature(cosignature=c):
+                conn.execute(
+                    "INSERT OR IGNORE INTO audit_cosignatures (tree_size, root, witness, line) "
+                    "VALUES (?, ?, ?, ?)",
+                    (c.tree_size, c.root, c.witness, c.line),
+                )
+                return None
             case ForgetIdempotencyKeys(ended_before=cutoff):
                 conn.execute(
                     "DELETE FROM idempotency_keys WHERE run_id IN (SELECT run_id FROM runs "
@@ -636,6 +644,9 @@ class SqliteStore(SqlReads):
 
     def _keeps_tree(self) -> bool:
         return "audit_tree" in self._tables  # read-only, on a schema before 0007
+
+    def _keeps_cosignatures(self) -> bool:
+        return "audit_cosignatures" in self._tables  # read-only, on a schema before 0008
 
     def close(self) -> None:
         if self._closed:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from broker.audit.events import AuditEvent
 from broker.audit.merkle import NodeId
 from broker.runs.model import Run
-from broker.store import CheckpointRecord, PublicKeyRecord, RunQuery, treerows
+from broker.store import CheckpointRecord, CosignatureRecord, PublicKeyRecord, RunQuery, treerows
 from broker.store.codec import (
     CHECKPOINT_COLUMNS,
     RUN_COLUMNS,
@@ -49,6 +49,18 @@ class SqlReads:
         if not self._keeps_tree():
             return {}
         return treerows.read_nodes(self._query, self.dialect, ids)
+
+    def _keeps_cosignatures(self) -> bool:
+        """False only for an old schema opened read-only (no cosignature table yet)."""
+        return True
+
+    def cosignatures(self, tree_size: int) -> list[CosignatureRecord]:
+        if not self._keeps_cosignatures():
+            return []
+        m = self.dialect.mark
+        sql = f"SELECT tree_size, root, witness, line FROM audit_cosignatures WHERE tree_size={m}"  # noqa: S608
+        rows = self._query(sql + " ORDER BY witness", (tree_size,))
+        return [CosignatureRecord(int(r[0]), bytes(r[1]), str(r[2]), str(r[3])) for r in rows]
 
     def tree_base(self) -> int:
         return treerows.tree_base(self._query) if self._keeps_tree() else 0
