@@ -15,6 +15,7 @@ from broker.audit.checkpoints import CheckpointSigner
 from broker.audit.feed import AuditFeed
 from broker.audit.keeper import DAY, AuditKeeper, KeeperSettings
 from broker.audit.lognote import LOG_KEY_FILE, LogKey, origin_for
+from broker.audit.quorum import WitnessKeyError, WitnessQuorum, WitnessVerifier
 from broker.audit.refusals import RefusalLedger
 from broker.audit.treehead import TreeHeads
 from broker.auth.authn import Authenticator, RunCredentialVerifier
@@ -35,7 +36,7 @@ from broker.runs.keys import CheckpointSigning, KeyRing
 from broker.runs.lifecycle import HOUR, MAX_DEADLINE, RunLifecycle
 from broker.runs.registry import RunRegistry
 from broker.runs.tokens import TokenService
-from broker.settings import Settings
+from broker.settings import Settings, SettingsError
 from broker.store import Store, StoreRefused, StoreUnavailable, headroom
 from broker.store.changes import ChangeFeed
 from broker.store.factory import OpenOptions
@@ -119,6 +120,7 @@ class Broker:
     authn: Authenticator
     keeper: AuditKeeper
     tree_heads: TreeHeads
+    quorum: WitnessQuorum
     changes: ChangeFeed
     refusals: RefusalLedger
     throttle: Throttle
@@ -333,6 +335,11 @@ def _assemble(
     )
     changes.subscribe(pages=keys.on_events)
     telemetry.watch(store, registry.active, lambda: feed.subscribers)
+    log_key = LogKey.load_or_create(
+        settings.audit_log_key or settings.data_dir / LOG_KEY_FILE, origin_for(issuer)
+    )
+    tree_heads = TreeHeads(store, log_key, authorizer)
+    witnesses = _witness_keys(settings)
     return Broker(
         settings=settings,
         store=store,
@@ -373,17 +380,26 @@ def _assemble(
             _keeper_settings(settings, issuer),
             changes=changes,
         ),
-        tree_heads=TreeHeads(
+        tree_heads=tree_heads,
+        quorum=WitnessQuorum(
             store,
-            LogKey.load_or_create(
-                settings.audit_log_key or settings.data_dir / LOG_KEY_FILE, origin_for(issuer)
-            ),
-            authorizer,
+            tree_heads,
+            log_key.verifier,
+            witnesses,
+            settings.witness_quorum,
+            lambda result: telemetry.metrics.cosignatures.add(1, {"result": result}),
         ),
         changes=changes,
         refusals=refusals,
         throttle=throttle,
     )
+
+
+def _witness_keys(settings: Settings) -> list[WitnessVerifier]:
+    try:
+        return [WitnessVerifier.load(path) for path in settings.witness_key]
+    except WitnessKeyError as exc:
+        raise SettingsError(f"--witness-key: {exc}") from None
 
 
 def _keeper_settings(settings: Settings, issuer: str) -> KeeperSettings:

@@ -55,6 +55,8 @@ class Settings:
     audit_checkpoint_interval: float = 60.0
     audit_retention_days: float = 0.0
     audit_log_key: Path | None = None
+    witness_key: tuple[Path, ...] = ()
+    witness_quorum: int = 0
     max_request_bytes: int = limits.DEFAULT_MAX_REQUEST_BYTES
     peer_rate: float = 20.0
     peer_burst: int = 100
@@ -166,6 +168,11 @@ def _check_audit_settings(settings: Settings) -> None:
         raise SettingsError("--audit-checkpoint-interval must be a positive number of seconds")
     if not settings.audit_retention_days >= 0:
         raise SettingsError("--audit-retention-days must be 0 (keep forever) or positive")
+    if not 0 <= settings.witness_quorum <= len(settings.witness_key):
+        raise SettingsError(
+            f"--witness-quorum must be 0 (off) to the number of --witness-key files "
+            f"({len(settings.witness_key)})"
+        )
 
 
 def _check_limits(settings: Settings) -> None:
@@ -213,13 +220,17 @@ def add_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         help_text = f"{_HELP.get(f.name, '')} [env {env}{default}]"
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif f.type == "tuple[Path, ...]":
+            parser.add_argument(
+                flag, action="append", default=None, metavar=f.name.upper(), help=help_text
+            )
         else:
             parser.add_argument(flag, default=None, metavar=f.name.upper(), help=help_text)
 
 
 def shown_default(value: object) -> str:
     """A default as people write it ("60", not "60.0"); "" for none (unset, off, empty)."""
-    if value is None or value is False or value == "":
+    if value is None or value is False or value == "" or value == ():
         return ""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -250,6 +261,10 @@ def _convert(name: str, type_name: object, raw: object) -> object:
         if text in ("0", "false", "no", "off", ""):
             return False
         raise SettingsError(f"{flag} must be true or false, not {raw!r}")
+    if type_name == "tuple[Path, ...]":
+        # Repeated flags, or one comma-separated environment variable.
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        return tuple(Path(item.strip()) for item in items if item.strip())
     text = str(raw)
     try:
         if type_name == "int":
@@ -310,6 +325,10 @@ _HELP = {
     "only (0 = keep forever)",
     "audit_log_key": "Ed25519 PEM key that signs audit tree heads and exports, with its "
     ".vkey beside it (default: audit-log-key.pem in the data dir, created)",
+    "witness_key": "a witness's cosignature key (the witness.vkey `token-broker witness` "
+    "writes); repeat for each witness whose cosignatures the broker accepts",
+    "witness_quorum": "cosignatures by distinct --witness-key witnesses that make a tree head "
+    "final (0 = off)",
     "max_request_bytes": "largest request message accepted (larger: RESOURCE_EXHAUSTED)",
     "peer_rate": "calls per second a peer may make without a valid credential (0 = no limit)",
     "peer_burst": "... at most this many at once",

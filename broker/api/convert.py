@@ -344,12 +344,13 @@ def asserted_identity(request: broker_pb2.ExecuteOnBehalfOfRequest) -> AssertedI
     return AssertedIdentity(subject=a.subject, email=a.email, display_name=a.display_name)
 
 
-def tree_head_pb(head: TreeHead) -> broker_pb2.TreeHead:
+def tree_head_pb(head: TreeHead, note: str | None = None) -> broker_pb2.TreeHead:
+    """`note`: the checkpoint as served (with witnesses' cosignatures); default the bare one."""
     return broker_pb2.TreeHead(
         origin=head.origin,
         tree_size=head.size,
         root_hash=head.root,
-        checkpoint=head.note,
+        checkpoint=head.note if note is None else note,
         tree_base=head.base,
     )
 

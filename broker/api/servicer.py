@@ -153,9 +153,12 @@ class TokenBrokerServicer(broker_pb2_grpc.TokenBrokerServiceServicer):
         self, request: broker_pb2.GetTreeHeadRequest, context: grpc.ServicerContext
     ) -> broker_pb2.GetTreeHeadResponse:
         heads = self._broker.tree_heads
+        served = self._broker.quorum.cosigned(heads.tree_head(calls.current()))
         return broker_pb2.GetTreeHeadResponse(
-            tree_head=convert.tree_head_pb(heads.tree_head(calls.current())),
+            tree_head=convert.tree_head_pb(served.head, served.note),
             verifier_key=heads.verifier_key,
+            cosignatures=served.cosignatures,
+            final=served.final,
         )
 
     def ProveInclusion(

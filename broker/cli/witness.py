@@ -4,6 +4,10 @@ last one accepted, and fail loudly on a fork, a rewrite or a rollback.
 Exit codes: 0 (with --once: the head was accepted), 1 an alarm (the log showed two
 histories; the line on stderr says which), 2 usage. The broker is reached as every
 broker-calling command reaches it; the witness needs role auditor (any scope).
+
+With --submit URL (the broker's HTTP address) each cosigned checkpoint is posted back to
+`URL/audit/cosignature`, where a broker configured with this witness's key keeps it toward its
+--witness-quorum. A failed submission is reported on stderr and is not an alarm.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -61,6 +67,11 @@ def add_command(commands: common.Commands) -> None:
         "--interval", type=common.positive_seconds, default=30.0, metavar="SECONDS"
     )
     witness.add_argument("--once", action="store_true", help="check one head, then exit")
+    witness.add_argument(
+        "--submit",
+        metavar="URL",
+        help="the broker's HTTP address: post each cosignature to URL/audit/cosignature",
+    )
     common.add_connection_flags(witness)
 
 
@@ -81,8 +92,34 @@ def _witness(args: argparse.Namespace) -> int:
                 return EXIT_ALARM
             head = accepted.checkpoint
             print(f"accepted {head.origin} size {head.size}", flush=True)
+            if args.submit:
+                _submit(args.submit, accepted.cosigned)
             if args.once or stop.wait(args.interval):
                 return 0
+
+
+def _submit(base_url: str, cosigned: str) -> None:
+    url = base_url.rstrip("/") + "/audit/cosignature"
+    if not url.startswith(("http://", "https://")):
+        raise common.CliError(f"--submit: {base_url!r} is not an http:// or https:// URL")
+    request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
+        url, data=cosigned.encode(), method="POST", headers={"Content-Type": "text/plain"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
+            answer.read()
+        print(f"submitted the cosignature to {url}", flush=True)
+    except (urllib.error.URLError, OSError) as exc:
+        detail = (
+            exc.read(512).decode(errors="replace")
+            if isinstance(exc, urllib.error.HTTPError)
+            else exc
+        )
+        print(
+            f"token-broker witness: cosignature not submitted to {url}: {detail}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _prover(client: BrokerClient) -> Prover:

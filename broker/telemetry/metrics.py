@@ -73,6 +73,11 @@ class BrokerMetrics:
         self.revocations = meter.create_counter(
             "tokenbroker.runs.revocations", unit="{call}", description="RevokeRun calls served"
         )
+        self.cosignatures = meter.create_counter(
+            "tokenbroker.audit.cosignatures",
+            unit="{submission}",
+            description="Witness cosignature submissions by result (accepted or refused)",
+        )
         self.audit_lag = meter.create_histogram(
             "tokenbroker.audit.stream.lag",
             unit="{event}",

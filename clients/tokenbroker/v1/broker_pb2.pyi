@@ -1411,8 +1411,16 @@ class GetTreeHeadResponse(_message.Message):
 
     TREE_HEAD_FIELD_NUMBER: _builtins.int
     VERIFIER_KEY_FIELD_NUMBER: _builtins.int
+    COSIGNATURES_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
     verifier_key: _builtins.str
     """The note verifier key that signs heads: `<name>+<hex key id>+<base64(0x01 || key)>`."""
+    cosignatures: _builtins.int
+    """How many distinct configured witnesses (--witness-key) cosigned this head; their C2SP
+    cosignature lines follow the log's signature in tree_head.checkpoint.
+    """
+    final: _builtins.bool
+    """True once at least --witness-quorum witnesses cosigned this head (never when it is 0)."""
     @_builtins.property
     def tree_head(self) -> Global___TreeHead:
         """The head of the tree as it stands."""
@@ -1422,10 +1430,12 @@ class GetTreeHeadResponse(_message.Message):
         *,
         tree_head: Global___TreeHead | None = ...,
         verifier_key: _builtins.str = ...,
+        cosignatures: _builtins.int = ...,
+        final: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tree_head", b"tree_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tree_head", b"tree_head", "verifier_key", b"verifier_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosignatures", b"cosignatures", "final", b"final", "tree_head", b"tree_head", "verifier_key", b"verifier_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
