@@ -387,7 +387,9 @@ def _assemble(
             log_key.verifier,
             witnesses,
             settings.witness_quorum,
-            lambda result: telemetry.metrics.cosignatures.add(1, {"result": result}),
+            lambda result: telemetry.metrics.cosignatures.add(
+                1, {"tokenbroker.cosignature.result": result}
+            ),
         ),
         changes=changes,
         refusals=refusals,

@@ -180,3 +180,69 @@ def test_witness_settings_are_checked_at_startup(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="--witness-quorum"):
         parse(["--witness-quorum", "1"])
     assert WitnessVerifier.parse(vkey.read_text()).name == "witness-a"
+
+
+@pytest.mark.slow
+def test_a_real_witness_process_makes_a_real_brokers_head_final_and_metrics_count_it(
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.support import start_broker_process
+    from tests.test_http_metrics import only, scrape
+    from tokenbroker.credentials import dev_admin_credentials, local_channel
+    from tokenbroker.v1 import broker_pb2_grpc
+
+    key, vkey = _witness_key(tmp_path / "witness", "witness-a")
+    data = tmp_path / "data"
+    process = start_broker_process(data, ["--witness-key", str(vkey), "--witness-quorum", "1"])
+    try:
+        env = {
+            **os.environ,
+            "TOKEN_BROKER_TARGET": process.target,
+            "TOKEN_BROKER_DATA_DIR": str(data),
+        }
+        witness = subprocess.run(
+            [
+                *(sys.executable, "-m", "broker", "witness"),
+                *("--log-key", str(data / (LOG_KEY_FILE + ".vkey"))),
+                *("--state", str(tmp_path / "witness"), "--name", "witness-a", "--once"),
+                *("--submit", process.http_url),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert witness.returncode == 0, witness.stderr
+        assert "submitted the cosignature" in witness.stdout
+        refused = urllib.request.Request(
+            process.http_url + "/audit/cosignature", data=b"not a checkpoint", method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(refused, timeout=10)
+        assert answer.value.code == 400
+        answer.value.close()
+
+        with local_channel(process.target, dev_admin_credentials(data)) as channel:
+            stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+
+            def head_if_final() -> broker_pb2.GetTreeHeadResponse | None:
+                head: broker_pb2.GetTreeHeadResponse = stub.GetTreeHead(
+                    broker_pb2.GetTreeHeadRequest(), timeout=10
+                )
+                return head if head.final else None
+
+            final = eventually(head_if_final, within=30, what="a final head")
+        assert verify_cosignature(final.tree_head.checkpoint, "witness-a", key.public_key) > 0
+        _, families = scrape(process.http_url)
+    finally:
+        assert process.terminate_and_wait() == 0
+    counted = families["tokenbroker_audit_cosignatures"]
+    name = "tokenbroker_audit_cosignatures_total"
+    assert only(counted, name, tokenbroker_cosignature_result="accepted") == 1
+    assert only(counted, name, tokenbroker_cosignature_result="refused") == 1

@@ -86,6 +86,10 @@ class BrokerMetrics:
         )
         self._meter = meter
 
+    def count_cosignature(self, result: str) -> None:
+        """A witness's cosignature submission: "accepted" or "refused"."""
+        self.cosignatures.add(1, {"tokenbroker.cosignature.result": result})
+
     def on_commit(self, committed: Committed, mutation: Mutation | None) -> None:
         """Count run transitions as the store commits them (every replica counts its own)."""
         run = committed.run
