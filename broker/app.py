@@ -387,9 +387,9 @@ def _assemble(
             log_key.verifier,
             witnesses,
             settings.witness_quorum,
-            lambda result: telemetry.metrics.cosignatures.add(
-                1, {"tokenbroker.cosignature.result": result}
-            ),
+            telemetry.metrics.count_cosignature,
+            refusals,
+            clock,
         ),
         changes=changes,
         refusals=refusals,

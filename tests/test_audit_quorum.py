@@ -20,6 +20,7 @@ from broker.audit.lognote import LOG_KEY_FILE, LogKey
 from broker.audit.quorum import WitnessVerifier
 from broker.audit.witness import WitnessKey, verify_cosignature
 from broker.settings import SettingsError, parse
+from broker.store import all_stored_events
 from tests.audit_support import auditor
 from tests.cli_support import local_broker, point_at, run_cli
 from tests.support import eventually
@@ -162,7 +163,16 @@ def test_forged_unknown_and_foreign_cosignatures_are_refused(tmp_path: Path) -> 
         for hostile in (b"", b"\xff\xfe", b"x" * 9000, good.encode() + b"not a signature\n"):
             _refused(server, hostile)
         assert not _tree_head(server).final
-        # The genuine one is accepted, and only then is the head final.
+        # Each refusal is audited (once per peer and reason per interval): the log grew.
+        refused = [
+            e.record["details"]["reason"]
+            for e in all_stored_events(server.broker.store)
+            if e.record["action"] == "audit.cosignature_refused"
+        ]
+        assert "not a checkpoint signed by this log" in refused
+        assert any("does not verify" in reason for reason in refused)
+        # The genuine one for the head as it now stands is accepted, and only then is it final.
+        good = _cosigned(server, key)
         status, _, answer = _http(server, "POST", "/audit/cosignature", good.encode())
         assert status == 200 and json.loads(answer) == {"accepted": ["witness-a"]}
         assert _tree_head(server).final
@@ -205,6 +215,14 @@ def test_a_real_witness_process_makes_a_real_brokers_head_final_and_metrics_coun
             "TOKEN_BROKER_TARGET": process.target,
             "TOKEN_BROKER_DATA_DIR": str(data),
         }
+        # A refusal first: it is audited, so it grows the log (a head is final for its size).
+        refused = urllib.request.Request(
+            process.http_url + "/audit/cosignature", data=b"not a checkpoint", method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(refused, timeout=10)
+        assert answer.value.code == 400
+        answer.value.close()
         witness = subprocess.run(
             [
                 *(sys.executable, "-m", "broker", "witness"),
@@ -220,13 +238,6 @@ def test_a_real_witness_process_makes_a_real_brokers_head_final_and_metrics_coun
         )
         assert witness.returncode == 0, witness.stderr
         assert "submitted the cosignature" in witness.stdout
-        refused = urllib.request.Request(
-            process.http_url + "/audit/cosignature", data=b"not a checkpoint", method="POST"
-        )
-        with pytest.raises(urllib.error.HTTPError) as answer:
-            urllib.request.urlopen(refused, timeout=10)
-        assert answer.value.code == 400
-        answer.value.close()
 
         with local_channel(process.target, dev_admin_credentials(data)) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)

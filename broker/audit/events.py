@@ -56,6 +56,8 @@ class Action:
     POLICY_RELOAD_FAILED = "policy.reload_failed"
     AUDIT_PRUNED = "audit.pruned"
     IDEMPOTENCY_FORGOTTEN = "idempotency.forgotten"
+    # A witness cosignature POSTed to the broker that it did not keep (broker.audit.quorum).
+    COSIGNATURE_REFUSED = "audit.cosignature_refused"
 
 
 @dataclass(frozen=True)

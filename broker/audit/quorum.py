@@ -26,8 +26,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit import merkle
+from broker.audit.events import Action, AuditDraft, Outcome
+from broker.audit.refusals import RefusalLedger
 from broker.audit.treehead import TreeHead, TreeHeads
 from broker.audit.witness import COSIGNATURE_TYPE
+from broker.auth.throttle import peer_source
+from broker.clock import Clock
 from broker.errors import InvalidArgument
 from broker.store import CosignatureRecord, RecordCosignature, Store, Write
 from tokenbroker.merkle import SIGNATURE_PREFIX, ProofError, VerifierKey, verify_checkpoint
@@ -109,6 +113,8 @@ class WitnessQuorum:
         witnesses: Sequence[WitnessVerifier],
         quorum: int,
         count: ResultCounter | None = None,
+        refusals: RefusalLedger | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._store = store
         self._heads = heads
@@ -116,6 +122,8 @@ class WitnessQuorum:
         self._witnesses = {(w.name, w.key_id): w for w in witnesses}
         self._quorum = quorum
         self._count = count or (lambda result: None)
+        self._refusals = refusals
+        self._clock = clock
 
     def cosigned(self, head: TreeHead) -> CosignedHead:
         """`head` with the cosignatures kept for it (for its size and root)."""
@@ -132,16 +140,31 @@ class WitnessQuorum:
     def latest(self) -> CosignedHead:
         return self.cosigned(self._heads.latest())
 
-    def submit(self, body: bytes) -> list[str]:
+    def submit(self, body: bytes, peer: str = "") -> list[str]:
         """Keep the configured witnesses' valid cosignatures in `body` (a cosigned checkpoint
-        note); the names of the witnesses kept. InvalidArgument when nothing can be kept."""
+        note); the names of the witnesses kept. InvalidArgument when nothing can be kept
+        (audited as a refusal: repeats from one peer for one reason become one counted event).
+        """
         try:
             kept = self._submit(body)
-        except InvalidArgument:
+        except InvalidArgument as error:
             self._count("refused")
+            self._audit_refusal(error, peer)
             raise
         self._count("accepted")
         return kept
+
+    def _audit_refusal(self, error: InvalidArgument, peer: str) -> None:
+        if self._refusals is None or self._clock is None:
+            return
+        reason = error.violations[0].rule if error.violations else error.message
+        event = AuditDraft(
+            time=self._clock(),
+            action=Action.COSIGNATURE_REFUSED,
+            outcome=Outcome.DENIED,
+            details={"reason": reason, "peer": peer},
+        )
+        self._refusals.record(event, source=peer_source(peer), reason=reason)
 
     def _submit(self, body: bytes) -> list[str]:
         if len(body) > MAX_SUBMISSION_BYTES:

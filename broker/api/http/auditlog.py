@@ -37,7 +37,7 @@ def register(routes: Routes, broker: Broker, issuer: str) -> None:
 
     def cosignature(request: Request) -> Response:
         try:
-            kept = quorum.submit(request.body)
+            kept = quorum.submit(request.body, request.peer)
         except InvalidArgument as error:
             return Response.json(400, {"error": "invalid_request", "message": error.message})
         return Response.json(200, {"accepted": kept}, _NO_STORE)
