@@ -220,6 +220,7 @@ def build_broker(
     """
     issuer = issuer or settings.effective_issuer
     given_policy = load_policy(settings.policy) if settings.policy else None
+    witnesses = _witness_keys(settings)  # like the policy: refused before opening anything
     opened = store is None
     store = open_store(settings, held_lock) if store is None else store
     try:
@@ -235,6 +236,7 @@ def build_broker(
             run_credentials=run_credentials,
             signer=signer,
             scrape=scrape,
+            witnesses=witnesses,
         )
     except StoreUnavailable as exc:
         # Reading the store at start failed (a damaged page, an I/O error): not serving.
@@ -260,6 +262,7 @@ def _assemble(
     meter_provider: MeterProvider | None,
     run_credentials: RunCredentialVerifier | None,
     signer: CheckpointSigner | None,
+    witnesses: list[WitnessVerifier],
     scrape: PrometheusScrape | None,
 ) -> Broker:
     if settings.policy is not None and given_policy is not None:
@@ -339,7 +342,6 @@ def _assemble(
         settings.audit_log_key or settings.data_dir / LOG_KEY_FILE, origin_for(issuer)
     )
     tree_heads = TreeHeads(store, log_key, authorizer)
-    witnesses = _witness_keys(settings)
     return Broker(
         settings=settings,
         store=store,
@@ -399,9 +401,17 @@ def _assemble(
 
 def _witness_keys(settings: Settings) -> list[WitnessVerifier]:
     try:
-        return [WitnessVerifier.load(path) for path in settings.witness_key]
+        witnesses = [WitnessVerifier.load(path) for path in settings.witness_key]
     except WitnessKeyError as exc:
         raise SettingsError(f"--witness-key: {exc}") from None
+    distinct = len({w.text() for w in witnesses})
+    if settings.witness_quorum > distinct:
+        # Two files with one key are one witness: such a quorum could never be reached.
+        raise SettingsError(
+            f"--witness-quorum {settings.witness_quorum} needs that many distinct witness "
+            f"keys; the --witness-key files hold {distinct}"
+        )
+    return witnesses
 
 
 def _keeper_settings(settings: Settings, issuer: str) -> KeeperSettings:

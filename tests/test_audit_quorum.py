@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.api.server import BrokerServer
+from broker.app import build_broker
 from broker.audit.lognote import LOG_KEY_FILE, LogKey
 from broker.audit.quorum import WitnessVerifier
 from broker.audit.witness import WitnessKey, verify_cosignature
@@ -23,6 +24,7 @@ from broker.settings import SettingsError, parse
 from broker.store import all_stored_events
 from tests.audit_support import auditor
 from tests.cli_support import local_broker, point_at, run_cli
+from tests.conftest import make_settings
 from tests.support import eventually
 from tokenbroker.merkle import checkpoint_text
 from tokenbroker.v1 import broker_pb2
@@ -190,6 +192,12 @@ def test_witness_settings_are_checked_at_startup(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="--witness-quorum"):
         parse(["--witness-quorum", "1"])
     assert WitnessVerifier.parse(vkey.read_text()).name == "witness-a"
+    from_env = parse([], {"TOKEN_BROKER_WITNESS_KEY": f"{vkey},{other}"})
+    assert from_env.witness_key == (vkey, other)
+    (tmp_path / "bad.vkey").write_text("witness-a+00000000+AQ==\n")
+    for keys in ((vkey, vkey), (tmp_path / "bad.vkey", other), (tmp_path / "absent", other)):
+        with pytest.raises(SettingsError, match="--witness-"):
+            build_broker(make_settings(tmp_path / "data", witness_key=keys, witness_quorum=2))
 
 
 @pytest.mark.slow
