@@ -414,8 +414,11 @@ def test_keys_of_a_store_before_key_schedules_sign_from_creation_and_retiring_on
 
 
 def _as_before_the_tree(db: Path) -> None:
-    """Turn a store back into one written before migration 0007 (no tree, no tree_base)."""
+    """Turn a store back into one written before migration 0007 (no tree, no tree_base, and
+    none of the later migrations' tables)."""
     conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP TABLE audit_cosignatures")
+    conn.execute("DELETE FROM schema_migrations WHERE version = 8")
     conn.execute("DROP TABLE audit_tree")
     conn.execute("ALTER TABLE audit_retention DROP COLUMN tree_base")
     conn.execute("DELETE FROM schema_migrations WHERE version = 7")
