@@ -30,7 +30,6 @@ from broker.audit.events import Action, AuditDraft, Outcome
 from broker.audit.refusals import RefusalLedger
 from broker.audit.treehead import TreeHead, TreeHeads
 from broker.audit.witness import COSIGNATURE_TYPE
-from broker.auth.throttle import peer_source
 from broker.clock import Clock
 from broker.errors import InvalidArgument
 from broker.store import CosignatureRecord, RecordCosignature, Store, Write
@@ -162,9 +161,10 @@ class WitnessQuorum:
             time=self._clock(),
             action=Action.COSIGNATURE_REFUSED,
             outcome=Outcome.DENIED,
-            details={"reason": reason, "peer": peer},
+            details={"reason": reason, "peer": peer[:128]},
         )
-        self._refusals.record(event, source=peer_source(peer), reason=reason)
+        # The HTTP peer is an address without a port: one source per client host.
+        self._refusals.record(event, source=peer[:128], reason=reason)
 
     def _submit(self, body: bytes) -> list[str]:
         if len(body) > MAX_SUBMISSION_BYTES:
