@@ -265,3 +265,16 @@ def test_a_real_witness_process_makes_a_real_brokers_head_final_and_metrics_coun
     name = "tokenbroker_audit_cosignatures_total"
     assert only(counted, name, tokenbroker_cosignature_result="accepted") == 1
     assert only(counted, name, tokenbroker_cosignature_result="refused") == 1
+
+
+def test_a_witness_whose_key_the_broker_does_not_know_is_told_so_and_is_not_alarmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _witness_key(tmp_path / "witness", "witness-a")
+    with _broker(tmp_path, quorum=0) as server:
+        point_at(monkeypatch, server)
+        out = _run_witness(capsys, server, tmp_path / "witness", "witness-a")
+        assert "cosignature not submitted" in out
+        assert "no cosignature by a witness this broker is configured with" in out
+        head = _tree_head(server)
+        assert head.cosignatures == 0 and not head.final
