@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from broker.api.server import create_server
+from broker.store import CosignatureRecord, RecordCosignature, Write
 from broker.store.factory import OpenOptions, open_store
 from tests.accounts import callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
@@ -53,6 +54,14 @@ def test_a_store_moves_to_postgresql_and_back_with_its_chain_intact(
     policy = standard_policy(tmp_path)
     runs = fill(tmp_path / "data", policy)
     sqlite_url = f"sqlite:{tmp_path / 'data' / 'broker.db'}"
+    # A witness's cosignature of one head (the store keeps what the quorum accepted).
+    original = open_store(sqlite_url, OpenOptions())
+    try:
+        size = original.head_sequence()
+        cosigned = CosignatureRecord(size, b"r" * 32, "witness+0011+AQ", "— witness AQID")
+        original.commit(Write([], RecordCosignature(cosigned)))
+    finally:
+        original.close()
 
     moved = token_broker("store", "migrate", "--from", sqlite_url, "--to", pg_dsn)
     assert moved.returncode == 0, moved.stderr
@@ -67,6 +76,7 @@ def test_a_store_moves_to_postgresql_and_back_with_its_chain_intact(
         assert copy.stored_events(0, 10_000) == original.stored_events(0, 10_000)
         assert copy.checkpoints(0, 1000) == original.checkpoints(0, 1000)
         assert copy.get_run(runs[0]) == original.get_run(runs[0])
+        assert copy.cosignatures(size) == original.cosignatures(size) == [cosigned]
     finally:
         original.close()
         copy.close()

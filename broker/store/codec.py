@@ -210,6 +210,9 @@ TABLES = (
     Table("audit_checkpoints", CHECKPOINT_COLUMNS, "sequence"),
     Table("audit_events", EVENT_COLUMNS, "sequence"),
     Table("audit_tree", "level, idx, hash", "level, idx"),
+    # Witnesses' cosignatures: a copy keeps the heads that were final final. (DPoP proofs seen
+    # are not copied: they matter for a minute, and a copy is made with the brokers stopped.)
+    Table("audit_cosignatures", "tree_size, root, witness, line", "tree_size, witness"),
 )
 
 
