@@ -140,3 +140,35 @@ def test_a_head_for_the_same_size_with_another_root_is_a_fork(tmp_path: Path) ->
     other = LogKey.generate("log.example/audit")
     with pytest.raises(Alarm, match="does not verify with the log's key"):
         witness.observe(other.sign(checkpoint_text(log.name, 6, bytes(32))), lambda a, b: [])
+
+
+def test_a_witness_counts_accepted_heads_and_alarms_for_the_operators_collector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.otel_support import otlp_attributes, start_otlp_receiver
+
+    receiver = start_otlp_receiver()
+    data, state = tmp_path / "data", tmp_path / "witness"
+    try:
+        with local_broker(data) as server:
+            point_at(monkeypatch, server)
+            _start_runs(capsys, 3)
+            monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", receiver.endpoint)
+            assert _witness(capsys, data, state)[0] == 0
+            assert "tokenbroker.witness.heads" in receiver.metric_names()
+            _rewrite_history(data / "broker.db", 2)
+            _start_runs(capsys, 1)
+            assert _witness(capsys, data, state)[0] == 1
+        [alarm] = [
+            point
+            for request in receiver.metrics
+            for resource in request.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "tokenbroker.witness.alarms"
+            for point in metric.sum.data_points
+        ]
+        assert alarm.as_int == 1
+        assert otlp_attributes(alarm.attributes) == {"tokenbroker.witness.alarm": "rewrite"}
+    finally:
+        receiver.stop()

@@ -8,6 +8,11 @@ broker-calling command reaches it; the witness needs role auditor (any scope).
 With --submit URL (the broker's HTTP address) each cosigned checkpoint is posted back to
 `URL/audit/cosignature`, where a broker configured with this witness's key keeps it toward its
 --witness-quorum. A failed submission is reported on stderr and is not an alarm.
+
+With OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT set, the witness also counts what it saw for the
+operator's dashboards: `tokenbroker.witness.heads` (accepted heads) and
+`tokenbroker.witness.alarms` (with `tokenbroker.witness.alarm`: fork, rewrite, rollback, …),
+exported before it exits.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from opentelemetry import metrics
 
 from broker.audit.witness import Alarm, Prover, Witness, WitnessKey
 from broker.cli import common
+from broker.telemetry import setup
 from tokenbroker.client import BrokerClient
 from tokenbroker.merkle import ProofError, VerifierKey
 
 EXIT_ALARM = 1
+WITNESS_SERVICE = "token-broker-witness"
 
 
 def add_command(commands: common.Commands) -> None:
@@ -83,19 +91,36 @@ def _witness(args: argparse.Namespace) -> int:
     if not vkey.exists():
         vkey.write_text(key.verifier_text() + "\n")
     stop = threading.Event()
-    with common.connect(args) as client:
-        while True:
-            try:
-                accepted = witness.observe(client.tree_head().tree_head.checkpoint, _prover(client))
-            except Alarm as alarm:
-                print(f"token-broker witness: ALARM: {alarm}", file=sys.stderr, flush=True)
-                return EXIT_ALARM
-            head = accepted.checkpoint
-            print(f"accepted {head.origin} size {head.size}", flush=True)
-            if args.submit:
-                _submit(args.submit, accepted.cosigned)
-            if args.once or stop.wait(args.interval):
-                return 0
+    meters = setup.meter_provider_from_env(os.environ, WITNESS_SERVICE)
+    meter = (meters or metrics.NoOpMeterProvider()).get_meter("broker.cli.witness")
+    accepted_heads = meter.create_counter("tokenbroker.witness.heads", "{head}")
+    alarms = meter.create_counter("tokenbroker.witness.alarms", "{alarm}")
+    try:
+        with common.connect(args) as client:
+            while True:
+                try:
+                    checkpoint = client.tree_head().tree_head.checkpoint
+                    accepted = witness.observe(checkpoint, _prover(client))
+                except Alarm as alarm:
+                    alarms.add(1, {"tokenbroker.witness.alarm": _kind(alarm)})
+                    print(f"token-broker witness: ALARM: {alarm}", file=sys.stderr, flush=True)
+                    return EXIT_ALARM
+                accepted_heads.add(1)
+                head = accepted.checkpoint
+                print(f"accepted {head.origin} size {head.size}", flush=True)
+                if args.submit:
+                    _submit(args.submit, accepted.cosigned)
+                if args.once or stop.wait(args.interval):
+                    return 0
+    finally:
+        if meters is not None:
+            meters.shutdown()  # exports what was counted, the alarm above all
+
+
+def _kind(alarm: Alarm) -> str:
+    """The alarm's kind as its message names it first ("rewrite: …" → "rewrite")."""
+    kind = str(alarm).split(":", 1)[0]
+    return kind if kind.isidentifier() else "other"
 
 
 def _submit(base_url: str, cosigned: str) -> None:

@@ -217,6 +217,14 @@ def tracer_provider_from_env(
     return _tracer_provider(environ, _resource(environ, service_name), console=False)
 
 
+def meter_provider_from_env(environ: Mapping[str, str], service_name: str) -> MeterProvider | None:
+    """Metrics only, over OTLP as the variables say, for a process without an HTTP port (the
+    witness); None when nothing is to be exported. Shut it down to export what was counted."""
+    if _disabled(environ):
+        return None
+    return _meter_provider(environ, _resource(environ, service_name), scrape=False)[0]
+
+
 def exports_traces(environ: Mapping[str, str]) -> bool:
     """Whether the variables ask for spans to be exported."""
     return not _disabled(environ) and otlp_config(environ, "TRACES") is not None
