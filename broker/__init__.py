@@ -9,6 +9,7 @@ Packages, from the ground up (each `__init__` says what it owns and what it may 
 
     errors, clock, ids, identity, context   value types every layer shares
     limits       the limit of every request field, and how caller text is shown
+    keyfile      private keys on disk: written once, 0600, fsynced
     store/       the Store protocol, the factory and one module per backend
     runs/        runs, permissions, delegation, tokens and signing keys
     auth/        who is calling (authn) and may it (authz)

@@ -17,8 +17,9 @@ from google.protobuf import duration_pb2
 
 from broker.api.server import BrokerServer, create_server
 from broker.audit.events import Action
+from broker.keyfile import write_private_key
 from broker.policy.file import PolicyError, load_policy
-from broker.runs.keys import generate_private_key, write_private_key
+from broker.runs.keys import generate_private_key
 from tests.accounts import Callers, callers_of, standard_accounts
 from tests.conftest import make_settings, standard_policy
 from tests.support import ShiftedClock, start_run_request

@@ -14,7 +14,7 @@ BROKER = Path(__file__).resolve().parent.parent / "broker"
 CLIENT = BROKER.parent / "clients" / "tokenbroker"
 
 DOMAIN = ("runs", "auth", "policy", "audit", "telemetry")
-SHARED = ("errors", "clock", "ids", "identity", "context", "settings", "limits")
+SHARED = ("errors", "clock", "ids", "identity", "context", "settings", "limits", "keyfile")
 TRANSPORTS = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "tokenbroker.v1")
 ABOVE_DOMAIN = ("broker.api", "broker.cli", "broker.app", "broker.bench")
 # What the client distribution (clients/pyproject.toml) requires; tracing and the samples

@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.keyfile import write_private_key
 from tokenbroker.merkle import SIGNATURE_PREFIX, VerifierKey, note_key_id
 
 LOG_KEY_FILE = "audit-log-key.pem"
@@ -83,17 +84,7 @@ class LogKey:
         return key
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pem = self._key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_private_key(path, self._key)
         vkey = path.with_name(path.name + VKEY_SUFFIX)
         fd = os.open(vkey, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:

@@ -32,6 +32,7 @@ from opentelemetry import metrics
 
 from broker.audit.witness import Alarm, Prover, Witness, WitnessKey
 from broker.cli import common
+from broker.keyfile import write_private_key
 from broker.telemetry import setup
 from tokenbroker.client import BrokerClient
 from tokenbroker.merkle import ProofError, VerifierKey
@@ -172,14 +173,5 @@ def _witness_key(path: Path, name: str) -> WitnessKey:
             raise common.CliError(f"{path}: the witness key must be an Ed25519 private key")
         return WitnessKey(name, private)
     private = Ed25519PrivateKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(
-            private.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+    write_private_key(path, private)
     return WitnessKey(name, private)

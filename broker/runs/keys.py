@@ -19,7 +19,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from broker.clock import Clock
 from broker.context import CallContext
 from broker.errors import FailedPrecondition, Unavailable
 from broker.identity import BROKER
+from broker.keyfile import write_private_key
 from broker.store import PublicKeyRecord, PublishKey, RetireKey, Store, Write, durable
 from tokenbroker.verification import PublicKey
 
@@ -109,21 +109,6 @@ def load_private_key(path: Path) -> PrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ValueError(f"{path}: signing keys must be EC P-256 or RSA")
     return key
-
-
-def write_private_key(path: Path, key: PrivateKey) -> None:
-    """Write a PEM private key readable by the owner only, created 0600 (never widened)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 @dataclass(frozen=True)
