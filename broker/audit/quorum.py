@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,11 +28,18 @@ from broker.audit import merkle
 from broker.audit.events import Action, AuditDraft, Outcome
 from broker.audit.refusals import RefusalLedger
 from broker.audit.treehead import TreeHead, TreeHeads
-from broker.audit.witness import COSIGNATURE_TYPE
+from broker.audit.witness import COSIGNATURE_TYPE, cosignature_message
 from broker.clock import Clock
 from broker.errors import InvalidArgument
 from broker.store import CosignatureRecord, RecordCosignature, Store, Write
-from tokenbroker.merkle import SIGNATURE_PREFIX, ProofError, VerifierKey, verify_checkpoint
+from tokenbroker.merkle import (
+    SIGNATURE_PREFIX,
+    ProofError,
+    VerifierKey,
+    parse_verifier_key,
+    verifier_key_text,
+    verify_checkpoint,
+)
 
 MAX_SUBMISSION_BYTES = 8 * 1024  # a checkpoint and a few signature lines
 _COSIGNATURE_BLOB = 4 + 8 + 64  # key id, time, Ed25519 signature
@@ -57,20 +63,10 @@ class WitnessVerifier:
 
     @classmethod
     def parse(cls, text: str) -> WitnessVerifier:
-        parts = text.strip().split("+", 2)
-        if len(parts) != 3 or not parts[0] or any(c.isspace() for c in parts[0]):
-            raise WitnessKeyError("a witness key is <name>+<hex key id>+<base64 key>")
-        name, hex_id, encoded = parts
         try:
-            key_id, raw = bytes.fromhex(hex_id), base64.b64decode(encoded, validate=True)
-        except (ValueError, binascii.Error):
-            raise WitnessKeyError("the witness key's id or key is not hex / base64") from None
-        if len(key_id) != 4 or len(raw) != 33 or raw[0] != COSIGNATURE_TYPE:
-            raise WitnessKeyError("only Ed25519 cosignature keys (type 0x04) are accepted")
-        data = name.encode() + b"\n" + raw
-        if hashlib.sha256(data).digest()[:4] != key_id:
-            raise WitnessKeyError("the witness key's id does not match its name and key")
-        return cls(name, key_id, raw[1:])
+            return cls(*parse_verifier_key(text, COSIGNATURE_TYPE, "witness key"))
+        except ProofError as exc:
+            raise WitnessKeyError(str(exc)) from None
 
     @classmethod
     def load(cls, path: Path) -> WitnessVerifier:
@@ -80,12 +76,11 @@ class WitnessVerifier:
             raise WitnessKeyError(f"cannot read {path}: {exc}") from None
 
     def text(self) -> str:
-        encoded = base64.b64encode(bytes([COSIGNATURE_TYPE]) + self.public_key).decode()
-        return f"{self.name}+{self.key_id.hex()}+{encoded}"
+        return verifier_key_text(self.name, COSIGNATURE_TYPE, self.public_key)
 
     def verifies(self, blob: bytes, checkpoint_text: str) -> bool:
         (when,) = struct.unpack(">Q", blob[4:12])
-        message = f"cosignature/v1\ntime {when}\n{checkpoint_text}".encode()
+        message = cosignature_message(checkpoint_text, when)
         try:
             Ed25519PublicKey.from_public_bytes(self.public_key).verify(blob[12:], message)
         except InvalidSignature:

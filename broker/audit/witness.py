@@ -15,7 +15,6 @@ big-endian) || signature)>`.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import struct
@@ -32,6 +31,8 @@ from tokenbroker.merkle import (
     Checkpoint,
     ProofError,
     VerifierKey,
+    note_key_id,
+    verifier_key_text,
     verify_checkpoint,
     verify_consistency,
 )
@@ -65,19 +66,21 @@ class WitnessKey:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         self.public_key = raw
-        data = name.encode() + b"\n" + bytes([COSIGNATURE_TYPE]) + raw
-        self.key_id = hashlib.sha256(data).digest()[:4]
+        self.key_id = note_key_id(name, raw, COSIGNATURE_TYPE)
 
     def verifier_text(self) -> str:
-        encoded = base64.b64encode(bytes([COSIGNATURE_TYPE]) + self.public_key).decode()
-        return f"{self.name}+{self.key_id.hex()}+{encoded}"
+        return verifier_key_text(self.name, COSIGNATURE_TYPE, self.public_key)
 
     def cosign(self, checkpoint_text: str, now: int) -> str:
         """The cosignature line for a checkpoint's text (its lines before the blank line)."""
-        message = f"cosignature/v1\ntime {now}\n{checkpoint_text}".encode()
-        signature = self._key.sign(message)
+        signature = self._key.sign(cosignature_message(checkpoint_text, now))
         blob = self.key_id + struct.pack(">Q", now) + signature
         return f"{SIGNATURE_PREFIX}{self.name} {base64.b64encode(blob).decode()}"
+
+
+def cosignature_message(checkpoint_text: str, when: int) -> bytes:
+    """What a witness signs (C2SP tlog-cosignature v1): the checkpoint's text with a time."""
+    return f"cosignature/v1\ntime {when}\n{checkpoint_text}".encode()
 
 
 def verify_cosignature(note: str, name: str, public_key: bytes) -> int:
@@ -85,18 +88,19 @@ def verify_cosignature(note: str, name: str, public_key: bytes) -> int:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    key_id = hashlib.sha256(name.encode() + b"\n" + bytes([COSIGNATURE_TYPE]) + public_key)
+    key_id = note_key_id(name, public_key, COSIGNATURE_TYPE)
     text, _, signatures = note.partition("\n\n")
     text += "\n"
     for line in signatures.splitlines():
         signer, _, encoded = line.removeprefix(SIGNATURE_PREFIX).partition(" ")
         blob = base64.b64decode(encoded)
-        if signer != name or blob[:4] != key_id.digest()[:4] or len(blob) != 76:
+        if signer != name or blob[:4] != key_id or len(blob) != 76:
             continue
         (when,) = struct.unpack(">Q", blob[4:12])
-        message = f"cosignature/v1\ntime {when}\n{text}".encode()
         try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(blob[12:], message)
+            Ed25519PublicKey.from_public_bytes(public_key).verify(
+                blob[12:], cosignature_message(text, when)
+            )
         except InvalidSignature:
             raise ProofError(f"the cosignature by {name} does not verify") from None
         return int(when)

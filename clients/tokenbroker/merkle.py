@@ -200,28 +200,41 @@ class VerifierKey:
 
     @classmethod
     def parse(cls, text: str) -> VerifierKey:
-        parts = text.strip().split("+", 2)  # the base64 key may hold "+" itself
-        if len(parts) != 3 or not _valid_name(parts[0]):
-            raise ProofError("a verifier key is <name>+<hex key id>+<base64 key>")
-        name, hex_id, encoded = parts
-        try:
-            key_id, raw = bytes.fromhex(hex_id), base64.b64decode(encoded, validate=True)
-        except (ValueError, binascii.Error):
-            raise ProofError("the verifier key's id or key is not hex / base64") from None
-        if len(key_id) != 4 or len(raw) != 33 or raw[0] != ED25519_TYPE:
-            raise ProofError("only Ed25519 verifier keys (type 0x01, 32 bytes) are accepted")
-        if note_key_id(name, raw[1:]) != key_id:
-            raise ProofError("the verifier key's id does not match its name and key")
-        return cls(name, key_id, raw[1:])
+        return cls(*parse_verifier_key(text, ED25519_TYPE, "verifier key"))
 
     def text(self) -> str:
-        encoded = base64.b64encode(bytes([ED25519_TYPE]) + self.public_key).decode()
-        return f"{self.name}+{self.key_id.hex()}+{encoded}"
+        return verifier_key_text(self.name, ED25519_TYPE, self.public_key)
 
 
-def note_key_id(name: str, public_key: bytes) -> bytes:
-    data = name.encode() + b"\n" + bytes([ED25519_TYPE]) + public_key
+def note_key_id(name: str, public_key: bytes, key_type: int = ED25519_TYPE) -> bytes:
+    """The 4-byte key id of a signed-note key: SHA-256(name ‖ "\n" ‖ type ‖ key)[:4]."""
+    data = name.encode() + b"\n" + bytes([key_type]) + public_key
     return hashlib.sha256(data).digest()[:4]
+
+
+def verifier_key_text(name: str, key_type: int, public_key: bytes) -> str:
+    """`<name>+<hex key id>+<base64(type ‖ public key)>`, as signed-note verifier keys are
+    written (type 0x01 a log's Ed25519 key, 0x04 a witness's cosignature key)."""
+    encoded = base64.b64encode(bytes([key_type]) + public_key).decode()
+    return f"{name}+{note_key_id(name, public_key, key_type).hex()}+{encoded}"
+
+
+def parse_verifier_key(text: str, key_type: int, what: str) -> tuple[str, bytes, bytes]:
+    """(name, key id, 32-byte Ed25519 public key) of a verifier key of `key_type`; ProofError,
+    naming `what` it should be, for anything else."""
+    parts = text.strip().split("+", 2)  # the base64 key may hold "+" itself
+    if len(parts) != 3 or not _valid_name(parts[0]):
+        raise ProofError(f"a {what} is <name>+<hex key id>+<base64 key>")
+    name, hex_id, encoded = parts
+    try:
+        key_id, raw = bytes.fromhex(hex_id), base64.b64decode(encoded, validate=True)
+    except (ValueError, binascii.Error):
+        raise ProofError(f"the {what}'s id or key is not hex / base64") from None
+    if len(key_id) != 4 or len(raw) != 33 or raw[0] != key_type:
+        raise ProofError(f"only Ed25519 {what}s (type 0x{key_type:02x}, 32 bytes) are accepted")
+    if note_key_id(name, raw[1:], key_type) != key_id:
+        raise ProofError(f"the {what}'s id does not match its name and key")
+    return name, key_id, raw[1:]
 
 
 def _valid_name(name: str) -> bool:
