@@ -15,7 +15,6 @@ import pytest
 
 from broker.api.server import BrokerServer, create_server
 from broker.app import build_broker
-from broker.runs.binding import ProofRejected
 from tests.accounts import standard_accounts, write_policy
 from tests.conftest import make_settings
 from tests.conftest import standard_policy as _standard_policy
@@ -491,29 +490,6 @@ def test_the_policy_requires_bound_credentials_for_runs_a_delegator_starts(
         if e.draft.action == "run.refused"
     ]
     assert len(refusals) == 1 and "bound credentials" in refusals[0]
-
-
-def test_the_http_token_exchange_binds_to_the_key_of_a_valid_proof_and_refuses_a_bad_one(
-    server: BrokerServer,
-) -> None:
-    """The function the HTTP token exchange calls (RFC 9449 §5): no ath, its own URL."""
-    tokens = server.broker.tokens
-    key = DPoPKey.generate()
-    endpoint = "https://broker.example.com/oauth2/token"
-    proof = key.proof("POST", endpoint)
-    assert tokens.binding_of_proof(proof, htm="POST", htu=endpoint).jkt == key.thumbprint
-    for bad, status in (
-        (proof, TokenStatus.PROOF_REPLAYED),
-        (key.proof("POST", endpoint + "/other"), TokenStatus.PROOF_WRONG_URL),
-        (key.proof("GET", endpoint), TokenStatus.PROOF_WRONG_METHOD),
-        ("not-a-proof", TokenStatus.PROOF_MALFORMED),
-    ):
-        with pytest.raises(ProofRejected) as refused:
-            tokens.binding_of_proof(bad, htm="POST", htu=endpoint)
-        assert refused.value.status is status
-    with pytest.raises(ProofRejected) as refused:
-        tokens.binding_of_proof(key.proof("POST", endpoint), htm="POST", htu=endpoint, nonce="n")
-    assert refused.value.status is TokenStatus.PROOF_NONCE_REQUIRED
 
 
 # -- the executor hand-off -----------------------------------------------------------------------

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from broker import limits
-from broker.errors import FieldViolation, InvalidArgument
+from broker.errors import InvalidArgument
 from broker.runs.model import Run
 from broker.runs.permissions import PermissionSet, ladder_for, rank
 from broker.store import ProofReplayed, RecordProof, Store, Write, durable
 from tokenbroker import dpop
-from tokenbroker.verification import TokenStatus
 
 MAX_JWK_CHARS = 4096
 
@@ -57,16 +56,6 @@ def jkt_of_jwk_file(path: Path) -> str:
         return jkt_of_jwk(text.strip(), "jwk")
     except InvalidArgument as exc:
         raise ValueError(exc.violations[0].rule) from None
-
-
-class ProofRejected(InvalidArgument):
-    """A DPoP proof sent to obtain a bound token is not valid; `status` says which check
-    failed. At an HTTP token endpoint: 400 `invalid_dpop_proof` (RFC 9449 §7.1), or
-    `use_dpop_nonce` when the status is PROOF_NONCE_REQUIRED (§8)."""
-
-    def __init__(self, status: TokenStatus, reason: str) -> None:
-        super().__init__([FieldViolation("dpop", reason)])
-        self.status = status
 
 
 def jkt_of_jwk(text: str, field: str) -> str:

@@ -23,7 +23,7 @@ from broker.identity import (
     PrincipalKind,
 )
 from broker.ids import new_token_id
-from broker.runs.binding import UNBOUND, Binding, ProofRejected, StoreReplayCache
+from broker.runs.binding import UNBOUND, Binding, StoreReplayCache
 from broker.runs.keys import KeyRing
 from broker.runs.model import Run, RunState
 from broker.runs.permissions import PermissionSet
@@ -173,25 +173,6 @@ class TokenService:
             token=credential,
             expected_jkt=expected_jkt,
         )
-
-    def binding_of_proof(
-        self,
-        proof: str,
-        *,
-        htm: str,
-        htu: str,
-        nonce: str | Callable[[str], bool] | None = None,
-    ) -> Binding:
-        """What a token requested with this DPoP proof is bound to: the proof's key (RFC 9449
-        §5, a token request: no `ath`). For the HTTP token exchange: `htm` the request's
-        method, `htu` the endpoint's own public URL, `nonce` what the endpoint requires, if
-        anything. ProofRejected (with the precise status) for an invalid or replayed proof."""
-        verdict = dpop.check_proof(
-            proof, htm=htm, htu=htu, now=self._clock(), replay=self.replay, nonce=nonce
-        )
-        if not verdict.ok:
-            raise ProofRejected(verdict.status, verdict.reason)
-        return Binding(jkt=verdict.jkt)
 
     def check(
         self,
