@@ -3,24 +3,23 @@ cannot be guessed."""
 
 from __future__ import annotations
 
-import secrets
+import base64
+import os
 import time
 
-_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-
-
-def _encode(value: int, length: int) -> str:
-    chars = []
-    for _ in range(length):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+# Crockford's base32 (lower case), by translating the RFC 4648 alphabet base64 writes.
+_CROCKFORD = bytes.maketrans(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789abcdefghjkmnpqrstvwxyz"
+)
 
 
 def ulid() -> str:
     """A 26-character ULID-style id: 48 bits of milliseconds, 80 random bits."""
     millis = int(time.time() * 1000) & ((1 << 48) - 1)
-    return _encode(millis, 10) + _encode(secrets.randbits(80), 16)
+    value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
+    # 160 bits are 32 base32 digits; the first 6 encode the 30 zero bits above the 130 that
+    # 26 digits hold (one call into C instead of a Python loop per digit).
+    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(_CROCKFORD).decode()
 
 
 def new_run_id() -> str:

@@ -372,7 +372,9 @@ def is_plain_text(value: str) -> bool:
     """No control characters, separators or bidi overrides; no unpaired surrogates."""
     if _FORBIDDEN.search(value):
         return False
-    return not any(unicodedata.category(c) == "Cs" for c in value)
+    # Surrogates are not ASCII: most text (ids, audiences, reasons) is, and is done here
+    # without looking at each character in Python.
+    return value.isascii() or not any(unicodedata.category(c) == "Cs" for c in value)
 
 
 def parse_email(value: str) -> tuple[str, str] | None:

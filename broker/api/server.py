@@ -265,24 +265,38 @@ def _check_address(address: str) -> None:
 
 class _LateInterceptors(grpc.ServerInterceptor):
     """The interceptor chain, installed once the broker exists: gRPC takes interceptors
-    when the server is made, and the server is made (and bound) before the broker."""
+    when the server is made, and the server is made (and bound) before the broker.
 
-    def __init__(self) -> None:
-        self._chain: Sequence[grpc.ServerInterceptor] = ()
+    gRPC asks the interceptors for a method's handler on every call; the wrapped handler of
+    a method never changes (the per-call work happens inside it), so it is built once per
+    method and kept. Only methods that exist are kept: a name a caller makes up finds no
+    handler and is not remembered."""
+
+    def __init__(self, *first: grpc.ServerInterceptor) -> None:
+        self._first = first
+        self._chain: Sequence[grpc.ServerInterceptor] = first
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def install(self, *chain: grpc.ServerInterceptor) -> None:
-        self._chain = chain
+        self._chain = (*self._first, *chain)
+        self._handlers = {}
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._handlers.get(handler_call_details.method)
+        if handler is not None:
+            return handler
         # The first interceptor is outermost, as in grpc.server(interceptors=[...]).
         call = continuation
         for interceptor in reversed(self._chain):
             call = _bound(interceptor, call)
-        return call(handler_call_details)
+        handler = call(handler_call_details)
+        if handler is not None:
+            self._handlers[handler_call_details.method] = handler
+        return handler
 
 
 def _bound(
@@ -298,11 +312,11 @@ def _bind_grpc(
     credentials = _credentials(settings)
     if worker is None:
         _check_address(settings.listen)  # a worker's supervisor checked and holds it
-    interceptors = _LateInterceptors()
+    # An undecodable body is refused first, before any span, authentication or audit.
+    interceptors = _LateInterceptors(DecodeGuard())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        # An undecodable body is refused first, before any span, authentication or audit.
-        interceptors=[DecodeGuard(), interceptors],
+        interceptors=[interceptors],
         options=[
             # One process alone must be told when its port is taken; the workers of one
             # `serve --workers` share theirs, which their supervisor holds for them.

@@ -10,7 +10,9 @@ the offending value.
 
 from __future__ import annotations
 
-from google.protobuf.descriptor import FieldDescriptor
+import functools
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from broker import limits
@@ -63,9 +65,8 @@ def _message(message: Message, path: str, out: Violations) -> None:
 
 def _missing(message: Message, present: set[str], path: str, out: Violations) -> None:
     """Required fields left unset (or empty: proto3 cannot tell the two apart)."""
-    for field in message.DESCRIPTOR.fields:
-        rule = limits.rule_for(field.full_name)
-        if field.name in present or rule is None or not rule.required:
+    for field, rule in _required(message.DESCRIPTOR):
+        if field.name in present:
             continue
         where = f"{path}{field.name}"
         before = len(out)
@@ -75,10 +76,19 @@ def _missing(message: Message, present: set[str], path: str, out: Violations) ->
             out.append(FieldViolation(where, f"required: {rule.rule}"))
 
 
+# Per message type and field, what the limits table says never changes: looked up once
+# (a request walks a few dozen fields; the descriptors are a fixed, finite set).
+@functools.cache
+def _required(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, limits.Rule], ...]:
+    rules = ((field, limits.rule_for(field.full_name)) for field in descriptor.fields)
+    return tuple((field, rule) for field, rule in rules if rule is not None and rule.required)
+
+
 def _is_repeated(field: FieldDescriptor) -> bool:
     return bool(field.is_repeated)
 
 
+@functools.cache
 def _is_map(field: FieldDescriptor) -> bool:
     entry = field.message_type
     return _is_repeated(field) and entry is not None and bool(entry.GetOptions().map_entry)
