@@ -331,8 +331,9 @@ def _assemble(
         authorizer,
         registry.get,
         observer=telemetry,
-        # Half the workers at most follow audit streams; the rest stay free for everyone else.
-        max_subscribers=settings.max_workers // 2,
+        # Each live stream holds a thread of the streams' pool (broker.api.server), which
+        # has this many and a few more for health watches and reflection.
+        max_subscribers=settings.max_audit_streams,
         changes=changes,
         max_per_principal=settings.audit_streams_per_principal,
     )

@@ -46,7 +46,8 @@ class Settings:
     executor_dpop_jwk: Path | None = None
     log_level: str = "info"
     log_format: str = "json"
-    max_workers: int = 64
+    max_workers: int = 16
+    max_audit_streams: int = 32
     workers: int = 1
     shutdown_grace: float = 4.0
     reap_interval: float = 1.0
@@ -181,7 +182,12 @@ def _check_limits(settings: Settings) -> None:
     for name in ("peer_rate", "principal_rate"):
         if not getattr(settings, name) >= 0:
             raise SettingsError(f"--{name.replace('_', '-')} must be 0 (no limit) or positive")
-    for name in ("peer_burst", "principal_burst", "audit_streams_per_principal"):
+    for name in (
+        "peer_burst",
+        "principal_burst",
+        "audit_streams_per_principal",
+        "max_audit_streams",
+    ):
         if getattr(settings, name) < 1:
             raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
     if not settings.refusal_audit_interval > 0:
@@ -313,7 +319,10 @@ _HELP = {
     "are bound to that key (DPoP, RFC 9449) unless the request named another",
     "log_level": "debug, info, warning or error",
     "log_format": "json or text",
-    "max_workers": "gRPC worker threads (per process)",
+    "max_workers": "threads serving unary calls (per process); more only helps calls that "
+    "wait, such as hand-offs to a slow executor",
+    "max_audit_streams": "live StreamAudit streams per process, all principals together (each "
+    "holds a thread of the streams' own pool)",
     "workers": "broker processes serving one address (SO_REUSEPORT) over one store; "
     "a supervisor restarts any that dies (needs sqlite: or postgresql://)",
     "shutdown_grace": "seconds in-flight calls get to finish on SIGTERM",

@@ -60,6 +60,8 @@ SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["TokenBrokerService"].full
 WRITES_HEALTH_NAME = "tokenbroker.v1.writes"
 READINESS_PROBE_INTERVAL = 1.0
 SIGNAL_POLL_INTERVAL = 1.0
+# Threads of the streams' pool beyond --max-audit-streams: health watches and reflection.
+OTHER_STREAMS = 8
 
 
 class ListenError(OSError):
@@ -87,6 +89,7 @@ class BrokerServer:
     health: health.HealthServicer
     http: HttpServer | None = None
     servicer: TokenBrokerServicer | None = None
+    streams: futures.Executor | None = None  # the streaming calls' own pool
     _stopping: threading.Event = field(default_factory=threading.Event)
     _writes_ready: bool | None = None
 
@@ -142,6 +145,8 @@ class BrokerServer:
         self.health.enter_graceful_shutdown()
         self.broker.feed.close()  # followers end with UNAVAILABLE: resume elsewhere or later
         self.grpc_server.stop(grace).wait()
+        if self.streams is not None:
+            self.streams.shutdown(wait=False)
         if self.http is not None:
             self.http.stop()
         self.broker.close()
@@ -272,8 +277,9 @@ class _LateInterceptors(grpc.ServerInterceptor):
     method and kept. Only methods that exist are kept: a name a caller makes up finds no
     handler and is not remembered."""
 
-    def __init__(self, *first: grpc.ServerInterceptor) -> None:
+    def __init__(self, *first: grpc.ServerInterceptor, streams: futures.Executor) -> None:
         self._first = first
+        self.streams = streams
         self._chain: Sequence[grpc.ServerInterceptor] = first
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
@@ -295,8 +301,19 @@ class _LateInterceptors(grpc.ServerInterceptor):
             call = _bound(interceptor, call)
         handler = call(handler_call_details)
         if handler is not None:
+            _on_pool(handler, self.streams)
             self._handlers[handler_call_details.method] = handler
         return handler
+
+
+def _on_pool(handler: grpc.RpcMethodHandler[Any, Any], streams: futures.Executor) -> None:
+    """Streaming calls run on a pool of their own (grpcio's per-method thread pool): a live
+    audit stream holds its thread for as long as it follows the log, and unary calls keep a
+    small pool whose few threads stay warm. With one pool for both, sized for the streams,
+    every unary call woke one of many threads (measured in docs/performance.md)."""
+    for behavior in (handler.unary_stream, handler.stream_stream):
+        if behavior is not None:
+            behavior.experimental_thread_pool = streams  # type: ignore[union-attr]
 
 
 def _bound(
@@ -312,8 +329,11 @@ def _bind_grpc(
     credentials = _credentials(settings)
     if worker is None:
         _check_address(settings.listen)  # a worker's supervisor checked and holds it
+    streams = futures.ThreadPoolExecutor(
+        max_workers=settings.max_audit_streams + OTHER_STREAMS, thread_name_prefix="stream"
+    )
     # An undecodable body is refused first, before any span, authentication or audit.
-    interceptors = _LateInterceptors(DecodeGuard())
+    interceptors = _LateInterceptors(DecodeGuard(), streams=streams)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         interceptors=[interceptors],
@@ -415,7 +435,9 @@ def create_server(
         telemetry, executor = broker.telemetry, settings.executor_target
         handoff.instrument(lambda channel: traced_channel(channel, telemetry, executor))
         handoff.broker_target = f"{listen_host}:{port}"  # the port is known only now
-    return BrokerServer(server, port, broker, health_servicer, http, servicer)
+    return BrokerServer(
+        server, port, broker, health_servicer, http, servicer, streams=interceptors.streams
+    )
 
 
 def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:

@@ -202,9 +202,9 @@ def run(plan: Plan, work: Path, out_dir: Path) -> int:
             return 0
     try:
         for name in (SMALL, LARGE):
-            # Each live stream holds a server thread, and at most half of them may stream:
-            # room for every fan-out subscriber beside the unary load.
-            threads = ("--max-workers", str(2 * plan.fanout_subscribers + 32))
+            # Room for every fan-out subscriber, the revocation followers and the catch-up
+            # readers at once.
+            threads = ("--max-audit-streams", str(plan.fanout_subscribers + 32))
             brokers[name] = b = brokerproc.start(work / name, policy, work / f"{name}.log", threads)
             say(f"broker {name}: pid {b.pid}, {b.target} (attach a profiler here)")
         memory["start"] = {name: b.memory_kib() for name, b in brokers.items()}
