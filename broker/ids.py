@@ -3,23 +3,20 @@ cannot be guessed."""
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 
-# Crockford's base32 (lower case), by translating the RFC 4648 alphabet base64 writes.
-_CROCKFORD = bytes.maketrans(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789abcdefghjkmnpqrstvwxyz"
-)
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+# Every pair of digits (10 bits): 13 lookups make the 26 digits of 130 bits, instead of a
+# Python step per digit (an id is made for every call, two for every token).
+_PAIRS = [high + low for high in _CROCKFORD for low in _CROCKFORD]
 
 
 def ulid() -> str:
     """A 26-character ULID-style id: 48 bits of milliseconds, 80 random bits."""
     millis = int(time.time() * 1000) & ((1 << 48) - 1)
     value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
-    # 160 bits are 32 base32 digits; the first 6 encode the 30 zero bits above the 130 that
-    # 26 digits hold (one call into C instead of a Python loop per digit).
-    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(_CROCKFORD).decode()
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -10, -10)])
 
 
 def new_run_id() -> str:
