@@ -5,7 +5,7 @@
         async for event in broker.stream_audit(run_id=started.run.run_id, follow=False):
             print(event.action)
 
-Methods, arguments, return values, deadlines, retries and errors are those of
+Methods, arguments, return values, deadlines, retries, errors and tracing are those of
 `tokenbroker.client.BrokerClient` (the request builders, retry rules and error mapping are
 shared); only the calls are awaited and the iterators are asynchronous. Create the client
 inside the event loop that uses it.
@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from tokenbroker import messages
 from tokenbroker.bound import StepToken
-from tokenbroker.client import DEFAULT_TIMEOUT, local_credentials
+from tokenbroker.client import DEFAULT_TIMEOUT, local_credentials, tracing_wanted
 from tokenbroker.connect import RunEnvironment, Tls, open_aio_channel
 from tokenbroker.credentials import bearer_credentials
 from tokenbroker.defaults import DEFAULT_TARGET
@@ -37,31 +35,25 @@ from tokenbroker.messages import Asserted, Permissions, Seconds
 from tokenbroker.retry import Attempts, Retry, RetryPolicy, rule_for
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
+if TYPE_CHECKING:
+    from tokenbroker.tracing import TracerProvider
+
 Request = TypeVar("Request", bound=Message)
 Response = TypeVar("Response", bound=Message)
 
 
-TraceMetadata = Callable[[], tuple[tuple[str, str], ...]]
-
-
-def _no_trace_metadata() -> tuple[tuple[str, str], ...]:
-    return ()
-
-
-def _trace_metadata_source() -> TraceMetadata:
-    """What each call adds to carry the trace in TRACEPARENT on; nothing (and no import of
-    OpenTelemetry) without one."""
-    if not os.environ.get("TRACEPARENT"):
-        return _no_trace_metadata
+def _tracing_interceptors(
+    target: str, tracer_provider: TracerProvider | None
+) -> list[grpc.aio.ClientInterceptor]:
+    """As `tokenbroker.client._traced` decides for `BrokerClient`: interceptors only when there
+    is a provider or a trace to join, and OpenTelemetry is installed."""
+    if not tracing_wanted(tracer_provider):
+        return []
     try:
         from tokenbroker import tracing
     except ImportError:  # installed without the `tracing` extra
-        return _no_trace_metadata
-
-    parent = tracing.environment_context()
-    if parent is None:
-        return _no_trace_metadata
-    return functools.partial(tracing.context_metadata, parent)
+        return []
+    return tracing.aio_client_interceptors(tracer_provider, target=target)
 
 
 class AsyncBrokerClient:
@@ -77,12 +69,15 @@ class AsyncBrokerClient:
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         run_id: str = "",
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         """As `BrokerClient`; a given `channel` must be a grpc.aio channel.
 
-        Started inside another process's trace (`TRACEPARENT` in the environment), calls
-        carry that trace context — or the current span's, when there is one — to the broker;
-        this client records no spans of its own."""
+        Tracing as `BrokerClient`: with a `tracer_provider`, every call (every attempt of a
+        retried one, every opening of an audit stream) is a CLIENT span whose context goes to
+        the broker; started inside another process's trace (`TRACEPARENT` in the
+        environment), calls join that trace when no span of this process is current, with or
+        without a provider. A given `channel` is used as it is."""
         if (channel is None) == (not target):
             raise ValueError("give a target or a channel (one of them)")
         if timeout <= 0:
@@ -92,11 +87,11 @@ class AsyncBrokerClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._owns_channel = channel is None
-        self._channel = (
-            channel if channel is not None else open_aio_channel(target, credentials, tls)
-        )
+        if channel is None:
+            interceptors = _tracing_interceptors(target, tracer_provider)
+            channel = open_aio_channel(target, credentials, tls, interceptors)
+        self._channel = channel
         self._stub = broker_pb2_grpc.TokenBrokerServiceStub(self._channel)
-        self._metadata = _trace_metadata_source()
 
     @classmethod
     def local(
@@ -367,7 +362,7 @@ class AsyncBrokerClient:
         if timeout is None and not follow:
             timeout = self.timeout
         attempts = Attempts(self.retry, Retry.ON_UNAVAILABLE, timeout)
-        return AsyncAuditStream(self._stub, request, attempts, self._metadata)
+        return AsyncAuditStream(self._stub, request, attempts)
 
     async def _unary(
         self,
@@ -384,7 +379,7 @@ class AsyncBrokerClient:
                 return await rpc(
                     request,
                     timeout=attempts.timeout(),
-                    metadata=((REQUEST_ID_HEADER, request_id), *self._metadata()),
+                    metadata=((REQUEST_ID_HEADER, request_id),),
                 )
             except grpc.RpcError as error:
                 delay = attempts.delay_before_retry(error)
@@ -401,10 +396,8 @@ class AsyncAuditStream(AsyncIterator[types_pb2.AuditEvent]):
         stub: broker_pb2_grpc.TokenBrokerServiceAsyncStub,
         request: broker_pb2.StreamAuditRequest,
         attempts: Attempts,
-        trace_metadata: TraceMetadata = _no_trace_metadata,
     ) -> None:
         self._stub = stub
-        self._trace_metadata = trace_metadata
         self._request = request
         self._follow = not request.stop_at_head
         self._attempts = attempts
@@ -467,7 +460,7 @@ class AsyncAuditStream(AsyncIterator[types_pb2.AuditEvent]):
             self._call = self._stub.StreamAudit(
                 request,
                 timeout=self._attempts.timeout(),
-                metadata=((REQUEST_ID_HEADER, self._request_id), *self._trace_metadata()),
+                metadata=((REQUEST_ID_HEADER, self._request_id),),
             )
         return self._call
 

@@ -75,24 +75,27 @@ def local_credentials(data_dir: str | Path) -> grpc.CallCredentials:
         ) from exc
 
 
+def tracing_wanted(tracer_provider: TracerProvider | None) -> bool:
+    """Whether a client's calls may be traced: with a provider, or started inside a trace
+    (`TRACEPARENT`) to join. Otherwise a client has no tracing interceptor at all (one that
+    can only make no-op spans is not worth its cost per call) and never imports OpenTelemetry."""
+    return tracer_provider is not None or bool(os.environ.get("TRACEPARENT"))
+
+
 def _traced(
     channel: grpc.Channel, target: str, tracer_provider: TracerProvider | None
 ) -> grpc.Channel:
-    """`channel` traced when there is a provider or a trace to join; as it is otherwise (an
-    interceptor that can only make no-op spans is not worth its cost per call). OpenTelemetry
-    is imported only then, and a client installed without it (no `tracing` extra) passes
-    nothing on."""
-    if tracer_provider is None and not os.environ.get("TRACEPARENT"):
+    """`channel` traced when there is a provider or a trace to join; as it is otherwise, and
+    when the client was installed without OpenTelemetry (no `tracing` extra)."""
+    if not tracing_wanted(tracer_provider):
         return channel
     try:
         from tokenbroker import tracing
     except ImportError:  # installed without the `tracing` extra: nothing to join with
         return channel
 
-    parent = tracing.environment_context()
-    if tracer_provider is None and parent is None:
-        return channel
-    return tracing.intercept_channel(channel, tracer_provider, target=target, parent=parent)
+    interceptor = tracing.client_interceptor(tracer_provider, target=target)
+    return channel if interceptor is None else grpc.intercept_channel(channel, interceptor)
 
 
 class BrokerClient:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,14 +140,20 @@ def open_channel(
 
 
 def open_aio_channel(
-    target: str, credentials: grpc.CallCredentials | None, tls: Tls = None
+    target: str,
+    credentials: grpc.CallCredentials | None,
+    tls: Tls = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """An asyncio channel to `target` (create it inside the event loop that uses it)."""
+    """An asyncio channel to `target` (create it inside the event loop that uses it), through
+    `interceptors` (a grpc.aio channel takes them when it is made, never later)."""
     secure = channel_credentials(target, credentials, tls)
     address, options = grpc_target(target)
+    channel_options = [*RECONNECT_OPTIONS, *options]
+    chain = list(interceptors) or None
     if secure is None:
-        return grpc.aio.insecure_channel(address, options=[*RECONNECT_OPTIONS, *options])
-    return grpc.aio.secure_channel(address, secure, options=[*RECONNECT_OPTIONS, *options])
+        return grpc.aio.insecure_channel(address, options=channel_options, interceptors=chain)
+    return grpc.aio.secure_channel(address, secure, options=channel_options, interceptors=chain)
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,13 @@ records it, an executor runs it, the APIs its steps call check its tokens. They 
 trace when each service propagates W3C `traceparent` and `baggage` through gRPC metadata:
 
     channel = tracing.intercept_channel(grpc.insecure_channel(target))    # outgoing calls
+    channel = grpc.aio.insecure_channel(target, interceptors=tracing.aio_interceptors())  # asyncio
     server = grpc.server(pool, interceptors=[tracing.ServerTracingInterceptor()])  # incoming
     provider.add_span_processor(tracing.baggage_span_processor())         # stamp the run on spans
 
 A process started inside someone else's trace (a CI step whose runner exports `TRACEPARENT`,
 `TRACESTATE` and `BAGGAGE`, OpenTelemetry's environment-variable carrier) joins it through
-`environment_context()`: `BrokerClient` does so by itself.
+`environment_context()`: `BrokerClient` and `AsyncBrokerClient` do so by themselves.
 
 The broker puts the run's id, its pipeline, the service that triggered it and the person it
 runs for into baggage (`RUN_BAGGAGE_KEYS`) when it starts a run (in the response's trailing
@@ -21,12 +22,13 @@ for identity. Every function here swallows its own failures: telemetry never fai
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, cast
@@ -149,21 +151,6 @@ def environment_context(environ: Mapping[str, str] | None = None) -> Context | N
         log.debug("unreadable TRACEPARENT", exc_info=True)
         return None
     return context if trace.get_current_span(context).get_span_context().is_valid else None
-
-
-def context_metadata(fallback: Context | None) -> tuple[tuple[str, str], ...]:
-    """`traceparent`, `tracestate` and `baggage` metadata for a call made without a tracing
-    interceptor: the current span's context, else `fallback` (e.g. `environment_context()`)."""
-    try:
-        context = None
-        if not trace.get_current_span().get_span_context().is_valid:
-            context = fallback
-        carrier: dict[str, str] = {}
-        PROPAGATOR.inject(carrier, context=context)
-        return tuple(carrier.items())
-    except Exception:
-        log.debug("could not propagate the trace context", exc_info=True)
-        return ()
 
 
 def target_attributes(target: str) -> dict[str, Any]:
@@ -489,22 +476,13 @@ class _CallDetails(grpc.ClientCallDetails):
 
 _ALL_CODES = frozenset(grpc.StatusCode) - {grpc.StatusCode.OK}
 
+Trailing = Callable[[], Iterable[tuple[str, Any]] | None]
 
-class ClientTracingInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """A CLIENT span per call; `traceparent` and the current baggage go out in the metadata.
 
-    Run entries of the baggage the server sends back (the broker does when it starts a run)
-    are recorded on the client span. `attributes`, when given, is asked for more attributes
-    as each span starts (facts the calling service knows itself). `target` is the channel's
-    target, for `server.address` and `server.port`. `parent` is the context a call joins when
-    no span is current (e.g. `environment_context()`). Without a provider the global one is
-    used; a no-op one still passes the parent's trace context on.
-    """
+class _ClientSpans:
+    """What the synchronous and the asyncio client interceptors share: a CLIENT span per
+    call, and the call's metadata carrying that span's context (see ClientTracingInterceptor
+    for the arguments)."""
 
     def __init__(
         self,
@@ -521,36 +499,59 @@ class ClientTracingInterceptor(
         self._server = MappingProxyType(target_attributes(target))
         self._parent = parent
 
-    def _start(self, details: grpc.ClientCallDetails) -> tuple[Span, grpc.ClientCallDetails]:
+    def _start(
+        self, full_method: str, metadata: Iterable[tuple[str, Any]] | None
+    ) -> tuple[Span, tuple[tuple[str, Any], ...]]:
+        """The call's span, started, and `metadata` with its context in place of any
+        propagation headers it had."""
         parent = None
         if self._parent is not None and not trace.get_current_span().get_span_context().is_valid:
             parent = self._parent
         span = self._tracer.start_span(
-            _span_name(details.method), context=parent, kind=SpanKind.CLIENT
+            _span_name(full_method), context=parent, kind=SpanKind.CLIENT
         )
         if span.is_recording():
-            span.set_attributes(rpc_attributes(details.method))
+            span.set_attributes(rpc_attributes(full_method))
             span.set_attributes(self._server)
             if self._attributes is not None:
                 span.set_attributes(self._attributes())
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier, context=trace.set_span_in_context(span, parent))
-        kept = [(k, v) for k, v in details.metadata or () if k not in _PROPAGATION_KEYS]
-        traced = _CallDetails(
-            method=details.method,
-            timeout=details.timeout,
-            metadata=(*kept, *carrier.items()),
-            credentials=details.credentials,
-            wait_for_ready=details.wait_for_ready,
-            compression=getattr(details, "compression", None),
-        )
-        return span, traced
+        kept = [(k, v) for k, v in metadata or () if k not in _PROPAGATION_KEYS]
+        return span, (*kept, *carrier.items())
+
+
+class ClientTracingInterceptor(
+    _ClientSpans,
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """A CLIENT span per call; `traceparent` and the current baggage go out in the metadata.
+
+    Run entries of the baggage the server sends back (the broker does when it starts a run)
+    are recorded on the client span. `attributes`, when given, is asked for more attributes
+    as each span starts (facts the calling service knows itself). `target` is the channel's
+    target, for `server.address` and `server.port`. `parent` is the context a call joins when
+    no span is current (e.g. `environment_context()`). Without a provider the global one is
+    used; a no-op one still passes the parent's trace context on. For grpc.aio channels see
+    `aio_interceptors`.
+    """
 
     def _intercept(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> tuple[Any, Span | None]:
         try:
-            span, traced = self._start(details)
+            span, metadata = self._start(details.method, details.metadata)
+            traced = _CallDetails(
+                method=details.method,
+                timeout=details.timeout,
+                metadata=metadata,
+                credentials=details.credentials,
+                wait_for_ready=details.wait_for_ready,
+                compression=getattr(details, "compression", None),
+            )
         except Exception:
             log.debug("could not start a client span", exc_info=True)
             return continuation(details, request), None
@@ -581,7 +582,7 @@ class ClientTracingInterceptor(
             return call
 
         def done() -> None:
-            _end_client(span, call.code(), call)
+            _end_client(span, call.code(), call.trailing_metadata)
 
         if not call.add_callback(done):  # already terminated
             done()
@@ -602,9 +603,9 @@ def _end_unary(span: Span, future: Any) -> None:
             return
         error = future.exception()
         if error is None:
-            _end_client(span, future.code(), future)
+            _end_client(span, future.code(), future.trailing_metadata)
         elif isinstance(error, grpc.Call):
-            _end_client(span, error.code(), error)
+            _end_client(span, error.code(), error.trailing_metadata)
         else:
             _end_client(span, grpc.StatusCode.UNKNOWN, None)
     except Exception:
@@ -612,12 +613,13 @@ def _end_unary(span: Span, future: Any) -> None:
         span.end()
 
 
-def _end_client(span: Span, code: grpc.StatusCode | None, call: grpc.Call | None) -> None:
+def _end_client(span: Span, code: grpc.StatusCode | None, trailing: Trailing | None) -> None:
+    """Record the call's status (and the run baggage in its trailing metadata) and end it."""
     try:
         code = code or grpc.StatusCode.UNKNOWN
         _record_status(span, code, _ALL_CODES)
-        if call is not None and span.is_recording():
-            span.set_attributes(run_baggage_of(call.trailing_metadata()))
+        if trailing is not None and span.is_recording():
+            span.set_attributes(run_baggage_of(trailing()))
     except Exception:
         log.debug("could not record the outcome of a call", exc_info=True)
     finally:
@@ -638,3 +640,126 @@ def intercept_channel(
         tracer_provider, attributes=attributes, target=target, parent=parent
     )
     return grpc.intercept_channel(channel, interceptor)
+
+
+def client_interceptor(
+    tracer_provider: trace.TracerProvider | None, *, target: str = ""
+) -> ClientTracingInterceptor | None:
+    """The interceptor `BrokerClient` traces its calls with: one joining the trace in the
+    environment (`TRACEPARENT`) when no span is current, or None when there is no provider and
+    no such trace (an interceptor that can only make no-op spans is not worth its cost)."""
+    parent = environment_context()
+    if tracer_provider is None and parent is None:
+        return None
+    return ClientTracingInterceptor(tracer_provider, target=target, parent=parent)
+
+
+# --- client side, asyncio --------------------------------------------------------------------
+
+
+class _AsyncClientSpans(_ClientSpans):
+    async def _call(
+        self, continuation: Callable[..., Awaitable[Any]], details: Any, request: Any
+    ) -> tuple[Any, Span | None]:
+        """The call `continuation` makes, with its span (None when none could start)."""
+        try:
+            method = details.method  # bytes in grpc.aio, whatever its typing stubs say
+            full_method = method.decode() if isinstance(method, bytes) else method
+            span, metadata = self._start(full_method, details.metadata)
+            traced = grpc.aio.ClientCallDetails(
+                method,
+                details.timeout,
+                grpc.aio.Metadata(*metadata),
+                details.credentials,
+                details.wait_for_ready,
+            )
+        except Exception:
+            log.debug("could not start a client span", exc_info=True)
+            return await continuation(details, request), None
+        try:
+            return await continuation(traced, request), span
+        except asyncio.CancelledError:
+            _end_client(span, grpc.StatusCode.CANCELLED, None)
+            raise
+        except BaseException:
+            _end_client(span, grpc.StatusCode.UNKNOWN, None)
+            raise
+
+
+async def _end_when_done(span: Span, call: Any) -> None:
+    """End `span` with an asyncio call's status once it has one. Cancelled while it waits
+    (whoever awaited the call was), it cancels the call: nobody is left to read its answer."""
+    try:
+        code = await call.code()
+        trailing = await call.trailing_metadata()
+    except asyncio.CancelledError:
+        call.cancel()
+        _end_client(span, grpc.StatusCode.CANCELLED, None)
+        raise
+    except Exception:
+        log.debug("could not read the outcome of a call", exc_info=True)
+        span.end()
+        return
+    _end_client(span, code, lambda: trailing)
+
+
+class AsyncUnaryUnaryTracingInterceptor(_AsyncClientSpans, grpc.aio.UnaryUnaryClientInterceptor):
+    """ClientTracingInterceptor for a grpc.aio channel's unary calls: the span ends with the
+    call's status before the caller's `await` returns."""
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        call, span = await self._call(continuation, client_call_details, request)
+        if span is not None:
+            await _end_when_done(span, call)
+        return call
+
+
+class AsyncUnaryStreamTracingInterceptor(_AsyncClientSpans, grpc.aio.UnaryStreamClientInterceptor):
+    """ClientTracingInterceptor for a grpc.aio channel's server-streaming calls: the span
+    ends when the stream does — its last message read, an error, or cancelled."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The event loop holds tasks weakly: these are kept until they have ended their span.
+        self._ending: set[asyncio.Task[None]] = set()
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        call, span = await self._call(continuation, client_call_details, request)
+        if span is not None:
+            ending = asyncio.ensure_future(_end_when_done(span, call))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
+        return call
+
+
+def aio_interceptors(
+    tracer_provider: trace.TracerProvider | None = None,
+    *,
+    attributes: Callable[[], Mapping[str, str]] | None = None,
+    target: str = "",
+    parent: Context | None = None,
+) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors that trace a grpc.aio channel's unary and server-streaming calls as
+    ClientTracingInterceptor does a synchronous one's (same arguments):
+    `grpc.aio.insecure_channel(target, interceptors=tracing.aio_interceptors(provider))`.
+    Two of them, because grpc.aio gives each interceptor one kind of call."""
+    options: dict[str, Any] = {"attributes": attributes, "target": target, "parent": parent}
+    return [
+        AsyncUnaryUnaryTracingInterceptor(tracer_provider, **options),
+        AsyncUnaryStreamTracingInterceptor(tracer_provider, **options),
+    ]
+
+
+def aio_client_interceptors(
+    tracer_provider: trace.TracerProvider | None, *, target: str = ""
+) -> list[grpc.aio.ClientInterceptor]:
+    """`client_interceptor` for `AsyncBrokerClient`: none without a provider or a trace in the
+    environment to join."""
+    parent = environment_context()
+    if tracer_provider is None and parent is None:
+        return []
+    return aio_interceptors(tracer_provider, target=target, parent=parent)
