@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
@@ -89,6 +90,21 @@ def in_memory_sdk(service: str, processors: Sequence[SpanProcessor] = ()) -> InM
         metric_readers=[reader], resource=resource, shutdown_on_exit=False
     )
     return InMemorySdk(tracer_provider, meter_provider, exporter, reader)
+
+
+class ExplodingTracer(trace.Tracer):
+    """A tracer that fails every span it is asked for: telemetry must never fail a call."""
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        raise RuntimeError("tracer broken")
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("tracer broken")
+
+
+class ExplodingTracerProvider(trace.TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return ExplodingTracer()
 
 
 def trace_id_of(span: ReadableSpan) -> str:

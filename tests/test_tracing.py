@@ -23,7 +23,13 @@ from broker.runs.permissions import PermissionSet
 from broker.telemetry.otel import Telemetry
 from tests.accounts import root_channel
 from tests.conftest import make_settings, standard_policy
-from tests.otel_support import InMemorySdk, attributes_of, in_memory_sdk, trace_id_of
+from tests.otel_support import (
+    ExplodingTracerProvider,
+    InMemorySdk,
+    attributes_of,
+    in_memory_sdk,
+    trace_id_of,
+)
 from tests.support import UNKNOWN_RUN_ID, rpc_error, start_run_request
 from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc, executor_pb2, executor_pb2_grpc
@@ -264,19 +270,6 @@ def test_other_baggage_passes_through_a_handoff_untouched(
 
 
 # --- telemetry never fails a call ----------------------------------------------------------------
-
-
-class ExplodingTracer(trace.Tracer):
-    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
-        raise RuntimeError("tracer broken")
-
-    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("tracer broken")
-
-
-class ExplodingTracerProvider(trace.TracerProvider):
-    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
-        return ExplodingTracer()
 
 
 def test_a_broken_tracer_fails_no_call(tmp_path: Path) -> None:
