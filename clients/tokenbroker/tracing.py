@@ -476,7 +476,7 @@ class _CallDetails(grpc.ClientCallDetails):
 
 _ALL_CODES = frozenset(grpc.StatusCode) - {grpc.StatusCode.OK}
 
-Trailing = Callable[[], Iterable[tuple[str, Any]] | None]
+_Trailing = Callable[[], Iterable[tuple[str, Any]] | None]
 
 
 class _ClientSpans:
@@ -613,7 +613,7 @@ def _end_unary(span: Span, future: Any) -> None:
         span.end()
 
 
-def _end_client(span: Span, code: grpc.StatusCode | None, trailing: Trailing | None) -> None:
+def _end_client(span: Span, code: grpc.StatusCode | None, trailing: _Trailing | None) -> None:
     """Record the call's status (and the run baggage in its trailing metadata) and end it."""
     try:
         code = code or grpc.StatusCode.UNKNOWN
