@@ -9,7 +9,7 @@ run its own time series. RPC latency
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
@@ -48,16 +48,47 @@ class BoundedLabels:
         return OTHER
 
 
+class TalliedCounter:
+    """A monotonic counter kept as plain integers, reported when metrics are collected.
+
+    Why not a `Counter`: its `add` costs ~20 µs of Python per call (a measurement object, the
+    current context, the attribute set hashed and looked up under the aggregation's lock),
+    and IssueToken and VerifyToken count on every call; adding to an integer under a lock
+    costs well under 1 µs. An observable counter reports the same cumulative sums at
+    collection time: same name, unit and monotonic sum, scraped or pushed alike (what it
+    lacks is a trace exemplar per increment). Callers keep the attributes of a label set in
+    the same order, which makes them one key."""
+
+    def __init__(self, meter: Meter, name: str, unit: str, description: str) -> None:
+        self._counts: dict[tuple[tuple[str, str | bool], ...], int] = {}
+        self._lock = threading.Lock()
+        meter.create_observable_counter(
+            name, callbacks=[self._observe], unit=unit, description=description
+        )
+
+    def add(self, amount: int, attributes: Mapping[str, str | bool]) -> None:
+        key = tuple(attributes.items())
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + amount
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            counts = list(self._counts.items())
+        return [Observation(count, dict(key)) for key, count in counts]
+
+
 class BrokerMetrics:
     def __init__(self, meter: Meter, max_audiences: int = DEFAULT_MAX_AUDIENCES) -> None:
         self.audience_label = BoundedLabels(max_audiences)
-        self.tokens_issued = meter.create_counter(
-            "tokenbroker.tokens.issued", unit="{token}", description="Step tokens asked for"
+        # Counted on every IssueToken and VerifyToken: tallied (see TalliedCounter).
+        self.tokens_issued = TalliedCounter(
+            meter, "tokenbroker.tokens.issued", "{token}", "Step tokens asked for"
         )
-        self.verifications = meter.create_counter(
+        self.verifications = TalliedCounter(
+            meter,
             "tokenbroker.tokens.verifications",
-            unit="{verification}",
-            description="Token verifications by result",
+            "{verification}",
+            "Token verifications by result",
         )
         self.runs_started = meter.create_counter(
             "tokenbroker.runs.started", unit="{run}", description="Runs started"
