@@ -72,9 +72,12 @@ from broker.store.codec import (
 )
 from broker.store.factory import OpenOptions, StoreUrl
 from broker.store.groupcommit import Pending, WriteQueue
+from broker.store.recent import RecentCommits
 from broker.store.sqlreads import SqlReads
 
 log = logging.getLogger(__name__)
+
+Sealed = tuple[audit.AuditEvent, dict[str, Any], bytes]
 
 DB_FILENAME = "broker.db"
 # How long a write waits for a write lock held by another process (a backup tool, an
@@ -257,6 +260,9 @@ class SqliteStore(SqlReads):
         self._snapshot: sqlite3.Connection | None = None
         self._tree = treerows.FrontierCache()
         self._frontier = Frontier(0, [])
+        # The file's only writer answers reads of what it just committed from memory; the
+        # workers of one `serve --workers` share the file and read it.
+        self._recent = RecentCommits() if held_lock is None and not read_only else None
         if read_only:
             self._snapshot, self.schema_version, self._tables = _open_snapshot(self.path)
             return
@@ -312,11 +318,14 @@ class SqliteStore(SqlReads):
     def _apply_in_transaction(self, batch: list[Pending]) -> None:
         conn = self._writer
         outcomes: list[tuple[Pending, Committed | BaseException]] = []
+        sealed: list[Sealed] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             # The head is read inside the writing transaction, never trusted across
             # transactions: whatever else wrote to the file since is continued, not forked.
             self._head_seq, self._head_hash = self._read_head()
+            if self._recent is not None and self._recent.last() not in (None, self._head_seq):
+                self._recent.forget()  # someone else wrote to the file: what is kept is old
             self._frontier = self._tree.frontier(
                 (self._head_seq, self._head_hash), self._tree_base, self._on_writer, SQLITE
             )
@@ -324,9 +333,11 @@ class SqliteStore(SqlReads):
                 conn.execute("SAVEPOINT w")
                 write_head = (self._head_seq, self._head_hash)
                 write_frontier = self._frontier.copy()
+                write_sealed: list[Sealed] = []
                 try:
-                    outcomes.append((pending, self._apply(conn, pending.write)))
+                    outcomes.append((pending, self._apply(conn, pending.write, write_sealed)))
                     conn.execute("RELEASE w")
+                    sealed.extend(write_sealed)
                 except (Conflict, sqlite3.IntegrityError) as refused:
                     # Only this write is undone; its neighbours in the batch still commit.
                     conn.execute("ROLLBACK TO w")
@@ -346,12 +357,41 @@ class SqliteStore(SqlReads):
             for pending in batch:
                 pending.settle(failure)
             return
+        except BaseException:
+            # Anything else (a draft whose details JSON cannot encode) fails the batch with it
+            # (WriteQueue settles every write); the transaction must not stay open, or every
+            # later write would fail to begin its own.
+            self._tree.forget()
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._keep_recent(outcomes, sealed)
         for pending, outcome in outcomes:
             if not isinstance(outcome, BaseException):
                 self._notify(outcome, pending.write.mutation)
             pending.settle(outcome)
         with self._committed:
             self._committed.notify_all()
+
+    def _keep_recent(
+        self, outcomes: list[tuple[Pending, Committed | BaseException]], sealed: list[Sealed]
+    ) -> None:
+        if self._recent is None:
+            return
+        if any(
+            isinstance(pending.write.mutation, PruneAudit)
+            and not isinstance(outcome, BaseException)
+            for pending, outcome in outcomes
+        ):
+            self._recent.forget()  # pruned events must not be read from memory
+        self._recent.keep(sealed)
+
+    def read_events(self, after: int, limit: int) -> list[audit.AuditEvent]:
+        if self._recent is not None and not self._closed:
+            kept = self._recent.read(after, limit)
+            if kept is not None:
+                return kept
+        return super().read_events(after, limit)
 
     def wait_for_events(self, after: int, timeout: float) -> int:
         # This process's commits wake waiters at once; a commit by another process on the
@@ -387,7 +427,7 @@ class SqliteStore(SqlReads):
             except Exception:
                 log.exception("commit listener failed")
 
-    def _apply(self, conn: sqlite3.Connection, write: Write) -> Committed:
+    def _apply(self, conn: sqlite3.Connection, write: Write, sealed: list[Sealed]) -> Committed:
         run = self._apply_mutation(conn, write.mutation) if write.mutation else None
         cascaded: list[Run] = []
         drafts = list(write.events)
@@ -401,7 +441,7 @@ class SqliteStore(SqlReads):
         nodes: list[Node] = []
         for draft in drafts:
             sequence = self._head_seq + 1
-            event, body = audit.seal_with_record(draft, sequence, self._head_hash)
+            event, record, body = audit.seal_parts(draft, sequence, self._head_hash)
             conn.execute(
                 "INSERT INTO audit_events (sequence, record, prev_hash, hash, action, run_id, "
                 "principal, time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -419,6 +459,7 @@ class SqliteStore(SqlReads):
             nodes.extend(self._frontier.append(body))
             self._head_seq, self._head_hash = sequence, event.hash
             events.append(event)
+            sealed.append((event, record, body))
         conn.executemany(treerows.insert_sql(SQLITE), nodes)
         return Committed(run, events, tuple(cascaded))
 
@@ -594,6 +635,8 @@ class SqliteStore(SqlReads):
 
     def load_rows(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
         """Insert rows as they are (a copy into an empty store; the chain is not re-sealed)."""
+        if self._recent is not None:
+            self._recent.forget()
         marks = ", ".join("?" * len(columns_of(table).split(",")))
         sql = f"INSERT INTO {table.name} ({columns_of(table)}) VALUES ({marks})"  # noqa: S608
         self._bulk(lambda conn: conn.executemany(sql, rows))

@@ -1,0 +1,93 @@
+"""The events a store's writer committed last, kept to answer the reads that follow them.
+
+After every commit this process's change feed reads the new events back (`read_events` from
+its cursor, usually just behind the head) and parses rows that were sealed a moment ago on
+this very process. A writer that is the file's only one keeps what it committed — the record
+each event was sealed from and its hashes — and answers such reads from memory: no query,
+and no JSON parse when the record holds only what JSON keeps as it is
+(`events.event_as_read`). The events are the same as a read of the rows gives.
+
+What is kept is always a gapless run of committed, unpruned events ending at the writer's
+last commit: added after the transaction commits, restarted when a commit does not continue
+it (another writer on the file in between), trimmed by pruning.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from broker.audit import events as audit
+from broker.audit.events import AuditEvent
+from broker.store.codec import event_from_row
+
+# Enough for the change feed, which reads a few milliseconds behind the head, to find what
+# it reads here even when a burst commits thousands of events in between.
+CAPACITY = 4096
+
+
+class _Kept:
+    __slots__ = ("body", "hash", "prev_hash", "record", "sequence")
+
+    def __init__(
+        self, record: dict[str, Any], body: bytes, prev_hash: str, hash_: str, sequence: int
+    ) -> None:
+        self.record = record
+        self.body = body
+        self.prev_hash = prev_hash
+        self.hash = hash_
+        self.sequence = sequence
+
+    def event(self) -> AuditEvent:
+        as_read = audit.event_as_read(self.record, self.prev_hash, self.hash)
+        if as_read is not None:
+            return as_read
+        return event_from_row(self.body.decode(), self.prev_hash, self.hash)
+
+
+class RecentCommits:
+    """Filled by the writer's thread after each commit; read from any thread."""
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self._capacity = capacity
+        self._kept: list[_Kept] = []
+        self._lock = threading.Lock()  # writers to `_kept`: the committing thread, pruning
+
+    def keep(self, sealed: list[tuple[AuditEvent, dict[str, Any], bytes]]) -> None:
+        """Remember events just committed, in sequence order."""
+        if not sealed:
+            return
+        added = [
+            _Kept(record, body, event.prev_hash, event.hash, event.sequence)
+            for event, record, body in sealed
+        ]
+        with self._lock:
+            kept = self._kept
+            if kept and added[0].sequence != kept[-1].sequence + 1:
+                kept = []  # not the continuation of what is kept: start again from here
+            if len(kept) + len(added) > 2 * self._capacity:
+                kept = kept[-self._capacity :]
+            # A new list when restarted or trimmed; readers holding the old one are unaffected
+            # (an append to the one they hold only adds events after theirs).
+            kept.extend(added)
+            self._kept = kept
+
+    def forget(self) -> None:
+        with self._lock:
+            self._kept = []
+
+    def last(self) -> int | None:
+        kept = self._kept
+        return kept[-1].sequence if kept else None
+
+    def read(self, after: int, limit: int) -> list[AuditEvent] | None:
+        """Up to `limit` events after `after`, ending at the last one committed here; None when
+        the event after `after` is not kept (read the store). "Nothing after `after`" is
+        always the file's answer, never memory's."""
+        kept = self._kept
+        if not kept or limit <= 0:
+            return None
+        start = after + 1 - kept[0].sequence
+        if start < 0 or start >= len(kept):
+            return None
+        return [entry.event() for entry in kept[start : start + limit]]
