@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -179,53 +178,8 @@ def seal(draft: AuditDraft, sequence: int, prev_hash: str) -> AuditEvent:
 def seal_with_record(draft: AuditDraft, sequence: int, prev_hash: str) -> tuple[AuditEvent, bytes]:
     """The sealed event and the canonical bytes its hash covers (what a store keeps), encoded
     once: on the write path the JSON encoding is a large part of an event's cost."""
-    event, _, body = seal_parts(draft, sequence, prev_hash)
-    return event, body
-
-
-def seal_parts(
-    draft: AuditDraft, sequence: int, prev_hash: str
-) -> tuple[AuditEvent, dict[str, Any], bytes]:
-    """`seal_with_record`, and the record its bytes encode (see `event_as_read`)."""
-    record = to_record(sequence, draft)
-    body = canonical_bytes(record)
-    return AuditEvent(sequence, draft, prev_hash, _link(prev_hash, body)), record, body
-
-
-class _NotJson(Exception):
-    """A value the JSON round trip would change (or refuse)."""
-
-
-def _as_json_reads(value: Any) -> Any:
-    """A copy of `value` as `json.loads(canonical_bytes(value))` returns it: fresh dicts with
-    their keys in sorted order, fresh lists. Raises _NotJson for anything the round trip
-    would change: a tuple, a subclass, a key that is not a string, a float that is not
-    finite."""
-    kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
-        return value
-    if kind is float:
-        if math.isfinite(value):
-            return value  # repr() and back is exact for finite floats
-        raise _NotJson
-    if kind is dict:
-        if not all(type(key) is str for key in value):
-            raise _NotJson
-        return {key: _as_json_reads(value[key]) for key in sorted(value)}
-    if kind is list:
-        return [_as_json_reads(item) for item in value]
-    raise _NotJson
-
-
-def event_as_read(record: Mapping[str, Any], prev_hash: str, hash_: str) -> AuditEvent | None:
-    """The event exactly as reading its stored row back gives it (the canonical bytes parsed,
-    then `from_record`), made from the record it was sealed from without encoding and parsing
-    it again; None when the record holds a value the round trip would change (then parse)."""
-    try:
-        data = _as_json_reads(record)
-    except _NotJson:
-        return None
-    return AuditEvent(data["sequence"], from_record(data), prev_hash, hash_)
+    body = canonical_bytes(to_record(sequence, draft))
+    return AuditEvent(sequence, draft, prev_hash, _link(prev_hash, body)), body
 
 
 def from_record(record: Mapping[str, Any]) -> AuditDraft:

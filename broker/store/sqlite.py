@@ -77,7 +77,7 @@ from broker.store.sqlreads import SqlReads
 
 log = logging.getLogger(__name__)
 
-Sealed = tuple[audit.AuditEvent, dict[str, Any], bytes]
+Sealed = tuple[audit.AuditEvent, bytes]
 
 DB_FILENAME = "broker.db"
 # How long a write waits for a write lock held by another process (a backup tool, an
@@ -441,7 +441,7 @@ class SqliteStore(SqlReads):
         nodes: list[Node] = []
         for draft in drafts:
             sequence = self._head_seq + 1
-            event, record, body = audit.seal_parts(draft, sequence, self._head_hash)
+            event, body = audit.seal_with_record(draft, sequence, self._head_hash)
             conn.execute(
                 "INSERT INTO audit_events (sequence, record, prev_hash, hash, action, run_id, "
                 "principal, time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -459,7 +459,7 @@ class SqliteStore(SqlReads):
             nodes.extend(self._frontier.append(body))
             self._head_seq, self._head_hash = sequence, event.hash
             events.append(event)
-            sealed.append((event, record, body))
+            sealed.append((event, body))
         conn.executemany(treerows.insert_sql(SQLITE), nodes)
         return Committed(run, events, tuple(cascaded))
 
