@@ -76,6 +76,7 @@ def test_events_just_committed_are_read_without_a_query_and_equal_the_files(
     assert read == expected
     assert [list(e.draft.details) for e in read] == [list(e.draft.details) for e in expected]
     assert store.read_events(1, 1) == expected[1:2]
+    assert store.read_events(3, 1000) == []  # the last commit here: nothing after it
 
 
 def test_details_json_would_change_are_read_as_the_file_gives_them(store: SqliteStore) -> None:
@@ -106,7 +107,9 @@ def test_events_pruned_are_no_longer_read_from_memory(store: SqliteStore) -> Non
     assert store.read_events(0, 10) == from_file(store)
 
 
-def test_events_another_connection_wrote_are_read_from_the_file(store: SqliteStore) -> None:
+def test_events_another_connection_wrote_are_read_from_the_file_once_the_head_is_read(
+    store: SqliteStore,
+) -> None:
     store.commit(Write([event("x")]))
     (first,) = store.read_events(0, 1)
     # Another writer on the same file (not a broker: a repair by hand) continues the chain.
@@ -125,6 +128,10 @@ def test_events_another_connection_wrote_are_read_from_the_file(store: SqliteSto
         other.execute("COMMIT")
     finally:
         other.close()
+    # Like a wait for events, reads take the writer's last commit for the head until the
+    # head is read again.
+    assert store.read_events(1, 10) == []
+    assert store.head_sequence() == 2
     assert [e.sequence for e in store.read_events(1, 10)] == [2]
     store.commit(Write([event("y")]))  # continues the chain after the event written by hand
     assert [e.draft.action for e in store.read_events(0, 10)] == ["x", "by-hand", "y"]

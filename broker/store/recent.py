@@ -8,8 +8,12 @@ a query's SQLite calls lets go of the interpreter lock, and a busy broker's othe
 take it). The events are parsed from the same bytes as a read of the rows parses.
 
 What is kept is always a gapless run of committed, unpruned events ending at the writer's
-last commit: added after the transaction commits, restarted when a commit does not continue
-it (another writer on the file in between), trimmed by pruning.
+last commit: added after the transaction commits, dropped when pruning or when another
+connection is found to have written to the file (the head read inside the next transaction,
+or by `head_sequence`, is not the last event kept). Until then, as for
+`Store.wait_for_events`, the writer takes its last commit for the head: a commit by another
+process on the file (a foreign tool — brokers and `serve --workers` take the store's lock or
+read the file) is seen at the next read of the head.
 """
 
 from __future__ import annotations
@@ -71,14 +75,22 @@ class RecentCommits:
         kept = self._kept
         return kept[-1].sequence if kept else None
 
+    def saw_head(self, head: int) -> None:
+        """The file's head as just read: beyond what is kept, someone else wrote to the file
+        and what is kept no longer ends at the head."""
+        with self._lock:
+            kept = self._kept
+            if kept and head > kept[-1].sequence:
+                self._kept = []
+
     def read(self, after: int, limit: int) -> list[AuditEvent] | None:
-        """Up to `limit` events after `after`, ending at the last one committed here; None when
-        the event after `after` is not kept (read the store). "Nothing after `after`" is
-        always the file's answer, never memory's."""
+        """Up to `limit` events after `after`, ending at the last one committed here (none
+        after that one: as the file's only writer knows, it is the head); None when what
+        follows `after` is not kept (read the store)."""
         kept = self._kept
         if not kept or limit <= 0:
             return None
         start = after + 1 - kept[0].sequence
-        if start < 0 or start >= len(kept):
+        if start < 0 or start > len(kept):
             return None
         return [entry.event() for entry in kept[start : start + limit]]

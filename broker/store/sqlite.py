@@ -677,7 +677,10 @@ class SqliteStore(SqlReads):
         return [StoredEvent(row[0], _json_object(row[1]), str(row[2]), str(row[3])) for row in rows]
 
     def head_sequence(self) -> int:
-        return int(self._query("SELECT COALESCE(MAX(sequence), 0) FROM audit_events")[0][0])
+        head = int(self._query("SELECT COALESCE(MAX(sequence), 0) FROM audit_events")[0][0])
+        if self._recent is not None:
+            self._recent.saw_head(head)
+        return head
 
     def _keeps_checkpoints(self) -> bool:
         return "audit_checkpoints" in self._tables  # read-only, on a schema before 0002
