@@ -92,8 +92,6 @@ class AuditKeeper:
     def _note_head(self, sequence: int) -> None:
         if self._signer is None:
             return
-        if sequence - self._checkpointed < self._settings.every_events and sequence <= self._head:
-            return  # nothing new to note (the feed brings what a local commit already did)
         with self._wake:
             self._head = max(self._head, sequence)
             if self._head - self._checkpointed >= self._settings.every_events:

@@ -369,10 +369,6 @@ class SqliteStore(SqlReads):
         for pending, outcome in outcomes:
             if not isinstance(outcome, BaseException):
                 self._notify(outcome, pending.write.mutation)
-        # Every listener first, then the waiting callers in one go: each woken caller wants
-        # the interpreter lock at once, and would otherwise wait for the listeners of the
-        # writes after its own (or take the lock from them, and be waited for).
-        for pending, outcome in outcomes:
             pending.settle(outcome)
         with self._committed:
             self._committed.notify_all()
