@@ -24,8 +24,9 @@ from broker.audit.events import AuditEvent
 from broker.store.codec import event_from_row
 
 # Enough for the change feed, which reads a few milliseconds behind the head, to find what
-# it reads here even when a burst commits thousands of events in between.
-CAPACITY = 4096
+# it reads here even when a burst commits a thousand events in between; at most twice as
+# many are kept (~1.5 MB of canonical bytes for token events).
+CAPACITY = 2048
 
 
 class _Kept:
