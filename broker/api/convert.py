@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from broker import limits
+from broker.api import eventwire
 from broker.audit import events as audit
 from broker.audit.events import AuditEvent
 from broker.audit.treehead import InclusionProof, TreeHead
@@ -200,6 +201,17 @@ def audit_event_pb(event: AuditEvent) -> types_pb2.AuditEvent:
     return message
 
 
+def audit_event_bytes(event: AuditEvent) -> bytes:
+    """The serialised AuditEvent message of `event`: written straight to wire bytes
+    (`eventwire`), or — for what that encoder leaves to protobuf — built as a message, which
+    then serialises or raises as it always did. Either way the bytes of deterministic
+    serialisation (a Struct's entries sorted by key)."""
+    try:
+        return eventwire.audit_event(event)
+    except (eventwire.Unencodable, TypeError, ValueError, AttributeError, OverflowError):
+        return audit_event_pb(event).SerializeToString(deterministic=True)
+
+
 class EncodedEvents:
     """Audit events encoded once per process for every stream that sends them: N live
     subscribers (and every catch-up) cost one conversion and one serialisation per event, not
@@ -222,7 +234,7 @@ class EncodedEvents:
         with self._lock:  # two streams reaching a new event together encode it once
             encoded = self._encoded.get(key)
             if encoded is None:
-                encoded = audit_event_pb(event).SerializeToString()
+                encoded = audit_event_bytes(event)
                 self.encodings += 1
                 self._encoded[key] = encoded
                 if len(self._encoded) > self._capacity:
