@@ -90,7 +90,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         revocation_samples=50 if quick else 200,
         catchup_rounds=2 if quick else 3,
         catchup_events=20_000 if quick else 100_000,
-        fanout_subscribers=64,
+        fanout_subscribers=max(args.fanout_subscribers, 1),
         fanout_seconds=args.fanout_seconds or (10.0 if quick else 60.0),
         sections=sections,
         workers=args.workers or max(os.cpu_count() or 2, 2),
