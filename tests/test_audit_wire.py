@@ -18,6 +18,7 @@ from broker.identity import Person, VerificationMethod
 from broker.runs.model import PipelineRef
 from tokenbroker.v1 import types_pb2
 
+ACME = PipelineRef("acme", "web", "deploy")
 DETAILS: list[dict[str, Any]] = [
     {},
     {"reason": "finished"},
@@ -40,7 +41,7 @@ def event(
     sequence: int = 42,
     time: float = 1_795_929_815.570014,
     person: Person | None = None,
-    pipeline: PipelineRef | None = PipelineRef("acme", "web", "deploy"),
+    pipeline: PipelineRef | None = ACME,
     outcome: Outcome = Outcome.SUCCESS,
     hashes: tuple[str, str] = ("a" * 64, "b" * 64),
     **fields: str,

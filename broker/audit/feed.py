@@ -324,13 +324,11 @@ class AuditFeed:
             # subscriber has caught up with the log.
             remembered = self._changes.recent(cursor, PAGE_SIZE)
             page = remembered or self._store.read_events(cursor, PAGE_SIZE)
-            matching: list[AuditEvent] = []
             for event in page:
                 if event.sequence != cursor + 1:  # sequences are gapless: never skip one
                     self._gap(cursor, event.sequence)
                 cursor = event.sequence
-                if event_filter.matches(event):
-                    matching.append(event)
+            matching = event_filter.select(page)
             if matching:
                 self._observer.audit_delivered(self._changes.head - matching[-1].sequence)
                 yield matching
