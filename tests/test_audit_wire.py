@@ -5,6 +5,7 @@ encodes or refuses it as before."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from types import MappingProxyType
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 
 from broker.api import convert, eventwire
-from broker.audit.events import AuditDraft, AuditEvent, Outcome
+from broker.audit import events as audit
+from broker.audit.events import AuditDraft, AuditEvent, Outcome, RecordedEvent
 from broker.identity import Person, VerificationMethod
 from broker.runs.model import PipelineRef
 from tokenbroker.v1 import types_pb2
@@ -174,3 +176,87 @@ def test_a_time_outside_timestamps_range_is_refused_as_protobuf_refuses_it() -> 
         eventwire.audit_event(e)
     with pytest.raises(ValueError):
         convert.audit_event_bytes(e)
+
+
+def recorded(e: AuditEvent) -> tuple[dict[str, Any], AuditEvent]:
+    """The record a store keeps of `e` (JSON and back), and the event read back from it."""
+    record = json.loads(audit.canonical_bytes(audit.to_record(e.sequence, e.draft)))
+    return record, AuditEvent(e.sequence, audit.from_record(record), e.prev_hash, e.hash)
+
+
+def assert_recorded_same_as_protobuf(record: dict[str, Any], hashes: tuple[str, str]) -> None:
+    """Encoded from the record itself, an event read back is what its decoded draft gives."""
+    lazy = RecordedEvent(record, *hashes)
+    direct = eventwire.audit_event(lazy)
+    assert "draft" not in lazy.__dict__  # encoded without rebuilding the draft
+    assert direct == protobuf_bytes(RecordedEvent(record, *hashes))
+
+
+@pytest.mark.parametrize("details", DETAILS, ids=range(len(DETAILS)))
+def test_an_event_read_back_encodes_from_its_record_to_the_bytes_of_its_draft(
+    details: dict[str, Any],
+) -> None:
+    person = Person(
+        subject="u-1",
+        issuer="https://idp.example",
+        email="ana@example.com",
+        display_name="Ana",
+        method=VerificationMethod.IDP_VERIFIED,
+        evidence_sha256="c" * 64,
+    )
+    for e in (event(details), event(details, person=person, pipeline=None, trace_id="0af7")):
+        record, read_back = recorded(e)
+        assert_recorded_same_as_protobuf(record, (e.prev_hash, e.hash))
+        assert RecordedEvent(record, e.prev_hash, e.hash) == read_back
+        assert read_back == RecordedEvent(record, e.prev_hash, e.hash)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"time_us": 1.5},
+        {"time_us": True},
+        {"time_us": 10**20},
+        {"outcome": "maybe"},
+        {"outcome": None},
+        {"action": 7},
+        {"principal": None},
+        {"details": [["a", 1]]},
+        {"details": {"a": {1, 2}}},
+        {"pipeline": {"org": "a", "project": "b"}},
+        {"pipeline": {"org": "a", "project": "b", "pipeline": "c", "more": "d"}},
+        {"pipeline": {"org": "a", "project": "b", "pipeline": 3}},
+        {"on_behalf_of": {"subject": "s"}},
+        {"on_behalf_of": {**dict.fromkeys(("subject", "issuer", "email")), "method": "x"}},
+        {
+            "on_behalf_of": {
+                **dict.fromkeys(("subject", "issuer", "email", "display_name"), "a"),
+                "evidence_sha256": "",
+                "method": "telepathy",
+            }
+        },
+        {"trace_id": None},
+    ],
+)
+def test_a_record_not_as_written_is_left_to_its_draft_which_encodes_or_refuses_as_before(
+    change: dict[str, Any],
+) -> None:
+    record, _ = recorded(event({"k": 1}))
+    record.update(change)
+    hashes = ("a" * 64, "b" * 64)
+    try:
+        expected: bytes | type[BaseException] = protobuf_bytes(RecordedEvent(record, *hashes))
+    except Exception as error:  # whatever protobuf or the draft raise
+        expected = type(error)
+    try:
+        got: bytes | type[BaseException] = convert.audit_event_bytes(RecordedEvent(record, *hashes))
+    except Exception as error:
+        got = type(error)
+    assert got == expected
+
+
+def test_a_record_missing_a_field_is_refused_as_its_draft_refuses_it() -> None:
+    record, _ = recorded(event({}))
+    del record["run_id"]
+    with pytest.raises(KeyError):
+        convert.audit_event_bytes(RecordedEvent(record, "", ""))

@@ -22,9 +22,8 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from broker.audit.events import AuditEvent, Outcome
+from broker.audit.events import AuditEvent, Outcome, RecordedEvent
 from broker.identity import Person, VerificationMethod
-from broker.runs.model import PipelineRef
 from tokenbroker.v1 import types_pb2
 
 
@@ -178,15 +177,11 @@ def _timestamp(seconds: float) -> bytes:
     return b"\x12" + _ONE_BYTE[len(body)] + body  # at most 1 + 10 + 1 + 5 bytes
 
 
-def _pipeline(pipeline: PipelineRef) -> bytes:
-    key = (pipeline.org, pipeline.project, pipeline.pipeline)
+def _pipeline(org: str, project: str, pipeline: str) -> bytes:
+    key = (org, project, pipeline)
     encoded = _pipelines.get(key)
     if encoded is None:
-        body = (
-            _string(b"\x0a", pipeline.org)
-            + _string(b"\x12", pipeline.project)
-            + _string(b"\x1a", pipeline.pipeline)
-        )
+        body = _string(b"\x0a", org) + _string(b"\x12", project) + _string(b"\x1a", pipeline)
         encoded = _bounded(_pipelines).setdefault(key, _delimited(b"\x42", body))
     return encoded
 
@@ -208,9 +203,16 @@ def _person(person: Person) -> bytes:
 
 def audit_event(event: AuditEvent) -> bytes:
     """The serialised tokenbroker.v1.AuditEvent of `event` (fields in number order, proto3
-    defaults left out, submessages the converter always sets written even when empty)."""
+    defaults left out, submessages the converter always sets written even when empty).
+    A `RecordedEvent` not decoded yet is encoded from its record, when that record is what
+    its draft would be rebuilt from without a question (else from the draft)."""
     if event.sequence < 0:
         raise Unencodable("a negative sequence")
+    if isinstance(event, RecordedEvent) and "draft" not in event.__dict__:
+        try:
+            return _recorded(event)
+        except (Unencodable, KeyError):
+            pass  # the draft decides: it is built, and encodes or raises as it would
     d = event.draft
     outcome = _OUTCOMES[d.outcome]
     pipeline = d.pipeline
@@ -224,7 +226,9 @@ def audit_event(event: AuditEvent) -> bytes:
             _repeated_string(b"\x2a", d.principal),
             b"" if d.on_behalf_of is None else _person(d.on_behalf_of),
             _string(b"\x3a", d.run_id),
-            b"" if pipeline is None else _pipeline(pipeline),
+            b""
+            if pipeline is None
+            else _pipeline(pipeline.org, pipeline.project, pipeline.pipeline),
             _string(b"\x4a", d.trace_id),
             _string(b"\x52", d.request_id),
             _delimited(b"\x5a", struct_body(details)) if details else b"\x5a\x00",
@@ -232,3 +236,78 @@ def audit_event(event: AuditEvent) -> bytes:
             _string(b"\x6a", event.hash),
         )
     )
+
+
+_OUTCOMES_BY_VALUE = {outcome.value: number for outcome, number in _OUTCOMES.items()}
+_METHODS_BY_VALUE = {method.value: number for method, number in _METHODS.items()}
+_PERSON_KEYS = ("subject", "issuer", "email", "display_name", "method", "evidence_sha256")
+_PIPELINE_KEYS = frozenset(("org", "project", "pipeline"))
+
+
+def _text(value: Any) -> str:
+    if type(value) is not str:
+        raise Unencodable("not a string")
+    return value
+
+
+def _recorded(event: RecordedEvent) -> bytes:
+    """`audit_event` of the draft `from_record` would rebuild, read off the record itself:
+    only for records whose every field is of the type `to_record` writes (else Unencodable,
+    and the draft decides)."""
+    record = event.record
+    time_us = record["time_us"]
+    if type(time_us) is not int:
+        raise Unencodable("time_us is not an integer")
+    outcome = _OUTCOMES_BY_VALUE.get(record["outcome"]) if type(record["outcome"]) is str else None
+    if outcome is None:
+        raise Unencodable("an unknown outcome")
+    details = record["details"]
+    if type(details) is not dict:
+        raise Unencodable("details are not an object")
+    person = record.get("on_behalf_of")
+    pipeline = record.get("pipeline")
+    return b"".join(
+        (
+            b"\x08" + varint(event.sequence) if event.sequence else b"",
+            _timestamp(time_us / 1_000_000),  # as from_record keeps it: seconds
+            _repeated_string(b"\x1a", _text(record["action"])),
+            b"\x20" + varint(outcome),
+            _repeated_string(b"\x2a", _text(record["principal"])),
+            b"" if person is None else _recorded_person(person),
+            _string(b"\x3a", _text(record["run_id"])),
+            b"" if pipeline is None else _recorded_pipeline(pipeline),
+            _string(b"\x4a", _text(record["trace_id"])),
+            _string(b"\x52", _text(record["request_id"])),
+            _delimited(b"\x5a", struct_body(details)) if details else b"\x5a\x00",
+            _string(b"\x62", event.prev_hash),
+            _string(b"\x6a", event.hash),
+        )
+    )
+
+
+def _recorded_person(record: Any) -> bytes:
+    if type(record) is not dict:
+        raise Unencodable("on_behalf_of is not an object")
+    subject, issuer, email, display_name, method, evidence = (
+        _text(record[key]) for key in _PERSON_KEYS
+    )
+    number = _METHODS_BY_VALUE.get(method)
+    if number is None:
+        raise Unencodable("an unknown verification method")
+    body = b"".join(
+        (
+            _string(b"\x0a", subject),
+            _string(b"\x12", issuer),
+            _string(b"\x1a", email),
+            _string(b"\x22", display_name),
+            b"\x28" + varint(number),
+            _string(b"\x32", evidence),
+        )
+    )
+    return _delimited(b"\x32", body)
+
+
+def _recorded_pipeline(record: Any) -> bytes:
+    if type(record) is not dict or record.keys() != _PIPELINE_KEYS:
+        raise Unencodable("pipeline is not the three names")
+    return _pipeline(_text(record["org"]), _text(record["project"]), _text(record["pipeline"]))

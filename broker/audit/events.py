@@ -12,6 +12,7 @@ that row.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -201,6 +202,33 @@ def from_record(record: Mapping[str, Any]) -> AuditDraft:
         request_id=record["request_id"],
         details=MappingProxyType(dict(record["details"])),
     )
+
+
+class RecordedEvent(AuditEvent):
+    """An event read back from its stored record, whose draft is rebuilt only when first used:
+    StreamAudit's catch-up encodes most events straight from the record
+    (`broker.api.eventwire`), so following the log unfiltered never builds one. Equal to the
+    `AuditEvent` of the same sequence, draft and hashes."""
+
+    def __init__(self, record: Mapping[str, Any], prev_hash: str, hash_: str) -> None:
+        object.__setattr__(self, "sequence", record["sequence"])
+        object.__setattr__(self, "record", record)
+        object.__setattr__(self, "prev_hash", prev_hash)
+        object.__setattr__(self, "hash", hash_)
+
+    record: Mapping[str, Any]
+
+    @functools.cached_property
+    def draft(self) -> AuditDraft:  # the field, computed when first read
+        return from_record(self.record)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AuditEvent):
+            return NotImplemented
+        mine = (self.sequence, self.draft, self.prev_hash, self.hash)
+        return mine == (other.sequence, other.draft, other.prev_hash, other.hash)
+
+    __hash__ = AuditEvent.__hash__
 
 
 @dataclass(frozen=True)

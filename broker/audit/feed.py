@@ -323,7 +323,7 @@ class AuditFeed:
             # feed's memory may lag the store: only a short read *from the store* means the
             # subscriber has caught up with the log.
             remembered = self._changes.recent(cursor, PAGE_SIZE)
-            page = remembered or self._store.read_events(cursor, PAGE_SIZE)
+            page = remembered or self._store.stream_events(cursor, PAGE_SIZE)
             for event in page:
                 if event.sequence != cursor + 1:  # sequences are gapless: never skip one
                     self._gap(cursor, event.sequence)

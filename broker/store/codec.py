@@ -10,7 +10,7 @@ from importlib.abc import Traversable
 from types import MappingProxyType
 from typing import Any
 
-from broker.audit.events import AuditEvent, from_record
+from broker.audit.events import AuditEvent, RecordedEvent, from_record
 from broker.identity import Person
 from broker.runs.model import PipelineIds, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
@@ -118,6 +118,11 @@ def run_from_row(row: tuple[Any, ...] | Mapping[str, Any]) -> Run:
 def event_from_row(record: str, prev_hash: str, hash_: str) -> AuditEvent:
     data = json.loads(record)
     return AuditEvent(data["sequence"], from_record(data), prev_hash, hash_)
+
+
+def recorded_event_from_row(record: str, prev_hash: str, hash_: str) -> RecordedEvent:
+    """The event of a row, its draft rebuilt only when first used."""
+    return RecordedEvent(json.loads(record), prev_hash, hash_)
 
 
 @dataclass(frozen=True)
