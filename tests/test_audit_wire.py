@@ -18,6 +18,7 @@ from broker.audit import events as audit
 from broker.audit.events import AuditDraft, AuditEvent, Outcome, RecordedEvent
 from broker.identity import Person, VerificationMethod
 from broker.runs.model import PipelineRef
+from broker.store import codec
 from tokenbroker.v1 import types_pb2
 
 ACME = PipelineRef("acme", "web", "deploy")
@@ -260,3 +261,18 @@ def test_a_record_missing_a_field_is_refused_as_its_draft_refuses_it() -> None:
     del record["run_id"]
     with pytest.raises(KeyError):
         convert.audit_event_bytes(RecordedEvent(record, "", ""))
+
+
+@pytest.mark.parametrize(
+    "text", ['{"a": 1}', ' {"a": 1}', '{"a": 1} ', '{"a": 1}x', "[1]", '"s"', "", "{", "nan"]
+)
+def test_a_stored_record_is_read_as_json_loads_reads_it(text: str) -> None:
+    try:
+        expected: Any = json.loads(text)
+    except ValueError as error:
+        expected = type(error)
+    try:
+        got: Any = codec._json_record(text)
+    except ValueError as error:
+        got = type(error)
+    assert got == expected

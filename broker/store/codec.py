@@ -122,7 +122,21 @@ def event_from_row(record: str, prev_hash: str, hash_: str) -> AuditEvent:
 
 def recorded_event_from_row(record: str, prev_hash: str, hash_: str) -> RecordedEvent:
     """The event of a row, its draft rebuilt only when first used."""
-    return RecordedEvent(json.loads(record), prev_hash, hash_)
+    return RecordedEvent(_json_record(record), prev_hash, hash_)
+
+
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__
+
+
+def _json_record(text: str) -> Any:
+    """json.loads(text), without its Python layers around the C scanner (~1.5 µs of ~13 per
+    event read for a stream): a stored record is one JSON value with nothing around it;
+    anything else goes to json.loads, which parses or refuses it as always."""
+    try:
+        value, end = _scan_json(text, 0)
+    except (StopIteration, TypeError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
 
 
 @dataclass(frozen=True)
