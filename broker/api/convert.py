@@ -250,17 +250,8 @@ _EVENT_TAG = b"\x0a"
 _PAGE_TAG = b"\x1a"
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _varint(len(payload)) + payload
+    return tag + eventwire.varint(len(payload)) + payload
 
 
 def event_message(encoded: bytes) -> bytes:
@@ -270,7 +261,8 @@ def event_message(encoded: bytes) -> bytes:
 
 def page_message(encoded: Sequence[bytes]) -> bytes:
     """A serialised StreamAuditResponse carrying a page of encoded events."""
-    return _field(_PAGE_TAG, b"".join(_field(_EVENT_TAG, event) for event in encoded))
+    varint = eventwire.varint
+    return _field(_PAGE_TAG, b"".join([_EVENT_TAG + varint(len(e)) + e for e in encoded]))
 
 
 def token_request(request: broker_pb2.IssueTokenRequest) -> TokenRequest:
