@@ -116,6 +116,16 @@ def test_events_get_gapless_sequences_and_a_verifiable_chain(store: Store) -> No
     assert [e.sequence for e in store.read_events(7, 2)] == [8, 9]
 
 
+def test_events_read_for_streaming_are_the_events_read(store: Store) -> None:
+    for i in range(3):
+        store.commit(Write([event("a"), event("b")], CreateRun(make_run(f"r-{i}"))))
+    streamed = store.stream_events(2, 100)
+    assert [e.sequence for e in streamed] == [3, 4, 5, 6]
+    assert streamed == store.read_events(2, 100)
+    assert [e.draft for e in streamed] == [e.draft for e in store.read_events(2, 100)]
+    assert [e.sequence for e in store.stream_events(4, 1)] == [5]
+
+
 def test_ending_an_ended_run_conflicts_and_writes_no_event(store: Store) -> None:
     store.commit(Write([event("run.started")], CreateRun(make_run("r-1"))))
     end = EndRun("r-1", RunState.ENDED, 1001.0, "done", "orchestrator")

@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from broker import limits
+from broker.api import eventwire
 from broker.audit import events as audit
 from broker.audit.events import AuditEvent
 from broker.audit.treehead import InclusionProof, TreeHead
@@ -200,6 +201,17 @@ def audit_event_pb(event: AuditEvent) -> types_pb2.AuditEvent:
     return message
 
 
+def audit_event_bytes(event: AuditEvent) -> bytes:
+    """The serialised AuditEvent message of `event`: written straight to wire bytes
+    (`eventwire`), or — for what that encoder leaves to protobuf — built as a message, which
+    then serialises or raises as it always did. Either way the bytes of deterministic
+    serialisation (a Struct's entries sorted by key)."""
+    try:
+        return eventwire.audit_event(event)
+    except (eventwire.Unencodable, TypeError, ValueError, AttributeError, OverflowError):
+        return audit_event_pb(event).SerializeToString(deterministic=True)
+
+
 class EncodedEvents:
     """Audit events encoded once per process for every stream that sends them: N live
     subscribers (and every catch-up) cost one conversion and one serialisation per event, not
@@ -222,7 +234,7 @@ class EncodedEvents:
         with self._lock:  # two streams reaching a new event together encode it once
             encoded = self._encoded.get(key)
             if encoded is None:
-                encoded = audit_event_pb(event).SerializeToString()
+                encoded = audit_event_bytes(event)
                 self.encodings += 1
                 self._encoded[key] = encoded
                 if len(self._encoded) > self._capacity:
@@ -238,17 +250,8 @@ _EVENT_TAG = b"\x0a"
 _PAGE_TAG = b"\x1a"
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _varint(len(payload)) + payload
+    return tag + eventwire.varint(len(payload)) + payload
 
 
 def event_message(encoded: bytes) -> bytes:
@@ -258,7 +261,8 @@ def event_message(encoded: bytes) -> bytes:
 
 def page_message(encoded: Sequence[bytes]) -> bytes:
     """A serialised StreamAuditResponse carrying a page of encoded events."""
-    return _field(_PAGE_TAG, b"".join(_field(_EVENT_TAG, event) for event in encoded))
+    varint = eventwire.varint
+    return _field(_PAGE_TAG, b"".join([_EVENT_TAG + varint(len(e)) + e for e in encoded]))
 
 
 def token_request(request: broker_pb2.IssueTokenRequest) -> TokenRequest:

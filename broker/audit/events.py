@@ -12,6 +12,7 @@ that row.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -182,6 +183,32 @@ def seal_with_record(draft: AuditDraft, sequence: int, prev_hash: str) -> tuple[
     return AuditEvent(sequence, draft, prev_hash, _link(prev_hash, body)), body
 
 
+_OUTCOMES = {outcome.value: outcome for outcome in Outcome}
+# Pipelines read back, by their three names: a log names few pipelines over and over, and
+# reading (catch-up streams, the change feed) rebuilds one per event. Bounded.
+_pipelines: dict[tuple[tuple[str, Any], ...], PipelineRef] = {}
+
+
+def _pipeline_of(record: Mapping[str, Any]) -> PipelineRef:
+    if not all(type(name) is str for name in record.values()):
+        return PipelineRef(**record)  # as it always did, malformed or not
+    key = tuple(record.items())
+    known = _pipelines.get(key)
+    if known is None:
+        known = PipelineRef(**record)  # raises for a malformed record, as it always did
+        if len(_pipelines) >= 4096:
+            _pipelines.clear()
+        _pipelines[key] = known
+    return known
+
+
+def _outcome_of(value: Any) -> Outcome:
+    try:
+        return _OUTCOMES[value]
+    except (KeyError, TypeError):
+        return Outcome(value)  # raises for a value that is none
+
+
 def from_record(record: Mapping[str, Any]) -> AuditDraft:
     """Rebuild a draft from its canonical record (the inverse of `to_record`)."""
     person = record.get("on_behalf_of")
@@ -189,15 +216,42 @@ def from_record(record: Mapping[str, Any]) -> AuditDraft:
     return AuditDraft(
         time=record["time_us"] / 1_000_000,
         action=record["action"],
-        outcome=Outcome(record["outcome"]),
+        outcome=_outcome_of(record["outcome"]),
         principal=record["principal"],
         on_behalf_of=None if person is None else Person.from_record(person),
         run_id=record["run_id"],
-        pipeline=None if pipeline is None else PipelineRef(**pipeline),
+        pipeline=None if pipeline is None else _pipeline_of(pipeline),
         trace_id=record["trace_id"],
         request_id=record["request_id"],
         details=MappingProxyType(dict(record["details"])),
     )
+
+
+class RecordedEvent(AuditEvent):
+    """An event read back from its stored record, whose draft is rebuilt only when first used:
+    StreamAudit's catch-up encodes most events straight from the record
+    (`broker.api.eventwire`), so following the log unfiltered never builds one. Equal to the
+    `AuditEvent` of the same sequence, draft and hashes."""
+
+    def __init__(self, record: Mapping[str, Any], prev_hash: str, hash_: str) -> None:
+        object.__setattr__(self, "sequence", record["sequence"])
+        object.__setattr__(self, "record", record)
+        object.__setattr__(self, "prev_hash", prev_hash)
+        object.__setattr__(self, "hash", hash_)
+
+    record: Mapping[str, Any]
+
+    @functools.cached_property
+    def draft(self) -> AuditDraft:  # the field, computed when first read
+        return from_record(self.record)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AuditEvent):
+            return NotImplemented
+        mine = (self.sequence, self.draft, self.prev_hash, self.hash)
+        return mine == (other.sequence, other.draft, other.prev_hash, other.hash)
+
+    __hash__ = AuditEvent.__hash__
 
 
 @dataclass(frozen=True)

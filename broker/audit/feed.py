@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -75,12 +75,21 @@ class AuditFilter:
                 return False
         return True
 
+    def select(self, events: Iterable[AuditEvent]) -> list[AuditEvent]:
+        """The events this filter matches, in order."""
+        if self == _EVERYTHING:
+            return list(events)
+        return [event for event in events if self.matches(event)]
+
     @property
     def run_endings_only(self) -> bool:
         """Asks for run endings and nothing about people: what a verifier may follow.
         (A person or principal filter would tell whose runs ended: that is reading the log.)"""
         about_people = self.person or self.principal
         return bool(self.actions) and self.actions <= RUN_ENDINGS and not about_people
+
+
+_EVERYTHING = AuditFilter()
 
 
 def run_ending_view(event: AuditEvent) -> AuditEvent:
@@ -173,14 +182,21 @@ class AuditFeed:
         return len(self._live)
 
     def _on_page(self, page: Sequence[AuditEvent]) -> None:
-        """On the change feed's thread: hand each live subscriber what its filter matches."""
-        last = page[-1].sequence
+        """On the change feed's thread: hand each live subscriber what its filter matches.
+        Subscribers with equal filters (most follow everything) share one evaluation."""
+        first, last = page[0].sequence, page[-1].sequence
+        shared: dict[AuditFilter, list[AuditEvent]] = {}
         with self._live_lock:
             self._dispatched = last
             for live in self._live:
                 if live.dropped:
                     continue
-                matched = [e for e in page if e.sequence > live.cursor and live.filter.matches(e)]
+                if live.cursor < first:  # the whole page is new to it: as to its peers
+                    matched = shared.get(live.filter)
+                    if matched is None:
+                        matched = shared[live.filter] = live.filter.select(page)
+                else:
+                    matched = live.filter.select(e for e in page if e.sequence > live.cursor)
                 live.cursor = max(live.cursor, last)
                 if not matched:
                     continue
@@ -307,14 +323,12 @@ class AuditFeed:
             # feed's memory may lag the store: only a short read *from the store* means the
             # subscriber has caught up with the log.
             remembered = self._changes.recent(cursor, PAGE_SIZE)
-            page = remembered or self._store.read_events(cursor, PAGE_SIZE)
-            matching: list[AuditEvent] = []
+            page = remembered or self._store.stream_events(cursor, PAGE_SIZE)
             for event in page:
                 if event.sequence != cursor + 1:  # sequences are gapless: never skip one
                     self._gap(cursor, event.sequence)
                 cursor = event.sequence
-                if event_filter.matches(event):
-                    matching.append(event)
+            matching = event_filter.select(page)
             if matching:
                 self._observer.audit_delivered(self._changes.head - matching[-1].sequence)
                 yield matching
@@ -354,14 +368,18 @@ class AuditFeed:
         sent = 0.0
         try:
             while not self._closed.is_set() and not cancelled():
-                live.wake.wait(timeout=min(0.5, heartbeat_every))
+                # At most one message per LIVE_INTERVAL; the rest of it is slept on this
+                # thread's own timer (not a lock every stream shares), and what was handed
+                # out meanwhile is taken then: under load a stream wakes once per message,
+                # not once per page the change feed hands out.
                 since = time.monotonic() - sent
                 if since < LIVE_INTERVAL:
-                    self._closed.wait(LIVE_INTERVAL - since)
+                    time.sleep(LIVE_INTERVAL - since)
                 with self._live_lock:
-                    live.wake.clear()
                     batch, live.pending = live.pending, []
                     dropped, scanned = live.dropped, live.cursor
+                    if not batch:
+                        live.wake.clear()  # under the lock: the next page handed out sets it
                 if dropped:
                     raise Unavailable(
                         f"this stream fell {dropped} events behind the live log (the limit is "
@@ -373,10 +391,12 @@ class AuditFeed:
                     delivered = batch[-1].sequence
                     sent = time.monotonic()
                     yield batch
-                elif self._clock() - last_beat >= heartbeat_every:
+                    continue
+                if self._clock() - last_beat >= heartbeat_every:
                     last_beat = self._clock()
                     delivered = max(delivered, scanned)
                     yield Heartbeat(scanned, last_beat)
+                live.wake.wait(timeout=min(0.5, heartbeat_every))  # idle: the next page wakes it
             if self._closed.is_set() and not cancelled():
                 raise Unavailable(
                     f"the broker is shutting down; resume with after_sequence={delivered}"

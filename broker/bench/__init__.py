@@ -48,6 +48,13 @@ def add_command(commands: Any) -> None:
         help="how long the live fan-out figure writes (default 60 s; 10 s with --quick)",
     )
     parser.add_argument(
+        "--fanout-subscribers",
+        type=int,
+        default=64,
+        help="live subscribers of the fan-out figure (default 64, the target's; fewer shows "
+        "what the subscribers cost)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=None,

@@ -90,7 +90,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         revocation_samples=50 if quick else 200,
         catchup_rounds=2 if quick else 3,
         catchup_events=20_000 if quick else 100_000,
-        fanout_subscribers=64,
+        fanout_subscribers=max(args.fanout_subscribers, 1),
         fanout_seconds=args.fanout_seconds or (10.0 if quick else 60.0),
         sections=sections,
         workers=args.workers or max(os.cpu_count() or 2, 2),
@@ -462,6 +462,7 @@ def _audit(
     step = max(stored // plan.catchup_rounds, 1)
     # One event per message (what old clients ask for) and pages, interleaved in one run.
     rates: dict[int, list[float]] = {0: [], EVENTS_PER_MESSAGE: []}
+    cpu: dict[int, list[float]] = {0: [], EVENTS_PER_MESSAGE: []}  # broker CPU µs per event
     for r in range(plan.catchup_rounds):
         for per_message, measured in rates.items():
             answer = workers.ask(
@@ -475,7 +476,9 @@ def _audit(
                 },
             )
             measured.append(answer["events"] / answer["seconds"])
+            cpu[per_message].append(answer["broker_cpu"] / max(answer["events"], 1) * 1e6)
     single = Figure.measured("StreamAudit catch-up, 1 event/message", rates[0], [], unit="events/s")
+    single.cpu_us = statistics.median(cpu[0])
     single.note = "what clients before pages ask for; not judged"
     catchup = Figure.measured(
         f"StreamAudit catch-up, pages of {EVENTS_PER_MESSAGE}",
@@ -483,6 +486,7 @@ def _audit(
         [],
         unit="events/s",
     )
+    catchup.cpu_us = statistics.median(cpu[EVENTS_PER_MESSAGE])
     catchup.judge("≥50,000 events/s", catchup.rate >= 50_000)
     catchup.note = (
         f"{plan.catchup_rounds} reads of up to {plan.catchup_events:,} stored events, "

@@ -229,6 +229,7 @@ class Worker:
         first = last = 0
         with grpc.insecure_channel(broker.target) as channel:
             stub = broker_pb2_grpc.TokenBrokerServiceStub(channel)
+            cpu_before = processes_cpu_seconds(broker.pids)
             began = time.perf_counter()
             call = stub.StreamAudit(request, metadata=broker.metadata(AUDITOR))
             for item in call:
@@ -241,8 +242,15 @@ class Worker:
                 if received >= job["limit"]:
                     break
             elapsed = time.perf_counter() - began
+            cpu = processes_cpu_seconds(broker.pids) - cpu_before
             call.cancel()
-        return {"events": received, "seconds": elapsed, "first": first, "last": last}
+        return {
+            "events": received,
+            "seconds": elapsed,
+            "first": first,
+            "last": last,
+            "broker_cpu": cpu,
+        }
 
     def fanout_start(self, job: Job) -> Job:
         broker = self.brokers[job["broker"]]

@@ -404,6 +404,12 @@ class Store(Protocol):
         """Events with sequence > after, in order, at most `limit`."""
         ...
 
+    def stream_events(self, after: int, limit: int) -> list[AuditEvent]:
+        """As `read_events`, for sending: events whose drafts may be rebuilt from their
+        records only when first used (`RecordedEvent`), so that what is only encoded from
+        its record is never decoded twice."""
+        ...
+
     def stored_events(self, after: int, limit: int) -> list[StoredEvent]:
         """Raw rows with sequence > after, for verification."""
         ...

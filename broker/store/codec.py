@@ -10,7 +10,7 @@ from importlib.abc import Traversable
 from types import MappingProxyType
 from typing import Any
 
-from broker.audit.events import AuditEvent, from_record
+from broker.audit.events import AuditEvent, RecordedEvent, from_record
 from broker.identity import Person
 from broker.runs.model import PipelineIds, PipelineRef, Run, RunState
 from broker.runs.permissions import PermissionSet
@@ -118,6 +118,25 @@ def run_from_row(row: tuple[Any, ...] | Mapping[str, Any]) -> Run:
 def event_from_row(record: str, prev_hash: str, hash_: str) -> AuditEvent:
     data = json.loads(record)
     return AuditEvent(data["sequence"], from_record(data), prev_hash, hash_)
+
+
+def recorded_event_from_row(record: str, prev_hash: str, hash_: str) -> RecordedEvent:
+    """The event of a row, its draft rebuilt only when first used."""
+    return RecordedEvent(_json_record(record), prev_hash, hash_)
+
+
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__
+
+
+def _json_record(text: str) -> Any:
+    """json.loads(text), without its Python layers around the C scanner (~1.5 µs of ~13 per
+    event read for a stream): a stored record is one JSON value with nothing around it;
+    anything else goes to json.loads, which parses or refuses it as always."""
+    try:
+        value, end = _scan_json(text, 0)
+    except (StopIteration, TypeError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
 
 
 @dataclass(frozen=True)

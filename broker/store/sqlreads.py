@@ -19,6 +19,7 @@ from broker.store.codec import (
     RUN_COLUMNS,
     Dialect,
     event_from_row,
+    recorded_event_from_row,
     run_filter,
     run_from_row,
 )
@@ -104,6 +105,15 @@ class SqlReads:
             (after, limit),
         )
         return [event_from_row(*row) for row in rows]
+
+    def stream_events(self, after: int, limit: int) -> list[AuditEvent]:
+        m = self.dialect.mark
+        rows = self._query(
+            f"SELECT record, prev_hash, hash FROM audit_events WHERE sequence>{m} "  # noqa: S608
+            f"ORDER BY sequence LIMIT {m}",
+            (after, limit),
+        )
+        return [recorded_event_from_row(*row) for row in rows]
 
     def oldest_sequence(self) -> int:
         row = self._query("SELECT MIN(sequence) FROM audit_events")[0]
