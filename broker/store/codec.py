@@ -10,6 +10,8 @@ from importlib.abc import Traversable
 from types import MappingProxyType
 from typing import Any
 
+import orjson
+
 from broker.audit.events import AuditEvent, RecordedEvent, from_record
 from broker.identity import Person
 from broker.runs.model import PipelineIds, PipelineRef, Run, RunState
@@ -116,7 +118,7 @@ def run_from_row(row: tuple[Any, ...] | Mapping[str, Any]) -> Run:
 
 
 def event_from_row(record: str, prev_hash: str, hash_: str) -> AuditEvent:
-    data = json.loads(record)
+    data = _json_record(record)
     return AuditEvent(data["sequence"], from_record(data), prev_hash, hash_)
 
 
@@ -125,18 +127,15 @@ def recorded_event_from_row(record: str, prev_hash: str, hash_: str) -> Recorded
     return RecordedEvent(_json_record(record), prev_hash, hash_)
 
 
-_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__
-
-
 def _json_record(text: str) -> Any:
-    """json.loads(text), without its Python layers around the C scanner (~1.5 µs of ~13 per
-    event read for a stream): a stored record is one JSON value with nothing around it;
-    anything else goes to json.loads, which parses or refuses it as always."""
+    """json.loads(text), by orjson where it can (a stored record parses ~3× faster, the
+    largest cost of reading events for a stream). Anything orjson refuses — numbers out of its
+    range, lone surrogates, whatever is not JSON — goes to json.loads, which parses or refuses
+    it as always: the value is json.loads', whichever parses it."""
     try:
-        value, end = _scan_json(text, 0)
-    except (StopIteration, TypeError):
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
         return json.loads(text)
-    return value if end == len(text) else json.loads(text)
 
 
 @dataclass(frozen=True)
