@@ -33,7 +33,7 @@ from broker import limits
 from broker.api import credentials as authn
 from broker.api.decoding import DecodeGuard
 from broker.api.handoff import GrpcHandoff, traced_channel
-from broker.api.http import HttpServer, broker_routes, tls_context
+from broker.api.http import HttpServer, broker_routes, metrics_routes, tls_context
 from broker.api.http.oauth import carries_credentials_safely
 from broker.api.interceptor import CallInterceptor
 from broker.api.reflectionpool import MethodResolvingPool
@@ -49,6 +49,7 @@ from tokenbroker import tracing
 from tokenbroker.v1 import broker_pb2, broker_pb2_grpc
 
 if TYPE_CHECKING:  # the Prometheus exporter is imported only where /metrics is served
+    from broker.api.http.workermetrics import WorkerScrape
     from broker.telemetry.scrape import PrometheusScrape
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,16 @@ class WorkerSlot:
     count: int
     held_lock: int | None = None
     ready_fd: int = -1  # written once serving: the supervisor waits for it
+    # A worker other than 0, when the HTTP port serves: the loopback port where it serves its
+    # own /metrics for worker 0 to fetch (broker.api.http.workermetrics).
+    metrics_port: int | None = None
+    # Worker 0: (index, metrics_port) of every other worker, whose metrics its /metrics holds.
+    metrics_peers: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def serves_metrics(self) -> bool:
+        """Whether this worker needs a Prometheus reader although it has no HTTP port."""
+        return self.metrics_port is not None
 
 
 @dataclass
@@ -90,6 +101,7 @@ class BrokerServer:
     http: HttpServer | None = None
     servicer: TokenBrokerServicer | None = None
     streams: futures.Executor | None = None  # the streaming calls' own pool
+    metrics_http: HttpServer | None = None  # a worker's private /metrics (WorkerSlot)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _writes_ready: bool | None = None
 
@@ -100,6 +112,8 @@ class BrokerServer:
     def start(self) -> None:
         if self.http is not None:
             self.http.start()
+        if self.metrics_http is not None:
+            self.metrics_http.start()
         self.grpc_server.start()
         self.broker.start_background()
         self.probe_readiness()
@@ -149,6 +163,8 @@ class BrokerServer:
             self.streams.shutdown(wait=False)
         if self.http is not None:
             self.http.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
         self.broker.close()
 
 
@@ -408,7 +424,8 @@ def create_server(
                 http.stop()
             raise
     if http is not None:
-        http.mount(broker_routes(broker, issuer))
+        http.mount(broker_routes(broker, issuer, every_worker=_every_worker(worker)))
+    metrics_http = _bind_worker_metrics(worker, broker)
     # Tracing outermost: the call context and its errors happen inside the server span.
     listen_host, _ = split_host_port(settings.listen, "--listen")
     interceptors.install(
@@ -436,8 +453,43 @@ def create_server(
         handoff.instrument(lambda channel: traced_channel(channel, telemetry, executor))
         handoff.broker_target = f"{listen_host}:{port}"  # the port is known only now
     return BrokerServer(
-        server, port, broker, health_servicer, http, servicer, streams=interceptors.streams
+        server,
+        port,
+        broker,
+        health_servicer,
+        http,
+        servicer,
+        streams=interceptors.streams,
+        metrics_http=metrics_http,
     )
+
+
+def _every_worker(worker: WorkerSlot | None) -> WorkerScrape | None:
+    """Worker 0's view of the other workers' metrics, when it has any."""
+    if worker is None or not worker.metrics_peers:
+        return None
+    from broker.api.http.workermetrics import Peer, WorkerScrape  # imports prometheus_client
+
+    return WorkerScrape([Peer(index, port) for index, port in worker.metrics_peers])
+
+
+def _bind_worker_metrics(worker: WorkerSlot | None, broker: Broker) -> HttpServer | None:
+    """A worker's private /metrics on the loopback port its supervisor picked. A port taken
+    meanwhile costs worker 0's scrape this worker (its gauges say so), never the worker."""
+    if worker is None or worker.metrics_port is None:
+        return None
+    from broker.api.http.workermetrics import PRIVATE_HOST
+
+    try:
+        metrics_http = HttpServer(PRIVATE_HOST, worker.metrics_port)
+    except OSError as exc:
+        log.error(
+            "cannot serve this worker's metrics to worker 0; its scrape will lack them",
+            extra={"metrics_port": worker.metrics_port, "error": exc.strerror or str(exc)},
+        )
+        return None
+    metrics_http.mount(metrics_routes(broker))
+    return metrics_http
 
 
 def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:
@@ -463,7 +515,9 @@ def serve(settings: Settings, worker: WorkerSlot | None = None) -> int:
             "with --insecure",
             extra={"http_listen": settings.http_listen},
         )
-    providers = setup.providers_from_env(settings, os.environ)
+    providers = setup.providers_from_env(
+        settings, os.environ, scrape=worker is not None and worker.serves_metrics
+    )
     stop_log_export = (
         logs.export_to(providers.logger_provider) if providers.logger_provider else _nothing
     )

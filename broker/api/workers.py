@@ -16,6 +16,9 @@ The process `serve` started as becomes their supervisor. It serves nothing itsel
   does not set SO_REUSEPORT) can take it;
 - HTTP (JWKS and discovery: small, rare reads of what the store holds) is served by worker 0
   alone; the supervisor picks its port (port 0) and names every worker the same issuer;
+- so that worker 0's `/metrics` answers for every worker, it picks a private loopback port
+  for each other worker, where that worker serves its own `/metrics` and nothing else, and
+  tells worker 0 where they are (broker.api.http.workermetrics);
 - it holds the store for the group: on SQLite the store's lock, whose descriptor each worker
   inherits and adopts, so that another `serve` on the same file is still refused;
 - it starts worker 0 and waits until it serves (a first start creates the schema, the
@@ -88,6 +91,7 @@ class Supervisor:
         self._hold: factory.Hold | None = None
         self.port = 0
         self.http_port: int | None = None
+        self.metrics_ports: dict[int, int] = {}  # worker index (not 0) -> private /metrics
         self.worker_settings: list[Settings] = []
 
     # -- before any worker ---------------------------------------------------------------
@@ -109,6 +113,9 @@ class Supervisor:
             self.http_port = pick_port(settings.http_listen, "--http-listen")
             http_listen = f"{_shown(http_host)}:{self.http_port}"
             issuer = settings.issuer.rstrip("/") or f"http://{http_listen}"
+            taken = {self.port, self.http_port}
+            ports = pick_loopback_ports(self.count - 1, taken)
+            self.metrics_ports = dict(zip(range(1, self.count), ports, strict=True))
         self.worker_settings = [
             replace(
                 settings,
@@ -140,6 +147,8 @@ class Supervisor:
             "count": self.count,
             "held_lock": held,
             "ready_fd": write_end,
+            "metrics_port": self.metrics_ports.get(worker.index),
+            "metrics_peers": sorted(self.metrics_ports.items()) if worker.index == 0 else [],
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "broker.api.workers"],
@@ -363,6 +372,28 @@ def pick_port(address: str, flag: str) -> int:
         return int(probe.getsockname()[1])
 
 
+def pick_loopback_ports(count: int, taken: set[int]) -> list[int]:
+    """`count` distinct ports of 127.0.0.1 that nobody holds now and that are not `taken`:
+    the workers' private metrics endpoints, which no other machine can reach."""
+    from broker.api.http.workermetrics import PRIVATE_HOST
+
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            # Held open until all are picked, so that the kernel never hands one out twice.
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                probe.bind((PRIVATE_HOST, 0))
+            except OSError as exc:
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                where = f"{PRIVATE_HOST} (worker metrics)"
+                raise ListenError(f"cannot listen on {where}: {reason}") from None
+            port = int(probe.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+        return ports
+
+
 def reserve_shared_port(address: str, flag: str) -> tuple[socket.socket, int]:
     """A socket holding the port of `address` for the workers (SO_REUSEPORT, never
     listening), and the port. The port is first bound without SO_REUSEPORT, so that one
@@ -433,7 +464,14 @@ def main() -> int:
 
     spec = json.loads(_read_line(0))
     settings = decode_settings(spec["settings"])
-    slot = WorkerSlot(spec["index"], spec["count"], spec["held_lock"], spec["ready_fd"])
+    slot = WorkerSlot(
+        spec["index"],
+        spec["count"],
+        spec["held_lock"],
+        spec["ready_fd"],
+        metrics_port=spec["metrics_port"],
+        metrics_peers=tuple((index, port) for index, port in spec["metrics_peers"]),
+    )
     logs.configure(settings.log_level, settings.log_format, fields={"worker": slot.index})
     try:
         return serve(settings, slot)

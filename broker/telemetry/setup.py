@@ -183,7 +183,9 @@ def _disabled(environ: Mapping[str, str]) -> bool:
     return environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
-def providers_from_env(settings: Settings, environ: Mapping[str, str]) -> Providers:
+def providers_from_env(
+    settings: Settings, environ: Mapping[str, str], *, scrape: bool = False
+) -> Providers:
     """The broker's providers per the standard variables: spans and metrics over OTLP when an
     endpoint is configured, spans to stderr with --otel-console, logs over OTLP with
     OTEL_LOGS_EXPORTER=otlp, metrics for /metrics whenever the HTTP port serves; otherwise
@@ -192,17 +194,19 @@ def providers_from_env(settings: Settings, environ: Mapping[str, str]) -> Provid
     OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none and OTEL_METRICS_EXPORTER=none switch
     parts off; OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_EXPORTER_OTLP_[SIGNAL_]PROTOCOL,
     _HEADERS and OTEL_EXPORTER_OTLP_INSECURE are honoured; the SDK reads the rest (OTEL_BSP_*,
-    sampler).
+    sampler). `scrape`: a Prometheus reader although the HTTP port does not serve (a worker
+    of `serve --workers` serving its metrics to worker 0).
     """
     if _disabled(environ):
         return Providers()
     resource = _resource(environ, SERVICE_NAME)
-    meter_provider, scrape = _meter_provider(environ, resource, scrape=bool(settings.http_listen))
+    scraped = scrape or bool(settings.http_listen)
+    meter_provider, prometheus = _meter_provider(environ, resource, scrape=scraped)
     return Providers(
         _tracer_provider(environ, resource, console=settings.otel_console),
         meter_provider,
         _logger_provider(environ, resource),
-        scrape,
+        prometheus,
     )
 
 

@@ -29,6 +29,7 @@ from broker.api.http.routes import Request, Response, Routes
 from broker.api.http.server import HttpServer, tls_context
 
 if TYPE_CHECKING:
+    from broker.api.http.workermetrics import WorkerScrape
     from broker.app import Broker
 
 ROUTE_MODULES: tuple[ModuleType, ...] = (
@@ -43,12 +44,33 @@ ROUTE_MODULES: tuple[ModuleType, ...] = (
 )
 
 
-def broker_routes(broker: Broker, issuer: str) -> Routes:
-    """Every route the broker serves over HTTP, bound to `broker`."""
+def broker_routes(
+    broker: Broker, issuer: str, *, every_worker: WorkerScrape | None = None
+) -> Routes:
+    """Every route the broker serves over HTTP, bound to `broker`. `every_worker`: this is
+    worker 0 of `serve --workers`, whose `/metrics` answers for all of them."""
     routes = Routes()
     for module in ROUTE_MODULES:
-        module.register(routes, broker, issuer)
+        if module is metrics and every_worker is not None:
+            metrics.register_every_worker(routes, broker, every_worker)
+        else:
+            module.register(routes, broker, issuer)
     return routes
 
 
-__all__ = ["HttpServer", "Request", "Response", "Routes", "broker_routes", "tls_context"]
+def metrics_routes(broker: Broker) -> Routes:
+    """The private endpoint of a worker of `serve --workers`: its own `/metrics`, alone."""
+    routes = Routes()
+    metrics.register(routes, broker, "")
+    return routes
+
+
+__all__ = [
+    "HttpServer",
+    "Request",
+    "Response",
+    "Routes",
+    "broker_routes",
+    "metrics_routes",
+    "tls_context",
+]
