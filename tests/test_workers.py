@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from functools import partial
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
+from broker.api.http.workermetrics import EXPECTED, SCRAPED, WORKER_SCRAPED
 from broker.api.interceptor import WORKER_HEADER
 from tests.support import REPO, BrokerProcess, eventually, start_broker_process, start_run_request
 from tokenbroker.credentials import dev_admin_credentials
@@ -271,3 +275,98 @@ def test_a_worker_that_keeps_dying_stops_the_supervisor_with_a_non_zero_exit(
 def _new_pid_of_worker(broker: BrokerProcess, index: int, seen: set[int]) -> int | None:
     pid = live_workers(broker).get(index)
     return pid if pid is not None and pid not in seen else None
+
+
+# -- /metrics for every worker ------------------------------------------------------------
+
+
+def scrape(broker: BrokerProcess) -> dict[str, list[Sample]]:
+    """Worker 0's /metrics, parsed (a scrape that does not parse fails here); each family's
+    HELP and TYPE said once. The timeout is far beyond the scrape's own bound on workers."""
+    with urllib.request.urlopen(broker.http_url + "/metrics", timeout=15) as response:
+        text = response.read().decode()
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def calls(families: dict[str, list[Sample]], method: str, worker: str) -> float:
+    return sum(
+        s.value
+        for s in families["rpc_server_call_duration_seconds"]
+        if s.name == "rpc_server_call_duration_seconds_count"
+        and s.labels.get("rpc_method") == method
+        and s.labels.get("worker") == worker
+    )
+
+
+def coverage(families: dict[str, list[Sample]]) -> tuple[float, float]:
+    """(workers in the scrape, workers expected)."""
+    return families[SCRAPED][0].value, families[EXPECTED][0].value
+
+
+def test_worker_0s_metrics_count_the_calls_made_through_each_worker_labelled_by_worker(
+    two_workers: BrokerProcess,
+) -> None:
+    with ExitStack() as stack:
+        connections = one_connection_per_worker(two_workers, stack)
+        before = scrape(two_workers)
+        made = {"0": 3, "1": 5}
+        for worker, count in made.items():
+            for _ in range(count):
+                assert connections[worker].start_run()[1] == worker
+
+    def counted() -> dict[str, list[Sample]] | None:
+        families = scrape(two_workers)
+        grown = {w: calls(families, "StartRun", w) - calls(before, "StartRun", w) for w in made}
+        return families if grown == made else None
+
+    families = eventually(counted, what="the calls through both workers in one scrape")
+    assert coverage(families) == (2, 2)
+    workers = {s.labels.get("worker") for f in families.values() for s in f}
+    assert workers == {"0", "1", None}  # None: only the scrape's own coverage gauges
+    assert {s.labels["worker"]: s.value for s in families[WORKER_SCRAPED]} == {"0": 1, "1": 1}
+
+
+def test_metrics_leave_out_a_hung_worker_and_count_it_without_failing_the_scrape(
+    two_workers: BrokerProcess,
+) -> None:
+    worker_1 = live_workers(two_workers)[1]
+    os.kill(worker_1, signal.SIGSTOP)
+    try:
+        families = scrape(two_workers)  # answers within its bound: the fetch times out
+        assert coverage(families) == (1, 2)
+        assert {s.labels["worker"] for s in families["target_info"]} == {"0"}
+        assert {s.labels["worker"] for s in families["tokenbroker_runs_active"]} == {"0"}
+    finally:
+        os.kill(worker_1, signal.SIGCONT)
+    assert coverage(scrape(two_workers)) == (2, 2)
+
+
+def test_metrics_leave_out_a_worker_killed_with_sigkill_until_it_is_restarted(
+    two_workers: BrokerProcess,
+) -> None:
+    before = live_workers(two_workers)
+    # The supervisor held still, so that worker 1 stays dead while the scrape is checked.
+    os.kill(two_workers.process.pid, signal.SIGSTOP)
+    try:
+        os.kill(before[1], signal.SIGKILL)
+        eventually(partial(_stopped, before[1]), within=30, what="worker 1 to die")
+        families = scrape(two_workers)
+        assert coverage(families) == (1, 2)
+        assert {s.labels["worker"] for s in families["tokenbroker_runs_active"]} == {"0"}
+        assert {s.labels["worker"]: s.value for s in families[WORKER_SCRAPED]} == {
+            "0": 1,
+            "1": 0,
+        }
+    finally:
+        os.kill(two_workers.process.pid, signal.SIGCONT)
+    eventually(
+        lambda: coverage(scrape(two_workers)) == (2, 2),
+        within=60,
+        what="the restarted worker 1 back in the scrape",
+    )
+    # The worker serves before its supervisor logs it: a new pid, once that is said.
+    eventually(
+        lambda: live_workers(two_workers)[1] != before[1], within=30, what="worker 1's new pid"
+    )
