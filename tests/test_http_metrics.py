@@ -91,3 +91,16 @@ def test_metrics_are_off_with_otel_metrics_exporter_none(tmp_path: Path) -> None
         refused.value.close()
     finally:
         assert process.terminate_and_wait() == 0
+
+
+def test_a_single_process_scrape_carries_no_worker_label_nor_worker_gauges(
+    tmp_path: Path,
+) -> None:
+    process = start_broker_process(tmp_path / "data")
+    try:
+        _, families = scrape(process.http_url)
+    finally:
+        assert process.terminate_and_wait() == 0
+    assert "tokenbroker_runs_active" in families
+    assert not [s for samples in families.values() for s in samples if "worker" in s.labels]
+    assert not [name for name in families if name.startswith("tokenbroker_worker")]
