@@ -476,8 +476,8 @@ def _every_worker(worker: WorkerSlot | None) -> WorkerScrape | None:
 def _bind_worker_metrics(worker: WorkerSlot | None, broker: Broker) -> HttpServer | None:
     """A worker's private /metrics on the loopback port its supervisor picked. A port taken
     meanwhile costs worker 0's scrape this worker (its gauges say so), never the worker."""
-    if worker is None or worker.metrics_port is None:
-        return None
+    if worker is None or worker.metrics_port is None or broker.telemetry.scrape is None:
+        return None  # metrics off (OTEL_METRICS_EXPORTER=none): worker 0 answers 404 itself
     from broker.api.http.workermetrics import PRIVATE_HOST
 
     try:
