@@ -1,7 +1,8 @@
 """The broker's HTTP port: one small threaded server (server) and a router (routes) that each
 concern registers its paths on — discovery and JWKS (wellknown), RFC 8693 token exchange
 (exchange) and RFC 7662 introspection (introspection), which share their OAuth plumbing (oauth),
-the probes `/healthz` and `/readyz` (health), the Prometheus scrape `/metrics` (metrics) and the
+the probes `/healthz` and `/readyz` (health), the Prometheus scrape `/metrics` (metrics; for
+every worker of `serve --workers` on worker 0: workermetrics) and the
 audit log's signed tree head (auditlog), its hash tiles (tiles) and its Merkle proofs
 (proofs).
 
