@@ -77,10 +77,6 @@ class WorkerScrape:
         self._missing: set[int] = set()  # said once in the log until the worker answers again
         self._lock = threading.Lock()
 
-    @property
-    def expected(self) -> int:
-        return len(self.peers) + 1
-
     def render(self, own: bytes, own_index: int = 0) -> bytes:
         """One exposition for every worker: `own` (this worker's, rendered by the caller) and
         whatever the peers answer within the bound."""
