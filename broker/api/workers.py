@@ -330,6 +330,8 @@ def supervise(settings: Settings) -> int:
                     "data_dir": str(settings.data_dir),
                     "tls": settings.tls_enabled,
                     "http_port": supervisor.http_port,
+                    # 127.0.0.1 ports where workers 1.. serve their metrics to worker 0
+                    "metrics_ports": sorted(supervisor.metrics_ports.values()),
                     "issuer": supervisor.worker_settings[0].issuer,
                     "workers": settings.workers,
                     "pids": supervisor.pids,
