@@ -21,6 +21,7 @@ from broker.api.http.workermetrics import (
     WorkerScrape,
     merge,
 )
+from broker.api.workers import pick_loopback_ports
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -142,3 +143,11 @@ def test_a_scrape_holds_answering_workers_and_counts_hung_gone_and_oversized_one
 def test_more_peers_than_there_can_be_workers_are_refused() -> None:
     with pytest.raises(ValueError, match="at most 64"):
         WorkerScrape([Peer(index, 1) for index in range(1, 66)])
+
+
+def test_the_supervisor_picks_distinct_loopback_ports_that_workers_can_bind() -> None:
+    ports = pick_loopback_ports(8, set())
+    assert len(set(ports)) == 8
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
