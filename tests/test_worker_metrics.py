@@ -126,7 +126,7 @@ def test_a_scrape_holds_answering_workers_and_counts_hung_gone_and_oversized_one
             Peer(4, oversized.port),
         ]
         scrape = WorkerScrape(peers, max_bytes=4096)  # the hung one costs FETCH_TIMEOUT
-        merged = scrape.render(exposition(3, 4))
+        merged = scrape.render(lambda: exposition(3, 4))
     finally:
         answering.stop()
         oversized.stop()

@@ -35,9 +35,7 @@ def _handler(broker: Broker, workers: WorkerScrape | None) -> Handler:
         scrape = broker.telemetry.scrape
         if scrape is None:
             return Response.json(404, {"error": _OFF})
-        body = scrape.render()
-        if workers is not None:
-            body = workers.render(body)
+        body = scrape.render() if workers is None else workers.render(scrape.render)
         return Response(200, body, scrape.content_type, _NO_STORE)
 
     return metrics

@@ -20,7 +20,7 @@ import http.client
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -77,13 +77,13 @@ class WorkerScrape:
         self._missing: set[int] = set()  # said once in the log until the worker answers again
         self._lock = threading.Lock()
 
-    def render(self, own: bytes, own_index: int = 0) -> bytes:
-        """One exposition for every worker: `own` (this worker's, rendered by the caller) and
-        whatever the peers answer within the bound."""
+    def render(self, own: Callable[[], bytes], own_index: int = 0) -> bytes:
+        """One exposition for every worker: this worker's (`own` renders it, while the peers
+        are fetched) and whatever the peers answer within the bound."""
         deadline = time.monotonic() + self.total_timeout
         workers = [own_index, *(peer.index for peer in self.peers)]
         if not self.peers:
-            return merge([(own_index, own)], workers)
+            return merge([(own_index, own())], workers)
         # Threads of this scrape alone, not waited for: a hung fetch ends by its own timeout
         # and must not hold up this or the next scrape.
         pool = futures.ThreadPoolExecutor(
@@ -93,7 +93,7 @@ class WorkerScrape:
             pending = {pool.submit(self._fetch, peer, deadline): peer.index for peer in self.peers}
         finally:
             pool.shutdown(wait=False)
-        expositions: list[tuple[int, bytes]] = [(own_index, own)]
+        expositions: list[tuple[int, bytes]] = [(own_index, own())]
         done, _ = futures.wait(pending, timeout=max(deadline - time.monotonic(), 0.0))
         for future in pending:
             index = pending[future]
