@@ -98,22 +98,18 @@ class SqlReads:
         return [run_from_row(row) for row in rows]
 
     def read_events(self, after: int, limit: int) -> list[AuditEvent]:
-        m = self.dialect.mark
-        rows = self._query(
-            f"SELECT record, prev_hash, hash FROM audit_events WHERE sequence>{m} "  # noqa: S608
-            f"ORDER BY sequence LIMIT {m}",
-            (after, limit),
-        )
-        return [event_from_row(*row) for row in rows]
+        return [event_from_row(*row) for row in self._event_rows(after, limit)]
 
     def stream_events(self, after: int, limit: int) -> list[AuditEvent]:
+        return [recorded_event_from_row(*row) for row in self._event_rows(after, limit)]
+
+    def _event_rows(self, after: int, limit: int) -> list[Any]:
         m = self.dialect.mark
-        rows = self._query(
+        return self._query(
             f"SELECT record, prev_hash, hash FROM audit_events WHERE sequence>{m} "  # noqa: S608
             f"ORDER BY sequence LIMIT {m}",
             (after, limit),
         )
-        return [recorded_event_from_row(*row) for row in rows]
 
     def oldest_sequence(self) -> int:
         row = self._query("SELECT MIN(sequence) FROM audit_events")[0]
