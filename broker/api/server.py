@@ -324,9 +324,9 @@ class _LateInterceptors(grpc.ServerInterceptor):
 
 def _on_pool(handler: grpc.RpcMethodHandler[Any, Any], streams: futures.Executor) -> None:
     """Streaming calls run on a pool of their own (grpcio's per-method thread pool): a live
-    audit stream holds its thread for as long as it follows the log, and unary calls keep a
-    small pool whose few threads stay warm. With one pool for both, sized for the streams,
-    every unary call woke one of many threads (measured in docs/performance.md)."""
+    audit stream holds its thread for as long as it follows the log, so with one pool for
+    both, streams could take every thread unary calls need, and the pool had to be sized for
+    the streams (tests/test_server_pools.py; figures in docs/performance.md)."""
     for behavior in (handler.unary_stream, handler.stream_stream):
         if behavior is not None:
             behavior.experimental_thread_pool = streams  # type: ignore[union-attr]
