@@ -93,8 +93,12 @@ def test_bench_measures_judges_prints_and_writes_every_figure_of_the_issue(
         assert figures[name]["samples"] > 0 and figures[name]["rate"] > 0, name
     for name in ("IssueToken", "VerifyToken (online)", "ExecuteOnBehalfOf", "RevokeRun"):
         assert math.isfinite(figures[name]["ratio"]), name
-    for name in [n for n in EXPECTED_FIGURES if n.endswith((", 1 worker", ", 2 workers"))]:
-        assert figures[name]["samples"] > 0 and figures[name]["cpu_us"] > 0, name
+    # CPU comes from /proc in clock ticks (10 ms): a round of 0.1 s on a loaded machine may
+    # see none for one figure, never for all of them unless the reading is broken.
+    per_worker = [n for n in EXPECTED_FIGURES if n.endswith((", 1 worker", ", 2 workers"))]
+    for name in per_worker:
+        assert figures[name]["samples"] > 0 and figures[name]["cpu_us"] >= 0, name
+    assert sum(figures[name]["cpu_us"] for name in per_worker) > 0
     # Losing no event is correctness, not speed: every subscriber saw every event, in order.
     fanout = figures["live fan-out, 16 subscribers"]["note"]
     events = int(fanout.split(" events written")[0])
