@@ -12,11 +12,12 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from broker import limits
 from broker.api import eventwire
+from broker.api.eventwire import METHOD_TO_PB, OUTCOME_TO_PB
 from broker.audit import events as audit
 from broker.audit.events import AuditEvent
 from broker.audit.treehead import InclusionProof, TreeHead
 from broker.errors import InvalidArgument
-from broker.identity import Person, VerificationMethod
+from broker.identity import Person
 from broker.runs import model as runs
 from broker.runs.binding import Binding, jkt_of_jwk
 from broker.runs.delegation import AssertedIdentity
@@ -35,15 +36,6 @@ RUN_STATE_TO_PB = {
     RunState.EXPIRED: types_pb2.RUN_STATE_EXPIRED,
 }
 RUN_STATE_FROM_PB = {v: k for k, v in RUN_STATE_TO_PB.items()}
-METHOD_TO_PB = {
-    VerificationMethod.IDP_VERIFIED: types_pb2.VERIFICATION_METHOD_IDP_VERIFIED,
-    VerificationMethod.ASSERTED_BY_CALLER: types_pb2.VERIFICATION_METHOD_ASSERTED_BY_CALLER,
-}
-OUTCOME_TO_PB = {
-    audit.Outcome.SUCCESS: types_pb2.AUDIT_OUTCOME_SUCCESS,
-    audit.Outcome.DENIED: types_pb2.AUDIT_OUTCOME_DENIED,
-    audit.Outcome.FAILURE: types_pb2.AUDIT_OUTCOME_FAILURE,
-}
 
 
 TOKEN_STATUS_TO_PB = {

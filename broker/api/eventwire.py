@@ -31,12 +31,13 @@ class Unencodable(Exception):
     """This event needs the message-built path (which then encodes it or raises)."""
 
 
-_OUTCOMES = {
+# The enums' protobuf numbers; `broker.api.convert` builds messages with the same tables.
+OUTCOME_TO_PB = {
     Outcome.SUCCESS: types_pb2.AUDIT_OUTCOME_SUCCESS,
     Outcome.DENIED: types_pb2.AUDIT_OUTCOME_DENIED,
     Outcome.FAILURE: types_pb2.AUDIT_OUTCOME_FAILURE,
 }
-_METHODS = {
+METHOD_TO_PB = {
     VerificationMethod.IDP_VERIFIED: types_pb2.VERIFICATION_METHOD_IDP_VERIFIED,
     VerificationMethod.ASSERTED_BY_CALLER: types_pb2.VERIFICATION_METHOD_ASSERTED_BY_CALLER,
 }
@@ -187,7 +188,7 @@ def _pipeline(org: str, project: str, pipeline: str) -> bytes:
 
 
 def _person(person: Person) -> bytes:
-    method = _METHODS[person.method]
+    method = METHOD_TO_PB[person.method]
     body = b"".join(
         (
             _string(b"\x0a", person.subject),
@@ -214,7 +215,7 @@ def audit_event(event: AuditEvent) -> bytes:
         except (Unencodable, KeyError):
             pass  # the draft decides: it is built, and encodes or raises as it would
     d = event.draft
-    outcome = _OUTCOMES[d.outcome]
+    outcome = OUTCOME_TO_PB[d.outcome]
     pipeline = d.pipeline
     details = d.details
     return b"".join(
@@ -238,8 +239,8 @@ def audit_event(event: AuditEvent) -> bytes:
     )
 
 
-_OUTCOMES_BY_VALUE = {outcome.value: number for outcome, number in _OUTCOMES.items()}
-_METHODS_BY_VALUE = {method.value: number for method, number in _METHODS.items()}
+_OUTCOMES_BY_VALUE = {outcome.value: number for outcome, number in OUTCOME_TO_PB.items()}
+_METHODS_BY_VALUE = {method.value: number for method, number in METHOD_TO_PB.items()}
 _PERSON_KEYS = ("subject", "issuer", "email", "display_name", "method", "evidence_sha256")
 _PIPELINE_KEYS = frozenset(("org", "project", "pipeline"))
 
